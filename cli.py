@@ -1,0 +1,168 @@
+"""The `probe` command line. Every user mistake ends in a one-line `error:` and exit code 2."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from probe.errors import ProbeError
+
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
+                  help="Probe what facts a frozen language model knows (LAMA, manual and learned prompts).")
+data_app = typer.Typer(no_args_is_help=True, help="Inspect the LAMA data folder.")
+templates_app = typer.Typer(no_args_is_help=True, help="Inspect and validate template files.")
+app.add_typer(data_app, name="data")
+app.add_typer(templates_app, name="templates")
+
+DataOpt = Annotated[Optional[str], typer.Option("--data", help="LAMA folder (default: $PROBE_DATA, else data/lama).")]
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="'smollm2', a hub id, a local folder or a .gguf file.")]
+DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")]
+DtypeOpt = Annotated[str, typer.Option(help="float32, bfloat16 or float16 for the LM weights.")]
+
+
+def _relation_ids(data, relation: list[str] | None, all_: bool) -> list[str]:
+    if all_ and relation:
+        raise ProbeError("give either --relation or --all, not both")
+    if all_:
+        return list(data.relations)
+    if not relation:
+        raise ProbeError("no relation given: pass --relation P19 (repeatable) or --all")
+    for rid in relation:
+        data.relation(rid)
+    return list(dict.fromkeys(relation))
+
+
+def _print_results(results: dict) -> None:
+    from probe.runs import relations_table, summary_table
+
+    rel = relations_table(results["relations"])
+    typer.echo(rel.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+    typer.echo("")
+    typer.echo("macro = mean over relations, micro = mean over facts; P@k in %, MRR as a fraction")
+    typer.echo(summary_table(results["summary"]).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+
+
+@data_app.command("info")
+def data_info(data: DataOpt = None) -> None:
+    """List the T-REx relations: id, label, type, manual template and facts per split."""
+    import pandas as pd
+
+    from probe.data import SPLITS, LamaData
+
+    lama = LamaData(data)
+    rows = []
+    for r in lama.relations.values():
+        counts = {s: len(lama.facts(r.id, s)) for s in SPLITS}
+        rows.append({"relation": r.id, "label": r.label, "type": r.type, "template": r.template, **counts})
+    df = pd.DataFrame(rows)
+    with pd.option_context("display.max_rows", None, "display.width", 200, "display.max_colwidth", 48):
+        typer.echo(df.to_string(index=False))
+    totals = ", ".join(f"{s} {df[s].sum():,}" for s in SPLITS)
+    typer.echo(f"\n{len(df)} relations in {lama.root}; facts (deduplicated): {totals}")
+
+
+@app.command("eval")
+def eval_cmd(
+    model: ModelOpt = "smollm2",
+    method: Annotated[str, typer.Option(help="Prompt method: manual.")] = "manual",
+    relation: Annotated[Optional[list[str]], typer.Option("--relation", "-r", help="Relation id, e.g. P19.")] = None,
+    all_: Annotated[bool, typer.Option("--all", help="Evaluate every T-REx relation.")] = False,
+    split: Annotated[str, typer.Option(help="test_34k (alias test), test_29k, dev or train.")] = "test_34k",
+    vocab: Annotated[str, typer.Option(help="Candidate vocabulary: common or 29k.")] = "common",
+    data: DataOpt = None,
+    out: Annotated[Optional[Path], typer.Option(help="Run folder (default runs/<method>-<model>-<time>).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue an existing run folder, skipping finished relations.")] = False,
+    batch_size: Annotated[int, typer.Option(help="Facts per batch.")] = 128,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "bfloat16",
+) -> None:
+    """Evaluate a prompt method on one or all relations with one model load; print and save the table."""
+    from probe.backends import load_backend
+    from probe.data import SPLIT_ALIASES, LamaData
+    from probe.pipeline import EvalSettings, evaluate_manual_relations, run_config
+    from probe.runs import RunFolder
+    from probe.vocab import build_candidates
+
+    t0 = time.time()
+    lama = LamaData(data)
+    ids = _relation_ids(lama, relation, all_)
+    split = SPLIT_ALIASES.get(split, split)
+    lama.facts(ids[0], split)  # validates the split name before the model loads
+    words = lama.vocab_words(vocab)
+    backend = load_backend(model, device=device, dtype=dtype)
+    candidates = build_candidates(backend.tokenizer, words)
+    typer.echo(
+        f"{model} ({backend.kind} LM, {backend.dtype}) loaded in {time.time() - t0:.1f}s; "
+        f"{len(candidates):,} of {len(words):,} {vocab} vocab words are single tokens",
+        err=True,
+    )
+    settings = EvalSettings(method=method, split=split, vocab=vocab, batch_size=batch_size)
+    out = out or Path("runs") / f"{method}-{_slug(model)}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run = RunFolder(out, run_config(backend, lama, settings, candidates), resume=resume)
+    try:
+        results = evaluate_manual_relations(backend, lama, ids, candidates, run, settings)
+    except KeyboardInterrupt:
+        run.write_summary()
+        raise
+    _print_results(results)
+    typer.echo(f"\nsaved {run.root}/results.json, relations.csv, summary.md ({time.time() - t0:.1f}s in all)")
+
+
+@templates_app.command("check")
+def templates_check(file: Path) -> None:
+    """Validate a template file; print its entries."""
+    from probe.templates import parse_template_file
+
+    tf = parse_template_file(file)
+    for key, t in tf.entries.items():
+        typer.echo(f"{key}: {t.source}  ({t.n_virtual} virtual tokens)")
+    typer.echo(f"{file}: {len(tf.entries)} templates, all valid")
+
+
+@templates_app.command("show")
+def templates_show(
+    file: Path,
+    model: ModelOpt = "smollm2",
+    relation: Annotated[str, typer.Option("--relation", "-r")] = "P19",
+    data: DataOpt = None,
+) -> None:
+    """Print what the model sees for a relation's first test fact; virtual tokens as [V1]..[Vn]."""
+    from probe.backends import load_backend
+    from probe.data import LamaData
+    from probe.templates import compile_template, parse_template_file
+
+    tf = parse_template_file(file)
+    lama = LamaData(data)
+    rel = lama.relation(relation)
+    backend = load_backend(model)
+    template = tf.template_for(rel.id, backend.kind)
+    compiled = compile_template(template, backend.tokenizer, backend.kind, manual=rel.template)
+    facts = lama.facts(rel.id, "test_34k")
+    sub = facts[0].sub if facts else "[X]"
+    typer.echo(f"{rel.id} ({rel.label}), {backend.kind} LM: {template.source}")
+    typer.echo(compiled.describe(sub))
+
+
+def _slug(model: str) -> str:
+    name = Path(model).name if ("/" in model or model.endswith(".gguf")) else model
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in name.removesuffix(".gguf")) or "model"
+
+
+def main() -> None:
+    """Entry point: user errors become one line on stderr and exit code 2; Ctrl-C exits 130."""
+    try:
+        app()
+    except ProbeError as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted: finished relations are saved; rerun with --resume to continue", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

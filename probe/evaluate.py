@@ -1,0 +1,77 @@
+"""The one evaluation loop: any method, any backend, one relation at a time."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from tqdm import tqdm
+
+from probe.backends import LMBackend
+from probe.batching import Batch, make_batches
+from probe.data import Fact
+from probe.methods.base import PromptMethod
+from probe.metrics import ranks_of, relation_metrics
+from probe.templates import CompiledTemplate
+from probe.vocab import CandidateVocab
+
+
+def pad_id(backend: LMBackend) -> int:
+    tok = backend.tokenizer
+    return next((t for t in (tok.pad_token_id, tok.eos_token_id, tok.unk_token_id) if t is not None), 0)
+
+
+def candidate_scores(backend: LMBackend, method: PromptMethod, batch: Batch, candidates: CandidateVocab) -> torch.Tensor:
+    """Scores (B, C) of every candidate at each fact's target position. Shared by evaluator and trainer."""
+    embeds = backend.embed(batch.input_ids)
+    virtual = method.virtual_embeddings()
+    if virtual is not None:
+        rows = virtual.to(embeds.dtype).repeat(batch.input_ids.shape[0], 1)
+        embeds = embeds.masked_scatter(batch.virtual_mask[..., None], rows)
+    hidden = backend.target_hidden(embeds, batch.attention_mask, batch.target)
+    return backend.candidate_logits(hidden, candidates.token_ids)
+
+
+@dataclass
+class RelationEval:
+    """Ranks and top-10 predictions for the facts of one relation."""
+
+    facts: list[Fact]
+    ranks: list[int]
+    top10: list[list[str]]
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def predictions(self) -> list[dict]:
+        return [
+            {"sub": f.sub, "obj": f.obj, "rank": r, "top10": t}
+            for f, r, t in zip(self.facts, self.ranks, self.top10)
+        ]
+
+
+@torch.no_grad()
+def evaluate_facts(
+    backend: LMBackend,
+    method: PromptMethod,
+    compiled: CompiledTemplate,
+    facts: list[Fact],
+    candidates: CandidateVocab,
+    batch_size: int = 128,
+    progress: tqdm | None = None,
+) -> RelationEval:
+    """Rank every candidate for each fact and return ranks, top-10 words and P@1/P@10/MRR."""
+    was_training = method.training
+    method.eval()
+    ranks: list[int] = []
+    top10: list[list[str]] = []
+    ordered: list[Fact] = []
+    for batch in make_batches(compiled, facts, candidates, batch_size, pad_id(backend)):
+        batch = batch.to(backend.device)
+        scores = candidate_scores(backend, method, batch, candidates)
+        ranks.extend(ranks_of(scores, batch.gold).tolist())
+        top = scores.topk(min(10, scores.shape[1]), dim=1).indices.tolist()
+        top10.extend([[candidates.words[i] for i in row] for row in top])
+        ordered.extend(batch.facts)
+        if progress is not None:
+            progress.update(len(batch.facts))
+    method.train(was_training)
+    return RelationEval(ordered, ranks, top10, relation_metrics(ranks))

@@ -1,0 +1,36 @@
+"""The one interface every prompt method implements."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+
+@dataclass
+class MethodConfig:
+    """Options shared by all methods; a method may subclass it with its own."""
+
+
+class PromptMethod(nn.Module):
+    """Turns a compiled template's virtual-token slots into input embeddings.
+
+    The evaluator and trainer call `virtual_embeddings()` and put its rows, in order, into the
+    virtual-token positions of every input. A method without virtual tokens returns None.
+    """
+
+    name: ClassVar[str] = ""
+    trainable: ClassVar[bool] = False
+    config_class: ClassVar[type[MethodConfig]] = MethodConfig
+
+    def __init__(self, n_virtual: int, hidden_size: int, config: MethodConfig | None = None):
+        super().__init__()
+        self.n_virtual = n_virtual
+        self.hidden_size = hidden_size
+        self.config = config or self.config_class()
+
+    def virtual_embeddings(self) -> torch.Tensor | None:
+        """(n_virtual, H) embeddings for the virtual slots, or None when there are none."""
+        return None

@@ -1,0 +1,17 @@
+"""The manual LAMA prompt (`[X] was born in [Y] .`): no virtual tokens, nothing trained."""
+
+from __future__ import annotations
+
+from probe.errors import ProbeError
+from probe.methods.base import PromptMethod
+
+
+class ManualPrompt(PromptMethod):
+    """Evaluates the relation's manual template as it is."""
+
+    name = "manual"
+
+    def __init__(self, n_virtual: int, hidden_size: int, config=None):
+        if n_virtual:
+            raise ProbeError("method 'manual' takes a template without virtual tokens")
+        super().__init__(n_virtual, hidden_size, config)

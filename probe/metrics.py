@@ -1,0 +1,56 @@
+"""Ranking metrics and their aggregation: macro = mean over relations, micro = mean over facts."""
+
+from __future__ import annotations
+
+import torch
+
+from probe.data import RELATION_TYPES
+
+
+def ranks_of(scores: torch.Tensor, gold: torch.Tensor) -> torch.Tensor:
+    """1-based rank of each row's gold candidate; ties with the gold count in its favour."""
+    gold_scores = scores.gather(1, gold[:, None])
+    return (scores > gold_scores).sum(dim=1) + 1
+
+
+def precision_at_k(ranks: list[int] | torch.Tensor, k: int) -> float:
+    """Share of facts whose gold object is ranked within the top k."""
+    ranks = torch.as_tensor(ranks)
+    return float((ranks <= k).float().mean()) if len(ranks) else 0.0
+
+
+def mean_reciprocal_rank(ranks: list[int] | torch.Tensor) -> float:
+    """Mean of 1/rank over facts."""
+    ranks = torch.as_tensor(ranks, dtype=torch.float64)
+    return float((1.0 / ranks).mean()) if len(ranks) else 0.0
+
+
+def relation_metrics(ranks: list[int]) -> dict[str, float]:
+    """P@1, P@10 and MRR of one relation, in percent (MRR as a fraction)."""
+    return {
+        "p1": 100 * precision_at_k(ranks, 1),
+        "p10": 100 * precision_at_k(ranks, 10),
+        "mrr": mean_reciprocal_rank(ranks),
+    }
+
+
+METRICS = ("p1", "p10", "mrr")
+
+
+def aggregate(rows: list[dict]) -> dict:
+    """Macro and micro P@1/P@10/MRR over relation rows (each with n_facts, type and metrics), and per type."""
+
+    def block(rs: list[dict]) -> dict:
+        n = sum(r["n_facts"] for r in rs)
+        out: dict = {"relations": len(rs), "facts": n}
+        for m in METRICS:
+            out[f"macro_{m}"] = sum(r[m] for r in rs) / len(rs) if rs else 0.0
+            out[f"micro_{m}"] = sum(r[m] * r["n_facts"] for r in rs) / n if n else 0.0
+        return out
+
+    summary = {"all": block(rows)}
+    for t in RELATION_TYPES:
+        typed = [r for r in rows if r.get("type") == t]
+        if typed:
+            summary[t] = block(typed)
+    return summary

@@ -1,0 +1,147 @@
+"""Run folders: a config, per-relation results written atomically as they finish, and summary tables.
+
+    RUN/config.json            what produced the run (model, method, data, split, vocab, version, ...)
+    RUN/P19/metrics.json       one relation's metrics, template and fact counts
+    RUN/P19/predictions.jsonl  per fact: subject, gold object, rank, top-10 predictions
+    RUN/results.json           config + every relation + macro/micro summary, per relation type too
+    RUN/relations.csv          one row per relation
+    RUN/summary.md             the printed table, in Markdown
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+
+from probe.errors import ProbeError
+from probe.metrics import aggregate
+
+# Keys of a run config that must agree for --resume to reuse a folder.
+IDENTITY_KEYS = ("command", "model", "method", "split", "vocab", "data", "template_file", "seed")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write a file so that a crash leaves either the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ProbeError(f"{path} not found") from None
+    except json.JSONDecodeError as e:
+        raise ProbeError(f"{path}: malformed JSON ({e.msg} at line {e.lineno})") from None
+
+
+class RunFolder:
+    """A folder of results; relations already finished are kept and skipped on --resume."""
+
+    def __init__(self, root: str | Path, config: dict, resume: bool = False):
+        self.root = Path(root)
+        self.config = config
+        config_path = self.root / "config.json"
+        if config_path.exists():
+            old = read_json(config_path)
+            if not resume:
+                raise ProbeError(f"run folder {self.root} already exists: pass --resume to continue it, or another --out")
+            diff = [k for k in IDENTITY_KEYS if old.get(k) != config.get(k)]
+            if diff:
+                shown = ", ".join(f"{k}: {old.get(k)!r} there, {config.get(k)!r} asked" for k in diff)
+                raise ProbeError(f"run folder {self.root} was made with other settings ({shown})")
+        self.root.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(config_path, config)
+
+    def relation_dir(self, rid: str) -> Path:
+        return self.root / rid
+
+    def is_done(self, rid: str) -> bool:
+        return (self.relation_dir(rid) / "metrics.json").exists()
+
+    def save_relation(self, rid: str, metrics: dict, predictions: list[dict] | None = None) -> None:
+        """Write predictions first and metrics last: metrics.json marks the relation as finished."""
+        folder = self.relation_dir(rid)
+        if predictions is not None:
+            lines = "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions)
+            atomic_write_text(folder / "predictions.jsonl", lines)
+        atomic_write_json(folder / "metrics.json", metrics)
+
+    def rows(self) -> list[dict]:
+        """Metrics of every finished relation, in relation-id order."""
+        found = [read_json(p) for p in self.root.glob("P*/metrics.json")]
+        return sorted(found, key=lambda r: int(r["relation"][1:]))
+
+    def write_summary(self) -> dict:
+        """results.json, relations.csv and summary.md from the finished relations; returns results."""
+        rows = self.rows()
+        results = {"config": self.config, "relations": rows, "summary": aggregate(rows)}
+        atomic_write_json(self.root / "results.json", results)
+        table = relations_table(rows)
+        atomic_write_text(self.root / "relations.csv", table.to_csv(index=False))
+        atomic_write_text(self.root / "summary.md", summary_markdown(results))
+        return results
+
+
+TABLE_COLUMNS = ["relation", "label", "type", "n_facts", "n_dropped", "p1", "p10", "mrr"]
+
+
+def relations_table(rows: list[dict]) -> pd.DataFrame:
+    columns = TABLE_COLUMNS + [c for c in ("dev_p1", "manual_p1") if any(c in r for r in rows)]
+    return pd.DataFrame([{c: r.get(c) for c in columns} for r in rows], columns=columns)
+
+
+def summary_table(summary: dict) -> pd.DataFrame:
+    """Macro and micro P@1/P@10/MRR, overall and per relation type."""
+    out = []
+    for group, s in summary.items():
+        out.append({
+            "group": group, "relations": s["relations"], "facts": s["facts"],
+            "macro_p1": s["macro_p1"], "micro_p1": s["micro_p1"],
+            "macro_p10": s["macro_p10"], "micro_p10": s["micro_p10"],
+            "macro_mrr": s["macro_mrr"], "micro_mrr": s["micro_mrr"],
+        })
+    return pd.DataFrame(out)
+
+
+def summary_markdown(results: dict) -> str:
+    cfg = results["config"]
+    head = f"# {cfg.get('method')} on {cfg.get('model')} ({cfg.get('split')}, vocab {cfg.get('vocab')})\n\n"
+    note = "Macro: mean over relations. Micro: mean over facts. P@k in percent, MRR as a fraction.\n\n"
+    rel = markdown_table(relations_table(results["relations"]))
+    summ = markdown_table(summary_table(results["summary"]))
+    return head + note + summ + "\n\n" + rel + "\n"
+
+
+def markdown_table(df: pd.DataFrame) -> str:
+    """A DataFrame as a Markdown table, floats to two decimals (MRR-like fractions to three)."""
+
+    def cell(v) -> str:
+        if isinstance(v, float):
+            return f"{v:.3f}" if abs(v) <= 1 and v != 0 else f"{v:.2f}"
+        return "" if v is None else str(v)
+
+    lines = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "---|" * len(df.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join(lines)

@@ -1,0 +1,338 @@
+"""Templates: parse P-tuning shapes, mixes and manual LAMA templates; compile them per tokenizer.
+
+A template is a sequence of parts:
+- `3`: three virtual (trainable) tokens,
+- `sub` / `obj`: the subject and the object slot,
+- `"was born in"`: real words,
+- `manual`: the relation's manual template words between [X] and [Y].
+
+Shapes are written `(3, sub, "was born in", 2, obj)`; manual templates `[X] was born in [Y] .`.
+For a masked LM the object slot becomes the mask token and is the target. For a causal LM the
+input ends just before the object and the target is the next-token prediction at the last input
+position; real text after the object is dropped, since a causal model cannot see it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from probe.errors import ProbeError
+
+VIRTUAL, SUB, OBJ, TEXT, MANUAL = "virtual", "sub", "obj", "text", "manual"
+DEFAULT_SHAPES = {"masked": "(3, sub, 3, obj, 3)", "causal": "(3, sub, 3, obj)"}
+
+
+@dataclass(frozen=True)
+class Part:
+    """One part of a template; `space` is whether a space separates it from what precedes it."""
+
+    kind: str
+    n: int = 0
+    text: str = ""
+    space: bool = True
+
+
+@dataclass(frozen=True)
+class Template:
+    """A parsed template: its source text and parts."""
+
+    source: str
+    parts: tuple[Part, ...]
+
+    @property
+    def n_virtual(self) -> int:
+        return sum(p.n for p in self.parts if p.kind == VIRTUAL)
+
+
+class TemplateError(ProbeError):
+    """A template that does not parse or does not fit the model."""
+
+
+_ITEM = re.compile(r"""\s*(?:(?P<int>\d+)|(?P<word>[A-Za-z_]+)|"(?P<dq>[^"]*)"|'(?P<sq>[^']*)')\s*""")
+
+
+def _where(source: str, pos: int) -> str:
+    return f"{source!r} at column {pos + 1} (here: {source[pos:pos + 12]!r})"
+
+
+def parse_template(source: str) -> Template:
+    """Parse a shape `(3, sub, "was born in", 2, obj)` or a manual template `[X] was born in [Y] .`."""
+    text = source.strip()
+    if not text:
+        raise TemplateError("empty template: expected a shape like (3, sub, 3, obj) or '[X] ... [Y]'")
+    parts = _parse_shape(text) if text.startswith("(") else _parse_manual(text)
+    kinds = [p.kind for p in parts]
+    if kinds.count(SUB) != 1:
+        raise TemplateError(f"template {source!r} must hold the subject exactly once (sub or [X]), found {kinds.count(SUB)}")
+    if kinds.count(OBJ) != 1:
+        raise TemplateError(f"template {source!r} must hold the object exactly once (obj or [Y]), found {kinds.count(OBJ)}")
+    return Template(source=text, parts=tuple(parts))
+
+
+def _parse_shape(text: str) -> list[Part]:
+    if not text.endswith(")"):
+        raise TemplateError(f"template {text!r}: expected ')' at the end of the shape")
+    body_start, body = 1, text[1:-1]
+    parts: list[Part] = []
+    pos = 0
+    while True:
+        m = _ITEM.match(body, pos)
+        if not m or m.end() == pos:
+            raise TemplateError(
+                f"template {_where(text, body_start + pos)}: expected a count, sub, obj, manual or a quoted string"
+            )
+        if m.group("int") is not None:
+            n = int(m.group("int"))
+            if n < 1:
+                raise TemplateError(f"template {_where(text, body_start + m.start('int'))}: a virtual-token count must be at least 1")
+            parts.append(Part(VIRTUAL, n=n))
+        elif m.group("word") is not None:
+            word = m.group("word").lower()
+            if word not in (SUB, OBJ, MANUAL):
+                raise TemplateError(
+                    f"template {_where(text, body_start + m.start('word'))}: unknown word {m.group('word')!r}, "
+                    "expected sub, obj, manual, a count or a quoted string"
+                )
+            parts.append(Part(word))
+        else:
+            words = m.group("dq") if m.group("dq") is not None else m.group("sq")
+            if not words.strip():
+                raise TemplateError(f"template {_where(text, body_start + m.start())}: empty quoted string")
+            parts.append(Part(TEXT, text=words.strip()))
+        pos = m.end()
+        if pos == len(body):
+            return parts
+        if body[pos] != ",":
+            raise TemplateError(f"template {_where(text, body_start + pos)}: expected ',' between items")
+        pos += 1
+
+
+def _parse_manual(text: str) -> list[Part]:
+    if "[X]" not in text or "[Y]" not in text:
+        raise TemplateError(f"template {text!r}: expected a shape '(...)' or a manual template with [X] and [Y]")
+    parts = []
+    for m in re.finditer(r"\[X\]|\[Y\]|[^\[]+|\[", text):
+        piece = m.group()
+        space = m.start() > 0 and text[m.start() - 1].isspace()
+        if piece == "[X]":
+            parts.append(Part(SUB, space=space))
+        elif piece == "[Y]":
+            parts.append(Part(OBJ, space=space))
+        elif piece.strip():
+            lead = piece[0].isspace() or space
+            if parts and parts[-1].kind == TEXT:  # a stray '[' splits text: glue it back
+                prev = parts.pop()
+                parts.append(Part(TEXT, text=prev.text + (" " if lead else "") + piece.strip(), space=prev.space))
+            else:
+                parts.append(Part(TEXT, text=piece.strip(), space=lead))
+    return parts
+
+
+def manual_relation_words(manual: str) -> str:
+    """The words of a manual template between [X] and [Y] (`was born in`)."""
+    i, j = manual.find("[X]"), manual.find("[Y]")
+    if i < 0 or j < i:
+        raise TemplateError(f"manual template {manual!r}: 'manual' needs [X] before [Y]")
+    return manual[i + 3:j].strip()
+
+
+def expand_manual(template: Template, manual: str | None) -> Template:
+    """Replace the `manual` part by the relation's words between [X] and [Y]."""
+    if not any(p.kind == MANUAL for p in template.parts):
+        return template
+    if manual is None:
+        raise TemplateError(f"template {template.source!r} uses 'manual' but no relation was given")
+    words = manual_relation_words(manual)
+    parts = tuple(Part(TEXT, text=words, space=p.space) if p.kind == MANUAL else p for p in template.parts)
+    return Template(source=template.source, parts=tuple(p for p in parts if p.kind != TEXT or p.text))
+
+
+@dataclass
+class Encoded:
+    """One fact as the model sees it: token ids, virtual-token positions, and the target position."""
+
+    input_ids: list[int]
+    virtual_positions: list[int]
+    target: int
+
+
+@dataclass
+class CompiledTemplate:
+    """A template compiled for one tokenizer and model kind. `encode(sub)` builds one input."""
+
+    template: Template
+    kind: str
+    parts: list[tuple[str, list[int] | int | bool]]
+    prefix: list[int]
+    suffix: list[int]
+    placeholder_id: int
+    tokenizer: object = field(repr=False)
+    space_sensitive: bool = True
+
+    @property
+    def n_virtual(self) -> int:
+        return self.template.n_virtual
+
+    def encode(self, sub: str) -> Encoded:
+        ids = list(self.prefix)
+        virtual, target = [], -1
+        for kind, value in self.parts:
+            if kind == VIRTUAL:
+                virtual.extend(range(len(ids), len(ids) + value))
+                ids.extend([self.placeholder_id] * value)
+            elif kind == TEXT:
+                ids.extend(value)
+            elif kind == SUB:
+                lead = value and len(ids) > len(self.prefix)
+                ids.extend(encode_words(self.tokenizer, sub, lead, self.space_sensitive))
+            elif kind == OBJ:
+                if self.kind == "causal":
+                    target = len(ids) - 1
+                    break
+                target = len(ids)
+                ids.append(value)
+        if self.kind == "masked":
+            ids.extend(self.suffix)
+        return Encoded(ids, virtual, target)
+
+    def describe(self, sub: str = "[X]") -> str:
+        """What the model sees for a subject, with virtual tokens as [V1]..[Vn] and the target marked."""
+        enc = self.encode(sub)
+        tokens = self.tokenizer.convert_ids_to_tokens(enc.input_ids)
+        vpos = {p: i for i, p in enumerate(enc.virtual_positions, 1)}
+        out = []
+        for pos, tok in enumerate(tokens):
+            shown = f"[V{vpos[pos]}]" if pos in vpos else tok
+            if pos == enc.target:
+                shown = f"{shown}<-target" if self.kind == "causal" else f">{shown}<"
+            out.append(shown)
+        return " ".join(out)
+
+
+def is_space_sensitive(tokenizer) -> bool:
+    """True for BPE-style vocabularies where ' word' and 'word' are different tokens."""
+    a = tokenizer.encode("the", add_special_tokens=False)
+    b = tokenizer.encode(" the", add_special_tokens=False)
+    return a != b and len(b) == 1
+
+
+def encode_words(tokenizer, text: str, lead_space: bool, space_sensitive: bool) -> list[int]:
+    """Token ids of real words, with a leading space where the vocabulary marks word starts."""
+    prefix = " " if (lead_space and space_sensitive) else ""
+    return tokenizer.encode(prefix + text, add_special_tokens=False)
+
+
+def special_tokens_around(tokenizer) -> tuple[list[int], list[int]]:
+    """The special tokens the tokenizer puts before and after a text ([CLS] ... [SEP], or a BOS)."""
+    bare = tokenizer.encode("the", add_special_tokens=False)
+    full = tokenizer.encode("the")
+    for i in range(len(full) - len(bare) + 1):
+        if full[i:i + len(bare)] == bare:
+            return full[:i], full[i + len(bare):]
+    return [], []
+
+
+def compile_template(template: Template | str, tokenizer, kind: str, manual: str | None = None) -> CompiledTemplate:
+    """Compile a template for a tokenizer and model kind ('masked' or 'causal')."""
+    if isinstance(template, str):
+        template = parse_template(template)
+    template = expand_manual(template, manual)
+    if kind not in ("masked", "causal"):
+        raise ValueError(f"kind must be 'masked' or 'causal', not {kind!r}")
+    kinds = [p.kind for p in template.parts]
+    obj_at = kinds.index(OBJ)
+    if kind == "causal":
+        after = [p for p in template.parts[obj_at + 1:] if p.kind != TEXT]
+        if after:
+            raise TemplateError(
+                f"template {template.source!r}: obj must be last for a causal model "
+                f"(found {after[0].kind} after it; only text after obj is allowed and it is dropped)"
+            )
+        if obj_at == 0:
+            raise TemplateError(f"template {template.source!r}: a causal model needs something before obj")
+    mask_id = tokenizer.mask_token_id
+    if kind == "masked" and mask_id is None:
+        raise TemplateError("this tokenizer has no mask token: a masked-LM template needs one")
+    space_sensitive = is_space_sensitive(tokenizer)
+    prefix, suffix = special_tokens_around(tokenizer)
+    parts: list[tuple[str, list[int] | int | bool]] = []
+    for i, p in enumerate(template.parts):
+        lead = p.space and i > 0
+        if p.kind == VIRTUAL:
+            parts.append((VIRTUAL, p.n))
+        elif p.kind == TEXT:
+            parts.append((TEXT, encode_words(tokenizer, p.text, lead, space_sensitive)))
+        elif p.kind == SUB:
+            parts.append((SUB, p.space))
+        elif p.kind == OBJ:
+            parts.append((OBJ, mask_id if kind == "masked" else 0))
+    placeholder = next(
+        (t for t in (tokenizer.unk_token_id, tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0
+    )
+    return CompiledTemplate(template, kind, parts, prefix, suffix, placeholder, tokenizer, space_sensitive)
+
+
+# ---------------------------------------------------------------------------------------------
+# Template files: one template per line, `#` comments.
+#
+#   default: (3, sub, 3, obj, 3)          # for every relation and model kind
+#   default.causal: (3, sub, 3, obj)      # for one model kind
+#   P19: (3, sub, "was born in", 2, obj)  # for one relation
+#   P37: (3, sub, manual, 3, obj, 3)      # with the relation's manual words
+# ---------------------------------------------------------------------------------------------
+
+_KEY = re.compile(r"^(default(\.(masked|causal))?|P\d+(\.(masked|causal))?)$")
+
+
+@dataclass
+class TemplateFile:
+    """The templates of a file: a default per model kind and overrides per relation."""
+
+    path: str
+    entries: dict[str, Template]
+
+    def template_for(self, relation: str, kind: str) -> Template:
+        for key in (f"{relation}.{kind}", relation, f"default.{kind}", "default"):
+            if key in self.entries:
+                return self.entries[key]
+        return parse_template(DEFAULT_SHAPES[kind])
+
+
+def parse_template_file(path: str | Path) -> TemplateFile:
+    """Read a template file; a bad line is a TemplateError with file and line number."""
+    path = Path(path)
+    if not path.is_file():
+        raise TemplateError(f"template file {path} not found")
+    entries: dict[str, Template] = {}
+    for lineno, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        line = _strip_comment(raw).strip()
+        if not line:
+            continue
+        key, sep, value = line.partition(":")
+        key = key.strip()
+        if not sep or not _KEY.match(key):
+            raise TemplateError(
+                f"{path}:{lineno}: expected 'KEY: TEMPLATE' with KEY default, default.masked, default.causal "
+                f"or a relation id like P19, got {line!r}"
+            )
+        if key in entries:
+            raise TemplateError(f"{path}:{lineno}: {key} is set twice")
+        try:
+            entries[key] = parse_template(value)
+        except TemplateError as e:
+            raise TemplateError(f"{path}:{lineno}: {e}") from None
+    return TemplateFile(str(path), entries)
+
+
+def _strip_comment(line: str) -> str:
+    quote = None
+    for i, ch in enumerate(line):
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "\"'":
+            quote = ch
+        elif ch == "#":
+            return line[:i]
+    return line
