@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -18,7 +18,7 @@ templates_app = typer.Typer(no_args_is_help=True, help="Inspect and validate tem
 app.add_typer(data_app, name="data")
 app.add_typer(templates_app, name="templates")
 
-DataOpt = Annotated[Optional[str], typer.Option("--data", help="LAMA folder (default: $PROBE_DATA, else data/lama).")]
+DataOpt = Annotated[str | None, typer.Option("--data", help="LAMA folder (default: $PROBE_DATA, else data/lama).")]
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="'smollm2', a hub id, a local folder or a .gguf file.")]
 DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")]
 DtypeOpt = Annotated[str, typer.Option(help="float32, bfloat16 or float16 for the LM weights.")]
@@ -44,6 +44,9 @@ def _print_results(results: dict) -> None:
     typer.echo("")
     typer.echo("macro = mean over relations, micro = mean over facts; P@k in %, MRR as a fraction")
     typer.echo(summary_table(results["summary"]).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    if "summary_manual" in results:
+        typer.echo("\nthe manual prompt on the same facts:")
+        typer.echo(summary_table(results["summary_manual"]).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
 
 
 @data_app.command("info")
@@ -69,18 +72,21 @@ def data_info(data: DataOpt = None) -> None:
 def eval_cmd(
     model: ModelOpt = "smollm2",
     method: Annotated[str, typer.Option(help="Prompt method: manual.")] = "manual",
-    relation: Annotated[Optional[list[str]], typer.Option("--relation", "-r", help="Relation id, e.g. P19.")] = None,
+    relation: Annotated[list[str] | None, typer.Option("--relation", "-r", help="Relation id, e.g. P19.")] = None,
     all_: Annotated[bool, typer.Option("--all", help="Evaluate every T-REx relation.")] = False,
     split: Annotated[str, typer.Option(help="test_34k (alias test), test_29k, dev or train.")] = "test_34k",
     vocab: Annotated[str, typer.Option(help="Candidate vocabulary: common or 29k.")] = "common",
     data: DataOpt = None,
-    out: Annotated[Optional[Path], typer.Option(help="Run folder (default runs/<method>-<model>-<time>).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Run folder (default runs/<method>-<model>-<time>).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue an existing run folder, skipping finished relations.")] = False,
     batch_size: Annotated[int, typer.Option(help="Facts per batch.")] = 128,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "bfloat16",
+    prompts: Annotated[Path | None, typer.Option(help="Run folder of `probe train`: re-evaluate its saved prompts.")] = None,
 ) -> None:
     """Evaluate a prompt method on one or all relations with one model load; print and save the table."""
+    if prompts is not None:
+        return _eval_prompts(prompts, model if _given("--model", "-m") else None, data, batch_size, device)
     from probe.backends import load_backend
     from probe.data import SPLIT_ALIASES, LamaData
     from probe.pipeline import EvalSettings, evaluate_manual_relations, run_config
@@ -112,6 +118,108 @@ def eval_cmd(
     typer.echo(f"\nsaved {run.root}/results.json, relations.csv, summary.md ({time.time() - t0:.1f}s in all)")
 
 
+def _given(*flags: str) -> bool:
+    return any(a == f or a.startswith(f + "=") for a in sys.argv[1:] for f in flags)
+
+
+def _eval_prompts(run_dir: Path, model: str | None, data: str | None, batch_size: int, device: str) -> None:
+    """Reload the prompts of a training run and re-evaluate them on its test split."""
+    import pandas as pd
+
+    from probe.backends import load_backend
+    from probe.data import LamaData
+    from probe.pipeline import reevaluate_run
+    from probe.runs import read_json
+    from probe.vocab import build_candidates
+
+    cfg = read_json(run_dir / "config.json")
+    if cfg.get("command") != "train":
+        raise ProbeError(f"{run_dir} is not a training run folder (its config.json says command {cfg.get('command')!r})")
+    if model is not None and model != cfg["model"]:
+        raise ProbeError(f"run folder {run_dir} was trained on model {cfg['model']!r}, not {model!r}")
+    lama = LamaData(data or cfg["data"])
+    backend = load_backend(cfg["model"], device=device, dtype=cfg.get("dtype", "float32"))
+    if backend.kind != cfg["model_kind"]:
+        raise ProbeError(f"run folder {run_dir} was trained on a {cfg['model_kind']} LM, {cfg['model']!r} is {backend.kind}")
+    candidates = build_candidates(backend.tokenizer, lama.vocab_words(cfg["vocab"]))
+    rows = reevaluate_run(backend, lama, run_dir, candidates, batch_size)
+    df = pd.DataFrame(rows)[["relation", "type", "n_facts", "saved_p1", "p1", "saved_p10", "p10", "saved_mrr", "mrr"]]
+    df["same"] = [all(r[k] == r[f"saved_{k}"] for k in ("p1", "p10", "mrr")) for r in rows]
+    typer.echo(df.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    same = int(df["same"].sum())
+    typer.echo(f"\n{same} of {len(df)} relations reproduce the saved test figures exactly")
+    if same != len(df):
+        raise typer.Exit(1)
+
+
+@app.command("train")
+def train_cmd(
+    model: ModelOpt = "smollm2",
+    method: Annotated[str, typer.Option(help="ptuning, ptuning-mlp or prompt-tuning.")] = "ptuning",
+    relation: Annotated[list[str] | None, typer.Option("--relation", "-r", help="Relation id, e.g. P19.")] = None,
+    all_: Annotated[bool, typer.Option("--all", help="Train every T-REx relation.")] = False,
+    template: Annotated[str | None, typer.Option(
+        help="Template file (see templates/) or inline shape; default (3,sub,3,obj,3) masked, (3,sub,3,obj) causal.")] = None,
+    init: Annotated[str, typer.Option(help="prompt-tuning init: random, vocab or template.")] = "vocab",
+    split: Annotated[str, typer.Option(help="Test split: test_34k (alias test) or test_29k.")] = "test_34k",
+    vocab: Annotated[str, typer.Option(help="Candidate vocabulary: common or 29k.")] = "common",
+    data: DataOpt = None,
+    out: Annotated[Path | None, typer.Option(help="Run folder (default runs/<method>-<model>-<time>).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue a run folder, skipping finished relations.")] = False,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 3e-3,
+    epochs: Annotated[int, typer.Option(help="Passes over the train facts.")] = 3,
+    batch_size: Annotated[int, typer.Option(help="Train facts per step.")] = 16,
+    eval_every: Annotated[int, typer.Option(help="Steps between dev evaluations.")] = 25,
+    patience: Annotated[int, typer.Option(help="Dev evaluations without gain before stopping.")] = 4,
+    max_train: Annotated[int, typer.Option(help="Use at most this many train facts (0: all).")] = 0,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 13,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "bfloat16",
+) -> None:
+    """Train a prompt per relation against the frozen LM, then test it next to the manual prompt."""
+    from probe.backends import load_backend
+    from probe.data import SPLIT_ALIASES, LamaData
+    from probe.methods import get_method
+    from probe.methods.prompt_tuning import INITS, PromptTuningConfig
+    from probe.pipeline import EvalSettings, load_template_spec, run_config, train_relations
+    from probe.runs import RunFolder
+    from probe.train import TrainConfig
+    from probe.vocab import build_candidates
+
+    t0 = time.time()
+    method_cls = get_method(method)
+    if init not in INITS:
+        raise ProbeError(f"unknown init {init!r}: expected one of {', '.join(INITS)}")
+    method_config = PromptTuningConfig(init=init) if method == "prompt-tuning" else None
+    load_template_spec(template)  # a bad template fails before the model loads
+    lama = LamaData(data)
+    ids = _relation_ids(lama, relation, all_)
+    split = SPLIT_ALIASES.get(split, split)
+    lama.facts(ids[0], split)
+    if not method_cls.trainable:
+        raise ProbeError(f"method {method!r} has nothing to train: use `probe eval --method {method}`")
+    words = lama.vocab_words(vocab)
+    backend = load_backend(model, device=device, dtype=dtype)
+    candidates = build_candidates(backend.tokenizer, words)
+    typer.echo(f"{model} ({backend.kind} LM, {backend.dtype}) loaded in {time.time() - t0:.1f}s; "
+               f"{len(candidates):,} candidates", err=True)
+    train_config = TrainConfig(lr=lr, batch_size=batch_size, epochs=epochs, eval_every=eval_every,
+                               patience=patience, max_train=max_train, seed=seed)
+    settings = EvalSettings(method=method, split=split, vocab=vocab)
+    config = run_config(backend, lama, settings, candidates, command="train", template_file=template, seed=seed,
+                        method_config=(method_config.__dict__ if method_config else {}), train=train_config.__dict__)
+    out = out or Path("runs") / f"{method}-{_slug(model)}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run = RunFolder(out, config, resume=resume)
+    try:
+        results = train_relations(backend, lama, ids, candidates, run, method, method_config, train_config,
+                                  template, settings)
+    except KeyboardInterrupt:
+        run.write_summary()
+        raise
+    _print_results(results)
+    typer.echo(f"\nsaved {run.root} ({time.time() - t0:.0f}s in all)")
+
+
 @templates_app.command("check")
 def templates_check(file: Path) -> None:
     """Validate a template file; print its entries."""
@@ -125,7 +233,7 @@ def templates_check(file: Path) -> None:
 
 @templates_app.command("show")
 def templates_show(
-    file: Path,
+    file: Annotated[str, typer.Argument(help="Template file or inline template.")],
     model: ModelOpt = "smollm2",
     relation: Annotated[str, typer.Option("--relation", "-r")] = "P19",
     data: DataOpt = None,
@@ -133,9 +241,10 @@ def templates_show(
     """Print what the model sees for a relation's first test fact; virtual tokens as [V1]..[Vn]."""
     from probe.backends import load_backend
     from probe.data import LamaData
-    from probe.templates import compile_template, parse_template_file
+    from probe.pipeline import load_template_spec
+    from probe.templates import compile_template
 
-    tf = parse_template_file(file)
+    tf = load_template_spec(str(file))
     lama = LamaData(data)
     rel = lama.relation(relation)
     backend = load_backend(model)

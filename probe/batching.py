@@ -59,10 +59,11 @@ def make_batches(
     pad_id: int,
     generator: torch.Generator | None = None,
 ) -> list[Batch]:
-    """Batches of similar length (sorted by subject length); shuffled in order when a generator is given."""
-    lengths = [len(compiled.encode(f.sub).input_ids) for f in facts]
-    order = sorted(range(len(facts)), key=lambda i: (lengths[i], i))
-    chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    """Batches sorted by input length (little padding); with a generator, facts are shuffled instead (training)."""
     if generator is not None:
-        chunks = [chunks[i] for i in torch.randperm(len(chunks), generator=generator).tolist()]
+        order = torch.randperm(len(facts), generator=generator).tolist()
+    else:
+        lengths = [len(compiled.encode(f.sub).input_ids) for f in facts]
+        order = sorted(range(len(facts)), key=lambda i: (lengths[i], i))
+    chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     return [collate(compiled, [facts[i] for i in chunk], candidates, pad_id) for chunk in chunks]

@@ -44,7 +44,7 @@ class RelationEval:
     def predictions(self) -> list[dict]:
         return [
             {"sub": f.sub, "obj": f.obj, "rank": r, "top10": t}
-            for f, r, t in zip(self.facts, self.ranks, self.top10)
+            for f, r, t in zip(self.facts, self.ranks, self.top10, strict=True)
         ]
 
 

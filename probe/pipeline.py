@@ -94,3 +94,145 @@ def evaluate_manual_relations(
             metrics = {**base, "n_facts": len(facts), "template": relation.template, **result.metrics}
             run.save_relation(relation.id, metrics, result.predictions())
     return run.write_summary()
+
+
+# ----------------------------------------------------------------------------------------------
+# Training many relations, and reloading what was trained.
+# ----------------------------------------------------------------------------------------------
+
+
+def load_template_spec(spec: str | None):
+    """`--template`: a template file, an inline template, or None for the default P-tuning shapes."""
+    from pathlib import Path
+
+    from probe.templates import TemplateFile, parse_template, parse_template_file
+
+    if spec is None:
+        return TemplateFile("<default>", {})
+    if Path(spec).is_file() or spec.endswith((".txt", ".tpl")):
+        return parse_template_file(spec)
+    return TemplateFile("<inline>", {"default": parse_template(spec)})
+
+
+def save_prompt(path, method) -> None:
+    """The virtual embeddings (what evaluation uses) and the method's own weights, in one safetensors file."""
+    import torch
+    from safetensors.torch import save
+
+    with torch.no_grad():
+        tensors = {"virtual_embeddings": method.virtual_embeddings().detach().float().cpu().contiguous()}
+    tensors.update({f"method.{k}": v.detach().cpu().contiguous() for k, v in method.state_dict().items()})
+    from probe.runs import atomic_write_bytes
+
+    atomic_write_bytes(path, save(tensors))
+
+
+def load_prompt(path):
+    """A FixedPrompt from a saved prompt file; a damaged file is a ProbeError."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from probe.methods import FixedPrompt
+
+    try:
+        return FixedPrompt(load_file(str(path))["virtual_embeddings"])
+    except (SafetensorError, KeyError, OSError) as e:
+        raise ProbeError(f"{path}: not a readable prompt file ({e})") from None
+
+
+def train_relations(backend, data, relation_ids, candidates, run, method_name, method_config, train_config,
+                    template_spec, settings: EvalSettings) -> dict:
+    """Train and test one prompt per relation into a run folder, skipping finished relations."""
+    import torch
+
+    from probe.runs import atomic_write_json
+    from probe.train import train_prompt
+
+    method_cls = get_method(method_name)
+    if not method_cls.trainable:
+        raise ProbeError(f"method {method_name!r} has nothing to train: use `probe eval --method {method_name}`")
+    templates = load_template_spec(template_spec)
+    strict = len(relation_ids) == 1
+    todo = [data.relation(r) for r in relation_ids if not run.is_done(r)]
+    for i, relation in enumerate(todo, 1):
+        template = templates.template_for(relation.id, backend.kind)
+        compiled = compile_template(template, backend.tokenizer, backend.kind, manual=relation.template)
+        if compiled.n_virtual == 0:
+            raise ProbeError(f"template {template.source!r} has no virtual tokens: method {method_name!r} needs some")
+        train, _ = relation_facts(data, relation, "train", candidates, False)
+        if not train:
+            msg = f"relation {relation.id} has no train facts left after filtering by the candidate vocabulary"
+            if strict:
+                raise ProbeError(msg)
+            tqdm.write(f"warning: {msg}; skipped")
+            continue
+        dev, _ = relation_facts(data, relation, "dev", candidates, False)
+        dev = dev or train
+        test, dropped = relation_facts(data, relation, settings.split, candidates, strict)
+        torch.manual_seed(train_config.seed)
+        method = method_cls.create(backend, compiled, relation.template, method_config).to(backend.device)
+        folder = run.relation_dir(relation.id)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "train_log.jsonl").unlink(missing_ok=True)
+        result = train_prompt(backend, method, compiled, train, dev, candidates, train_config,
+                              folder / "train_log.jsonl", desc=f"{relation.id} [{i}/{len(todo)}]")
+        test_eval = evaluate_facts(backend, method, compiled, test, candidates, settings.batch_size)
+        manual = compile_template(relation.template, backend.tokenizer, backend.kind)
+        manual_method = get_method("manual")(0, backend.hidden_size)
+        manual_dev = evaluate_facts(backend, manual_method, manual, dev, candidates, settings.batch_size).metrics
+        manual_test = evaluate_facts(backend, manual_method, manual, test, candidates, settings.batch_size).metrics
+        save_prompt(folder / "prompt.safetensors", method)
+        atomic_write_json(folder / "config.json", {
+            **{k: run.config[k] for k in ("probe_version", "model", "model_kind", "data", "vocab", "split")},
+            "relation": relation.id,
+            "method": method_name,
+            "method_config": method.config.__dict__,
+            "template": template.source,
+            "manual_template": relation.template,
+            "n_virtual": compiled.n_virtual,
+            "hidden_size": backend.hidden_size,
+            "train": train_config.__dict__,
+            "n_train": len(train),
+            "n_dev": len(dev),
+            "best_step": result.best_step,
+            "steps": result.steps,
+        })
+        metrics = {
+            "relation": relation.id, "label": relation.label, "type": relation.type,
+            "n_facts": len(test), "n_dropped": dropped, "template": template.source,
+            **test_eval.metrics,
+            **{f"dev_{k}": v for k, v in result.best_dev.items()},
+            **{f"manual_{k}": v for k, v in manual_test.items()},
+            **{f"manual_dev_{k}": v for k, v in manual_dev.items()},
+        }
+        run.save_relation(relation.id, metrics, test_eval.predictions())
+        tqdm.write(
+            f"{relation.id:>6} {relation.label[:28]:28} dev P@1 {result.best_dev['p1']:5.1f} "
+            f"(manual {manual_dev['p1']:5.1f})  test P@1 {test_eval.metrics['p1']:5.1f} "
+            f"(manual {manual_test['p1']:5.1f})  P@10 {test_eval.metrics['p10']:5.1f}  MRR {test_eval.metrics['mrr']:.3f}"
+        )
+    return run.write_summary()
+
+
+def reevaluate_run(backend, data, run_dir, candidates, batch_size: int = 128) -> list[dict]:
+    """Re-evaluate every saved prompt of a run folder; rows carry saved and recomputed metrics."""
+    from pathlib import Path
+
+    from probe.runs import read_json
+
+    rows = []
+    for folder in sorted(Path(run_dir).glob("P*/prompt.safetensors"), key=lambda p: int(p.parent.name[1:])):
+        cfg = read_json(folder.parent / "config.json")
+        saved = read_json(folder.parent / "metrics.json")
+        relation = data.relation(cfg["relation"])
+        compiled = compile_template(cfg["template"], backend.tokenizer, backend.kind, manual=relation.template)
+        prompt = load_prompt(folder).to(backend.device)
+        if prompt.n_virtual != compiled.n_virtual:
+            raise ProbeError(f"{folder}: {prompt.n_virtual} saved vectors for {compiled.n_virtual} virtual slots")
+        facts, _ = relation_facts(data, relation, cfg["split"], candidates, True)
+        result = evaluate_facts(backend, prompt, compiled, facts, candidates, batch_size)
+        rows.append({**saved, **{f"saved_{k}": saved[k] for k in ("p1", "p10", "mrr")}, **result.metrics,
+                     "n_facts": len(facts)})
+    if not rows:
+        raise ProbeError(f"{run_dir} holds no saved prompts (expected P*/prompt.safetensors)")
+    return rows

@@ -97,6 +97,9 @@ class RunFolder:
         """results.json, relations.csv and summary.md from the finished relations; returns results."""
         rows = self.rows()
         results = {"config": self.config, "relations": rows, "summary": aggregate(rows)}
+        if rows and all("manual_p1" in r for r in rows):  # training runs also test the manual prompt
+            manual = [{**r, **{m: r[f"manual_{m}"] for m in ("p1", "p10", "mrr")}} for r in rows]
+            results["summary_manual"] = aggregate(manual)
         atomic_write_json(self.root / "results.json", results)
         table = relations_table(rows)
         atomic_write_text(self.root / "relations.csv", table.to_csv(index=False))
@@ -131,6 +134,8 @@ def summary_markdown(results: dict) -> str:
     note = "Macro: mean over relations. Micro: mean over facts. P@k in percent, MRR as a fraction.\n\n"
     rel = markdown_table(relations_table(results["relations"]))
     summ = markdown_table(summary_table(results["summary"]))
+    if "summary_manual" in results:
+        summ += "\n\nThe manual prompt on the same facts:\n\n" + markdown_table(summary_table(results["summary_manual"]))
     return head + note + summ + "\n\n" + rel + "\n"
 
 

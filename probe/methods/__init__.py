@@ -1,13 +1,19 @@
-"""Prompt methods: a registry from name to class. Add a method by writing a module here and registering it."""
+"""Prompt methods: a registry from name to class.
+
+To add a method, write a module here with a `PromptMethod` subclass (and a config dataclass if it
+has options), then register it in METHODS. The trainer and evaluator need nothing else.
+"""
 
 from __future__ import annotations
 
 from probe.errors import ProbeError
-from probe.methods.base import MethodConfig, PromptMethod
+from probe.methods.base import FixedPrompt, MethodConfig, PromptMethod
 from probe.methods.manual import ManualPrompt
+from probe.methods.prompt_tuning import PromptTuning
+from probe.methods.ptuning import PTuningEncoder, PTuningMLP
 
 METHODS: dict[str, type[PromptMethod]] = {
-    ManualPrompt.name: ManualPrompt,
+    m.name: m for m in (ManualPrompt, PTuningEncoder, PTuningMLP, PromptTuning)
 }
 
 
@@ -18,4 +24,4 @@ def get_method(name: str) -> type[PromptMethod]:
     return METHODS[name]
 
 
-__all__ = ["METHODS", "MethodConfig", "PromptMethod", "get_method"]
+__all__ = ["METHODS", "FixedPrompt", "MethodConfig", "PromptMethod", "get_method"]

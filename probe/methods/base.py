@@ -31,6 +31,24 @@ class PromptMethod(nn.Module):
         self.hidden_size = hidden_size
         self.config = config or self.config_class()
 
+    @classmethod
+    def create(cls, backend, compiled, manual_template: str, config: MethodConfig | None = None) -> PromptMethod:
+        """Build the method for a compiled template; methods that initialise from the LM override this."""
+        return cls(compiled.n_virtual, backend.hidden_size, config)
+
     def virtual_embeddings(self) -> torch.Tensor | None:
         """(n_virtual, H) embeddings for the virtual slots, or None when there are none."""
         return None
+
+
+class FixedPrompt(PromptMethod):
+    """Saved virtual-token embeddings, as reloaded from a run folder: evaluates exactly what was trained."""
+
+    name = "fixed"
+
+    def __init__(self, embeddings: torch.Tensor):
+        super().__init__(embeddings.shape[0], embeddings.shape[1])
+        self.register_buffer("embeddings", embeddings.float().clone())
+
+    def virtual_embeddings(self) -> torch.Tensor:
+        return self.embeddings

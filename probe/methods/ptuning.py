@@ -1,0 +1,48 @@
+"""P-tuning (Liu et al. 2021): virtual-token embeddings -> 2-layer biLSTM -> MLP, trained against a frozen LM."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from probe.methods.base import MethodConfig, PromptMethod
+
+
+@dataclass
+class PTuningConfig(MethodConfig):
+    lstm: bool = True
+
+
+class PTuningEncoder(PromptMethod):
+    """A learned embedding per virtual token, a biLSTM (H/2 per direction) over them, then MLP H->H->H."""
+
+    name = "ptuning"
+    trainable = True
+    config_class = PTuningConfig
+
+    def __init__(self, n_virtual: int, hidden_size: int, config: PTuningConfig | None = None):
+        super().__init__(n_virtual, hidden_size, config)
+        h = hidden_size
+        self.embedding = nn.Embedding(n_virtual, h)
+        self.lstm = (
+            nn.LSTM(h, h // 2, num_layers=2, bidirectional=True, batch_first=True) if self.config.lstm else None
+        )
+        lstm_out = 2 * (h // 2) if self.lstm is not None else h
+        self.mlp = nn.Sequential(nn.Linear(lstm_out, h), nn.ReLU(), nn.Linear(h, h))
+
+    def virtual_embeddings(self) -> torch.Tensor:
+        x = self.embedding.weight[None]
+        if self.lstm is not None:
+            x = self.lstm(x)[0]
+        return self.mlp(x)[0]
+
+
+class PTuningMLP(PTuningEncoder):
+    """P-tuning without the LSTM: embedding -> MLP."""
+
+    name = "ptuning-mlp"
+
+    def __init__(self, n_virtual: int, hidden_size: int, config: PTuningConfig | None = None):
+        super().__init__(n_virtual, hidden_size, PTuningConfig(lstm=False))
