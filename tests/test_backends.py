@@ -1,0 +1,305 @@
+"""probe.backends: scores at the target equal the full HF forward, causal reading position, loading and errors."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import save_tiny_llama
+from transformers import BertConfig, GPT2Config, LlamaConfig, ViTConfig
+
+from probe.backends import _masked_head, _model_kind, cache_dir, load_backend, resolve_model
+from probe.batching import collate
+from probe.data import Fact
+from probe.errors import ProbeError
+from probe.evaluate import evaluate_facts, pad_id
+from probe.methods.manual import ManualPrompt
+from probe.templates import Encoded, compile_template
+from probe.vocab import build_candidates
+
+P19 = "[X] was born in [Y] ."
+FACTS = [
+    Fact("Dante", "Florence"),
+    Fact("Victor Hugo", "Paris"),
+    Fact("Dante Alighieri Parisville", "Florence"),
+    Fact("Rome", "Italy"),
+]
+WORDS = ["Paris", "France", "Rome", "Italy", "Berlin", "Germany", "Florence", "London", "the", "city"]
+
+
+def full_forward_scores(backend, batch, candidates):
+    logits = backend.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    rows = torch.arange(len(batch.facts))
+    return logits[rows, batch.target][:, candidates.token_ids].float()
+
+
+def probe_scores(backend, batch, candidates):
+    hidden = backend.target_hidden(backend.embed(batch.input_ids), batch.attention_mask, batch.target)
+    return backend.candidate_logits(hidden, candidates.token_ids)
+
+
+# ---- loading --------------------------------------------------------------------------------
+
+
+def test_masked_backend_loads_from_folder(masked_backend, wordpiece_tokenizer):
+    b = masked_backend
+    assert b.kind == "masked"
+    assert type(b.model).__name__ == "BertForMaskedLM"
+    assert b.hidden_size == 32
+    assert b.dtype == torch.float32
+    assert b.device == torch.device("cpu")
+    assert b.head is not None and b.head[1] is b.model.get_output_embeddings()
+    assert b.tokenizer.mask_token_id == wordpiece_tokenizer.mask_token_id
+    assert b.tokenizer.tokenize("Paris") == ["Paris"]  # saved cased, reloaded cased
+    assert not b.model.training
+    assert not any(p.requires_grad for p in b.model.parameters())
+
+
+def test_causal_backend_loads_from_folder(causal_backend, bpe_tokenizer):
+    b = causal_backend
+    assert b.kind == "causal"
+    assert type(b.model).__name__ == "LlamaForCausalLM"
+    assert b.hidden_size == 64
+    assert b.head is None
+    assert len(b.tokenizer) == len(bpe_tokenizer)
+    assert pad_id(b) == bpe_tokenizer.pad_token_id
+
+
+def test_load_bfloat16_scores_in_float32(tiny_causal_dir):
+    b = load_backend(str(tiny_causal_dir), dtype="bfloat16")
+    assert b.dtype == torch.bfloat16
+    cands = build_candidates(b.tokenizer, WORDS)
+    compiled = compile_template(P19, b.tokenizer, "causal")
+    batch = collate(compiled, [Fact("Rome", "Italy")], cands, pad_id(b))
+    scores = probe_scores(b, batch, cands)
+    assert scores.dtype == torch.float32
+    assert scores.shape == (1, len(cands))
+
+
+def test_kind_override(tiny_masked_dir):
+    assert load_backend(str(tiny_masked_dir), kind="masked").kind == "masked"
+
+
+@pytest.mark.parametrize("name", ["/nonexistent", "/nonexistent/model-folder"])
+def test_nonexistent_model(name):
+    with pytest.raises(ProbeError) as e:
+        load_backend(name)
+    msg = str(e.value)
+    assert msg.startswith(f"cannot load model {name!r}: expected 'smollm2', a hub id, a local model folder or a .gguf")
+    assert "\n" not in msg
+
+
+def test_empty_folder_is_not_a_model(tmp_path):
+    with pytest.raises(ProbeError, match="cannot load model") as e:
+        load_backend(str(tmp_path))
+    assert "\n" not in str(e.value)
+
+
+def test_missing_gguf_file(tmp_path):
+    with pytest.raises(ProbeError, match=r"model file .*missing.gguf not found: expected a .gguf file"):
+        load_backend(str(tmp_path / "missing.gguf"))
+
+
+def test_bad_dtype_and_device(tiny_causal_dir):
+    with pytest.raises(ProbeError, match="unknown dtype 'float8': expected one of float32, bfloat16, float16"):
+        load_backend(str(tiny_causal_dir), dtype="float8")
+    if not torch.cuda.is_available():
+        with pytest.raises(ProbeError, match="CUDA is not available"):
+            load_backend(str(tiny_causal_dir), device="cuda")
+
+
+def test_model_kind_from_config():
+    assert _model_kind(BertConfig(architectures=["BertForMaskedLM"])) == "masked"
+    assert _model_kind(BertConfig()) == "masked"  # no architectures: from the model type
+    assert _model_kind(LlamaConfig(architectures=["LlamaForCausalLM"])) == "causal"
+    assert _model_kind(GPT2Config(architectures=["GPT2LMHeadModel"])) == "causal"
+    assert _model_kind(LlamaConfig()) == "causal"
+    with pytest.raises(ProbeError, match="model type 'vit' is neither a masked nor a causal LM"):
+        _model_kind(ViTConfig())
+
+
+def test_masked_head_of_bert(masked_backend):
+    transform, decoder = _masked_head(masked_backend.model)
+    assert transform is masked_backend.model.cls.predictions.transform
+    assert decoder is masked_backend.model.cls.predictions.decoder
+
+
+def test_cache_dir_order(monkeypatch, tmp_path):
+    monkeypatch.setenv("PROBE_CACHE", str(tmp_path / "pc"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == tmp_path / "pc"
+    monkeypatch.delenv("PROBE_CACHE")
+    assert cache_dir() == tmp_path / "xdg" / "probe"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cache_dir() == tmp_path / "home" / ".cache" / "probe"
+
+
+def test_smollm2_converts_into_the_test_cache(smollm2_dir):
+    import os
+
+    assert Path(smollm2_dir).is_relative_to(Path(os.environ["PROBE_CACHE"]) / "models")
+    assert (smollm2_dir / "config.json").exists() and (smollm2_dir / "model.safetensors").exists()
+    assert resolve_model("smollm2") == str(smollm2_dir)
+    assert resolve_model("SmolLM2") == str(smollm2_dir)  # second call: from the cache, same folder
+    assert resolve_model("some/hub-id") == "some/hub-id"
+    assert not list(smollm2_dir.parent.glob(".tmp-*"))
+
+
+# ---- scores at the target == the full forward -----------------------------------------------
+
+
+def test_masked_scores_equal_full_forward(masked_backend):
+    b = masked_backend
+    cands = build_candidates(b.tokenizer, WORDS)
+    assert len(cands) == len(WORDS)
+    compiled = compile_template(P19, b.tokenizer, "masked")
+    batch = collate(compiled, FACTS, cands, pad_id(b))
+    lengths = batch.attention_mask.sum(1)
+    assert len(set(lengths.tolist())) > 1  # varying lengths, right padding
+    rows = torch.arange(len(FACTS))
+    assert (batch.input_ids[rows, batch.target] == b.tokenizer.mask_token_id).all()
+    with torch.no_grad():
+        ours = probe_scores(b, batch, cands)
+        ref = full_forward_scores(b, batch, cands)
+    assert ours.shape == (4, len(cands))
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    assert ours.std() > 0.1  # not a degenerate model
+
+
+def test_causal_scores_equal_full_forward_at_last_real_token(causal_backend):
+    b = causal_backend
+    cands = build_candidates(b.tokenizer, WORDS)
+    compiled = compile_template(P19, b.tokenizer, "causal")
+    batch = collate(compiled, FACTS, cands, pad_id(b))
+    lengths = batch.attention_mask.sum(1)
+    assert len(set(lengths.tolist())) == 3  # 5, 5, 10 and 4 tokens: right padding in one batch
+    assert batch.target.tolist() == (lengths - 1).tolist()
+    assert (batch.input_ids[batch.attention_mask == 0] == b.tokenizer.pad_token_id).all()
+    with torch.no_grad():
+        ours = probe_scores(b, batch, cands)
+        ref = full_forward_scores(b, batch, cands)
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+        # and each row equals the same fact run alone, without padding
+        for i, n in enumerate(lengths.tolist()):
+            alone = b.model(input_ids=batch.input_ids[i:i + 1, :n]).logits[0, -1, cands.token_ids]
+            torch.testing.assert_close(ours[i], alone, rtol=1e-4, atol=1e-5)
+
+
+def test_candidate_rows_cache_follows_the_candidates(masked_backend):
+    b = masked_backend
+    small = build_candidates(b.tokenizer, ["Paris", "Rome"])
+    big = build_candidates(b.tokenizer, WORDS)
+    compiled = compile_template(P19, b.tokenizer, "masked")
+    batch = collate(compiled, [Fact("Dante", "Paris")], small, pad_id(b))
+    with torch.no_grad():
+        a = probe_scores(b, batch, small)
+        c = probe_scores(b, batch, big)
+    assert a.shape == (1, 2) and c.shape == (1, len(WORDS))
+    torch.testing.assert_close(a[0], c[0, [WORDS.index("Paris"), WORDS.index("Rome")]])
+
+
+# ---- causal off-by-one: a toy model whose next token is known -------------------------------
+
+OFF_BY_ONE_FACTS = [Fact("Paris", "France"), Fact("Rome", "Italy"), Fact("Berlin", "Germany"),
+                    Fact("Madrid", "Spain"), Fact("Besancon", "France")]
+COUNTRIES = ["France", "Italy", "Germany", "Spain"]
+TEMPLATE = "Where is [X] [Y] ."  # the input ends at the subject's last token
+
+
+def _one_token(tok, text):
+    ids = tok.encode(text, add_special_tokens=False)
+    assert len(ids) == 1, (text, ids)
+    return ids[0]
+
+
+@pytest.fixture(scope="module")
+def next_token_backend(tmp_path_factory, bpe_tokenizer):
+    """1-layer Llama whose blocks add nothing, so the hidden state at a position is its token's embedding.
+
+    Every token embedding holds a shared "junk" direction (dim 0) that scores " Japan". The subject's
+    last token has its own direction, scored by its object's row; each country's own direction is scored
+    by the next country's row. So reading the subject's last token predicts the object, reading the token
+    before it (" is", or a subject piece) predicts Japan, and reading an appended object predicts another
+    country.
+    """
+    tok = bpe_tokenizer
+    sub_last = {f.sub: tok.encode(" " + f.sub, add_special_tokens=False)[-1] for f in OFF_BY_ONE_FACTS}
+    assert len(tok.encode(" Besancon", add_special_tokens=False)) == 3  # a multi-token subject too
+    country = {c: _one_token(tok, " " + c) for c in [*COUNTRIES, "Japan"]}
+
+    def edit(model):
+        emb, head = model.model.embed_tokens.weight, model.lm_head.weight
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        emb.zero_()
+        emb[:, 0] = 0.5
+        head.zero_()
+        head[country["Japan"], 0] = 1.0
+        dims = iter(range(1, 64))
+        for f in OFF_BY_ONE_FACTS:
+            d = next(dims)
+            emb[sub_last[f.sub], d] = 1.0
+            head[country[f.obj], d] = 1.0
+        for i, c in enumerate(COUNTRIES):
+            d = next(dims)
+            emb[country[c], d] = 1.0
+            head[country[COUNTRIES[(i + 1) % len(COUNTRIES)]], d] = 1.0
+
+    folder = save_tiny_llama(tmp_path_factory.mktemp("next-token"), tok, edit=edit, num_hidden_layers=1)
+    backend = load_backend(str(folder))
+    assert backend.kind == "causal"
+    return backend
+
+
+def _evaluate(backend, compiled):
+    cands = build_candidates(backend.tokenizer, [*COUNTRIES, "Japan"])
+    assert len(cands) == 5
+    return evaluate_facts(backend, ManualPrompt(0, backend.hidden_size), compiled, OFF_BY_ONE_FACTS, cands,
+                          batch_size=8)
+
+
+def test_causal_reads_the_last_input_token(next_token_backend):
+    compiled = compile_template(TEMPLATE, next_token_backend.tokenizer, "causal")
+    result = _evaluate(next_token_backend, compiled)
+    assert result.metrics["p1"] == 100.0
+    assert result.metrics["mrr"] == 1.0
+    assert result.ranks == [1] * 5
+    predicted = {(f.sub, top[0]) for f, top in zip(result.facts, result.top10, strict=True)}
+    assert predicted == {(f.sub, f.obj) for f in OFF_BY_ONE_FACTS}
+
+
+@dataclasses.dataclass
+class _Shifted:
+    """A compiled template whose encoding is changed the way an off-by-one bug would change it."""
+
+    inner: object
+    change: object
+
+    def encode(self, sub):
+        return self.change(self.inner.encode(sub), sub)
+
+
+def test_the_toy_model_catches_off_by_one(next_token_backend):
+    """The same evaluation with the target one too early, or with the object appended and read, gives P@1 0."""
+    tok = next_token_backend.tokenizer
+    compiled = compile_template(TEMPLATE, tok, "causal")
+    obj_of = {f.sub: f.obj for f in OFF_BY_ONE_FACTS}
+
+    def one_earlier(enc, sub):
+        return Encoded(enc.input_ids, enc.virtual_positions, len(enc.input_ids) - 2)
+
+    def object_appended(enc, sub):
+        ids = [*enc.input_ids, _one_token(tok, " " + obj_of[sub])]
+        return Encoded(ids, enc.virtual_positions, len(ids) - 1)
+
+    early = _evaluate(next_token_backend, _Shifted(compiled, one_earlier))
+    assert early.metrics["p1"] == 0.0
+    assert all(top[0] == "Japan" for top in early.top10)
+    appended = _evaluate(next_token_backend, _Shifted(compiled, object_appended))
+    assert appended.metrics["p1"] == 0.0
+    nxt = {c: COUNTRIES[(i + 1) % 4] for i, c in enumerate(COUNTRIES)}
+    assert [top[0] for top in appended.top10] == [nxt[f.obj] for f in appended.facts]

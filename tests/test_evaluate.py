@@ -1,0 +1,272 @@
+"""probe.batching, probe.evaluate and probe.pipeline: batches, filtering, and metrics equal to a by-hand forward."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import make_fake_lama
+
+from probe.batching import collate, filter_facts, make_batches
+from probe.data import Fact, LamaData
+from probe.errors import ProbeError
+from probe.evaluate import candidate_scores, evaluate_facts, pad_id
+from probe.methods import METHODS, get_method
+from probe.methods.base import PromptMethod
+from probe.methods.manual import ManualPrompt
+from probe.metrics import relation_metrics
+from probe.pipeline import EvalSettings, evaluate_manual_relations, relation_facts, run_config
+from probe.runs import RunFolder
+from probe.templates import compile_template
+from probe.vocab import build_candidates
+
+P19 = "[X] was born in [Y] ."
+WORDS = ["Paris", "France", "Rome", "Italy", "Berlin", "Germany", "Florence", "London", "Madrid", "Spain",
+         "Tokyo", "Japan", "Lyon", "Milan", "city", "capital", "language"]
+FACTS = [
+    Fact("Dante Alighieri Parisville", "Florence"),
+    Fact("Dante", "Florence"),
+    Fact("Victor Hugo", "Paris"),
+    Fact("Rome", "Italy"),
+    Fact("the city of Milan", "Milan"),
+    Fact("Lyon", "France"),
+    Fact("Victor", "Xylophonia"),  # not a candidate
+]
+
+
+@pytest.fixture(scope="module")
+def cands(masked_backend):
+    return build_candidates(masked_backend.tokenizer, WORDS)
+
+
+# ---- batching -------------------------------------------------------------------------------
+
+
+def test_filter_facts_drops_non_candidates(cands):
+    kept, dropped = filter_facts(FACTS, cands)
+    assert kept == FACTS[:6]
+    assert dropped == 1
+    assert filter_facts([], cands) == ([], 0)
+
+
+def test_collate_pads_right_and_maps_gold(masked_backend, cands):
+    tok = masked_backend.tokenizer
+    compiled = compile_template("(2, sub, obj, 1)", tok, "masked")
+    facts = [Fact("Dante", "Florence"), Fact("Victor Hugo", "Paris")]
+    batch = collate(compiled, facts, cands, pad_id(masked_backend))
+    assert batch.input_ids.shape == (2, 8)  # [CLS] V V Victor Hugo [MASK] V [SEP]
+    assert batch.attention_mask.tolist() == [[1] * 7 + [0], [1] * 8]
+    assert batch.input_ids[0, 7] == tok.pad_token_id
+    assert batch.virtual_mask.tolist() == [[False, True, True, False, False, True, False, False],
+                                           [False, True, True, False, False, False, True, False]]
+    assert batch.target.tolist() == [4, 5]
+    assert batch.gold.tolist() == [cands.index["Florence"], cands.index["Paris"]]
+    assert batch.facts == facts
+
+
+def test_make_batches_sorts_by_length(masked_backend, cands):
+    compiled = compile_template(P19, masked_backend.tokenizer, "masked")
+    facts, _ = filter_facts(FACTS, cands)
+    lengths = {f: len(compiled.encode(f.sub).input_ids) for f in facts}
+    batches = make_batches(compiled, facts, cands, batch_size=2, pad_id=0)
+    assert [len(b.facts) for b in batches] == [2, 2, 2]
+    order = [f for b in batches for f in b.facts]
+    assert sorted(order, key=FACTS.index) == facts
+    assert [lengths[f] for f in order] == sorted(lengths.values())
+    padding = sum(int((b.attention_mask == 0).sum()) for b in batches)
+    # sorted chunks of two: padding is the sum of the gaps inside each pair
+    srt = sorted(lengths.values())
+    assert padding == sum(srt[i + 1] - srt[i] for i in range(0, len(srt), 2))
+    unsorted = collate(compiled, facts, cands, 0)
+    assert padding < int((unsorted.attention_mask == 0).sum())
+
+
+def test_make_batches_with_a_generator_is_a_seeded_shuffle(masked_backend, cands):
+    compiled = compile_template(P19, masked_backend.tokenizer, "masked")
+    facts, _ = filter_facts(FACTS, cands)
+    plain = [f for b in make_batches(compiled, facts, cands, 2, 0) for f in b.facts]
+
+    def shuffled(seed):
+        batches = make_batches(compiled, facts, cands, 2, 0, torch.Generator().manual_seed(seed))
+        return [f for b in batches for f in b.facts]
+
+    runs = [shuffled(s) for s in range(4)]
+    assert shuffled(0) == runs[0]  # same seed, same order
+    assert all(sorted(r, key=facts.index) == facts for r in runs)  # every fact exactly once
+    assert any(r != plain for r in runs)
+
+
+def test_make_batches_last_batch_is_smaller(masked_backend, cands):
+    compiled = compile_template(P19, masked_backend.tokenizer, "masked")
+    facts, _ = filter_facts(FACTS, cands)
+    assert [len(b.facts) for b in make_batches(compiled, facts, cands, 4, 0)] == [4, 2]
+    assert make_batches(compiled, [], cands, 4, 0) == []
+
+
+# ---- evaluate_facts == by hand --------------------------------------------------------------
+
+
+def _by_hand(backend, template, facts, cands):
+    """Each fact alone through the full HF forward; rank of the gold among the candidate logits."""
+    compiled = compile_template(template, backend.tokenizer, backend.kind)
+    ranks, top1 = [], []
+    for f in facts:
+        enc = compiled.encode(f.sub)
+        with torch.no_grad():
+            logits = backend.model(input_ids=torch.tensor([enc.input_ids])).logits[0, enc.target]
+        scores = logits[cands.token_ids]
+        gold = scores[cands.index[f.obj]]
+        ranks.append(int((scores > gold).sum()) + 1)
+        top1.append(cands.words[int(scores.argmax())])
+    return ranks, top1
+
+
+@pytest.mark.parametrize("which", ["masked", "causal"])
+def test_evaluate_facts_equals_by_hand(request, which):
+    backend = request.getfixturevalue(f"{which}_backend")
+    cands = build_candidates(backend.tokenizer, WORDS)
+    facts, _ = filter_facts(FACTS, cands)
+    assert len(facts) == 6
+    compiled = compile_template(P19, backend.tokenizer, backend.kind)
+    method = ManualPrompt(0, backend.hidden_size)
+    method.train()
+    result = evaluate_facts(backend, method, compiled, facts, cands, batch_size=4)
+    assert method.training  # restored
+    ranks, top1 = _by_hand(backend, P19, result.facts, cands)
+    assert sorted(result.facts, key=facts.index) == facts
+    assert result.ranks == ranks
+    assert [t[0] for t in result.top10] == top1
+    assert all(len(t) == 10 for t in result.top10)
+    assert result.metrics == pytest.approx(relation_metrics(ranks))
+    assert result.metrics["p1"] == pytest.approx(100 * sum(r == 1 for r in ranks) / 6)
+    assert result.metrics["mrr"] == pytest.approx(sum(1 / r for r in ranks) / 6)
+    preds = result.predictions()
+    assert preds[0] == {"sub": result.facts[0].sub, "obj": result.facts[0].obj, "rank": ranks[0],
+                        "top10": result.top10[0]}
+
+
+def test_top10_with_fewer_candidates(masked_backend):
+    cands = build_candidates(masked_backend.tokenizer, ["Paris", "Rome", "Florence"])
+    compiled = compile_template(P19, masked_backend.tokenizer, "masked")
+    result = evaluate_facts(masked_backend, ManualPrompt(0, 32), compiled, [Fact("Dante", "Rome")], cands)
+    assert sorted(result.top10[0]) == ["Florence", "Paris", "Rome"]
+    assert result.ranks[0] == result.top10[0].index("Rome") + 1
+
+
+class FixedVirtual(PromptMethod):
+    name = "fixed-test"
+
+    def __init__(self, n_virtual, hidden_size):
+        super().__init__(n_virtual, hidden_size)
+        self.rows = torch.nn.Parameter(torch.randn(n_virtual, hidden_size, generator=torch.Generator().manual_seed(0)))
+
+    def virtual_embeddings(self):
+        return self.rows
+
+
+def test_candidate_scores_put_virtual_rows_in_order(masked_backend, cands):
+    b = masked_backend
+    compiled = compile_template("(2, sub, 1, obj, 1)", b.tokenizer, "masked")
+    facts = [Fact("Dante", "Florence"), Fact("Victor Hugo", "Paris")]
+    batch = collate(compiled, facts, cands, pad_id(b))
+    method = FixedVirtual(4, b.hidden_size)
+    with torch.no_grad():
+        ours = candidate_scores(b, method, batch, cands)
+        embeds = b.embed(batch.input_ids).clone()
+        for i, f in enumerate(facts):
+            for j, pos in enumerate(compiled.encode(f.sub).virtual_positions):
+                embeds[i, pos] = method.rows[j]
+        logits = b.model(inputs_embeds=embeds, attention_mask=batch.attention_mask).logits
+        ref = logits[torch.arange(2), batch.target][:, cands.token_ids]
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        plain = candidate_scores(b, ManualPrompt(0, b.hidden_size), batch, cands)
+    assert not torch.allclose(ours, plain)
+
+
+# ---- methods --------------------------------------------------------------------------------
+
+
+def test_method_registry():
+    assert get_method("manual") is ManualPrompt
+    assert METHODS["manual"] is ManualPrompt
+    with pytest.raises(ProbeError, match="unknown method 'no-such-method': expected one of .*manual"):
+        get_method("no-such-method")
+    with pytest.raises(ProbeError, match="without virtual tokens"):
+        ManualPrompt(3, 32)
+    assert ManualPrompt(0, 32).virtual_embeddings() is None
+
+
+# ---- pipeline -------------------------------------------------------------------------------
+
+
+def test_relation_facts_strict_and_not(masked_backend, tmp_path):
+    root = make_fake_lama(tmp_path, facts={"P19": [("Dante", "Xylophonia"), ("Victor", "Florence")],
+                                           "P36": [("France", "Paris")]})
+    data = LamaData(root)
+    cands = build_candidates(masked_backend.tokenizer, ["Paris"])
+    assert relation_facts(data, data.relation("P36"), "test_34k", cands, strict=True) == ([Fact("France", "Paris")], 0)
+    assert relation_facts(data, data.relation("P19"), "test_34k", cands, strict=False) == ([], 2)
+    with pytest.raises(ProbeError) as e:
+        relation_facts(data, data.relation("P19"), "test_34k", cands, strict=True)
+    assert str(e.value) == ("relation P19 has no test_34k facts left after keeping objects that are single tokens "
+                            "of the candidate vocabulary (2 dropped)")
+
+
+def test_evaluate_manual_relations_end_to_end(masked_backend, fake_lama, tmp_path):
+    b = masked_backend
+    data = LamaData(fake_lama)
+    cands = build_candidates(b.tokenizer, data.vocab_words())
+    assert cands.words == ["Paris", "Rome", "Berlin", "Florence", "French", "Italian", "German", "English"]
+    settings = EvalSettings(batch_size=2)
+    config = run_config(b, data, settings, cands)
+    assert config["n_candidates"] == 8 and config["n_vocab_words"] == 8
+    assert config["model_kind"] == "masked" and config["dtype"] == "float32" and config["method"] == "manual"
+    run = RunFolder(tmp_path / "run", config)
+    results = evaluate_manual_relations(b, data, ["P19", "P36", "P37"], cands, run, settings)
+    rels = {r["relation"]: r for r in results["relations"]}
+    assert list(rels) == ["P19", "P36", "P37"]
+    assert rels["P19"]["n_facts"] == 2 and rels["P19"]["n_dropped"] == 1  # Besancon is no candidate; dup gone
+    assert rels["P36"]["n_facts"] == 3 and rels["P36"]["n_dropped"] == 0
+    assert rels["P37"]["n_facts"] == 4 and rels["P37"]["type"] == "N-M"
+    for rid, row in rels.items():
+        facts, _ = filter_facts(data.facts(rid), cands)
+        ranks, _ = _by_hand(b, data.relation(rid).template, facts, cands)
+        assert row["p1"] == pytest.approx(relation_metrics(ranks)["p1"]), rid
+        assert row["mrr"] == pytest.approx(relation_metrics(ranks)["mrr"]), rid
+        preds = [json.loads(x) for x in (run.root / rid / "predictions.jsonl").read_text().splitlines()]
+        assert sorted(p["rank"] for p in preds) == sorted(ranks)
+    assert results["summary"]["all"]["facts"] == 9
+    micro = sum(r["p1"] * r["n_facts"] for r in rels.values()) / 9
+    assert results["summary"]["all"]["micro_p1"] == pytest.approx(micro)
+
+
+def test_evaluate_manual_relations_skips_empty_relation_when_several(masked_backend, tmp_path, capsys):
+    b = masked_backend
+    root = make_fake_lama(tmp_path / "lama", facts={"P19": [("Dante", "Xylophonia")], "P36": [("France", "Paris")]})
+    data = LamaData(root)
+    cands = build_candidates(b.tokenizer, data.vocab_words())
+    run = RunFolder(tmp_path / "run", run_config(b, data, EvalSettings(), cands))
+    results = evaluate_manual_relations(b, data, ["P19", "P36"], cands, run, EvalSettings())
+    assert [r["relation"] for r in results["relations"]] == ["P36"]
+    assert not run.is_done("P19")
+    assert "warning: P19 has no test_34k facts left after filtering; skipped" in capsys.readouterr().out
+
+
+def test_evaluate_manual_relations_resume_skips_finished(masked_backend, fake_lama, tmp_path, monkeypatch):
+    b = masked_backend
+    data = LamaData(fake_lama)
+    cands = build_candidates(b.tokenizer, data.vocab_words())
+    config = run_config(b, data, EvalSettings(), cands)
+    first = evaluate_manual_relations(b, data, ["P36"], cands, RunFolder(tmp_path / "run", config), EvalSettings())
+    import probe.pipeline as pipeline
+
+    seen = []
+    real = pipeline.evaluate_facts
+    monkeypatch.setattr(pipeline, "evaluate_facts", lambda *a, **k: seen.append(a[3]) or real(*a, **k))
+    run = RunFolder(tmp_path / "run", config, resume=True)
+    again = evaluate_manual_relations(b, data, ["P36", "P37"], cands, run, EvalSettings())
+    assert len(seen) == 1 and len(seen[0]) == 4  # only P37 ran
+    assert again["relations"][0] == first["relations"][0]
+    assert [r["relation"] for r in again["relations"]] == ["P36", "P37"]

@@ -1,0 +1,88 @@
+"""SmolLM2-135M on the real LAMA P19 files, through the command line as a user runs it (about a minute on CPU)."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+from conftest import run_cli
+
+from probe.batching import filter_facts
+from probe.data import LamaData
+from probe.vocab import build_candidates
+
+pytestmark = pytest.mark.integration
+
+
+def test_smollm2_common_vocab_invariant(lama_dir, bpe_tokenizer):
+    """Exactly 16,342 of the 21,018 common-vocab words are one token (with a leading space) for SmolLM2."""
+    data = LamaData(lama_dir)
+    words = data.vocab_words("common")
+    cands = build_candidates(bpe_tokenizer, words)
+    assert (len(cands), cands.n_source) == (16342, 21018)
+    assert len(set(cands.token_ids.tolist())) == 16342
+    kept, dropped = filter_facts(data.facts("P19"), cands)
+    assert (len(kept), dropped) == (758, 186)
+
+
+@pytest.fixture(scope="module")
+def p19_run(tmp_path_factory, lama_dir, smollm2_dir):
+    out = tmp_path_factory.mktemp("integration") / "run"
+    proc = run_cli("eval", "--method", "manual", "--model", "smollm2", "--relation", "P19", "--out", out,
+                   "--data", lama_dir, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return out, proc
+
+
+def test_p19_run_config(p19_run, lama_dir):
+    out, proc = p19_run
+    cfg = json.loads((out / "results.json").read_text())["config"]
+    assert cfg["model"] == "smollm2"
+    assert cfg["model_kind"] == "causal"
+    assert cfg["method"] == "manual"
+    assert cfg["split"] == "test_34k"
+    assert cfg["vocab"] == "common"
+    assert cfg["n_candidates"] == 16342
+    assert cfg["n_vocab_words"] == 21018
+    assert cfg["dtype"] == "bfloat16"  # the CLI default
+    assert cfg["data"] == str(lama_dir.resolve())
+    assert json.loads((out / "config.json").read_text()) == cfg
+    assert "16,342 of 21,018 common vocab words are single tokens" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_p19_facts_and_scores(p19_run):
+    out, _ = p19_run
+    results = json.loads((out / "results.json").read_text())
+    (row,) = results["relations"]
+    assert row["relation"] == "P19" and row["type"] == "N-1" and row["template"] == "[X] was born in [Y] ."
+    assert row["n_facts"] == 758
+    assert row["n_dropped"] == 186
+    assert 6 <= row["p1"] <= 10  # 8.05 in bfloat16, 7.92 in float32
+    assert row["p1"] < row["p10"] <= 100
+    assert 0 < row["mrr"] < 1
+    preds = [json.loads(x) for x in (out / "P19" / "predictions.jsonl").read_text().splitlines()]
+    assert len(preds) == 758
+    assert 100 * sum(p["rank"] == 1 for p in preds) / 758 == pytest.approx(row["p1"])
+    assert 100 * sum(p["rank"] <= 10 for p in preds) / 758 == pytest.approx(row["p10"])
+    assert all((p["rank"] == 1) == (p["top10"][0] == p["obj"]) for p in preds)
+    assert all(len(p["top10"]) == 10 for p in preds)
+    s = results["summary"]
+    assert list(s) == ["all", "N-1"]
+    assert s["all"]["macro_p1"] == s["all"]["micro_p1"] == pytest.approx(row["p1"])
+
+
+def test_p19_results_json_matches_relations_csv(p19_run):
+    out, proc = p19_run
+    results = json.loads((out / "results.json").read_text())
+    csv = pd.read_csv(out / "relations.csv")
+    assert len(csv) == 1
+    row = results["relations"][0]
+    for col in ("relation", "label", "type", "n_facts", "n_dropped"):
+        assert csv[col].iloc[0] == row[col], col
+    for col in ("p1", "p10", "mrr"):
+        assert csv[col].iloc[0] == pytest.approx(row[col], rel=1e-12), col
+    printed = next(ln for ln in proc.stdout.splitlines() if ln.split()[:1] == ["P19"])
+    assert printed.split()[-3] == f"{row['p1']:.2f}"
+    assert (out / "summary.md").read_text().startswith("# manual on smollm2 (test_34k, vocab common)")
