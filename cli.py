@@ -36,6 +36,19 @@ def _relation_ids(data, relation: list[str] | None, all_: bool) -> list[str]:
     return list(dict.fromkeys(relation))
 
 
+def _positive(**options: int) -> None:
+    for name, value in options.items():
+        if value < 1:
+            raise ProbeError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+
+
+def _interrupted(run) -> None:
+    """Ctrl-C: keep what finished, say where, exit 130."""
+    run.write_summary()
+    typer.echo(f"interrupted: finished relations are saved in {run.root}; rerun with --resume to continue", err=True)
+    raise typer.Exit(130)
+
+
 def _print_results(results: dict) -> None:
     from probe.runs import relations_table, summary_table
 
@@ -89,11 +102,15 @@ def eval_cmd(
         return _eval_prompts(prompts, model if _given("--model", "-m") else None, data, batch_size, device)
     from probe.backends import load_backend
     from probe.data import SPLIT_ALIASES, LamaData
-    from probe.pipeline import EvalSettings, evaluate_manual_relations, run_config
+    from probe.methods import get_method
+    from probe.pipeline import EvalSettings, evaluate_manual_relations, relation_facts, run_config
     from probe.runs import RunFolder
     from probe.vocab import build_candidates
 
     t0 = time.time()
+    _positive(batch_size=batch_size)
+    if get_method(method).trainable:
+        raise ProbeError(f"method {method!r} is trained: use `probe train --method {method}`, then `probe eval --prompts RUN`")
     lama = LamaData(data)
     ids = _relation_ids(lama, relation, all_)
     split = SPLIT_ALIASES.get(split, split)
@@ -101,6 +118,8 @@ def eval_cmd(
     words = lama.vocab_words(vocab)
     backend = load_backend(model, device=device, dtype=dtype)
     candidates = build_candidates(backend.tokenizer, words)
+    if len(ids) == 1:
+        relation_facts(lama, lama.relation(ids[0]), split, candidates, strict=True)
     typer.echo(
         f"{model} ({backend.kind} LM, {backend.dtype}) loaded in {time.time() - t0:.1f}s; "
         f"{len(candidates):,} of {len(words):,} {vocab} vocab words are single tokens",
@@ -112,8 +131,7 @@ def eval_cmd(
     try:
         results = evaluate_manual_relations(backend, lama, ids, candidates, run, settings)
     except KeyboardInterrupt:
-        run.write_summary()
-        raise
+        _interrupted(run)
     _print_results(results)
     typer.echo(f"\nsaved {run.root}/results.json, relations.csv, summary.md ({time.time() - t0:.1f}s in all)")
 
@@ -181,12 +199,13 @@ def train_cmd(
     from probe.data import SPLIT_ALIASES, LamaData
     from probe.methods import get_method
     from probe.methods.prompt_tuning import INITS, PromptTuningConfig
-    from probe.pipeline import EvalSettings, load_template_spec, run_config, train_relations
+    from probe.pipeline import EvalSettings, load_template_spec, relation_facts, run_config, train_relations
     from probe.runs import RunFolder
     from probe.train import TrainConfig
     from probe.vocab import build_candidates
 
     t0 = time.time()
+    _positive(batch_size=batch_size, epochs=epochs, eval_every=eval_every, patience=patience)
     method_cls = get_method(method)
     if init not in INITS:
         raise ProbeError(f"unknown init {init!r}: expected one of {', '.join(INITS)}")
@@ -201,6 +220,11 @@ def train_cmd(
     words = lama.vocab_words(vocab)
     backend = load_backend(model, device=device, dtype=dtype)
     candidates = build_candidates(backend.tokenizer, words)
+    if len(ids) == 1:
+        rel = lama.relation(ids[0])
+        if not relation_facts(lama, rel, "train", candidates, strict=False)[0]:
+            raise ProbeError(f"relation {rel.id} has no train facts left after filtering by the candidate vocabulary")
+        relation_facts(lama, rel, split, candidates, strict=True)
     typer.echo(f"{model} ({backend.kind} LM, {backend.dtype}) loaded in {time.time() - t0:.1f}s; "
                f"{len(candidates):,} candidates", err=True)
     train_config = TrainConfig(lr=lr, batch_size=batch_size, epochs=epochs, eval_every=eval_every,
@@ -214,8 +238,7 @@ def train_cmd(
         results = train_relations(backend, lama, ids, candidates, run, method, method_config, train_config,
                                   template, settings)
     except KeyboardInterrupt:
-        run.write_summary()
-        raise
+        _interrupted(run)
     _print_results(results)
     typer.echo(f"\nsaved {run.root} ({time.time() - t0:.0f}s in all)")
 
@@ -268,9 +291,6 @@ def main() -> None:
     except ProbeError as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)
-    except KeyboardInterrupt:
-        typer.echo("interrupted: finished relations are saved; rerun with --resume to continue", err=True)
-        sys.exit(130)
 
 
 if __name__ == "__main__":

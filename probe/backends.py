@@ -62,6 +62,8 @@ class LMBackend:
     def target_hidden(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Final hidden state at each row's target position, (B, H); for masked LMs after the MLM transform."""
         rows = torch.arange(inputs_embeds.shape[0], device=inputs_embeds.device)
+        if bool(attention_mask.all()):  # no padding (batches are sorted by length): skip building a mask
+            attention_mask = None
         if self.kind == "masked" and self.head is None:  # no separable head: full forward, then pick
             logits = self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask).logits
             return logits[rows, target]

@@ -51,8 +51,8 @@ def resolve_data_dir(option: str | Path | None = None) -> Path:
     return DEFAULT_DATA_DIR
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """Read a JSON-lines file; a malformed line is a ProbeError naming file and line."""
+def read_jsonl(path: Path) -> list[tuple[int, dict]]:
+    """(line number, object) of each line of a JSON-lines file; a malformed line is a ProbeError naming file and line."""
     rows = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -64,7 +64,7 @@ def read_jsonl(path: Path) -> list[dict]:
                 raise ProbeError(f"{path}:{lineno}: malformed JSON line ({e.msg})") from None
             if not isinstance(row, dict):
                 raise ProbeError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
+            rows.append((lineno, row))
     return rows
 
 
@@ -94,7 +94,7 @@ class LamaData:
         """Every relation in relations.jsonl, including the 5 that have no T-REx test facts."""
         path = self.root / "relations/relations.jsonl"
         out = {}
-        for i, row in enumerate(read_jsonl(path), 1):
+        for i, row in read_jsonl(path):
             rid = _field(row, "relation", path, i)
             out[rid] = Relation(
                 id=rid,
@@ -130,7 +130,7 @@ class LamaData:
         if not path.exists():
             return []
         seen: dict[tuple[str, str], None] = {}
-        for i, row in enumerate(read_jsonl(path), 1):
+        for i, row in read_jsonl(path):
             seen[(_field(row, "sub_label", path, i), _field(row, "obj_label", path, i))] = None
         return [Fact(sub, obj) for sub, obj in seen]
 

@@ -120,7 +120,7 @@ def save_prompt(path, method) -> None:
     from safetensors.torch import save
 
     with torch.no_grad():
-        tensors = {"virtual_embeddings": method.virtual_embeddings().detach().float().cpu().contiguous()}
+        tensors = {"virtual_embeddings": method.virtual_embeddings().detach().float().cpu().clone().contiguous()}
     tensors.update({f"method.{k}": v.detach().cpu().contiguous() for k, v in method.state_dict().items()})
     from probe.runs import atomic_write_bytes
 
@@ -169,6 +169,9 @@ def train_relations(backend, data, relation_ids, candidates, run, method_name, m
         dev, _ = relation_facts(data, relation, "dev", candidates, False)
         dev = dev or train
         test, dropped = relation_facts(data, relation, settings.split, candidates, strict)
+        if not test:
+            tqdm.write(f"warning: relation {relation.id} has no {settings.split} facts left after filtering; skipped")
+            continue
         torch.manual_seed(train_config.seed)
         method = method_cls.create(backend, compiled, relation.template, method_config).to(backend.device)
         folder = run.relation_dir(relation.id)

@@ -65,9 +65,9 @@ def parse_template(source: str) -> Template:
     parts = _parse_shape(text) if text.startswith("(") else _parse_manual(text)
     kinds = [p.kind for p in parts]
     if kinds.count(SUB) != 1:
-        raise TemplateError(f"template {source!r} must hold the subject exactly once (sub or [X]), found {kinds.count(SUB)}")
+        raise TemplateError(f"template {text!r} must hold the subject exactly once (sub or [X]), found {kinds.count(SUB)}")
     if kinds.count(OBJ) != 1:
-        raise TemplateError(f"template {source!r} must hold the object exactly once (obj or [Y]), found {kinds.count(OBJ)}")
+        raise TemplateError(f"template {text!r} must hold the object exactly once (obj or [Y]), found {kinds.count(OBJ)}")
     return Template(source=text, parts=tuple(parts))
 
 
@@ -80,6 +80,7 @@ def _parse_shape(text: str) -> list[Part]:
     while True:
         m = _ITEM.match(body, pos)
         if not m or m.end() == pos:
+            pos += len(body[pos:]) - len(body[pos:].lstrip())
             raise TemplateError(
                 f"template {_where(text, body_start + pos)}: expected a count, sub, obj, manual or a quoted string"
             )
@@ -99,7 +100,8 @@ def _parse_shape(text: str) -> list[Part]:
         else:
             words = m.group("dq") if m.group("dq") is not None else m.group("sq")
             if not words.strip():
-                raise TemplateError(f"template {_where(text, body_start + m.start())}: empty quoted string")
+                at = body_start + m.start() + len(m.group()) - len(m.group().lstrip())
+                raise TemplateError(f"template {_where(text, at)}: empty quoted string")
             parts.append(Part(TEXT, text=words.strip()))
         pos = m.end()
         if pos == len(body):

@@ -211,8 +211,6 @@ def test_relation_without_template(tmp_path):
         _ = LamaData(root).relations
 
 
-@pytest.mark.xfail(strict=True, reason="bug: probe/data.py facts()/all_relations number rows, not file lines, "
-                   "so a field error after a blank line names the wrong line")
 def test_missing_field_after_blank_line_names_the_file_line(fake_lama):
     path = fake_lama / "trex" / "test_34k" / "P36.jsonl"
     path.write_text('{"sub_label": "France", "obj_label": "Paris"}\n\n{"sub_label": "Italy"}\n')

@@ -120,8 +120,6 @@ def test_parse_errors_say_where(source, column, fragment):
     assert source[column - 1] in msg.split("here: ")[1]
 
 
-@pytest.mark.xfail(strict=True, reason="bug: probe/templates.py _parse_shape reports the column of the whitespace "
-                   "before a bad item (the regex match start), not of the item itself")
 @pytest.mark.parametrize("source", ["(3, sub, -1, obj)", "(3, sub, '', obj)"])
 def test_parse_error_column_points_at_the_item_not_the_space_before(source):
     with pytest.raises(TemplateError) as e:
