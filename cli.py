@@ -83,7 +83,8 @@ def data_info(data: DataOpt = None) -> None:
 
 @app.command("eval")
 def eval_cmd(
-    model: ModelOpt = "smollm2",
+    model: Annotated[str | None, typer.Option(
+        "--model", "-m", help="'smollm2' (default), a hub id, a local folder or a .gguf file.")] = None,
     method: Annotated[str, typer.Option(help="Prompt method: manual.")] = "manual",
     relation: Annotated[list[str] | None, typer.Option("--relation", "-r", help="Relation id, e.g. P19.")] = None,
     all_: Annotated[bool, typer.Option("--all", help="Evaluate every T-REx relation.")] = False,
@@ -99,7 +100,8 @@ def eval_cmd(
 ) -> None:
     """Evaluate a prompt method on one or all relations with one model load; print and save the table."""
     if prompts is not None:
-        return _eval_prompts(prompts, model if _given("--model", "-m") else None, data, batch_size, device)
+        return _eval_prompts(prompts, model, data, batch_size, device)
+    model = model or "smollm2"
     from probe.backends import load_backend
     from probe.data import SPLIT_ALIASES, LamaData
     from probe.methods import get_method
@@ -134,10 +136,6 @@ def eval_cmd(
         _interrupted(run)
     _print_results(results)
     typer.echo(f"\nsaved {run.root}/results.json, relations.csv, summary.md ({time.time() - t0:.1f}s in all)")
-
-
-def _given(*flags: str) -> bool:
-    return any(a == f or a.startswith(f + "=") for a in sys.argv[1:] for f in flags)
 
 
 def _eval_prompts(run_dir: Path, model: str | None, data: str | None, batch_size: int, device: str) -> None:
@@ -214,7 +212,8 @@ def train_cmd(
     lama = LamaData(data)
     ids = _relation_ids(lama, relation, all_)
     split = SPLIT_ALIASES.get(split, split)
-    lama.facts(ids[0], split)
+    if split not in ("test_34k", "test_29k"):
+        raise ProbeError(f"--split {split!r}: a trained prompt is tested on test_34k or test_29k, never on train or dev")
     if not method_cls.trainable:
         raise ProbeError(f"method {method!r} has nothing to train: use `probe eval --method {method}`")
     words = lama.vocab_words(vocab)

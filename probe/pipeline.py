@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 
@@ -86,7 +87,7 @@ def evaluate_manual_relations(
             bar.set_postfix_str(relation.id)
             base = {"relation": relation.id, "label": relation.label, "type": relation.type, "n_dropped": dropped}
             if not facts:
-                tqdm.write(f"warning: {relation.id} has no {settings.split} facts left after filtering; skipped")
+                tqdm.write(f"warning: {relation.id} has no {settings.split} facts left after filtering; skipped", file=sys.stderr)
                 continue
             compiled = compile_template(relation.template, backend.tokenizer, backend.kind)
             method = method_cls(compiled.n_virtual, backend.hidden_size).to(backend.device)
@@ -135,9 +136,12 @@ def load_prompt(path):
     from probe.methods import FixedPrompt
 
     try:
-        return FixedPrompt(load_file(str(path))["virtual_embeddings"])
+        embeddings = load_file(str(path))["virtual_embeddings"]
     except (SafetensorError, KeyError, OSError) as e:
         raise ProbeError(f"{path}: not a readable prompt file ({e})") from None
+    if embeddings.ndim != 2 or not embeddings.is_floating_point():
+        raise ProbeError(f"{path}: expected a 2-D float tensor 'virtual_embeddings', got shape {tuple(embeddings.shape)}")
+    return FixedPrompt(embeddings)
 
 
 def train_relations(backend, data, relation_ids, candidates, run, method_name, method_config, train_config,
@@ -154,23 +158,28 @@ def train_relations(backend, data, relation_ids, candidates, run, method_name, m
     templates = load_template_spec(template_spec)
     strict = len(relation_ids) == 1
     todo = [data.relation(r) for r in relation_ids if not run.is_done(r)]
-    for i, relation in enumerate(todo, 1):
+    compiled_for = {}
+    for relation in todo:  # every template is checked before any training starts
         template = templates.template_for(relation.id, backend.kind)
         compiled = compile_template(template, backend.tokenizer, backend.kind, manual=relation.template)
         if compiled.n_virtual == 0:
             raise ProbeError(f"template {template.source!r} has no virtual tokens: method {method_name!r} needs some")
+        compiled_for[relation.id] = (template, compiled)
+    for i, relation in enumerate(todo, 1):
+        template, compiled = compiled_for[relation.id]
         train, _ = relation_facts(data, relation, "train", candidates, False)
         if not train:
             msg = f"relation {relation.id} has no train facts left after filtering by the candidate vocabulary"
             if strict:
                 raise ProbeError(msg)
-            tqdm.write(f"warning: {msg}; skipped")
+            tqdm.write(f"warning: {msg}; skipped", file=sys.stderr)
             continue
         dev, _ = relation_facts(data, relation, "dev", candidates, False)
         dev = dev or train
         test, dropped = relation_facts(data, relation, settings.split, candidates, strict)
         if not test:
-            tqdm.write(f"warning: relation {relation.id} has no {settings.split} facts left after filtering; skipped")
+            tqdm.write(f"warning: relation {relation.id} has no {settings.split} facts left after filtering; skipped",
+                       file=sys.stderr)
             continue
         torch.manual_seed(train_config.seed)
         method = method_cls.create(backend, compiled, relation.template, method_config).to(backend.device)
@@ -224,7 +233,8 @@ def reevaluate_run(backend, data, run_dir, candidates, batch_size: int = 128) ->
     from probe.runs import read_json
 
     rows = []
-    for folder in sorted(Path(run_dir).glob("P*/prompt.safetensors"), key=lambda p: int(p.parent.name[1:])):
+    finished = [p.parent / "prompt.safetensors" for p in Path(run_dir).glob("P*/metrics.json")]
+    for folder in sorted(finished, key=lambda p: int(p.parent.name[1:])):
         cfg = read_json(folder.parent / "config.json")
         saved = read_json(folder.parent / "metrics.json")
         relation = data.relation(cfg["relation"])

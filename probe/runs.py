@@ -21,7 +21,8 @@ from probe.errors import ProbeError
 from probe.metrics import aggregate
 
 # Keys of a run config that must agree for --resume to reuse a folder.
-IDENTITY_KEYS = ("command", "model", "method", "split", "vocab", "data", "template_file", "seed")
+IDENTITY_KEYS = ("command", "model", "method", "split", "vocab", "data", "template_file", "seed", "dtype",
+                 "method_config", "train")
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -251,7 +251,7 @@ def test_evaluate_manual_relations_skips_empty_relation_when_several(masked_back
     results = evaluate_manual_relations(b, data, ["P19", "P36"], cands, run, EvalSettings())
     assert [r["relation"] for r in results["relations"]] == ["P36"]
     assert not run.is_done("P19")
-    assert "warning: P19 has no test_34k facts left after filtering; skipped" in capsys.readouterr().out
+    assert "warning: P19 has no test_34k facts left after filtering; skipped" in capsys.readouterr().err
 
 
 def test_evaluate_manual_relations_resume_skips_finished(masked_backend, fake_lama, tmp_path, monkeypatch):

@@ -911,12 +911,10 @@ def test_bfloat16_lm_the_cli_default(tiny_causal_dir, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# Known bugs, pinned: strict xfails, so each fails loudly once fixed and its marker can go
+# Resume and split guards
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="runs.IDENTITY_KEYS leaves out the training settings (train, method_config): "
-                                       "--resume with another --lr or --init silently mixes prompts in one run")
 @pytest.mark.parametrize("change", ["lr", "init"])
 def test_resume_with_other_training_settings_is_refused(masked_backend, tmp_path, change):
     lama = make_lama(tmp_path / "lama", default_splits())
@@ -934,8 +932,6 @@ def test_resume_with_other_training_settings_is_refused(masked_backend, tmp_path
         RunFolder(tmp_path / "run", other, resume=True)
 
 
-@pytest.mark.xfail(strict=True, reason="train --split accepts train and dev: the 'test' figures are then measured on "
-                                       "the facts the prompt was trained or early-stopped on (help: test_34k or test_29k)")
 @pytest.mark.parametrize("split", ["train", "dev"])
 def test_cli_train_refuses_a_non_test_split(tiny_causal_dir, tmp_path, split):
     lama = make_lama(tmp_path / "lama", default_splits())
