@@ -166,7 +166,7 @@ class CompiledTemplate:
 
     template: Template
     kind: str
-    parts: list[tuple[str, list[int] | int | bool]]
+    parts: list[tuple[str, list[int] | int | tuple[bool, str]]]
     prefix: list[int]
     suffix: list[int]
     placeholder_id: int
@@ -187,8 +187,9 @@ class CompiledTemplate:
             elif kind == TEXT:
                 ids.extend(value)
             elif kind == SUB:
-                lead = value and len(ids) > len(self.prefix)
-                ids.extend(encode_words(self.tokenizer, sub, lead, self.space_sensitive))
+                space, glued = value
+                lead = space and len(ids) > len(self.prefix)
+                ids.extend(encode_words(self.tokenizer, sub + glued, lead, self.space_sensitive))
             elif kind == OBJ:
                 if self.kind == "causal":
                     target = len(ids) - 1
@@ -259,15 +260,18 @@ def compile_template(template: Template | str, tokenizer, kind: str, manual: str
         raise TemplateError("this tokenizer has no mask token: a masked-LM template needs one")
     space_sensitive = is_space_sensitive(tokenizer)
     prefix, suffix = special_tokens_around(tokenizer)
-    parts: list[tuple[str, list[int] | int | bool]] = []
+    parts: list[tuple[str, list[int] | int | tuple[bool, str]]] = []
     for i, p in enumerate(template.parts):
         lead = p.space and i > 0
         if p.kind == VIRTUAL:
             parts.append((VIRTUAL, p.n))
+        elif p.kind == TEXT and not p.space and parts and parts[-1][0] == SUB:
+            # text glued to the subject (AutoPrompt's `[X]vik`) is tokenized with it, as in the filled-in sentence
+            parts[-1] = (SUB, (parts[-1][1][0], p.text))
         elif p.kind == TEXT:
             parts.append((TEXT, encode_words(tokenizer, p.text, lead, space_sensitive)))
         elif p.kind == SUB:
-            parts.append((SUB, p.space))
+            parts.append((SUB, (p.space, "")))
         elif p.kind == OBJ:
             parts.append((OBJ, mask_id if kind == "masked" else 0))
     placeholder = next(
