@@ -149,6 +149,7 @@ def train_relations(backend, data, relation_ids, candidates, run, method_name, m
     """Train and test one prompt per relation into a run folder, skipping finished relations."""
     import torch
 
+    from probe.autoprompt import search_triggers
     from probe.runs import atomic_write_json
     from probe.train import train_prompt
 
@@ -186,8 +187,9 @@ def train_relations(backend, data, relation_ids, candidates, run, method_name, m
         folder = run.relation_dir(relation.id)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "train_log.jsonl").unlink(missing_ok=True)
-        result = train_prompt(backend, method, compiled, train, dev, candidates, train_config,
-                              folder / "train_log.jsonl", desc=f"{relation.id} [{i}/{len(todo)}]")
+        fit = search_triggers if method_name == "autoprompt" else train_prompt  # a discrete search, not SGD
+        result = fit(backend, method, compiled, train, dev, candidates, train_config,
+                     folder / "train_log.jsonl", desc=f"{relation.id} [{i}/{len(todo)}]")
         test_eval = evaluate_facts(backend, method, compiled, test, candidates, settings.batch_size)
         manual = compile_template(relation.template, backend.tokenizer, backend.kind)
         manual_method = get_method("manual")(0, backend.hidden_size)
@@ -208,6 +210,7 @@ def train_relations(backend, data, relation_ids, candidates, run, method_name, m
             "n_dev": len(dev),
             "best_step": result.best_step,
             "steps": result.steps,
+            **method.saved_info(compiled),
         })
         metrics = {
             "relation": relation.id, "label": relation.label, "type": relation.type,

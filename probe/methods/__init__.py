@@ -7,13 +7,14 @@ has options), then register it in METHODS. The trainer and evaluator need nothin
 from __future__ import annotations
 
 from probe.errors import ProbeError
+from probe.methods.autoprompt import AutoPrompt
 from probe.methods.base import FixedPrompt, MethodConfig, PromptMethod
 from probe.methods.manual import ManualPrompt
 from probe.methods.prompt_tuning import PromptTuning
 from probe.methods.ptuning import PTuningEncoder, PTuningMLP
 
 METHODS: dict[str, type[PromptMethod]] = {
-    m.name: m for m in (ManualPrompt, PTuningEncoder, PTuningMLP, PromptTuning)
+    m.name: m for m in (ManualPrompt, PTuningEncoder, PTuningMLP, PromptTuning, AutoPrompt)
 }
 
 

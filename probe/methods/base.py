@@ -40,6 +40,10 @@ class PromptMethod(nn.Module):
         """(n_virtual, H) embeddings for the virtual slots, or None when there are none."""
         return None
 
+    def saved_info(self, compiled) -> dict:
+        """Extra readable facts about a trained prompt, saved in the relation's config.json."""
+        return {}
+
 
 class FixedPrompt(PromptMethod):
     """Saved virtual-token embeddings, as reloaded from a run folder: evaluates exactly what was trained."""
