@@ -171,7 +171,7 @@ def _eval_prompts(run_dir: Path, model: str | None, data: str | None, batch_size
 @app.command("train")
 def train_cmd(
     model: ModelOpt = "smollm2",
-    method: Annotated[str, typer.Option(help="ptuning, ptuning-mlp or prompt-tuning.")] = "ptuning",
+    method: Annotated[str, typer.Option(help="ptuning, ptuning-mlp, prompt-tuning or autoprompt.")] = "ptuning",
     relation: Annotated[list[str] | None, typer.Option("--relation", "-r", help="Relation id, e.g. P19.")] = None,
     all_: Annotated[bool, typer.Option("--all", help="Train every T-REx relation.")] = False,
     template: Annotated[str | None, typer.Option(
@@ -189,10 +189,14 @@ def train_cmd(
     patience: Annotated[int, typer.Option(help="Dev evaluations without gain before stopping.")] = 4,
     max_train: Annotated[int, typer.Option(help="Use at most this many train facts (0: all).")] = 0,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 13,
+    iterations: Annotated[int, typer.Option(help="autoprompt: search iterations (one trigger slot each).")] = 30,
+    top_k: Annotated[int, typer.Option(help="autoprompt: candidate tokens re-scored per iteration.")] = 10,
+    capitals: Annotated[bool, typer.Option(help="autoprompt: allow capitalised trigger tokens.")] = True,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "bfloat16",
 ) -> None:
     """Train a prompt per relation against the frozen LM, then test it next to the manual prompt."""
+    from probe.autoprompt import AutoPromptConfig
     from probe.backends import load_backend
     from probe.data import SPLIT_ALIASES, LamaData
     from probe.methods import get_method
@@ -203,7 +207,8 @@ def train_cmd(
     from probe.vocab import build_candidates
 
     t0 = time.time()
-    _positive(batch_size=batch_size, epochs=epochs, eval_every=eval_every, patience=patience)
+    _positive(batch_size=batch_size, epochs=epochs, eval_every=eval_every, patience=patience, iterations=iterations,
+              top_k=top_k)
     method_cls = get_method(method)
     if init not in INITS:
         raise ProbeError(f"unknown init {init!r}: expected one of {', '.join(INITS)}")
@@ -226,8 +231,12 @@ def train_cmd(
         relation_facts(lama, rel, split, candidates, strict=True)
     typer.echo(f"{model} ({backend.kind} LM, {backend.dtype}) loaded in {time.time() - t0:.1f}s; "
                f"{len(candidates):,} candidates", err=True)
-    train_config = TrainConfig(lr=lr, batch_size=batch_size, epochs=epochs, eval_every=eval_every,
-                               patience=patience, max_train=max_train, seed=seed)
+    if method == "autoprompt":  # a discrete search: its own settings
+        train_config = AutoPromptConfig(iterations=iterations, top_k=top_k, batch_size=batch_size, capitals=capitals,
+                                        seed=seed)
+    else:
+        train_config = TrainConfig(lr=lr, batch_size=batch_size, epochs=epochs, eval_every=eval_every,
+                                   patience=patience, max_train=max_train, seed=seed)
     settings = EvalSettings(method=method, split=split, vocab=vocab)
     config = run_config(backend, lama, settings, candidates, command="train", template_file=template, seed=seed,
                         method_config=(method_config.__dict__ if method_config else {}), train=train_config.__dict__)
