@@ -85,7 +85,7 @@ def data_info(data: DataOpt = None) -> None:
 def eval_cmd(
     model: Annotated[str | None, typer.Option(
         "--model", "-m", help="'smollm2' (default), a hub id, a local folder or a .gguf file.")] = None,
-    method: Annotated[str, typer.Option(help="Prompt method: manual.")] = "manual",
+    method: Annotated[str, typer.Option(help="manual, or majority (the majority-class control).")] = "manual",
     relation: Annotated[list[str] | None, typer.Option("--relation", "-r", help="Relation id, e.g. P19.")] = None,
     all_: Annotated[bool, typer.Option("--all", help="Evaluate every T-REx relation.")] = False,
     split: Annotated[str, typer.Option(help="test_34k (alias test), test_29k, dev or train.")] = "test_34k",
@@ -97,15 +97,31 @@ def eval_cmd(
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "bfloat16",
     prompts: Annotated[Path | None, typer.Option(help="Run folder of `probe train`: re-evaluate its saved prompts.")] = None,
+    prompts_file: Annotated[Path | None, typer.Option(
+        help="Fixed [X] ... [Y] prompts: a .jsonl of {relation, template}, a 'P19<TAB>template' text file, "
+             "or a folder of P*.jsonl / P*.txt (LPAQA, ParaRel).")] = None,
+    ensemble: Annotated[bool, typer.Option(
+        help="With --prompts-file: combine a relation's prompts (weighted mean of candidate log-softmax).")] = False,
+    max_prompts: Annotated[int | None, typer.Option(
+        help="Prompts per relation from --prompts-file (default: 1, all with --ensemble; 0: all).")] = None,
 ) -> None:
     """Evaluate a prompt method on one or all relations with one model load; print and save the table."""
     if prompts is not None:
         return _eval_prompts(prompts, model, data, batch_size, device)
+    if prompts_file is None and (ensemble or max_prompts is not None):
+        raise ProbeError("--ensemble and --max-prompts need --prompts-file")
+    if prompts_file is not None and method != "manual":
+        raise ProbeError(f"--prompts-file evaluates fixed prompts: it does not go with --method {method}")
+    if max_prompts is None:
+        max_prompts = 0 if ensemble else 1
+    if max_prompts < 0 or (max_prompts != 1 and not ensemble):
+        raise ProbeError(f"--max-prompts {max_prompts}: several prompts per relation need --ensemble (0 means all)")
     model = model or "smollm2"
     from probe.backends import load_backend
     from probe.data import SPLIT_ALIASES, LamaData
     from probe.methods import get_method
-    from probe.pipeline import EvalSettings, evaluate_manual_relations, relation_facts, run_config
+    from probe.pipeline import EvalSettings, evaluate_relations, relation_facts, run_config
+    from probe.prompt_files import read_prompts
     from probe.runs import RunFolder
     from probe.vocab import build_candidates
 
@@ -117,6 +133,21 @@ def eval_cmd(
     ids = _relation_ids(lama, relation, all_)
     split = SPLIT_ALIASES.get(split, split)
     lama.facts(ids[0], split)  # validates the split name before the model loads
+    chosen, extra = None, {}
+    if prompts_file is not None:  # a bad prompt or relation id fails before the model loads
+        prompt_set = read_prompts(prompts_file)
+        prompt_set.check_relations(lama.relations)
+        chosen = prompt_set.chosen(ids, max_prompts, strict=relation is not None)
+        if not chosen:
+            raise ProbeError(f"prompts file {prompts_file} has no prompt for the relations asked for")
+        if len(chosen) < len(ids):
+            typer.echo(f"warning: no prompt in {prompts_file} for {', '.join(r for r in ids if r not in chosen)}; skipped",
+                       err=True)
+        ids = list(chosen)
+        extra = {"method": "discrete", "template_file": str(prompts_file), "prompts_file": str(prompts_file.resolve()),
+                 "prompts_format": prompt_set.format, "ensemble": ensemble,
+                 "method_config": {"ensemble": ensemble, "max_prompts": max_prompts},
+                 "prompts_per_relation": {rid: len(p) for rid, p in chosen.items()}}
     words = lama.vocab_words(vocab)
     backend = load_backend(model, device=device, dtype=dtype)
     candidates = build_candidates(backend.tokenizer, words)
@@ -128,10 +159,11 @@ def eval_cmd(
         err=True,
     )
     settings = EvalSettings(method=method, split=split, vocab=vocab, batch_size=batch_size)
-    out = out or Path("runs") / f"{method}-{_slug(model)}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run = RunFolder(out, run_config(backend, lama, settings, candidates), resume=resume)
+    name = f"discrete-{_slug(prompts_file.stem)}" if prompts_file is not None else method
+    out = out or Path("runs") / f"{name}-{_slug(model)}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run = RunFolder(out, run_config(backend, lama, settings, candidates, **extra), resume=resume)
     try:
-        results = evaluate_manual_relations(backend, lama, ids, candidates, run, settings)
+        results = evaluate_relations(backend, lama, ids, candidates, run, settings, chosen)
     except KeyboardInterrupt:
         _interrupted(run)
     _print_results(results)
@@ -249,6 +281,29 @@ def train_cmd(
         _interrupted(run)
     _print_results(results)
     typer.echo(f"\nsaved {run.root} ({time.time() - t0:.0f}s in all)")
+
+
+@app.command("compare")
+def compare_cmd(
+    runs: Annotated[list[Path], typer.Argument(help="Run folders, or folders holding run folders.")],
+    out: Annotated[Path | None, typer.Option(help="Where to save compare.csv, compare.md and the plots "
+                                                  "(default runs/compare-<time>).")] = None,
+    allow_mixed: Annotated[bool, typer.Option(help="Compare runs of different models, vocabularies or splits.")] = False,
+) -> None:
+    """One table of methods against relations (P@1), macro/micro on the shared relations, gain over manual, plots."""
+    import pandas as pd
+
+    from probe.compare import compare_runs, load_runs, write_comparison
+
+    cmp = compare_runs(load_runs(runs), allow_mixed=allow_mixed)
+    with pd.option_context("display.max_rows", None, "display.width", 200, "display.max_columns", None):
+        typer.echo(cmp.per_relation.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+        typer.echo("")
+        typer.echo(cmp.summary.drop(columns=["model"]).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    typer.echo("\n".join(cmp.notes))
+    out = out or Path("runs") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
+    written = write_comparison(cmp, out)
+    typer.echo(f"saved {', '.join(str(p) for p in written)}")
 
 
 @templates_app.command("check")

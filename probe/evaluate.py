@@ -11,6 +11,7 @@ from probe.backends import LMBackend
 from probe.batching import Batch, make_batches
 from probe.data import Fact
 from probe.methods.base import PromptMethod
+from probe.methods.majority import MajorityClass
 from probe.metrics import ranks_of, relation_metrics
 from probe.templates import CompiledTemplate
 from probe.vocab import CandidateVocab
@@ -48,6 +49,12 @@ class RelationEval:
         ]
 
 
+def rank_candidates(scores: torch.Tensor, gold: torch.Tensor, candidates: CandidateVocab) -> tuple[list[int], list[list[str]]]:
+    """Ranks of the gold candidates and the top-10 words of score rows (B, C)."""
+    top = scores.topk(min(10, scores.shape[1]), dim=1).indices.tolist()
+    return ranks_of(scores, gold).tolist(), [[candidates.words[i] for i in row] for row in top]
+
+
 @torch.no_grad()
 def evaluate_facts(
     backend: LMBackend,
@@ -66,12 +73,53 @@ def evaluate_facts(
     ordered: list[Fact] = []
     for batch in make_batches(compiled, facts, candidates, batch_size, pad_id(backend)):
         batch = batch.to(backend.device)
-        scores = candidate_scores(backend, method, batch, candidates)
-        ranks.extend(ranks_of(scores, batch.gold).tolist())
-        top = scores.topk(min(10, scores.shape[1]), dim=1).indices.tolist()
-        top10.extend([[candidates.words[i] for i in row] for row in top])
+        batch_ranks, batch_top10 = rank_candidates(candidate_scores(backend, method, batch, candidates), batch.gold, candidates)
+        ranks.extend(batch_ranks)
+        top10.extend(batch_top10)
         ordered.extend(batch.facts)
         if progress is not None:
             progress.update(len(batch.facts))
     method.train(was_training)
     return RelationEval(ordered, ranks, top10, relation_metrics(ranks))
+
+
+@torch.no_grad()
+def evaluate_ensemble(
+    backend: LMBackend,
+    method: PromptMethod,
+    prompts: list[CompiledTemplate],
+    weights: list[float],
+    facts: list[Fact],
+    candidates: CandidateVocab,
+    batch_size: int = 128,
+    progress: tqdm | None = None,
+) -> RelationEval:
+    """Rank candidates by the weighted mean over prompts of their log-softmax among the candidates (LPAQA)."""
+    if len(prompts) == 1:
+        return evaluate_facts(backend, method, prompts[0], facts, candidates, batch_size, progress)
+    row_of = {f: i for i, f in enumerate(facts)}
+    if len(row_of) != len(facts):
+        raise ValueError("evaluate_ensemble needs distinct facts")
+    was_training = method.training
+    method.eval()
+    total = sum(weights)
+    scores = torch.zeros(len(facts), len(candidates))
+    for compiled, weight in zip(prompts, weights, strict=True):
+        for batch in make_batches(compiled, facts, candidates, batch_size, pad_id(backend)):
+            logits = candidate_scores(backend, method, batch.to(backend.device), candidates)
+            rows = torch.tensor([row_of[f] for f in batch.facts])
+            scores[rows] += (weight / total) * logits.log_softmax(dim=1).cpu()
+            if progress is not None:
+                progress.update(len(batch.facts))
+    method.train(was_training)
+    gold = torch.tensor([candidates.index[f.obj] for f in facts])
+    ranks, top10 = rank_candidates(scores, gold, candidates)
+    return RelationEval(list(facts), ranks, top10, relation_metrics(ranks))
+
+
+def evaluate_majority(train: list[Fact], facts: list[Fact], candidates: CandidateVocab) -> RelationEval:
+    """The majority-class control: every fact ranks the candidates by their count as train objects."""
+    scores = MajorityClass.scores(train, candidates).expand(len(facts), -1)
+    gold = torch.tensor([candidates.index[f.obj] for f in facts])
+    ranks, top10 = rank_candidates(scores, gold, candidates)
+    return RelationEval(list(facts), ranks, top10, relation_metrics(ranks))

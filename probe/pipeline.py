@@ -13,8 +13,9 @@ from probe.backends import LMBackend
 from probe.batching import filter_facts
 from probe.data import LamaData, Relation
 from probe.errors import ProbeError
-from probe.evaluate import evaluate_facts
+from probe.evaluate import evaluate_ensemble, evaluate_facts, evaluate_majority
 from probe.methods import get_method
+from probe.prompt_files import DiscretePrompt
 from probe.runs import RunFolder
 from probe.templates import compile_template
 from probe.vocab import CandidateVocab
@@ -64,15 +65,20 @@ def run_config(backend: LMBackend, data: LamaData, settings: EvalSettings, candi
     }
 
 
-def evaluate_manual_relations(
+def evaluate_relations(
     backend: LMBackend,
     data: LamaData,
     relation_ids: list[str],
     candidates: CandidateVocab,
     run: RunFolder,
     settings: EvalSettings,
+    prompts: dict[str, list[DiscretePrompt]] | None = None,
 ) -> dict:
-    """Evaluate the manual prompts of the given relations into a run folder; returns the results."""
+    """Evaluate fixed prompts into a run folder; returns the results.
+
+    Each relation gets its manual template, or its prompts from `prompts` (several are an ensemble, see
+    evaluate_ensemble); method 'majority' ranks candidates by train frequency instead, without the LM.
+    """
     method_cls = get_method(settings.method)
     strict = len(relation_ids) == 1
     todo = []
@@ -82,17 +88,29 @@ def evaluate_manual_relations(
             continue
         facts, dropped = relation_facts(data, relation, settings.split, candidates, strict)
         todo.append((relation, facts, dropped))
-    with tqdm(total=sum(len(f) for _, f, _ in todo), unit="fact", desc="eval", dynamic_ncols=True) as bar:
+    n_prompts = {r.id: len(prompts[r.id]) if prompts else 1 for r, _, _ in todo}
+    with tqdm(total=sum(len(f) * n_prompts[r.id] for r, f, _ in todo), unit="fact", desc="eval", dynamic_ncols=True) as bar:
         for relation, facts, dropped in todo:
             bar.set_postfix_str(relation.id)
             base = {"relation": relation.id, "label": relation.label, "type": relation.type, "n_dropped": dropped}
             if not facts:
                 tqdm.write(f"warning: {relation.id} has no {settings.split} facts left after filtering; skipped", file=sys.stderr)
                 continue
-            compiled = compile_template(relation.template, backend.tokenizer, backend.kind)
-            method = method_cls(compiled.n_virtual, backend.hidden_size).to(backend.device)
-            result = evaluate_facts(backend, method, compiled, facts, candidates, settings.batch_size, bar)
-            metrics = {**base, "n_facts": len(facts), "template": relation.template, **result.metrics}
+            if settings.method == "majority":
+                train, _ = relation_facts(data, relation, "train", candidates, False)
+                result = evaluate_majority(train, facts, candidates)
+                bar.update(len(facts))
+                metrics = {**base, "n_facts": len(facts), "n_train": len(train), **result.metrics}
+                run.save_relation(relation.id, metrics, result.predictions())
+                continue
+            chosen = prompts[relation.id] if prompts else [DiscretePrompt(relation.template, None, "manual")]
+            compiled = [compile_template(p.template, backend.tokenizer, backend.kind) for p in chosen]
+            weights = [1.0 if p.weight is None else p.weight for p in chosen]
+            method = method_cls(0, backend.hidden_size).to(backend.device)
+            result = evaluate_ensemble(backend, method, compiled, weights, facts, candidates, settings.batch_size, bar)
+            metrics = {**base, "n_facts": len(facts), "template": chosen[0].template, **result.metrics}
+            if len(chosen) > 1:
+                metrics.update(templates=[p.template for p in chosen], weights=weights)
             run.save_relation(relation.id, metrics, result.predictions())
     return run.write_summary()
 

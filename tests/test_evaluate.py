@@ -16,7 +16,7 @@ from probe.methods import METHODS, get_method
 from probe.methods.base import PromptMethod
 from probe.methods.manual import ManualPrompt
 from probe.metrics import relation_metrics
-from probe.pipeline import EvalSettings, evaluate_manual_relations, relation_facts, run_config
+from probe.pipeline import EvalSettings, evaluate_relations, relation_facts, run_config
 from probe.runs import RunFolder
 from probe.templates import compile_template
 from probe.vocab import build_candidates
@@ -224,7 +224,7 @@ def test_evaluate_manual_relations_end_to_end(masked_backend, fake_lama, tmp_pat
     assert config["n_candidates"] == 8 and config["n_vocab_words"] == 8
     assert config["model_kind"] == "masked" and config["dtype"] == "float32" and config["method"] == "manual"
     run = RunFolder(tmp_path / "run", config)
-    results = evaluate_manual_relations(b, data, ["P19", "P36", "P37"], cands, run, settings)
+    results = evaluate_relations(b, data, ["P19", "P36", "P37"], cands, run, settings)
     rels = {r["relation"]: r for r in results["relations"]}
     assert list(rels) == ["P19", "P36", "P37"]
     assert rels["P19"]["n_facts"] == 2 and rels["P19"]["n_dropped"] == 1  # Besancon is no candidate; dup gone
@@ -248,7 +248,7 @@ def test_evaluate_manual_relations_skips_empty_relation_when_several(masked_back
     data = LamaData(root)
     cands = build_candidates(b.tokenizer, data.vocab_words())
     run = RunFolder(tmp_path / "run", run_config(b, data, EvalSettings(), cands))
-    results = evaluate_manual_relations(b, data, ["P19", "P36"], cands, run, EvalSettings())
+    results = evaluate_relations(b, data, ["P19", "P36"], cands, run, EvalSettings())
     assert [r["relation"] for r in results["relations"]] == ["P36"]
     assert not run.is_done("P19")
     assert "warning: P19 has no test_34k facts left after filtering; skipped" in capsys.readouterr().err
@@ -259,14 +259,14 @@ def test_evaluate_manual_relations_resume_skips_finished(masked_backend, fake_la
     data = LamaData(fake_lama)
     cands = build_candidates(b.tokenizer, data.vocab_words())
     config = run_config(b, data, EvalSettings(), cands)
-    first = evaluate_manual_relations(b, data, ["P36"], cands, RunFolder(tmp_path / "run", config), EvalSettings())
+    first = evaluate_relations(b, data, ["P36"], cands, RunFolder(tmp_path / "run", config), EvalSettings())
     import probe.pipeline as pipeline
 
     seen = []
-    real = pipeline.evaluate_facts
-    monkeypatch.setattr(pipeline, "evaluate_facts", lambda *a, **k: seen.append(a[3]) or real(*a, **k))
+    real = pipeline.evaluate_ensemble
+    monkeypatch.setattr(pipeline, "evaluate_ensemble", lambda *a, **k: seen.append(a[4]) or real(*a, **k))
     run = RunFolder(tmp_path / "run", config, resume=True)
-    again = evaluate_manual_relations(b, data, ["P36", "P37"], cands, run, EvalSettings())
+    again = evaluate_relations(b, data, ["P36", "P37"], cands, run, EvalSettings())
     assert len(seen) == 1 and len(seen[0]) == 4  # only P37 ran
     assert again["relations"][0] == first["relations"][0]
     assert [r["relation"] for r in again["relations"]] == ["P36", "P37"]

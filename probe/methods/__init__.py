@@ -9,12 +9,13 @@ from __future__ import annotations
 from probe.errors import ProbeError
 from probe.methods.autoprompt import AutoPrompt
 from probe.methods.base import FixedPrompt, MethodConfig, PromptMethod
+from probe.methods.majority import MajorityClass
 from probe.methods.manual import ManualPrompt
 from probe.methods.prompt_tuning import PromptTuning
 from probe.methods.ptuning import PTuningEncoder, PTuningMLP
 
 METHODS: dict[str, type[PromptMethod]] = {
-    m.name: m for m in (ManualPrompt, PTuningEncoder, PTuningMLP, PromptTuning, AutoPrompt)
+    m.name: m for m in (ManualPrompt, PTuningEncoder, PTuningMLP, PromptTuning, AutoPrompt, MajorityClass)
 }
 
 

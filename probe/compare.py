@@ -1,0 +1,232 @@
+"""Compare run folders: methods against relations (P@1), macro/micro summaries on shared relations, plots.
+
+    OUT/compare.csv       one row per run: summary figures, then P@1 per relation
+    OUT/compare.md        the summary table and the per-relation P@1 table
+    OUT/types.png         macro P@1 per relation type, one bar per run
+    OUT/manual_vs.png     per relation: manual P@1 (x) against each other run's P@1 (y)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from probe.data import RELATION_TYPES
+from probe.errors import ProbeError
+from probe.metrics import aggregate
+from probe.runs import atomic_write_text, markdown_table, read_json
+
+# Settings that must agree for P@1 figures to be comparable (else --allow-mixed).
+COMPARABLE_KEYS = ("model", "vocab", "split")
+
+
+@dataclass
+class Run:
+    """One run folder's results: a label, its config and its relation rows by id."""
+
+    folder: Path
+    label: str
+    config: dict
+    rows: dict[str, dict]
+
+
+@dataclass
+class Comparison:
+    """What `probe compare` prints and saves."""
+
+    runs: list[Run]
+    relations: list[str]
+    summary: pd.DataFrame
+    per_relation: pd.DataFrame
+    manual_p1: dict[str, dict[str, float]]
+    notes: list[str]
+
+
+def find_run_folders(paths: list[Path]) -> list[Path]:
+    """Each path is a run folder (holding results.json) or a folder of run folders."""
+    found = []
+    for path in map(Path, paths):
+        if (path / "results.json").is_file():
+            found.append(path)
+            continue
+        inner = sorted(p.parent for p in path.glob("*/results.json"))
+        if not path.is_dir() or not inner:
+            raise ProbeError(f"{path} is not a run folder (no results.json) nor a folder of run folders")
+        found.extend(inner)
+    return list(dict.fromkeys(found))
+
+
+def run_label(config: dict) -> str:
+    """The method name; runs of a prompts file add the file's stem (and +ens for an ensemble)."""
+    label = config.get("method") or "?"
+    if config.get("prompts_file"):
+        label += f":{Path(config['prompts_file']).stem}" + ("+ens" if config.get("ensemble") else "")
+    return label
+
+
+def load_runs(paths: list[Path]) -> list[Run]:
+    runs = []
+    for folder in find_run_folders(paths):
+        results = read_json(folder / "results.json")
+        if not isinstance(results, dict) or "config" not in results or "relations" not in results:
+            raise ProbeError(f"{folder}/results.json: expected 'config' and 'relations' (a probe run folder)")
+        rows = {r["relation"]: r for r in results["relations"]}
+        runs.append(Run(folder, run_label(results["config"]), results["config"], rows))
+    labels = [r.label for r in runs]
+    for run in runs:  # the same label twice: tell them apart by folder name
+        if labels.count(run.label) > 1:
+            run.label = f"{run.label} ({run.folder.name})"
+    return runs
+
+
+def check_comparable(runs: list[Run]) -> None:
+    """Runs of different models, vocabularies or splits are a ProbeError naming what differs and where."""
+    differences = []
+    for key in COMPARABLE_KEYS:
+        values: dict[str, list[str]] = {}
+        for run in runs:
+            values.setdefault(str(run.config.get(key)), []).append(str(run.folder))
+        if len(values) > 1:
+            differences.append(f"{key} " + "; ".join(f"{v!r} in {', '.join(folders)}" for v, folders in values.items()))
+    if differences:
+        raise ProbeError(f"runs differ in {' / '.join(differences)}: pass --allow-mixed to compare them anyway")
+
+
+def _manual_reference(run: Run, runs: list[Run], relations: list[str]) -> tuple[dict[str, float] | None, str]:
+    """Manual P@1 per relation for a run: its own manual_p1 (train runs), else a manual run of the same model."""
+    if run.config.get("method") == "manual":
+        return {r: run.rows[r]["p1"] for r in relations}, run.label
+    if all("manual_p1" in run.rows[r] for r in relations):
+        return {r: run.rows[r]["manual_p1"] for r in relations}, "own manual_p1"
+    manual = [m for m in runs if m.config.get("method") == "manual" and m.config.get("model") == run.config.get("model")]
+    if manual:
+        return {r: manual[0].rows[r]["p1"] for r in relations}, manual[0].label
+    return None, ""
+
+
+def compare_runs(runs: list[Run], allow_mixed: bool = False) -> Comparison:
+    """Summary figures per run over the relations every run holds, and P@1 per relation."""
+    if not runs:
+        raise ProbeError("no run folders to compare")
+    if not allow_mixed:
+        check_comparable(runs)
+    relations = [r for r in runs[0].rows if all(r in run.rows for run in runs)]
+    relations.sort(key=lambda r: int(r[1:]))
+    if not relations:
+        raise ProbeError("the runs share no relation: nothing to compare")
+    notes = [f"macro/micro over the {len(relations)} relations present in all {len(runs)} runs"]
+    for run in runs:
+        left = sorted(set(run.rows) - set(relations), key=lambda r: int(r[1:]))
+        if left:
+            notes.append(f"left out of the summary: {', '.join(left)} (only in {run.folder})")
+    summary, manual_p1 = [], {}
+    for run in runs:
+        rows = [run.rows[r] for r in relations]
+        agg = aggregate(rows)
+        entry = {"label": run.label, "model": run.config.get("model"), "relations": agg["all"]["relations"],
+                 "facts": agg["all"]["facts"]}
+        for key in ("macro_p1", "micro_p1", "macro_p10", "micro_p10", "macro_mrr", "micro_mrr"):
+            entry[key] = agg["all"][key]
+        for t in RELATION_TYPES:
+            entry[f"p1_{t}"] = agg[t]["macro_p1"] if t in agg else None
+        reference, source = _manual_reference(run, runs, relations)
+        if reference is not None:
+            manual_p1[run.label] = reference
+            entry["manual_p1"] = sum(reference.values()) / len(reference)
+            entry["gain_p1"] = entry["macro_p1"] - entry["manual_p1"]
+        entry["manual_from"] = source
+        summary.append(entry)
+    first = runs[0].rows
+    per_relation = pd.DataFrame([
+        {"relation": r, "label": first[r].get("label"), "type": first[r].get("type"),
+         **{run.label: run.rows[r]["p1"] for run in runs}}
+        for r in relations
+    ])
+    columns = ["label", "model", "relations", "facts", "macro_p1", "micro_p1", "macro_p10", "micro_p10", "macro_mrr",
+               "micro_mrr", *[f"p1_{t}" for t in RELATION_TYPES], "manual_p1", "gain_p1", "manual_from"]
+    return Comparison(runs, relations, pd.DataFrame(summary).reindex(columns=columns), per_relation, manual_p1, notes)
+
+
+def wide_table(cmp: Comparison) -> pd.DataFrame:
+    """compare.csv: one row per run, its summary figures then its P@1 on every shared relation."""
+    p1 = cmp.per_relation.set_index("relation")[[run.label for run in cmp.runs]].T
+    p1.columns = [f"p1_{r}" for r in p1.columns]
+    out = cmp.summary.copy()
+    out.insert(1, "folder", [str(run.folder) for run in cmp.runs])
+    return pd.concat([out.reset_index(drop=True), p1.reset_index(drop=True)], axis=1)
+
+
+def comparison_markdown(cmp: Comparison) -> str:
+    head = "# Comparison\n\n" + "\n".join(f"- {n}" for n in cmp.notes)
+    head += "\n- macro = mean over relations, micro = mean over facts; P@k in %, MRR as a fraction; " \
+            "p1_<type>: macro P@1 per relation type; gain_p1 = macro_p1 - manual_p1\n"
+    runs = "\n".join(f"- {run.label}: {run.folder}" for run in cmp.runs)
+    return (head + "\n" + markdown_table(cmp.summary) + "\n\nP@1 per relation:\n\n" + markdown_table(cmp.per_relation)
+            + "\n\nRun folders:\n\n" + runs + "\n")
+
+
+def plot_types(cmp: Comparison, path: Path) -> None:
+    """Grouped bars: macro P@1 overall and per relation type, one bar per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = ["all", *RELATION_TYPES]
+    values = {row["label"]: [row["macro_p1"], *[row[f"p1_{t}"] for t in RELATION_TYPES]]
+              for row in cmp.summary.to_dict("records")}
+    width = 0.8 / max(1, len(values))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, (label, vals) in enumerate(values.items()):
+        xs = [g + i * width for g in range(len(groups))]
+        ax.bar(xs, [0 if v is None or pd.isna(v) else v for v in vals], width, label=label)
+    ax.set_xticks([g + width * (len(values) - 1) / 2 for g in range(len(groups))], groups)
+    ax.set_ylabel("macro P@1 (%)")
+    ax.set_title("P@1 by relation type")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_manual_scatter(cmp: Comparison, path: Path) -> bool:
+    """Per relation: manual P@1 against each other run's P@1; False when no run has a manual reference."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    others = [run for run in cmp.runs if run.label in cmp.manual_p1 and run.config.get("method") != "manual"]
+    if not others:
+        return False
+    fig, ax = plt.subplots(figsize=(5.5, 5.5))
+    for run, marker in zip(others, "os^vDP*Xh<>" * 10, strict=False):
+        manual = cmp.manual_p1[run.label]
+        ax.scatter([manual[r] for r in cmp.relations], [run.rows[r]["p1"] for r in cmp.relations], marker=marker,
+                   label=run.label, alpha=0.7)
+    ax.plot([0, 100], [0, 100], color="grey", linewidth=0.8)
+    ax.set_xlim(0, 100)
+    ax.set_ylim(0, 100)
+    ax.set_xlabel("manual prompt P@1 (%)")
+    ax.set_ylabel("method P@1 (%)")
+    ax.set_title("P@1 per relation")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def write_comparison(cmp: Comparison, out: Path) -> list[Path]:
+    """compare.csv, compare.md and the plots into a folder; returns the files written."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = [out / "compare.csv", out / "compare.md", out / "types.png"]
+    atomic_write_text(written[0], wide_table(cmp).to_csv(index=False))
+    atomic_write_text(written[1], comparison_markdown(cmp))
+    plot_types(cmp, written[2])
+    if plot_manual_scatter(cmp, out / "manual_vs.png"):
+        written.append(out / "manual_vs.png")
+    return written
