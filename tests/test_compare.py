@@ -1,0 +1,161 @@
+"""The majority-class control and `probe compare`: hand-computed figures on fake LAMA and hand-made run folders."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+from conftest import assert_user_error, make_fake_lama, run_cli, write_jsonl
+from typer.testing import CliRunner
+
+import cli
+from probe.compare import compare_runs, load_runs
+from probe.data import Fact
+from probe.errors import ProbeError
+from probe.methods import get_method
+from probe.methods.majority import MajorityClass
+from probe.runs import RunFolder
+from probe.vocab import build_candidates
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(cli.app, [str(a) for a in args])
+
+
+# ---- majority-class control -----------------------------------------------------------------
+
+TRAIN_P19 = [("a", "Paris"), ("b", "Florence"), ("c", "Florence"), ("d", "Rome"), ("e", "Paris"), ("f", "Florence"),
+             ("g", "Berlin"), ("h", "Besancon")]  # Florence 3, Paris 2, Rome 1 (seen before Berlin 1); Besancon: no candidate
+TEST_P19 = [("s1", "Florence"), ("s2", "Paris"), ("s3", "Berlin"), ("s4", "French"), ("s5", "Besancon")]
+
+
+def test_majority_scores_rank_by_count_then_first_seen(wordpiece_tokenizer):
+    cands = build_candidates(wordpiece_tokenizer, ["Paris", "Rome", "Berlin", "Florence", "French"])
+    scores = MajorityClass.scores([Fact(s, o) for s, o in TRAIN_P19], cands)
+    order = sorted(cands.words, key=lambda w: -float(scores[cands.index[w]]))
+    assert order[:4] == ["Florence", "Paris", "Rome", "Berlin"]
+    assert float(scores[cands.index["French"]]) == 0
+    assert get_method("majority") is MajorityClass and not MajorityClass.trainable
+
+
+def test_cli_majority_control_hand_computed(tmp_path, tiny_masked_dir):
+    lama = make_fake_lama(tmp_path / "lama")
+    write_jsonl(lama / "trex/train/P19.jsonl", [{"sub_label": s, "obj_label": o} for s, o in TRAIN_P19])
+    write_jsonl(lama / "trex/test_34k/P19.jsonl", [{"sub_label": s, "obj_label": o} for s, o in TEST_P19])
+    out = tmp_path / "majority"
+    res = invoke("eval", "--method", "majority", "--all", "--model", tiny_masked_dir, "--data", lama, "--out", out)
+    assert res.exit_code == 0, res.output
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["method"] == "majority"
+    p19, p36, p37 = results["relations"]
+    # P19 test: Florence rank 1, Paris 2, Berlin 4, French unseen in train: 4 seen objects, so rank 5; Besancon dropped
+    assert (p19["n_facts"], p19["n_dropped"], p19["n_train"]) == (4, 1, 7)
+    assert p19["p1"] == pytest.approx(25.0) and p19["p10"] == pytest.approx(100.0)
+    assert p19["mrr"] == pytest.approx((1 + 1 / 2 + 1 / 4 + 1 / 5) / 4)
+    # P36: train = test, each capital once: first seen first, so France->Paris is right, Rome 2nd, Berlin 3rd
+    assert p36["p1"] == pytest.approx(100 / 3) and p36["mrr"] == pytest.approx((1 + 1 / 2 + 1 / 3) / 3)
+    assert p37["p1"] == pytest.approx(25.0)
+    lines = (out / "P19" / "predictions.jsonl").read_text().splitlines()
+    assert json.loads(lines[0])["top10"][:4] == ["Florence", "Paris", "Rome", "Berlin"]
+    trained = invoke("train", "--method", "majority", "--all", "--model", tiny_masked_dir, "--data", lama)
+    assert isinstance(trained.exception, ProbeError) and "nothing to train" in str(trained.exception)
+
+
+# ---- compare --------------------------------------------------------------------------------
+
+
+def row(rid: str, type_: str, n: int, p1: float, p10: float = 50.0, mrr: float = 0.5, **extra) -> dict:
+    return {"relation": rid, "label": f"label {rid}", "type": type_, "n_facts": n, "n_dropped": 0,
+            "p1": p1, "p10": p10, "mrr": mrr, **extra}
+
+
+def train_row(rid: str, type_: str, n: int, p1: float, manual_p1: float) -> dict:
+    """A row of a training run: it also carries the manual prompt's test figures."""
+    return row(rid, type_, n, p1, manual_p1=manual_p1, manual_p10=50.0, manual_mrr=0.5)
+
+
+def make_run(folder, method: str, rows: list[dict], model: str = "m", **config):
+    run = RunFolder(folder, {"command": "eval", "model": model, "method": method, "split": "test_34k",
+                             "vocab": "common", **config})
+    for r in rows:
+        run.save_relation(r["relation"], r)
+    run.write_summary()
+    return folder
+
+
+@pytest.fixture
+def runs(tmp_path):
+    root = tmp_path / "runs"
+    return [
+        make_run(root / "a-manual", "manual", [row("P19", "N-1", 10, 20.0, 40.0, 0.3), row("P36", "1-1", 30, 60.0, 80.0, 0.7),
+                                                row("P37", "N-M", 10, 10.0)]),
+        make_run(root / "b-discrete", "discrete", [row("P19", "N-1", 10, 40.0), row("P36", "1-1", 30, 50.0)],
+                 prompts_file="/x/fact_retrieval_bert_prompts.jsonl", ensemble=False),
+        make_run(root / "c-ptuning", "ptuning", [train_row("P19", "N-1", 10, 50.0, 25.0),
+                                                 train_row("P36", "1-1", 30, 70.0, 45.0),
+                                                 train_row("P37", "N-M", 10, 30.0, 10.0)], command="train"),
+        make_run(root / "d-majority", "majority", [row("P19", "N-1", 10, 10.0), row("P36", "1-1", 30, 0.0),
+                                                   row("P37", "N-M", 10, 5.0)]),
+    ]
+
+
+def test_compare_numbers(runs):
+    cmp = compare_runs(load_runs(runs))
+    assert cmp.relations == ["P19", "P36"]  # P37 is missing from the discrete run
+    assert cmp.notes[0] == "macro/micro over the 2 relations present in all 4 runs"
+    assert any("P37" in n for n in cmp.notes[1:])
+    s = cmp.summary.set_index("label")
+    assert list(s.index) == ["manual", "discrete:fact_retrieval_bert_prompts", "ptuning", "majority"]
+    assert s["macro_p1"].tolist() == pytest.approx([40.0, 45.0, 60.0, 5.0])
+    assert s["micro_p1"].tolist() == pytest.approx([50.0, 47.5, 65.0, 2.5])  # (p1 x n_facts) / 40 facts
+    assert s.loc["manual", "macro_p10"] == pytest.approx(60.0) and s.loc["manual", "micro_p10"] == pytest.approx(70.0)
+    assert s.loc["manual", "micro_mrr"] == pytest.approx((0.3 * 10 + 0.7 * 30) / 40)
+    assert s["p1_1-1"].tolist() == pytest.approx([60.0, 50.0, 70.0, 0.0])
+    assert s["p1_N-1"].tolist() == pytest.approx([20.0, 40.0, 50.0, 10.0])
+    assert s["p1_N-M"].isna().all()
+    # gain over manual: the manual run for the eval runs, the train run's own manual_p1 for the train run
+    assert s["manual_p1"].tolist() == pytest.approx([40.0, 40.0, 35.0, 40.0])
+    assert s["gain_p1"].tolist() == pytest.approx([0.0, 5.0, 25.0, -35.0])
+    assert s["manual_from"].tolist() == ["manual", "manual", "own manual_p1", "manual"]
+    assert cmp.per_relation.columns.tolist()[:3] == ["relation", "label", "type"]
+    assert cmp.per_relation["ptuning"].tolist() == [50.0, 70.0]
+
+
+def test_compare_cli_writes_table_and_plots(runs, tmp_path):
+    out = tmp_path / "cmp"
+    res = invoke("compare", runs[0].parent, "--out", out)  # a folder of run folders
+    assert res.exit_code == 0, res.output
+    assert "macro/micro over the 2 relations present in all 4 runs" in res.stdout
+    assert {p.name for p in out.iterdir()} == {"compare.csv", "compare.md", "types.png", "manual_vs.png"}
+    csv = pd.read_csv(out / "compare.csv")
+    assert csv["label"].tolist()[1] == "discrete:fact_retrieval_bert_prompts"
+    assert csv["p1_P36"].tolist() == [60.0, 50.0, 70.0, 0.0] and "p1_P37" not in csv.columns
+    assert csv["gain_p1"].tolist() == pytest.approx([0.0, 5.0, 25.0, -35.0])
+    md = (out / "compare.md").read_text()
+    assert "| ptuning |" in md and "| P19 | label P19 | N-1 |" in md
+    assert (out / "types.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_compare_refuses_mixed_models(runs, tmp_path):
+    other = make_run(tmp_path / "runs2" / "e-manual", "manual", [row("P19", "N-1", 10, 30.0), row("P36", "1-1", 30, 30.0)],
+                     model="bert", vocab="29k")
+    proc = run_cli("compare", runs[0], runs[1], other, "--out", tmp_path / "cmp")
+    error = assert_user_error(proc, "runs differ in model", "'m' in", str(runs[0]), str(runs[1]), f"'bert' in {other}",
+                              "vocab", "--allow-mixed")
+    assert "split" not in error
+    assert not (tmp_path / "cmp").exists()
+    cmp = compare_runs(load_runs([runs[0], runs[1], other]), allow_mixed=True)
+    s = cmp.summary.set_index("label")
+    assert list(s.index) == ["manual (a-manual)", "discrete:fact_retrieval_bert_prompts", "manual (e-manual)"]
+    assert s.loc["manual (e-manual)", "gain_p1"] == 0.0  # its own manual run, not the other model's
+
+
+def test_compare_errors(tmp_path, runs):
+    with pytest.raises(ProbeError, match="not a run folder"):
+        load_runs([tmp_path / "nowhere"])
+    disjoint = make_run(tmp_path / "x", "manual", [row("P101", "N-M", 5, 10.0)])
+    with pytest.raises(ProbeError, match="share no relation"):
+        compare_runs(load_runs([runs[0], disjoint]))
