@@ -1,0 +1,299 @@
+"""AutoPrompt: trigger search on tiny masked and causal LMs, candidate filters, determinism, saved triggers.
+
+Tiny models only (conftest's tiny Llama on the SmolLM2 tokenizer, and a "sharp" tiny BERT built here
+whose [MASK] scores move with its input); each test takes a few seconds on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import assert_user_error, run_cli, write_jsonl
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+import cli
+from probe.autoprompt import AutoPromptConfig, allowed_tokens, batch_loss, flip_candidates, search_triggers
+from probe.batching import collate
+from probe.data import Fact, LamaData
+from probe.evaluate import evaluate_facts, pad_id
+from probe.methods import get_method
+from probe.methods.autoprompt import AutoPrompt
+from probe.pipeline import EvalSettings, reevaluate_run, run_config, train_relations
+from probe.runs import RunFolder
+from probe.templates import DEFAULT_SHAPES, compile_template, encode_words
+from probe.vocab import build_candidates
+
+CANDIDATES = ["Paris", "France", "Rome", "Italy", "Berlin", "Germany", "Madrid", "Spain", "London", "England",
+              "Tokyo", "Japan", "Lyon", "Milan", "Florence", "French", "Italian", "German", "English"]
+SUBJECTS = ["Dante", "Victor", "Hugo", "Alighieri", "Besancon", "Aaron", "Abbey", "Abraham", "Abel", "Abigail",
+            "city", "capital", "language", "official", "died", "Victor Hugo"]
+MANUAL = "[X] was born in [Y] ."
+
+
+@pytest.fixture(scope="module")
+def sharp_masked_backend(tmp_path_factory, wordpiece_tokenizer):
+    """A tiny BERT with a wide initialisation, so that trigger tokens change its [MASK] scores."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    from probe.backends import load_backend
+
+    tok = wordpiece_tokenizer
+    config = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64, pad_token_id=tok.pad_token_id,
+                        initializer_range=0.2)
+    torch.manual_seed(0)
+    model = BertForMaskedLM(config)
+    folder = tmp_path_factory.mktemp("sharp-bert")
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return load_backend(str(folder))
+
+
+@pytest.fixture(params=["sharp_masked_backend", "causal_backend"])
+def backend(request):
+    return request.getfixturevalue(request.param)
+
+
+def setup(backend):
+    """Candidates, the default P-tuning shape compiled, and a fresh AutoPrompt on it."""
+    cands = build_candidates(backend.tokenizer, CANDIDATES)
+    compiled = compile_template(DEFAULT_SHAPES[backend.kind], backend.tokenizer, backend.kind)
+    return cands, compiled, AutoPrompt.create(backend, compiled, MANUAL)
+
+
+def constant_object_problem(backend, cands):
+    """Every fact's object is the candidate of median rank under the starting triggers: learnable, P@1 ~ 0 at start."""
+    compiled = compile_template(DEFAULT_SHAPES[backend.kind], backend.tokenizer, backend.kind)
+    ev = evaluate_facts(backend, AutoPrompt.create(backend, compiled, MANUAL), compiled,
+                        [Fact(s, w) for s in SUBJECTS for w in CANDIDATES], cands)
+    mean_rank = {w: 0 for w in CANDIDATES}
+    for f, r in zip(ev.facts, ev.ranks, strict=True):
+        mean_rank[f.obj] += r
+    x = sorted(CANDIDATES, key=lambda w: (mean_rank[w], w))[len(CANDIDATES) // 2]
+    return [Fact(s, x) for s in SUBJECTS[:10]], [Fact(s, x) for s in SUBJECTS[10:]]
+
+
+def full_loss(backend, method, compiled, facts, cands) -> float:
+    with torch.no_grad():
+        return batch_loss(backend, method, collate(compiled, facts, cands, pad_id(backend)), cands).item()
+
+
+def token_id(backend, word: str) -> int:
+    ids = encode_words(backend.tokenizer, word, True, True)
+    assert len(ids) == 1, word
+    return ids[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# The method
+# ---------------------------------------------------------------------------------------------
+
+
+def test_triggers_start_as_the_and_embed_as_lm_rows(backend):
+    _, compiled, method = setup(backend)
+    the = token_id(backend, "the")
+    assert method.trigger_ids.tolist() == [the] * compiled.n_virtual
+    table = backend.model.get_input_embeddings().weight
+    assert torch.equal(method.virtual_embeddings(), table[method.trigger_ids])
+    assert list(method.state_dict()) == ["trigger_ids"]  # the LM is used, not owned
+    assert not list(method.parameters())
+    assert get_method("autoprompt") is AutoPrompt and AutoPrompt.trainable
+
+
+def test_saved_info_names_the_triggers_and_fills_the_template(causal_backend):
+    compiled = compile_template("(2, sub, \"was born in\", 1, obj)", causal_backend.tokenizer, "causal")
+    ids = [token_id(causal_backend, w) for w in ("famous", "poet", "city")]
+    method = AutoPrompt(3, causal_backend.hidden_size, embed=causal_backend.embed, trigger_ids=torch.tensor(ids))
+    info = method.saved_info(compiled)["triggers"]
+    assert info["ids"] == ids
+    assert info["tokens"] == ["Ġfamous", "Ġpoet", "Ġcity"]
+    assert info["text"] == "famous poet [X] was born in city [Y]"
+
+
+# ---------------------------------------------------------------------------------------------
+# Candidate filters
+# ---------------------------------------------------------------------------------------------
+
+
+def test_filters_exclude_special_tokens_gold_objects_and_optionally_capitals(backend):
+    tok = backend.tokenizer
+    n_rows = backend.model.get_input_embeddings().weight.shape[0]
+    train = [Fact("Dante", "Paris"), Fact("Hugo", "Rome")]
+    keep = allowed_tokens(tok, n_rows, train)
+    no_caps = allowed_tokens(tok, n_rows, train, capitals=False)
+    assert keep.shape == (n_rows,) and keep.dtype == torch.bool
+    for i in tok.all_special_ids:
+        assert not keep[i] and not no_caps[i], tok.convert_ids_to_tokens(i)
+    for word in ("Paris", "Rome"):  # gold objects, with and without a leading space
+        for lead in (False, True):
+            ids = encode_words(tok, word, lead, True)
+            if len(ids) == 1:
+                assert not keep[ids[0]], (word, lead)
+    for word in ("the", "city", "born"):
+        assert keep[token_id(backend, word)] and no_caps[token_id(backend, word)], word
+    for word in ("Berlin", "Dante"):  # capitalised, not gold: allowed unless --no-capitals
+        assert keep[token_id(backend, word)] and not no_caps[token_id(backend, word)], word
+    if backend.kind == "masked":  # sub-words are allowed, as in AutoPrompt
+        assert keep[tok.convert_tokens_to_ids("##ville")]
+    assert int(no_caps.sum()) < int(keep.sum()) < n_rows
+
+
+def test_flip_candidates_follow_the_gradient_and_skip_banned_and_current():
+    table = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0], [-2.0, 0.0]])
+    grad = torch.tensor([1.0, 0.5])  # -(e . g): 2.0 for row 4, 1.0 for row 2, 0.5 for row 3, ...
+    allowed = torch.tensor([True, True, True, True, False])
+    assert flip_candidates(table, grad, allowed, current=0, k=2) == [2, 3]
+    assert flip_candidates(table, grad, allowed, current=2, k=10) == [3, 1, 0]  # never current, never banned
+
+
+def test_search_only_ever_picks_allowed_tokens(causal_backend, tmp_path):
+    backend = causal_backend
+    cands, compiled, method = setup(backend)
+    train, dev = constant_object_problem(backend, cands)
+    config = AutoPromptConfig(iterations=8, top_k=10, batch_size=5, patience=0, capitals=False, seed=3)
+    log = tmp_path / "log.jsonl"
+    search_triggers(backend, method, compiled, train, dev, cands, config, log)
+    allowed = allowed_tokens(backend.tokenizer, backend.model.get_input_embeddings().weight.shape[0], train, False)
+    picked = [e["token"] for e in map(json.loads, log.read_text().splitlines()[1:]) if e["flipped"]]
+    assert picked, "the search flipped no trigger at all"
+    for i in picked + method.trigger_ids.tolist():
+        assert allowed[i], backend.tokenizer.convert_ids_to_tokens(i)
+        assert not backend.tokenizer.convert_ids_to_tokens(i).lstrip("Ġ")[:1].isupper()
+
+
+# ---------------------------------------------------------------------------------------------
+# The search
+# ---------------------------------------------------------------------------------------------
+
+
+def test_search_lowers_the_loss_and_raises_p1(backend, tmp_path):
+    """A learnable relation: the triggers learn to put first the one object, which the start triggers rank midway."""
+    cands, compiled, method = setup(backend)
+    train, dev = constant_object_problem(backend, cands)
+    start_dev = evaluate_facts(backend, method, compiled, dev, cands).metrics
+    start_loss = full_loss(backend, method, compiled, train, cands)
+    before_lm = {k: v.clone() for k, v in backend.model.state_dict().items()}
+    log = tmp_path / "log.jsonl"
+    n = 12
+    config = AutoPromptConfig(iterations=n, top_k=10, batch_size=5, patience=0, seed=1)
+    result = search_triggers(backend, method, compiled, train, dev, cands, config, log)
+
+    assert start_dev["p1"] <= 20 and result.best_dev["p1"] >= start_dev["p1"] + 50, (start_dev, result)
+    assert full_loss(backend, method, compiled, train, cands) < start_loss
+    assert result.best_step > 0 and result.steps == n and not result.stopped_early
+    # the method holds the best-on-dev triggers
+    assert evaluate_facts(backend, method, compiled, dev, cands).metrics == result.best_dev
+    entries = [json.loads(line) for line in log.read_text().splitlines()]
+    assert entries[0]["step"] == 0 and entries[0]["dev_p1"] == start_dev["p1"]
+    assert [e["step"] for e in entries] == list(range(n + 1))
+    assert [e["slot"] for e in entries[1:]] == [i % compiled.n_virtual for i in range(n)]
+    for e in entries[1:]:  # a flip only when it lowers the batch loss; dev is evaluated after each flip
+        assert e["flipped"] == (e["new_loss"] < e["loss"]) == ("dev_p1" in e)
+    assert next(e for e in entries if e["step"] == result.best_step)["dev_p1"] == result.best_dev["p1"]
+    # the LM is frozen and untouched
+    for k, v in backend.model.state_dict().items():
+        assert torch.equal(v, before_lm[k]), k
+    assert all(p.grad is None and not p.requires_grad for p in backend.model.parameters())
+
+
+def test_early_stopping_keeps_the_best_triggers(causal_backend):
+    backend = causal_backend
+    cands, compiled, method = setup(backend)
+    train = [Fact(s, "Paris") for s in SUBJECTS[:8]]
+    start = method.trigger_ids.clone()
+    config = AutoPromptConfig(iterations=50, top_k=1, batch_size=4, patience=2, seed=1)
+    result = search_triggers(backend, method, compiled, train, train, cands, config)
+    assert result.stopped_early and result.steps < 50
+    if result.best_step == 0:
+        assert torch.equal(method.trigger_ids, start)
+
+
+def test_same_seed_same_triggers_other_seed_other_search(causal_backend, tmp_path):
+    backend = causal_backend
+    cands, compiled, _ = setup(backend)
+    train, dev = constant_object_problem(backend, cands)
+
+    def run(seed: int, name: str):
+        method = AutoPrompt.create(backend, compiled, MANUAL)
+        config = AutoPromptConfig(iterations=8, top_k=5, batch_size=3, patience=0, seed=seed)
+        result = search_triggers(backend, method, compiled, train, dev, cands, config, tmp_path / name)
+        return method.trigger_ids.tolist(), result, (tmp_path / name).read_text()
+
+    a, b, c = run(5, "a"), run(5, "b"), run(6, "c")
+    assert a == b
+    assert a[2] != c[2]
+
+
+# ---------------------------------------------------------------------------------------------
+# Saved triggers, the pipeline and the CLI
+# ---------------------------------------------------------------------------------------------
+
+
+def make_lama(root: Path) -> Path:
+    """One relation whose train/dev/test objects are two candidates."""
+    def pairs(subjects):
+        return [(s, ["Paris", "Rome"][i % 2]) for i, s in enumerate(subjects)]
+
+    write_jsonl(root / "relations" / "relations.jsonl",
+                [{"relation": "P19", "template": MANUAL, "label": "place of birth", "type": "N-1"}])
+    for split, subjects in (("train", SUBJECTS[:8]), ("dev", SUBJECTS[8:12]), ("test_34k", SUBJECTS[10:])):
+        write_jsonl(root / "trex" / split / "P19.jsonl",
+                    [{"predicate_id": "P19", "sub_label": s, "obj_label": o} for s, o in pairs(subjects)])
+    (root / "vocab").mkdir(parents=True, exist_ok=True)
+    (root / "vocab" / "common_vocab_cased.txt").write_text("\n".join(CANDIDATES) + "\n", encoding="utf-8")
+    return root
+
+
+def test_saved_triggers_reload_and_reevaluate_identically(backend, tmp_path):
+    data = LamaData(make_lama(tmp_path / "lama"))
+    cands = build_candidates(backend.tokenizer, data.vocab_words("common"))
+    settings = EvalSettings(method="autoprompt", split="test_34k", vocab="common")
+    config = AutoPromptConfig(iterations=6, top_k=5, batch_size=4, patience=0, seed=2)
+    run = RunFolder(tmp_path / "run", run_config(backend, data, settings, cands, command="train", seed=2,
+                                                 method_config={}, train=config.__dict__))
+    results = train_relations(backend, data, ["P19"], cands, run, "autoprompt", None, config, None, settings)
+    (row,) = results["relations"]
+    assert "manual_p1" in row and "dev_p1" in row
+
+    folder = run.root / "P19"
+    saved = json.loads((folder / "config.json").read_text())
+    triggers = saved["triggers"]
+    assert saved["method"] == "autoprompt" and saved["train"] == config.__dict__
+    assert len(triggers["ids"]) == len(triggers["tokens"]) == saved["n_virtual"]
+    assert triggers["tokens"] == backend.tokenizer.convert_ids_to_tokens(triggers["ids"])
+    assert "[X]" in triggers["text"] and "[Y]" in triggers["text"]
+    tensors = load_file(str(folder / "prompt.safetensors"))
+    assert tensors["method.trigger_ids"].tolist() == triggers["ids"]
+    table = backend.model.get_input_embeddings().weight.detach().float()
+    assert torch.equal(tensors["virtual_embeddings"], table[torch.tensor(triggers["ids"])])
+
+    (again,) = reevaluate_run(backend, data, run.root, cands)
+    assert {k: again[k] for k in ("p1", "p10", "mrr")} == {k: row[k] for k in ("p1", "p10", "mrr")}
+
+
+def test_cli_train_autoprompt_then_eval_prompts(tiny_causal_dir, tmp_path):
+    lama = make_lama(tmp_path / "lama")
+    out = tmp_path / "run"
+    res = CliRunner().invoke(cli.app, [
+        "train", "--method", "autoprompt", "--model", str(tiny_causal_dir), "--data", str(lama), "--relation", "P19",
+        "--iterations", "4", "--top-k", "3", "--batch-size", "4", "--no-capitals", "--dtype", "float32",
+        "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["method"] == "autoprompt"
+    assert cfg["train"] == {"iterations": 4, "top_k": 3, "batch_size": 4, "patience": 10, "capitals": False, "seed": 13}
+    assert len(json.loads((out / "P19" / "config.json").read_text())["triggers"]["ids"]) == 6
+    res = CliRunner().invoke(cli.app, ["eval", "--prompts", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "1 of 1 relations reproduce the saved test figures exactly" in res.output
+
+
+@pytest.mark.parametrize("option", ["--iterations", "--top-k"])
+def test_cli_bad_search_settings_are_one_error_line(option, tmp_path):
+    proc = run_cli("train", "--method", "autoprompt", "--relation", "P19", option, "0",
+                   "--data", str(make_lama(tmp_path / "lama")))
+    assert_user_error(proc, f"{option} must be at least 1")
