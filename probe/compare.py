@@ -117,10 +117,10 @@ def compare_runs(runs: list[Run], allow_mixed: bool = False) -> Comparison:
     if not relations:
         raise ProbeError("the runs share no relation: nothing to compare")
     notes = [f"macro/micro over the {len(relations)} relations present in all {len(runs)} runs"]
-    for run in runs:
-        left = sorted(set(run.rows) - set(relations), key=lambda r: int(r[1:]))
-        if left:
-            notes.append(f"left out of the summary: {', '.join(left)} (only in {run.folder})")
+    lacking: dict[str, list[str]] = {}  # runs lacking some relations -> those relations
+    for rid in sorted({r for run in runs for r in run.rows} - set(relations), key=lambda r: int(r[1:])):
+        lacking.setdefault(", ".join(str(run.folder) for run in runs if rid not in run.rows), []).append(rid)
+    notes += [f"left out: {', '.join(rids)} (not in {folders})" for folders, rids in lacking.items()]
     summary, manual_p1 = [], {}
     for run in runs:
         rows = [run.rows[r] for r in relations]
