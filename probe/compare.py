@@ -132,6 +132,7 @@ def compare_runs(runs: list[Run], allow_mixed: bool = False) -> Comparison:
         for t in RELATION_TYPES:
             entry[f"p1_{t}"] = agg[t]["macro_p1"] if t in agg else None
         reference, source = _manual_reference(run, runs, relations)
+        entry["manual_p1"] = entry["gain_p1"] = None
         if reference is not None:
             manual_p1[run.label] = reference
             entry["manual_p1"] = sum(reference.values()) / len(reference)
