@@ -25,12 +25,12 @@ from probe.vocab import CandidateVocab
 class TrainConfig:
     """Optimisation settings; defaults chosen on the dev split (see BENCHMARKS.md)."""
 
-    lr: float = 3e-3
+    lr: float = 1e-3
     weight_decay: float = 0.0
     batch_size: int = 16
-    epochs: int = 3
+    epochs: int = 2
     warmup: float = 0.1  # share of steps with a linear warm-up, then linear decay to 0
-    eval_every: int = 25  # steps between dev evaluations
+    eval_every: int = 20  # steps between dev evaluations
     patience: int = 4  # dev evaluations without improvement before stopping
     max_train: int = 0  # 0: all train facts
     seed: int = 13
