@@ -86,3 +86,35 @@ def test_p19_results_json_matches_relations_csv(p19_run):
     printed = next(ln for ln in proc.stdout.splitlines() if ln.split()[:1] == ["P19"])
     assert printed.split()[-3] == f"{row['p1']:.2f}"
     assert (out / "summary.md").read_text().startswith("# manual on smollm2 (test_34k, vocab common)")
+
+
+def test_smollm2_29k_vocab(lama_dir, bpe_tokenizer):
+    """--vocab 29k: P-tuning's shared list (18,154 words), of which 15,683 are single SmolLM2 tokens."""
+    cands = build_candidates(bpe_tokenizer, LamaData(lama_dir).vocab_words("29k"))
+    assert (len(cands), cands.n_source) == (15683, 18154)
+
+
+def test_gguf_path_is_the_alias(smollm2_dir):
+    """A .gguf path loads as a causal LM from the same cached conversion as the `smollm2` alias."""
+    from probe.backends import load_backend, resolve_model, smollm2_gguf
+
+    path = str(smollm2_gguf())
+    assert resolve_model(path) == resolve_model("smollm2") == str(smollm2_dir)
+    backend = load_backend(path)
+    assert backend.kind == "causal" and backend.hidden_size == 576
+
+
+def test_train_then_reload_reproduces_on_smollm2(tmp_path, lama_dir, smollm2_dir):
+    """A short P-tuning run on the real P1376 files beats nothing silently: saved prompts re-evaluate exactly."""
+    out = tmp_path / "run"
+    proc = run_cli("train", "--model", "smollm2", "--relation", "P1376", "--max-train", "48", "--epochs", "1",
+                   "--eval-every", "1", "--out", out, "--data", lama_dir, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    metrics = json.loads((out / "P1376" / "metrics.json").read_text())
+    assert metrics["n_facts"] == 193 and 0 <= metrics["p1"] <= 100
+    assert metrics["manual_p1"] == pytest.approx(22.28, abs=0.01)  # same facts and prompt as `probe eval`
+    cfg = json.loads((out / "P1376" / "config.json").read_text())
+    assert cfg["template"] == "(3, sub, 3, obj)" and cfg["n_virtual"] == 6 and cfg["hidden_size"] == 576
+    proc = run_cli("eval", "--prompts", out, "--data", lama_dir, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "1 of 1 relations reproduce the saved test figures exactly" in proc.stdout
