@@ -214,7 +214,8 @@ def train_cmd(
     data: DataOpt = None,
     out: Annotated[Path | None, typer.Option(help="Run folder (default runs/<method>-<model>-<time>).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue a run folder, skipping finished relations.")] = False,
-    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-3,
+    lr: Annotated[float | None, typer.Option(
+        help="AdamW learning rate (default: the method's, chosen on dev: 1e-3 ptuning, 1e-2 prompt-tuning).")] = None,
     epochs: Annotated[int, typer.Option(help="Passes over the train facts.")] = 2,
     batch_size: Annotated[int, typer.Option(help="Train facts per step.")] = 16,
     eval_every: Annotated[int, typer.Option(help="Steps between dev evaluations.")] = 20,
@@ -267,8 +268,8 @@ def train_cmd(
         train_config = AutoPromptConfig(iterations=iterations, top_k=top_k, batch_size=batch_size, capitals=capitals,
                                         seed=seed)
     else:
-        train_config = TrainConfig(lr=lr, batch_size=batch_size, epochs=epochs, eval_every=eval_every,
-                                   patience=patience, max_train=max_train, seed=seed)
+        train_config = TrainConfig(lr=lr or method_cls.default_lr, batch_size=batch_size, epochs=epochs,
+                                   eval_every=eval_every, patience=patience, max_train=max_train, seed=seed)
     settings = EvalSettings(method=method, split=split, vocab=vocab)
     config = run_config(backend, lama, settings, candidates, command="train", template_file=template, seed=seed,
                         method_config=(method_config.__dict__ if method_config else {}), train=train_config.__dict__)

@@ -24,6 +24,7 @@ class PromptMethod(nn.Module):
     name: ClassVar[str] = ""
     trainable: ClassVar[bool] = False
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
+    default_lr: ClassVar[float] = 1e-3  # AdamW learning rate when --lr is not given (chosen on dev)
 
     def __init__(self, n_virtual: int, hidden_size: int, config: MethodConfig | None = None):
         super().__init__()

@@ -25,6 +25,7 @@ class PromptTuning(PromptMethod):
     name = "prompt-tuning"
     trainable = True
     config_class = PromptTuningConfig
+    default_lr = 1e-2  # raw embeddings need larger steps than the reparameterised P-tuning encoder
 
     def __init__(self, n_virtual: int, hidden_size: int, config: PromptTuningConfig | None = None,
                  init: torch.Tensor | None = None):
