@@ -238,3 +238,22 @@ def assert_user_error(proc: subprocess.CompletedProcess, *fragments: str, only_l
     for fragment in fragments:
         assert fragment in errors[0], (fragment, errors[0])
     return errors[0]
+
+
+@pytest.fixture(scope="session")
+def sharp_masked_backend(tmp_path_factory, wordpiece_tokenizer):
+    """A tiny BERT with a wide initialisation, so that its [MASK] scores move with the prompt (training tests)."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    from probe.backends import load_backend
+
+    tok = wordpiece_tokenizer
+    config = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64, pad_token_id=tok.pad_token_id,
+                        initializer_range=0.2)
+    torch.manual_seed(0)
+    model = BertForMaskedLM(config)
+    folder = tmp_path_factory.mktemp("sharp-bert")
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return load_backend(str(folder))
