@@ -9,7 +9,6 @@ Each iteration takes one train batch and one trigger slot (the slots in turn):
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from probe.data import Fact
 from probe.evaluate import candidate_scores, evaluate_facts, pad_id
 from probe.methods.autoprompt import AutoPrompt
 from probe.methods.base import FixedPrompt, PromptMethod
+from probe.runs import JsonlLog
 from probe.templates import CompiledTemplate, encode_words
 from probe.train import TrainResult
 from probe.vocab import CandidateVocab
@@ -110,14 +110,8 @@ def search_triggers(
     ids = method.trigger_ids
     best = evaluate_facts(backend, method, compiled, dev_facts, candidates).metrics
     best_ids, best_step, bad, step, stopped = ids.clone(), 0, 0, 0, False
-    log = open(log_path, "a", encoding="utf-8") if log_path else None
-
-    def write(entry: dict) -> None:
-        if log:
-            log.write(json.dumps(entry) + "\n")
-            log.flush()
-
-    write({"step": 0, "dev_p1": best["p1"], "dev_mrr": best["mrr"], "triggers": ids.tolist(), "config": asdict(config)})
+    log = JsonlLog(log_path)
+    log.write({"step": 0, "dev_p1": best["p1"], "dev_mrr": best["mrr"], "triggers": ids.tolist(), "config": asdict(config)})
     bar = tqdm(total=config.iterations, desc=desc, unit="it", dynamic_ncols=True, leave=False)
     try:
         for step in range(1, config.iterations + 1):
@@ -141,7 +135,7 @@ def search_triggers(
                 entry.update(dev_p1=dev["p1"], dev_mrr=dev["mrr"])
                 if (dev["p1"], dev["mrr"]) > (best["p1"], best["mrr"]):
                     best, best_ids, best_step, bad = dev, ids.clone(), step, 0
-            write(entry)
+            log.write(entry)
             bar.update(1)
             bar.set_postfix(loss=f"{best_loss:.3f}", best=f"{best['p1']:.1f}")
             if config.patience and bad >= config.patience:
@@ -149,8 +143,7 @@ def search_triggers(
                 break
     finally:
         bar.close()
-        if log:
-            log.close()
+        log.close()
     ids.copy_(best_ids)
     method.eval()
     return TrainResult(best, best_step, step, stopped)

@@ -57,6 +57,22 @@ def read_json(path: Path) -> dict:
         raise ProbeError(f"{path}: malformed JSON ({e.msg} at line {e.lineno})") from None
 
 
+class JsonlLog:
+    """A training log: one JSON object a line, flushed as written; does nothing without a path."""
+
+    def __init__(self, path: Path | None):
+        self.file = open(path, "a", encoding="utf-8") if path else None
+
+    def write(self, entry: dict) -> None:
+        if self.file:
+            self.file.write(json.dumps(entry) + "\n")
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+
+
 class RunFolder:
     """A folder of results; relations already finished are kept and skipped on --resume."""
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from probe.batching import make_batches
 from probe.data import Fact
 from probe.evaluate import candidate_scores, evaluate_facts, pad_id
 from probe.methods.base import PromptMethod
+from probe.runs import JsonlLog
 from probe.templates import CompiledTemplate
 from probe.vocab import CandidateVocab
 
@@ -70,14 +70,8 @@ def train_prompt(
     )
     best = evaluate_facts(backend, method, compiled, dev_facts, candidates).metrics
     best_state, best_step, bad, step = copy.deepcopy(method.state_dict()), 0, 0, 0
-    log = open(log_path, "a", encoding="utf-8") if log_path else None
-
-    def write(entry: dict) -> None:
-        if log:
-            log.write(json.dumps(entry) + "\n")
-            log.flush()
-
-    write({"step": 0, "dev_p1": best["p1"], "dev_mrr": best["mrr"], "config": asdict(config)})
+    log = JsonlLog(log_path)
+    log.write({"step": 0, "dev_p1": best["p1"], "dev_mrr": best["mrr"], "config": asdict(config)})
     method.train()
     stopped = False
     bar = tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, leave=False)
@@ -104,7 +98,7 @@ def train_prompt(
                     else:
                         bad += 1
                     bar.set_postfix(loss=f"{loss.item():.3f}", dev_p1=f"{dev['p1']:.1f}", best=f"{best['p1']:.1f}")
-                write(entry)
+                log.write(entry)
                 if bad >= config.patience:
                     stopped = True
                     break
@@ -112,8 +106,7 @@ def train_prompt(
                 break
     finally:
         bar.close()
-        if log:
-            log.close()
+        log.close()
     method.load_state_dict(best_state)
     method.eval()
     return TrainResult(best, best_step, step, stopped)
