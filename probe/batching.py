@@ -22,6 +22,13 @@ class Batch:
     gold: torch.Tensor
     facts: list[Fact]
 
+    def repeat(self, n: int) -> Batch:
+        """The batch n times over, one copy after the other."""
+        return Batch(
+            self.input_ids.repeat(n, 1), self.attention_mask.repeat(n, 1), self.virtual_mask.repeat(n, 1),
+            self.target.repeat(n), self.gold.repeat(n), self.facts * n,
+        )
+
     def to(self, device: torch.device) -> Batch:
         return Batch(
             self.input_ids.to(device), self.attention_mask.to(device), self.virtual_mask.to(device),
@@ -58,12 +65,29 @@ def make_batches(
     batch_size: int,
     pad_id: int,
     generator: torch.Generator | None = None,
+    max_padding: float = 0.1,
 ) -> list[Batch]:
-    """Batches sorted by input length (little padding); with a generator, facts are shuffled instead (training)."""
+    """Batches of facts sorted by input length, each padded by at most `max_padding` of its tokens.
+
+    With a generator (training), facts are shuffled; each pool of 8 batches is sorted by length before
+    it is cut, to pad less, and the batches come out in a shuffled order.
+    """
+    lengths = [len(compiled.encode(f.sub).input_ids) for f in facts]
     if generator is not None:
         order = torch.randperm(len(facts), generator=generator).tolist()
+        pool = 8 * batch_size
+        chunks = []
+        for start in range(0, len(order), pool):
+            group = sorted(order[start : start + pool], key=lambda i: lengths[i])
+            chunks += [group[i : i + batch_size] for i in range(0, len(group), batch_size)]
+        chunks = [chunks[i] for i in torch.randperm(len(chunks), generator=generator).tolist()]
     else:
-        lengths = [len(compiled.encode(f.sub).input_ids) for f in facts]
-        order = sorted(range(len(facts)), key=lambda i: (lengths[i], i))
-    chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+        chunks, tokens = [], 0
+        for i in sorted(range(len(facts)), key=lambda i: (lengths[i], i)):
+            rows = len(chunks[-1]) + 1 if chunks else 0
+            if not chunks or rows > batch_size or lengths[i] * rows > (1 + max_padding) * (tokens + lengths[i]):
+                chunks.append([])
+                tokens = 0
+            chunks[-1].append(i)
+            tokens += lengths[i]
     return [collate(compiled, [facts[i] for i in chunk], candidates, pad_id) for chunk in chunks]

@@ -22,13 +22,18 @@ def pad_id(backend: LMBackend) -> int:
     return next((t for t in (tok.pad_token_id, tok.eos_token_id, tok.unk_token_id) if t is not None), 0)
 
 
-def candidate_scores(backend: LMBackend, method: PromptMethod, batch: Batch, candidates: CandidateVocab) -> torch.Tensor:
-    """Scores (B, C) of every candidate at each fact's target position. Shared by evaluator and trainer."""
+def candidate_scores(backend: LMBackend, method: PromptMethod, batch: Batch, candidates: CandidateVocab,
+                     virtual: torch.Tensor | None = None) -> torch.Tensor:
+    """Scores (B, C) of every candidate at each fact's target position. Shared by evaluator and trainer.
+
+    The virtual slots get the method's embeddings, or `virtual` (B, n_virtual, H): one set per row.
+    """
     embeds = backend.embed(batch.input_ids)
-    virtual = method.virtual_embeddings()
+    if virtual is None:
+        virtual = method.virtual_embeddings()
     if virtual is not None:
-        rows = virtual.to(embeds.dtype).repeat(batch.input_ids.shape[0], 1)
-        embeds = embeds.masked_scatter(batch.virtual_mask[..., None], rows)
+        rows = virtual.reshape(-1, virtual.shape[-1]) if virtual.dim() == 3 else virtual.repeat(batch.input_ids.shape[0], 1)
+        embeds = embeds.masked_scatter(batch.virtual_mask[..., None], rows.to(embeds.dtype))
     hidden = backend.target_hidden(embeds, batch.attention_mask, batch.target)
     return backend.candidate_logits(hidden, candidates.token_ids)
 
@@ -55,6 +60,14 @@ def rank_candidates(scores: torch.Tensor, gold: torch.Tensor, candidates: Candid
     return ranks_of(scores, gold).tolist(), [[candidates.words[i] for i in row] for row in top]
 
 
+def by_subject(facts: list[Fact]) -> dict[str, list[Fact]]:
+    """Facts grouped by subject: with one template, facts of the same subject share one input."""
+    groups: dict[str, list[Fact]] = {}
+    for f in facts:
+        groups.setdefault(f.sub, []).append(f)
+    return groups
+
+
 @torch.no_grad()
 def evaluate_facts(
     backend: LMBackend,
@@ -65,20 +78,28 @@ def evaluate_facts(
     batch_size: int = 128,
     progress: tqdm | None = None,
 ) -> RelationEval:
-    """Rank every candidate for each fact and return ranks, top-10 words and P@1/P@10/MRR."""
+    """Rank every candidate for each fact and return ranks, top-10 words and P@1/P@10/MRR.
+
+    Each distinct subject is run once; its scores serve every fact with that subject.
+    """
     was_training = method.training
     method.eval()
+    groups = by_subject(facts)
     ranks: list[int] = []
     top10: list[list[str]] = []
     ordered: list[Fact] = []
-    for batch in make_batches(compiled, facts, candidates, batch_size, pad_id(backend)):
-        batch = batch.to(backend.device)
-        batch_ranks, batch_top10 = rank_candidates(candidate_scores(backend, method, batch, candidates), batch.gold, candidates)
+    for batch in make_batches(compiled, [g[0] for g in groups.values()], candidates, batch_size, pad_id(backend)):
+        scores = candidate_scores(backend, method, batch.to(backend.device), candidates).cpu()
+        same = [groups[f.sub] for f in batch.facts]
+        rows = torch.tensor([i for i, g in enumerate(same) for _ in g])
+        batch_facts = [f for g in same for f in g]
+        gold = torch.tensor([candidates.index[f.obj] for f in batch_facts])
+        batch_ranks, batch_top10 = rank_candidates(scores[rows], gold, candidates)
         ranks.extend(batch_ranks)
         top10.extend(batch_top10)
-        ordered.extend(batch.facts)
+        ordered.extend(batch_facts)
         if progress is not None:
-            progress.update(len(batch.facts))
+            progress.update(len(batch_facts))
     method.train(was_training)
     return RelationEval(ordered, ranks, top10, relation_metrics(ranks))
 
@@ -97,23 +118,22 @@ def evaluate_ensemble(
     """Rank candidates by the weighted mean over prompts of their log-softmax among the candidates (LPAQA)."""
     if len(prompts) == 1:
         return evaluate_facts(backend, method, prompts[0], facts, candidates, batch_size, progress)
-    row_of = {f: i for i, f in enumerate(facts)}
-    if len(row_of) != len(facts):
-        raise ValueError("evaluate_ensemble needs distinct facts")
+    groups = by_subject(facts)
+    row_of = {sub: i for i, sub in enumerate(groups)}
     was_training = method.training
     method.eval()
     total = sum(weights)
-    scores = torch.zeros(len(facts), len(candidates))
+    scores = torch.zeros(len(groups), len(candidates))
     for compiled, weight in zip(prompts, weights, strict=True):
-        for batch in make_batches(compiled, facts, candidates, batch_size, pad_id(backend)):
+        for batch in make_batches(compiled, [g[0] for g in groups.values()], candidates, batch_size, pad_id(backend)):
             logits = candidate_scores(backend, method, batch.to(backend.device), candidates)
-            rows = torch.tensor([row_of[f] for f in batch.facts])
+            rows = torch.tensor([row_of[f.sub] for f in batch.facts])
             scores[rows] += (weight / total) * logits.log_softmax(dim=1).cpu()
             if progress is not None:
-                progress.update(len(batch.facts))
+                progress.update(sum(len(groups[f.sub]) for f in batch.facts))
     method.train(was_training)
     gold = torch.tensor([candidates.index[f.obj] for f in facts])
-    ranks, top10 = rank_candidates(scores, gold, candidates)
+    ranks, top10 = rank_candidates(scores[[row_of[f.sub] for f in facts]], gold, candidates)
     return RelationEval(list(facts), ranks, top10, relation_metrics(ranks))
 
 

@@ -29,8 +29,9 @@ class TrainConfig:
     weight_decay: float = 0.0
     batch_size: int = 16
     epochs: int = 2
+    min_steps: int = 100  # small relations get more passes, so that every prompt sees this many steps
     warmup: float = 0.1  # share of steps with a linear warm-up, then linear decay to 0
-    eval_every: int = 20  # steps between dev evaluations
+    eval_every: int = 25  # steps between dev evaluations
     patience: int = 4  # dev evaluations without improvement before stopping
     max_train: int = 0  # 0: all train facts
     seed: int = 13
@@ -63,7 +64,8 @@ def train_prompt(
     params = [p for p in method.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     steps_per_epoch = math.ceil(len(train_facts) / config.batch_size)
-    total = max(1, steps_per_epoch * config.epochs)
+    total = max(1, steps_per_epoch * config.epochs, config.min_steps)
+    epochs = math.ceil(total / steps_per_epoch)
     warm = max(1, int(config.warmup * total))
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: (s + 1) / warm if s < warm else max(0.0, (total - s) / max(1, total - warm))
@@ -76,7 +78,7 @@ def train_prompt(
     stopped = False
     bar = tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, leave=False)
     try:
-        for epoch in range(config.epochs):
+        for epoch in range(epochs):
             batches = make_batches(compiled, train_facts, candidates, config.batch_size, pad_id(backend), generator)
             for batch in batches:
                 batch = batch.to(backend.device)
@@ -99,10 +101,10 @@ def train_prompt(
                         bad += 1
                     bar.set_postfix(loss=f"{loss.item():.3f}", dev_p1=f"{dev['p1']:.1f}", best=f"{best['p1']:.1f}")
                 log.write(entry)
-                if bad >= config.patience:
-                    stopped = True
+                stopped = bad >= config.patience
+                if stopped or step == total:
                     break
-            if stopped:
+            if stopped or step == total:
                 break
     finally:
         bar.close()

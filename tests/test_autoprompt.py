@@ -16,7 +16,14 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 import cli
-from probe.autoprompt import AutoPromptConfig, allowed_tokens, batch_loss, flip_candidates, search_triggers
+from probe.autoprompt import (
+    AutoPromptConfig,
+    allowed_tokens,
+    batch_loss,
+    flip_candidates,
+    flip_losses,
+    search_triggers,
+)
 from probe.batching import collate
 from probe.data import Fact, LamaData
 from probe.evaluate import evaluate_facts, pad_id
@@ -129,6 +136,23 @@ def test_flip_candidates_follow_the_gradient_and_skip_banned_and_current():
     allowed = torch.tensor([True, True, True, True, False])
     assert flip_candidates(table, grad, allowed, current=0, k=2) == [2, 3]
     assert flip_candidates(table, grad, allowed, current=2, k=10) == [3, 1, 0]  # never current, never banned
+
+
+def test_flip_losses_in_one_pass_equal_one_trial_at_a_time(backend):
+    cands, compiled, method = setup(backend)
+    batch = collate(compiled, [Fact(s, "Paris") for s in SUBJECTS[:5]], cands, pad_id(backend))
+    tokens = [token_id(backend, w) for w in ("city", "born", "capital", "language", "died")]
+    start = method.trigger_ids.clone()
+    batched = flip_losses(backend, method, batch, cands, 1, tokens, max_rows=10)  # two trials a pass, three passes
+    one_by_one = []
+    for t in tokens:
+        method.trigger_ids[1] = t
+        with torch.no_grad():
+            one_by_one.append(batch_loss(backend, method, batch, cands).item())
+        method.trigger_ids.copy_(start)
+    assert batched == pytest.approx(one_by_one, rel=1e-5)
+    assert len(set(round(x, 4) for x in batched)) == len(tokens)  # the trials really differ
+    assert torch.equal(method.trigger_ids, start)  # the search's state is untouched
 
 
 def test_search_only_ever_picks_allowed_tokens(causal_backend, tmp_path):

@@ -188,6 +188,33 @@ def test_causal_scores_equal_full_forward_at_last_real_token(causal_backend):
             torch.testing.assert_close(ours[i], alone, rtol=1e-4, atol=1e-5)
 
 
+def test_llama_fast_path_equals_transformers_at_any_target(causal_backend):
+    """The fast Llama forward gives transformers' hidden state and gradient at targets anywhere in the row."""
+    b = causal_backend
+    assert b.fast is not None
+    cands = build_candidates(b.tokenizer, WORDS)
+    batch = collate(compile_template(P19, b.tokenizer, "causal"), FACTS, cands, pad_id(b))
+    target = torch.tensor([0, 2, 9, 1])  # the first token, mid-row, the last of the longest row, a padded row
+    embeds = b.embed(batch.input_ids).detach().requires_grad_(True)
+    weights = torch.randn(4, b.hidden_size, generator=torch.Generator().manual_seed(0))  # a loss that reads every unit
+    fast = b.fast(embeds, target)
+    (grad_fast,) = torch.autograd.grad((fast * weights).sum(), embeds)
+    out = b.body(inputs_embeds=embeds, attention_mask=batch.attention_mask).last_hidden_state
+    ref = out[torch.arange(4), target]
+    (grad_ref,) = torch.autograd.grad((ref * weights).sum(), embeds)
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad_fast, grad_ref, rtol=1e-4, atol=1e-5)
+    assert grad_fast[1, 3:].abs().sum() == 0  # nothing right of the target reaches it
+
+
+def test_llama_fast_path_only_for_plain_llama():
+    from probe.llama_fast import supports
+
+    assert supports(LlamaConfig())
+    assert not supports(LlamaConfig(attention_bias=True))
+    assert not supports(GPT2Config())
+
+
 def test_candidate_rows_cache_follows_the_candidates(masked_backend):
     b = masked_backend
     small = build_candidates(b.tokenizer, ["Paris", "Rome"])

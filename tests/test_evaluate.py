@@ -82,6 +82,21 @@ def test_make_batches_sorts_by_length(masked_backend, cands):
     assert padding < int((unsorted.attention_mask == 0).sum())
 
 
+def test_make_batches_bounds_padding(masked_backend, cands):
+    """A long subject starts its own batch instead of padding a batch of short ones."""
+    compiled = compile_template(P19, masked_backend.tokenizer, "masked")
+    facts = [Fact(s, "Paris") for s in ["Dante", "Rome", "Lyon", "Milan", "Victor Hugo", "the city of Milan and Rome"]]
+    lengths = {f: len(compiled.encode(f.sub).input_ids) for f in facts}
+    for max_padding in (0.0, 0.1, 0.5):
+        batches = make_batches(compiled, facts, cands, 8, 0, max_padding=max_padding)
+        assert sorted((f for b in batches for f in b.facts), key=facts.index) == facts
+        for b in batches:
+            real = int(b.attention_mask.sum())
+            assert b.attention_mask.numel() <= (1 + max_padding) * real
+    assert len(make_batches(compiled, facts, cands, 8, 0, max_padding=0.0)) == len(set(lengths.values()))
+    assert len(make_batches(compiled, facts, cands, 8, 0, max_padding=10.0)) == 1
+
+
 def test_make_batches_with_a_generator_is_a_seeded_shuffle(masked_backend, cands):
     compiled = compile_template(P19, masked_backend.tokenizer, "masked")
     facts, _ = filter_facts(FACTS, cands)
@@ -144,6 +159,24 @@ def test_evaluate_facts_equals_by_hand(request, which):
     preds = result.predictions()
     assert preds[0] == {"sub": result.facts[0].sub, "obj": result.facts[0].obj, "rank": ranks[0],
                         "top10": result.top10[0]}
+
+
+def test_facts_sharing_a_subject_run_once(causal_backend, monkeypatch):
+    """N-M relations repeat subjects: each distinct input runs once, every fact still gets its own rank."""
+    import probe.evaluate as ev
+
+    cands = build_candidates(causal_backend.tokenizer, WORDS)
+    facts = [Fact("Dante", "Florence"), Fact("Rome", "Italy"), Fact("Dante", "Paris"), Fact("Dante", "Milan")]
+    compiled = compile_template(P19, causal_backend.tokenizer, "causal")
+    seen = []
+    real = ev.candidate_scores
+    monkeypatch.setattr(ev, "candidate_scores", lambda b, m, batch, c: seen.extend(batch.facts) or real(b, m, batch, c))
+    result = evaluate_facts(causal_backend, ManualPrompt(0, causal_backend.hidden_size), compiled, facts, cands, 8)
+    assert sorted(f.sub for f in seen) == ["Dante", "Rome"]
+    assert sorted(result.facts, key=facts.index) == facts
+    ranks, top1 = _by_hand(causal_backend, P19, result.facts, cands)
+    assert result.ranks == ranks and [t[0] for t in result.top10] == top1
+    assert len(set(ranks)) > 1  # the three Dante facts differ in rank
 
 
 def test_top10_with_fewer_candidates(masked_backend):

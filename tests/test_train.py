@@ -50,7 +50,7 @@ CANDIDATES = ["Paris", "France", "Rome", "Italy", "Berlin", "Germany", "Madrid",
 SUBJECTS = ["Dante", "Victor", "Hugo", "Alighieri", "Besancon", "Aaron", "Abbey", "Abraham", "Abel", "Abigail",
             "city", "capital", "language", "official", "died", "Victor Hugo"]
 MANUAL = "[X] was born in [Y] ."
-FAST = TrainConfig(lr=0.05, batch_size=4, epochs=3, eval_every=1, patience=100, seed=7)
+FAST = TrainConfig(min_steps=0, lr=0.05, batch_size=4, epochs=3, eval_every=1, patience=100, seed=7)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -356,7 +356,7 @@ def test_training_beats_the_manual_prompt_on_a_learnable_relation(request, which
     torch.manual_seed(0)
     method = get_method(method_name).create(backend, compiled, MANUAL)
     log = tmp_path / "log.jsonl"
-    config = TrainConfig(lr=0.1, batch_size=5, epochs=5, eval_every=2, patience=100, seed=1)
+    config = TrainConfig(min_steps=0, lr=0.1, batch_size=5, epochs=5, eval_every=2, patience=100, seed=1)
     result = train_prompt(backend, method, compiled, train, dev, cands, config, log_path=log)
     assert result.best_dev["p1"] >= manual_p1 + 30, (manual_p1, result)
     assert result.best_step > 0 and result.steps == 10 and not result.stopped_early
@@ -370,6 +370,25 @@ def test_training_beats_the_manual_prompt_on_a_learnable_relation(request, which
     assert best_entry["dev_p1"] == result.best_dev["p1"]
 
 
+def test_min_steps_gives_small_relations_more_passes(causal_backend, monkeypatch):
+    """10 facts in batches of 4 are 3 steps a pass: min_steps 7 runs three passes and stops at step 7."""
+    import probe.train
+
+    cands = candidates_for(causal_backend)
+    compiled = compile_template(parse_template("(1, sub, 1, obj)"), causal_backend.tokenizer, "causal")
+    train = [Fact(s, CANDIDATES[i]) for i, s in enumerate(SUBJECTS[:10])]
+    seen = []
+    real = probe.train.candidate_scores
+    monkeypatch.setattr(probe.train, "candidate_scores",
+                        lambda b, m, batch, c: seen.append(batch.facts) or real(b, m, batch, c))
+    config = TrainConfig(min_steps=7, lr=0.01, batch_size=4, epochs=1, eval_every=100, patience=100, seed=1)
+    method = get_method("ptuning").create(causal_backend, compiled, MANUAL, None)
+    result = train_prompt(causal_backend, method, compiled, train, train, cands, config)
+    assert result.steps == len(seen) == 7
+    for start in (0, 3):  # each pass sees every fact once
+        assert sorted((f for b in seen[start:start + 3] for f in b), key=train.index) == train
+
+
 def test_early_stopping_and_no_improvement_keeps_the_initial_weights(causal_backend, tmp_path):
     backend = causal_backend
     cands = candidates_for(backend)
@@ -379,7 +398,7 @@ def test_early_stopping_and_no_improvement_keeps_the_initial_weights(causal_back
     method = PTuningEncoder.create(backend, compiled, MANUAL)
     before = method_snapshot(method)
     # lr 0: nothing can improve, so patience runs out after two evaluations and the weights stay the start ones
-    config = TrainConfig(lr=0.0, batch_size=2, epochs=5, eval_every=1, patience=2, seed=1)
+    config = TrainConfig(min_steps=0, lr=0.0, batch_size=2, epochs=5, eval_every=1, patience=2, seed=1)
     result = train_prompt(backend, method, compiled, train, train, cands, config)
     assert result.stopped_early and result.steps == 2 and result.best_step == 0
     assert same_state(method_snapshot(method), before)
@@ -415,7 +434,7 @@ def test_training_loss_is_cross_entropy_at_the_evaluator_target(request, which, 
 
     monkeypatch.setattr(probe.train, "candidate_scores", checked)
     log = tmp_path / "log.jsonl"
-    config = TrainConfig(lr=0.01, batch_size=4, epochs=2, eval_every=100, patience=100, seed=3)
+    config = TrainConfig(min_steps=0, lr=0.01, batch_size=4, epochs=2, eval_every=100, patience=100, seed=3)
     result = train_prompt(backend, method, compiled, facts, facts, cands, config, log_path=log)
     assert result.steps == len(seen) == 6
     assert any(padded) and not all(padded)
@@ -471,7 +490,7 @@ def test_same_seed_same_prompt_other_seed_other_prompt(causal_backend, tmp_path)
     dev = dev + [Fact("Dante", "Rome"), Fact("Hugo", "Lyon")]
 
     def run(seed: int, name: str):
-        config = TrainConfig(lr=0.02, batch_size=3, epochs=2, eval_every=1, patience=100, seed=seed)
+        config = TrainConfig(min_steps=0, lr=0.02, batch_size=3, epochs=2, eval_every=1, patience=100, seed=seed)
         torch.manual_seed(seed)  # as train_relations does before creating the method
         method = PTuningEncoder.create(backend, compiled, MANUAL)
         result = train_prompt(backend, method, compiled, train, dev, cands, config, log_path=tmp_path / name)
@@ -499,7 +518,7 @@ def test_same_init_other_seed_changes_the_shuffle_only(causal_backend):
     out = []
     for seed in (1, 1, 2):
         method = copy.deepcopy(start)
-        config = TrainConfig(lr=0.02, batch_size=3, epochs=1, eval_every=100, patience=100, seed=seed)
+        config = TrainConfig(min_steps=0, lr=0.02, batch_size=3, epochs=1, eval_every=100, patience=100, seed=seed)
         train_prompt(backend, method, compiled, facts, facts, cands, config)
         out.append(method.virtual_embeddings().detach())
     assert torch.equal(out[0], out[1])
@@ -522,7 +541,7 @@ def test_max_train_subsamples_deterministically(causal_backend, monkeypatch):
     for _ in range(2):
         torch.manual_seed(0)
         method = PTuningEncoder.create(backend, compiled, MANUAL)
-        config = TrainConfig(lr=0.01, batch_size=2, epochs=1, eval_every=100, patience=100, max_train=5, seed=4)
+        config = TrainConfig(min_steps=0, lr=0.01, batch_size=2, epochs=1, eval_every=100, patience=100, max_train=5, seed=4)
         result = train_prompt(backend, method, compiled, facts, facts[:3], cands, config)
         assert result.steps == 3
     assert len(used) == 2 and used[0] == used[1] and len(used[0]) == 5
@@ -844,7 +863,7 @@ def test_cli_train_interrupted_then_resumed(tiny_causal_dir, tmp_path, monkeypat
     lama = make_lama(tmp_path / "lama", default_splits())
     out = tmp_path / "run"
     args = ["train", "--model", str(tiny_causal_dir), "--dtype", "float32", "--data", str(lama), "--relation", "P19",
-            "--relation", "P36", "--out", str(out), "--epochs", "1", "--batch-size", "4", "--lr", "0.05"]
+            "--relation", "P36", "--out", str(out), "--epochs", "1", "--min-steps", "0", "--batch-size", "4", "--lr", "0.05"]
     real = probe.train.train_prompt
     calls = []
 
@@ -905,7 +924,7 @@ def test_resume_with_other_training_settings_is_refused(masked_backend, tmp_path
 
     def config(lr: float, init: str) -> dict:
         return run_config(masked_backend, data, settings, cands, command="train", template_file=None, seed=13,
-                          method_config={"init": init}, train=asdict(TrainConfig(lr=lr, seed=13)))
+                          method_config={"init": init}, train=asdict(TrainConfig(min_steps=0, lr=lr, seed=13)))
 
     RunFolder(tmp_path / "run", config(3e-3, "vocab"))
     other = config(1e-1, "vocab") if change == "lr" else config(3e-3, "random")
@@ -918,6 +937,6 @@ def test_cli_train_refuses_a_non_test_split(tiny_causal_dir, tmp_path, split):
     lama = make_lama(tmp_path / "lama", default_splits())
     res = CliRunner().invoke(cli.app, ["train", "--model", str(tiny_causal_dir), "--dtype", "float32", "--data", str(lama),
                                        "--relation", "P19", "--split", split, "--out", str(tmp_path / "run"),
-                                       "--epochs", "1"])
+                                       "--epochs", "1", "--min-steps", "0"])
     assert isinstance(res.exception, ProbeError), res.output
     assert "split" in str(res.exception)
