@@ -22,6 +22,8 @@ DataOpt = Annotated[str | None, typer.Option("--data", help="LAMA folder (defaul
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="'smollm2', a hub id, a local folder or a .gguf file.")]
 DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")]
 DtypeOpt = Annotated[str, typer.Option(help="float32, bfloat16 or float16 for the LM weights.")]
+ControlOpt = Annotated[str, typer.Option(
+    help="random-model: the same LM with re-drawn weights (seeded), a control for what is learned, not known.")]
 
 
 def _relation_ids(data, relation: list[str] | None, all_: bool) -> list[str]:
@@ -104,6 +106,8 @@ def eval_cmd(
         help="With --prompts-file: combine a relation's prompts (weighted mean of candidate log-softmax).")] = False,
     max_prompts: Annotated[int | None, typer.Option(
         help="Prompts per relation from --prompts-file (default: 1, all with --ensemble; 0: all).")] = None,
+    control: ControlOpt = "none",
+    seed: Annotated[int, typer.Option(help="Seed of --control random-model.")] = 13,
 ) -> None:
     """Evaluate a prompt method on one or all relations with one model load; print and save the table."""
     if prompts is not None:
@@ -149,7 +153,7 @@ def eval_cmd(
                  "method_config": {"ensemble": ensemble, "max_prompts": max_prompts},
                  "prompts_per_relation": {rid: len(p) for rid, p in chosen.items()}}
     words = lama.vocab_words(vocab)
-    backend = load_backend(model, device=device, dtype=dtype)
+    backend = load_backend(model, device=device, dtype=dtype, control=control, seed=seed)
     candidates = build_candidates(backend.tokenizer, words)
     if len(ids) == 1:
         relation_facts(lama, lama.relation(ids[0]), split, candidates, strict=True)
@@ -161,6 +165,8 @@ def eval_cmd(
     settings = EvalSettings(method=method, split=split, vocab=vocab, batch_size=batch_size)
     name = f"discrete-{_slug(prompts_file.stem)}" if prompts_file is not None else method
     out = out or Path("runs") / f"{name}-{_slug(model)}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if control != "none":
+        extra["seed"] = seed
     run = RunFolder(out, run_config(backend, lama, settings, candidates, **extra), resume=resume)
     try:
         results = evaluate_relations(backend, lama, ids, candidates, run, settings, chosen)
@@ -186,7 +192,8 @@ def _eval_prompts(run_dir: Path, model: str | None, data: str | None, batch_size
     if model is not None and model != cfg["model"]:
         raise ProbeError(f"run folder {run_dir} was trained on model {cfg['model']!r}, not {model!r}")
     lama = LamaData(data or cfg["data"])
-    backend = load_backend(cfg["model"], device=device, dtype=cfg.get("dtype", "float32"))
+    backend = load_backend(cfg["model"], device=device, dtype=cfg.get("dtype", "float32"),
+                           control=cfg.get("control", "none"), seed=cfg.get("seed") or 0)
     if backend.kind != cfg["model_kind"]:
         raise ProbeError(f"run folder {run_dir} was trained on a {cfg['model_kind']} LM, {cfg['model']!r} is {backend.kind}")
     candidates = build_candidates(backend.tokenizer, lama.vocab_words(cfg["vocab"]))
@@ -228,6 +235,7 @@ def train_cmd(
     capitals: Annotated[bool, typer.Option(help="autoprompt: allow capitalised trigger tokens.")] = True,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "bfloat16",
+    control: ControlOpt = "none",
 ) -> None:
     """Train a prompt per relation against the frozen LM, then test it next to the manual prompt."""
     from probe.autoprompt import AutoPromptConfig
@@ -256,7 +264,7 @@ def train_cmd(
     if not method_cls.trainable:
         raise ProbeError(f"method {method!r} has nothing to train: use `probe eval --method {method}`")
     words = lama.vocab_words(vocab)
-    backend = load_backend(model, device=device, dtype=dtype)
+    backend = load_backend(model, device=device, dtype=dtype, control=control, seed=seed)
     candidates = build_candidates(backend.tokenizer, words)
     if len(ids) == 1:
         rel = lama.relation(ids[0])

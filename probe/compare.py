@@ -63,6 +63,8 @@ def run_label(config: dict) -> str:
     label = config.get("method") or "?"
     if config.get("prompts_file"):
         label += f":{Path(config['prompts_file']).stem}" + ("+ens" if config.get("ensemble") else "")
+    if config.get("control", "none") != "none":
+        label += f"+{config['control']}"
     return label
 
 

@@ -61,6 +61,7 @@ def run_config(backend: LMBackend, data: LamaData, settings: EvalSettings, candi
         "template_file": None,
         "seed": None,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        **({"control": backend.control} if backend.control != "none" else {}),  # absent for the real LM
         **extra,
     }
 

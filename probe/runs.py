@@ -22,7 +22,7 @@ from probe.metrics import aggregate
 
 # Keys of a run config that must agree for --resume to reuse a folder.
 IDENTITY_KEYS = ("command", "model", "method", "split", "vocab", "data", "template_file", "seed", "dtype",
-                 "method_config", "train")
+                 "method_config", "train", "control")
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

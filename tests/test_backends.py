@@ -330,3 +330,47 @@ def test_the_toy_model_catches_off_by_one(next_token_backend):
     assert appended.metrics["p1"] == 0.0
     nxt = {c: COUNTRIES[(i + 1) % 4] for i, c in enumerate(COUNTRIES)}
     assert [top[0] for top in appended.top10] == [nxt[f.obj] for f in appended.facts]
+
+
+# ---- the random-model control ---------------------------------------------------------------
+
+
+def test_random_model_control_redraws_every_weight_seeded(tiny_causal_dir):
+    real = load_backend(str(tiny_causal_dir))
+    a = load_backend(str(tiny_causal_dir), control="random-model", seed=1)
+    b = load_backend(str(tiny_causal_dir), control="random-model", seed=1)
+    c = load_backend(str(tiny_causal_dir), control="random-model", seed=2)
+    assert a.control == "random-model" and real.control == "none"
+    ra, rb, rc = (dict(x.model.named_parameters()) for x in (a, b, c))
+    for name, p in real.model.named_parameters():
+        assert torch.equal(ra[name], rb[name]), name  # same seed, same weights
+        if name.endswith("norm.weight"):
+            assert (ra[name] == 1).all(), name
+        else:
+            assert not torch.equal(ra[name], p), name  # every weight re-drawn
+            assert not torch.equal(ra[name], rc[name]), name
+            assert abs(ra[name].std().item() - a.model.config.initializer_range) < 0.01, name
+    assert not any(p.requires_grad for p in a.model.parameters())  # still frozen
+
+
+def test_unknown_control_is_a_probe_error(tiny_causal_dir):
+    with pytest.raises(ProbeError, match="unknown control 'shuffled': expected one of none, random-model"):
+        load_backend(str(tiny_causal_dir), control="shuffled")
+
+
+def test_random_model_runs_are_labelled_and_recorded(tmp_path, tiny_causal_dir):
+    from conftest import make_fake_lama, run_cli
+
+    from probe.compare import run_label
+
+    lama = make_fake_lama(tmp_path / "lama")
+    out = tmp_path / "run"
+    proc = run_cli("eval", "--model", tiny_causal_dir, "--relation", "P36", "--control", "random-model", "--seed", "5",
+                   "--data", lama, "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    import json
+
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["control"] == "random-model" and cfg["seed"] == 5
+    assert run_label(cfg) == "manual+random-model"
+    assert run_label({"method": "manual"}) == "manual"
