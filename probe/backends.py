@@ -38,7 +38,7 @@ class LMBackend:
     are computed only at the target position and only for the candidate rows.
     """
 
-    def __init__(self, model, tokenizer, kind: str, name: str, device: str = "cpu"):
+    def __init__(self, model, tokenizer, kind: str, name: str, device: str = "cpu", control: str = "none"):
         self.model = model.eval()
         self.model.requires_grad_(False)
         self.tokenizer = tokenizer
@@ -49,7 +49,7 @@ class LMBackend:
         self.head = _masked_head(model) if kind == "masked" else None
         self.fast = llama_fast.LlamaTarget(model) if kind == "causal" and llama_fast.supports(model.config) else None
         self._cand_cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
-        self.control = "none"  # "random-model" when the weights were re-drawn (see randomize_weights)
+        self.control = control  # "random-model" when the weights were re-drawn (see randomize_weights)
 
     @property
     def hidden_size(self) -> int:
@@ -239,6 +239,4 @@ def load_backend(name: str, device: str = "cpu", dtype: str = "float32", kind: s
     if control == "random-model":
         randomize_weights(model, seed)
     model.to(device)
-    backend = LMBackend(model, tokenizer, kind, name, device)
-    backend.control = control
-    return backend
+    return LMBackend(model, tokenizer, kind, name, device, control)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from probe.data import Fact
-from probe.templates import CompiledTemplate
+from probe.templates import CompiledTemplate, Encoded
 from probe.vocab import CandidateVocab
 
 
@@ -42,9 +42,11 @@ def filter_facts(facts: list[Fact], candidates: CandidateVocab) -> tuple[list[Fa
     return kept, len(facts) - len(kept)
 
 
-def collate(compiled: CompiledTemplate, facts: list[Fact], candidates: CandidateVocab, pad_id: int) -> Batch:
-    """Encode and right-pad facts into one batch."""
-    encoded = [compiled.encode(f.sub) for f in facts]
+def collate(compiled: CompiledTemplate, facts: list[Fact], candidates: CandidateVocab, pad_id: int,
+            encoded: list[Encoded] | None = None) -> Batch:
+    """Encode (unless `encoded` is given) and right-pad facts into one batch."""
+    if encoded is None:
+        encoded = [compiled.encode(f.sub) for f in facts]
     length = max(len(e.input_ids) for e in encoded)
     ids = torch.full((len(facts), length), pad_id, dtype=torch.long)
     mask = torch.zeros((len(facts), length), dtype=torch.long)
@@ -72,7 +74,8 @@ def make_batches(
     With a generator (training), facts are shuffled; each pool of 8 batches is sorted by length before
     it is cut, to pad less, and the batches come out in a shuffled order.
     """
-    lengths = [len(compiled.encode(f.sub).input_ids) for f in facts]
+    encoded = [compiled.encode(f.sub) for f in facts]  # once: for the lengths and the batches
+    lengths = [len(e.input_ids) for e in encoded]
     if generator is not None:
         order = torch.randperm(len(facts), generator=generator).tolist()
         pool = 8 * batch_size
@@ -90,4 +93,4 @@ def make_batches(
                 tokens = 0
             chunks[-1].append(i)
             tokens += lengths[i]
-    return [collate(compiled, [facts[i] for i in chunk], candidates, pad_id) for chunk in chunks]
+    return [collate(compiled, [facts[i] for i in chunk], candidates, pad_id, [encoded[i] for i in chunk]) for chunk in chunks]

@@ -11,8 +11,6 @@ import torch.nn.functional as F
 
 from probe.errors import ProbeError
 
-DISCRETE_METHODS = ("manual", "majority", "autoprompt")
-
 
 @dataclass
 class SlotNeighbours:
@@ -76,7 +74,8 @@ def load_vectors(folder: Path) -> torch.Tensor:
 
 
 def check_explainable(config: dict, run_dir: Path) -> None:
+    """Only training runs of continuous methods have vectors to explain; eval runs and AutoPrompt hold real tokens."""
     method = config.get("method")
-    if method in DISCRETE_METHODS:
+    if config.get("command") != "train" or method == "autoprompt":
         raise ProbeError(f"{run_dir} is a run of the discrete method {method!r}: its prompt is real tokens, "
                          "nothing to explain (explain reads runs of ptuning, ptuning-mlp or prompt-tuning)")

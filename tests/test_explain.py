@@ -44,11 +44,11 @@ def test_explain_reports_shared_gold_and_template_neighbours(causal_backend):
     assert info["mean_top1_similarity"] > 0.999
 
 
-def _run_folder(tmp_path, tiny_causal_dir, method: str, vectors: torch.Tensor | None):
+def _run_folder(tmp_path, tiny_causal_dir, method: str, vectors: torch.Tensor | None, command: str = "train"):
     lama = make_fake_lama(tmp_path / "lama")
     run = tmp_path / "run"
     (run / "P19").mkdir(parents=True)
-    config = {"command": "train", "method": method, "model": str(tiny_causal_dir), "model_kind": "causal",
+    config = {"command": command, "method": method, "model": str(tiny_causal_dir), "model_kind": "causal",
               "data": str(lama), "vocab": "common", "split": "test_34k"}
     (run / "config.json").write_text(json.dumps(config))
     if vectors is not None:
@@ -73,3 +73,5 @@ def test_cli_explain_refuses_a_discrete_run(tmp_path, tiny_causal_dir):
     run = _run_folder(tmp_path, tiny_causal_dir, "autoprompt", None)
     assert_user_error(run_cli("explain", run), "discrete method 'autoprompt'", "nothing to explain")
     assert_user_error(run_cli("explain", tmp_path / "nowhere"), "not a run folder")
+    manual = _run_folder(tmp_path / "eval", tiny_causal_dir, "manual", None, command="eval")
+    assert_user_error(run_cli("explain", manual), "discrete method 'manual'", "nothing to explain")
