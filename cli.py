@@ -210,12 +210,16 @@ def _eval_prompts(run_dir: Path, model: str | None, data: str | None, batch_size
 @app.command("train")
 def train_cmd(
     model: ModelOpt = "smollm2",
-    method: Annotated[str, typer.Option(help="ptuning, ptuning-mlp, prompt-tuning or autoprompt.")] = "ptuning",
+    method: Annotated[str, typer.Option(
+        help="ptuning, ptuning-mlp, prompt-tuning, prefix-tuning or autoprompt.")] = "ptuning",
     relation: Annotated[list[str] | None, typer.Option("--relation", "-r", help="Relation id, e.g. P19.")] = None,
     all_: Annotated[bool, typer.Option("--all", help="Train every T-REx relation.")] = False,
     template: Annotated[str | None, typer.Option(
         help="Template file (see templates/) or inline shape; default (3,sub,3,obj,3) masked, (3,sub,3,obj) causal.")] = None,
-    init: Annotated[str, typer.Option(help="prompt-tuning init: random, vocab or template.")] = "vocab",
+    init: Annotated[str | None, typer.Option(
+        help="prompt-tuning and prefix-tuning init: random, vocab or template (default vocab and random).")] = None,
+    reparam: Annotated[str | None, typer.Option(
+        help="prefix-tuning: mlp (train an MLP over a small embedding, folded away at save) or none.")] = None,
     split: Annotated[str, typer.Option(help="Test split: test_34k (alias test) or test_29k.")] = "test_34k",
     vocab: Annotated[str, typer.Option(help="Candidate vocabulary: common or 29k.")] = "common",
     data: DataOpt = None,
@@ -241,8 +245,7 @@ def train_cmd(
     from probe.autoprompt import AutoPromptConfig
     from probe.backends import load_backend
     from probe.data import SPLIT_ALIASES, LamaData
-    from probe.methods import get_method
-    from probe.methods.prompt_tuning import INITS, PromptTuningConfig
+    from probe.methods import get_method, method_config
     from probe.pipeline import EvalSettings, load_template_spec, relation_facts, run_config, train_relations
     from probe.runs import RunFolder
     from probe.train import TrainConfig
@@ -252,9 +255,7 @@ def train_cmd(
     _positive(batch_size=batch_size, epochs=epochs, eval_every=eval_every, patience=patience, iterations=iterations,
               top_k=top_k)
     method_cls = get_method(method)
-    if init not in INITS:
-        raise ProbeError(f"unknown init {init!r}: expected one of {', '.join(INITS)}")
-    method_config = PromptTuningConfig(init=init) if method == "prompt-tuning" else None
+    config_of_method = method_config(method, init=init, reparam=reparam)
     load_template_spec(template)  # a bad template fails before the model loads
     lama = LamaData(data)
     ids = _relation_ids(lama, relation, all_)
@@ -281,11 +282,11 @@ def train_cmd(
                                    min_steps=min_steps, eval_every=eval_every, patience=patience, max_train=max_train, seed=seed)
     settings = EvalSettings(method=method, split=split, vocab=vocab)
     config = run_config(backend, lama, settings, candidates, command="train", template_file=template, seed=seed,
-                        method_config=(method_config.__dict__ if method_config else {}), train=train_config.__dict__)
+                        method_config=config_of_method.__dict__, train=train_config.__dict__)
     out = out or Path("runs") / f"{method}-{_slug(model)}-{time.strftime('%Y%m%d-%H%M%S')}"
     run = RunFolder(out, config, resume=resume)
     try:
-        results = train_relations(backend, lama, ids, candidates, run, method, method_config, train_config,
+        results = train_relations(backend, lama, ids, candidates, run, method, config_of_method, train_config,
                                   template, settings)
     except KeyboardInterrupt:
         _interrupted(run)
@@ -318,15 +319,19 @@ def compare_cmd(
 
 @app.command("explain")
 def explain_cmd(
-    run_dir: Annotated[Path, typer.Argument(help="A run folder of ptuning, ptuning-mlp or prompt-tuning.")],
+    run_dir: Annotated[Path, typer.Argument(help="A run folder of ptuning, ptuning-mlp, prompt-tuning or prefix-tuning.")],
     relation: Annotated[list[str] | None, typer.Option("--relation", "-r", help="Only these relations.")] = None,
     k: Annotated[int, typer.Option("-k", help="Nearest vocabulary tokens per virtual token.")] = 5,
     data: DataOpt = None,
 ) -> None:
-    """Nearest vocabulary tokens (cosine) of each learned virtual token; saves explain.json in the run folder."""
+    """Nearest vocabulary tokens (cosine) of each learned virtual token; saves explain.json in the run folder.
+
+    Prefix-tuning learns no input vectors: its virtual tokens are read through their layer-0 keys and values,
+    next to those of each vocabulary token on its own.
+    """
     from probe.backends import load_backend
     from probe.data import LamaData
-    from probe.explain import check_explainable, explain_vectors, load_vectors
+    from probe.explain import INPUT_SPACE, check_explainable, explain_vectors, load_vectors, vocabulary_table
     from probe.runs import atomic_write_json, read_json
 
     _positive(k=k)
@@ -341,13 +346,19 @@ def explain_cmd(
     if not folders:
         raise ProbeError(f"{run_dir} holds no saved prompts{' for ' + ', '.join(relation) if relation else ''}")
     backend = load_backend(cfg["model"], dtype="float32")
-    table = backend.model.get_input_embeddings().weight.detach()
+    tables = {}
     report = {}
     for folder in folders:
         rel = lama.relation(folder.name)
         gold = {f.obj for split in ("train", "dev") for f in lama.facts(rel.id, split)}
         words = set(rel.template.replace("[X]", " ").replace("[Y]", " ").split())
-        info = explain_vectors(backend.tokenizer, table, load_vectors(folder), k, gold, words)
+        vectors, space = load_vectors(folder)
+        if space not in tables:
+            tables[space] = vocabulary_table(backend, space)
+            if space != INPUT_SPACE:
+                typer.echo(f"note: {cfg.get('method')} learns no input vectors; comparing the {space} of each virtual "
+                           "token with those of every vocabulary token on its own")
+        info = {"space": space, **explain_vectors(backend.tokenizer, tables[space], vectors, k, gold, words)}
         report[rel.id] = info
         typer.echo(f"{rel.id} {rel.label} (manual: {rel.template})")
         for slot in info["slots"]:
@@ -395,6 +406,47 @@ def templates_show(
     sub = facts[0].sub if facts else "[X]"
     typer.echo(f"{rel.id} ({rel.label}), {backend.kind} LM: {template.source}")
     typer.echo(compiled.describe(sub))
+
+
+@app.command("sweep")
+def sweep_cmd(
+    grid: Annotated[Path, typer.Argument(help="A sweep grid file (TOML; see sweeps/).")],
+    out: Annotated[Path | None, typer.Option(help="Sweep folder (default runs/sweep-<grid name>); "
+                                                  "rerunning into it skips finished cells.")] = None,
+    data: DataOpt = None,
+    device: DeviceOpt = "cpu",
+) -> None:
+    """Train every cell of a grid (method x length x init x reparam x seed x relation); tables of mean ± std over seeds."""
+    from probe.backends import load_backend
+    from probe.data import LamaData
+    from probe.sweep import cells_of, load_grid, prepare_folder, run_sweep, write_tables
+    from probe.vocab import build_candidates
+
+    t0 = time.time()
+    spec = load_grid(grid)
+    lama = LamaData(data)
+    ids = list(lama.relations) if spec.relations == "all" else [lama.relation(r).id for r in spec.relations]
+    from probe.pipeline import load_template_spec
+
+    load_template_spec(spec.template)  # a bad template fails before the model loads
+    out = out or Path("runs") / f"sweep-{grid.stem}"
+    words = lama.vocab_words(spec.vocab)
+    prepare_folder(out, spec, {"data": str(lama.root.resolve())})
+    backend = load_backend(spec.model, device=device, dtype=spec.dtype, control=spec.control)
+    candidates = build_candidates(backend.tokenizer, words)
+    n = len(cells_of(spec, ids))
+    typer.echo(f"{spec.model} loaded in {time.time() - t0:.1f}s; {n} cells ({n // len(ids)} settings x {len(ids)} "
+               f"relations)", err=True)
+    try:
+        run_sweep(backend, lama, spec, ids, candidates, out)
+    except KeyboardInterrupt:
+        write_tables(out, cells_of(spec, ids))
+        typer.echo(f"interrupted: finished cells are saved in {out}; rerun the same command to continue", err=True)
+        raise typer.Exit(130) from None
+    summary = out / "summary.md"
+    if summary.exists():
+        typer.echo(summary.read_text(encoding="utf-8"))
+    typer.echo(f"saved {out} ({time.time() - t0:.0f}s in all)")
 
 
 def _slug(model: str) -> str:

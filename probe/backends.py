@@ -8,10 +8,13 @@ import logging
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from probe import llama_fast
 from probe.errors import ProbeError
@@ -21,6 +24,22 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ALIASES = {"smollm2": "smollm2"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CONTROLS = ("none", "random-model")
+
+
+class Prefix(NamedTuple):
+    """Per-layer keys and values for the virtual positions of a batch (prefix-tuning).
+
+    keys (layers, n_virtual, key_dim) and values (layers, n_virtual, value_dim) replace, at every layer,
+    what the key and value projections compute at the positions where `virtual_mask` (B, L) is set.
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    virtual_mask: torch.Tensor
+
+
+class _StopForward(Exception):
+    """Raised by a capture hook once it has what it needs, to skip the rest of a forward pass."""
 
 
 def cache_dir() -> Path:
@@ -49,6 +68,7 @@ class LMBackend:
         self.head = _masked_head(model) if kind == "masked" else None
         self.fast = llama_fast.LlamaTarget(model) if kind == "causal" and llama_fast.supports(model.config) else None
         self._cand_cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
+        self._kv_cache: list | None = None  # key/value projections, found on first use (prefix-tuning)
         self.control = control  # "random-model" when the weights were re-drawn (see randomize_weights)
 
     @property
@@ -63,11 +83,19 @@ class LMBackend:
         """Input embeddings of token ids, (B, L) -> (B, L, H)."""
         return self.model.get_input_embeddings()(input_ids)
 
-    def target_hidden(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def target_hidden(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, target: torch.Tensor,
+                      prefix: Prefix | None = None) -> torch.Tensor:
         """Final hidden state at each row's target position, (B, H); for masked LMs after the MLM transform.
 
         Rows are right-padded, so a causal LM needs no attention mask: it never looks to the right.
+        With a `prefix`, every layer's keys and values at the virtual positions are the prefix's.
         """
+        if prefix is None:
+            return self._target_hidden(inputs_embeds, attention_mask, target)
+        with self._kv_hooks(lambda layer, which, out: _put_rows(out, prefix.virtual_mask, getattr(prefix, which)[layer])):
+            return self._target_hidden(inputs_embeds, attention_mask, target)
+
+    def _target_hidden(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if self.fast is not None:
             return self.fast(inputs_embeds, target)
         rows = torch.arange(inputs_embeds.shape[0], device=inputs_embeds.device)
@@ -79,6 +107,68 @@ class LMBackend:
         out = self.body(inputs_embeds=inputs_embeds, attention_mask=attention_mask)
         hidden = out.last_hidden_state[rows, target]
         return self.head[0](hidden) if self.head is not None else hidden
+
+    def kv_layout(self) -> tuple[int, int, int]:
+        """(layers, key_dim, value_dim): the shape of one position's keys and values across the layers."""
+        projections = self._kv_projections()
+        k_mod, k_slice = projections[0][0]
+        v_mod, v_slice = projections[0][1]
+        return len(projections), _width(k_mod, k_slice), _width(v_mod, v_slice)
+
+    @torch.no_grad()
+    def token_kv(self, input_ids: torch.Tensor, layers: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values the LM computes for token ids (B, L): (layers, B, L, key_dim) and (layers, B, L, value_dim).
+
+        Only the first `layers` layers are run when given. Tokens are read as they are, with no special tokens added.
+        """
+        n = layers or len(self._kv_projections())
+        got: dict[tuple[int, str], torch.Tensor] = {}
+
+        def capture(layer, which, out):
+            got[layer, which] = out.float()
+            if len(got) == 2 * n:
+                raise _StopForward
+            return out
+
+        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+        with self._kv_hooks(capture, n):
+            try:
+                embeds = self.embed(input_ids.to(self.device))
+                self._target_hidden(embeds, torch.ones_like(input_ids), torch.zeros_like(rows))
+            except _StopForward:
+                pass
+        keys = torch.stack([got[i, "keys"] for i in range(n)])
+        values = torch.stack([got[i, "values"] for i in range(n)])
+        return keys, values
+
+    def _kv_projections(self) -> list[tuple[tuple[nn.Module, slice | None], tuple[nn.Module, slice | None]]]:
+        """Per layer, the (module, output slice) computing keys and values; the model's own order of layers."""
+        if self._kv_cache is None:
+            self._kv_cache = _find_kv_projections(self.body)
+            if not self._kv_cache:
+                raise ProbeError(
+                    f"model {self.name!r}: prefix-tuning cannot find its key/value projections "
+                    "(expected attention modules with k_proj/v_proj, key/value or GPT-2's c_attn)"
+                )
+        return self._kv_cache
+
+    @contextmanager
+    def _kv_hooks(self, fn, layers: int | None = None):
+        """While inside, `fn(layer, 'keys'|'values', output)` sees (and may replace) every key/value projection output."""
+        handles = []
+        for layer, pair in enumerate(self._kv_projections()[:layers]):
+            for which, (module, part) in zip(("keys", "values"), pair, strict=True):
+                def hook(mod, args, out, layer=layer, which=which, part=part):
+                    if part is None:
+                        return fn(layer, which, out)
+                    new = fn(layer, which, out[..., part])
+                    return torch.cat([out[..., : part.start], new, out[..., part.stop:]], dim=-1)
+                handles.append(module.register_forward_hook(hook))
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
 
     def candidate_logits(self, hidden: torch.Tensor, candidate_ids: torch.Tensor) -> torch.Tensor:
         """Float32 scores of the candidate tokens from target hidden states, (B, H) -> (B, C)."""
@@ -97,6 +187,32 @@ class LMBackend:
         bias = out.bias[ids].float() if getattr(out, "bias", None) is not None else None
         self._cand_cache = (candidate_ids.clone(), weight, bias)
         return weight, bias
+
+
+def _put_rows(out: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """`out` (B, L, D) with the positions where `mask` (B, L) is set replaced, in order, by `rows` (n, D)."""
+    source = rows.to(out.dtype).expand(out.shape[0], -1, -1)
+    return out.masked_scatter(mask[..., None], source)
+
+
+def _width(module: nn.Module, part: slice | None) -> int:
+    if part is not None:
+        return part.stop - part.start
+    return module.out_features if hasattr(module, "out_features") else module.weight.shape[0]
+
+
+def _find_kv_projections(body: nn.Module) -> list:
+    """(key, value) projections of each self-attention module, as (module, output slice or None) pairs."""
+    found = []
+    for module in body.modules():
+        if isinstance(getattr(module, "k_proj", None), nn.Linear) and isinstance(getattr(module, "v_proj", None), nn.Linear):
+            found.append(((module.k_proj, None), (module.v_proj, None)))  # Llama, Mistral, Qwen, OPT, GPT-Neo
+        elif all(isinstance(getattr(module, a, None), nn.Linear) for a in ("query", "key", "value")):
+            found.append(((module.key, None), (module.value, None)))  # BERT, RoBERTa, ELECTRA
+        elif hasattr(module, "c_attn") and hasattr(module, "split_size") and not getattr(module, "is_cross_attention", False):
+            h = module.split_size  # GPT-2: one fused projection, outputs [query | key | value]
+            found.append(((module.c_attn, slice(h, 2 * h)), (module.c_attn, slice(2 * h, 3 * h))))
+    return found
 
 
 def _masked_head(model) -> tuple | None:

@@ -16,6 +16,7 @@ import pandas as pd
 from probe.data import RELATION_TYPES
 from probe.errors import ProbeError
 from probe.metrics import aggregate
+from probe.plots import png_axes
 from probe.runs import atomic_write_text, markdown_table, read_json
 
 # Settings that must agree for P@1 figures to be comparable (else --allow-mixed).
@@ -172,53 +173,35 @@ def comparison_markdown(cmp: Comparison) -> str:
 
 def plot_types(cmp: Comparison, path: Path) -> None:
     """Grouped bars: macro P@1 overall and per relation type, one bar per run."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     groups = ["all", *RELATION_TYPES]
     values = {row["label"]: [row["macro_p1"], *[row[f"p1_{t}"] for t in RELATION_TYPES]]
               for row in cmp.summary.to_dict("records")}
     width = 0.8 / max(1, len(values))
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for i, (label, vals) in enumerate(values.items()):
-        xs = [g + i * width for g in range(len(groups))]
-        ax.bar(xs, [0 if v is None or pd.isna(v) else v for v in vals], width, label=label)
-    ax.set_xticks([g + width * (len(values) - 1) / 2 for g in range(len(groups))], groups)
-    ax.set_ylabel("macro P@1 (%)")
-    ax.set_title("P@1 by relation type")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with png_axes(path, (7, 4)) as ax:
+        for i, (label, vals) in enumerate(values.items()):
+            xs = [g + i * width for g in range(len(groups))]
+            ax.bar(xs, [0 if v is None or pd.isna(v) else v for v in vals], width, label=label)
+        ax.set_xticks([g + width * (len(values) - 1) / 2 for g in range(len(groups))], groups)
+        ax.set_ylabel("macro P@1 (%)")
+        ax.set_title("P@1 by relation type")
 
 
 def plot_manual_scatter(cmp: Comparison, path: Path) -> bool:
     """Per relation: manual P@1 against each other run's P@1; False when no run has a manual reference."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     others = [run for run in cmp.runs if run.label in cmp.manual_p1 and run.config.get("method") != "manual"]
     if not others:
         return False
-    fig, ax = plt.subplots(figsize=(5.5, 5.5))
-    for run, marker in zip(others, "os^vDP*Xh<>" * 10, strict=False):
-        manual = cmp.manual_p1[run.label]
-        ax.scatter([manual[r] for r in cmp.relations], [run.rows[r]["p1"] for r in cmp.relations], marker=marker,
-                   label=run.label, alpha=0.7)
-    ax.plot([0, 100], [0, 100], color="grey", linewidth=0.8)
-    ax.set_xlim(0, 100)
-    ax.set_ylim(0, 100)
-    ax.set_xlabel("manual prompt P@1 (%)")
-    ax.set_ylabel("method P@1 (%)")
-    ax.set_title("P@1 per relation")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with png_axes(path, (5.5, 5.5)) as ax:
+        for run, marker in zip(others, "os^vDP*Xh<>" * 10, strict=False):
+            manual = cmp.manual_p1[run.label]
+            ax.scatter([manual[r] for r in cmp.relations], [run.rows[r]["p1"] for r in cmp.relations], marker=marker,
+                       label=run.label, alpha=0.7)
+        ax.plot([0, 100], [0, 100], color="grey", linewidth=0.8)
+        ax.set_xlim(0, 100)
+        ax.set_ylim(0, 100)
+        ax.set_xlabel("manual prompt P@1 (%)")
+        ax.set_ylabel("method P@1 (%)")
+        ax.set_title("P@1 per relation")
     return True
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
-from probe.backends import LMBackend
+from probe.backends import LMBackend, Prefix
 from probe.batching import Batch, make_batches
 from probe.data import Fact
 from probe.methods.base import PromptMethod
@@ -27,6 +27,7 @@ def candidate_scores(backend: LMBackend, method: PromptMethod, batch: Batch, can
     """Scores (B, C) of every candidate at each fact's target position. Shared by evaluator and trainer.
 
     The virtual slots get the method's embeddings, or `virtual` (B, n_virtual, H): one set per row.
+    A prefix method instead sets the keys and values of the virtual slots at every layer.
     """
     embeds = backend.embed(batch.input_ids)
     if virtual is None:
@@ -34,7 +35,9 @@ def candidate_scores(backend: LMBackend, method: PromptMethod, batch: Batch, can
     if virtual is not None:
         rows = virtual.reshape(-1, virtual.shape[-1]) if virtual.dim() == 3 else virtual.repeat(batch.input_ids.shape[0], 1)
         embeds = embeds.masked_scatter(batch.virtual_mask[..., None], rows.to(embeds.dtype))
-    hidden = backend.target_hidden(embeds, batch.attention_mask, batch.target)
+    kv = method.prefix()
+    prefix = Prefix(kv[0], kv[1], batch.virtual_mask) if kv is not None else None
+    hidden = backend.target_hidden(embeds, batch.attention_mask, batch.target, prefix)
     return backend.candidate_logits(hidden, candidates.token_ids)
 
 

@@ -66,11 +66,36 @@ def explain_vectors(tokenizer, table: torch.Tensor, vectors: torch.Tensor, k: in
     }
 
 
-def load_vectors(folder: Path) -> torch.Tensor:
-    """The virtual-token vectors saved in a relation folder of a trained run."""
+INPUT_SPACE = "input embeddings"
+PREFIX_SPACE = "layer-0 keys and values"
+
+
+def load_vectors(folder: Path) -> tuple[torch.Tensor, str]:
+    """The vectors to explain from a relation folder of a trained run, and the space they live in.
+
+    Input-level methods saved input embeddings. Prefix-tuning learns no input vectors, so its layer-0 keys
+    and values are used, to be compared with each vocabulary token's own layer-0 keys and values.
+    """
     from probe.pipeline import load_prompt
 
-    return load_prompt(folder / "prompt.safetensors").embeddings
+    prompt = load_prompt(folder / "prompt.safetensors")
+    if prompt.embeddings is not None:
+        return prompt.embeddings, INPUT_SPACE
+    return torch.cat([prompt.keys[0], prompt.values[0]], dim=-1), PREFIX_SPACE
+
+
+@torch.no_grad()
+def vocabulary_table(backend, space: str, batch_size: int = 4096) -> torch.Tensor:
+    """One row per vocabulary token in `space`: its input embedding, or its layer-0 keys and values on its own."""
+    table = backend.model.get_input_embeddings().weight.detach()
+    if space == INPUT_SPACE:
+        return table
+    rows = []
+    for start in range(0, table.shape[0], batch_size):
+        ids = torch.arange(start, min(start + batch_size, table.shape[0]))[:, None]
+        keys, values = backend.token_kv(ids, layers=1)
+        rows.append(torch.cat([keys[0, :, 0], values[0, :, 0]], dim=-1).cpu())
+    return torch.cat(rows)
 
 
 def check_explainable(config: dict, run_dir: Path) -> None:
@@ -78,4 +103,4 @@ def check_explainable(config: dict, run_dir: Path) -> None:
     method = config.get("method")
     if config.get("command") != "train" or method == "autoprompt":
         raise ProbeError(f"{run_dir} is a run of the discrete method {method!r}: its prompt is real tokens, "
-                         "nothing to explain (explain reads runs of ptuning, ptuning-mlp or prompt-tuning)")
+                         "nothing to explain (explain reads runs of ptuning, ptuning-mlp, prompt-tuning or prefix-tuning)")

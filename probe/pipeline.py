@@ -121,29 +121,47 @@ def evaluate_relations(
 # ----------------------------------------------------------------------------------------------
 
 
-def load_template_spec(spec: str | None):
-    """`--template`: a template file, an inline template, or None for the default P-tuning shapes."""
+def load_template_spec(spec: str | None, method: str | None = None):
+    """`--template`: a template file, an inline template, or None for the default shapes.
+
+    The defaults are the P-tuning shapes, unless the method has its own (prefix-tuning puts its prefix first).
+    """
     from pathlib import Path
 
-    from probe.templates import TemplateFile, parse_template, parse_template_file
+    from probe.templates import DEFAULT_SHAPES, TemplateFile, parse_template, parse_template_file
 
+    defaults = dict(get_method(method).default_shapes or DEFAULT_SHAPES) if method else dict(DEFAULT_SHAPES)
     if spec is None:
-        return TemplateFile("<default>", {})
+        return TemplateFile("<default>", {}, defaults)
     if Path(spec).is_file() or spec.endswith((".txt", ".tpl")):
-        return parse_template_file(spec)
-    return TemplateFile("<inline>", {"default": parse_template(spec)})
+        tf = parse_template_file(spec)
+        tf.defaults = defaults
+        return tf
+    return TemplateFile("<inline>", {"default": parse_template(spec)}, defaults)
 
 
 def save_prompt(path, method) -> None:
-    """The virtual embeddings (what evaluation uses) and the method's own weights, in one safetensors file."""
+    """What evaluation uses (virtual embeddings, or per-layer prefix keys and values), in one safetensors file.
+
+    The method's own weights are added unless it folds them away (prefix-tuning keeps only the MLP's output).
+    """
     import torch
     from safetensors.torch import save
 
-    with torch.no_grad():
-        tensors = {"virtual_embeddings": method.virtual_embeddings().detach().float().cpu().clone().contiguous()}
-    tensors.update({f"method.{k}": v.detach().cpu().contiguous() for k, v in method.state_dict().items()})
     from probe.runs import atomic_write_bytes
 
+    def plain(t):
+        return t.detach().float().cpu().clone().contiguous()
+
+    with torch.no_grad():
+        tensors = {}
+        embeddings, kv = method.virtual_embeddings(), method.prefix()
+        if embeddings is not None:
+            tensors["virtual_embeddings"] = plain(embeddings)
+        if kv is not None:
+            tensors["prefix_keys"], tensors["prefix_values"] = plain(kv[0]), plain(kv[1])
+    if method.save_state:
+        tensors.update({f"method.{k}": v.detach().cpu().contiguous() for k, v in method.state_dict().items()})
     atomic_write_bytes(path, save(tensors))
 
 
@@ -155,27 +173,43 @@ def load_prompt(path):
     from probe.methods import FixedPrompt
 
     try:
-        embeddings = load_file(str(path))["virtual_embeddings"]
-    except (SafetensorError, KeyError, OSError) as e:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as e:
         raise ProbeError(f"{path}: not a readable prompt file ({e})") from None
-    if embeddings.ndim != 2 or not embeddings.is_floating_point():
+    embeddings, keys, values = (tensors.get(k) for k in ("virtual_embeddings", "prefix_keys", "prefix_values"))
+    if embeddings is None and keys is None:
+        raise ProbeError(f"{path}: not a prompt file (expected 'virtual_embeddings' or 'prefix_keys')")
+    if embeddings is not None and (embeddings.ndim != 2 or not embeddings.is_floating_point()):
         raise ProbeError(f"{path}: expected a 2-D float tensor 'virtual_embeddings', got shape {tuple(embeddings.shape)}")
-    return FixedPrompt(embeddings)
+    if keys is not None and (values is None or keys.ndim != 3 or values.ndim != 3 or keys.shape[:2] != values.shape[:2]):
+        raise ProbeError(f"{path}: expected 'prefix_keys' and 'prefix_values' of shape (layers, n_virtual, dim)")
+    return FixedPrompt(embeddings, keys, values)
+
+
+def fit_prompt(backend, method_name, method_config, compiled, manual_template, train, dev, candidates, train_config,
+               log_path=None, desc: str = "train"):
+    """Create a method (seeded by the train config) and fit it on train with selection on dev: (method, result)."""
+    import torch
+
+    from probe.autoprompt import search_triggers
+    from probe.train import train_prompt
+
+    torch.manual_seed(train_config.seed)
+    method = get_method(method_name).create(backend, compiled, manual_template, method_config).to(backend.device)
+    fit = search_triggers if method_name == "autoprompt" else train_prompt  # a discrete search, not SGD
+    result = fit(backend, method, compiled, train, dev, candidates, train_config, log_path, desc=desc)
+    return method, result
 
 
 def train_relations(backend, data, relation_ids, candidates, run, method_name, method_config, train_config,
                     template_spec, settings: EvalSettings) -> dict:
     """Train and test one prompt per relation into a run folder, skipping finished relations."""
-    import torch
-
-    from probe.autoprompt import search_triggers
     from probe.runs import atomic_write_json
-    from probe.train import train_prompt
 
     method_cls = get_method(method_name)
     if not method_cls.trainable:
         raise ProbeError(f"method {method_name!r} has nothing to train: use `probe eval --method {method_name}`")
-    templates = load_template_spec(template_spec)
+    templates = load_template_spec(template_spec, method_name)
     strict = len(relation_ids) == 1
     todo = [data.relation(r) for r in relation_ids if not run.is_done(r)]
     compiled_for = {}
@@ -201,14 +235,12 @@ def train_relations(backend, data, relation_ids, candidates, run, method_name, m
             tqdm.write(f"warning: relation {relation.id} has no {settings.split} facts left after filtering; skipped",
                        file=sys.stderr)
             continue
-        torch.manual_seed(train_config.seed)
-        method = method_cls.create(backend, compiled, relation.template, method_config).to(backend.device)
         folder = run.relation_dir(relation.id)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "train_log.jsonl").unlink(missing_ok=True)
-        fit = search_triggers if method_name == "autoprompt" else train_prompt  # a discrete search, not SGD
-        result = fit(backend, method, compiled, train, dev, candidates, train_config,
-                     folder / "train_log.jsonl", desc=f"{relation.id} [{i}/{len(todo)}]")
+        method, result = fit_prompt(backend, method_name, method_config, compiled, relation.template, train, dev,
+                                    candidates, train_config, folder / "train_log.jsonl",
+                                    desc=f"{relation.id} [{i}/{len(todo)}]")
         test_eval = evaluate_facts(backend, method, compiled, test, candidates, settings.batch_size)
         manual = compile_template(relation.template, backend.tokenizer, backend.kind)
         manual_method = get_method("manual")(0, backend.hidden_size)

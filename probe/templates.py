@@ -151,6 +151,22 @@ def expand_manual(template: Template, manual: str | None) -> Template:
     return Template(source=template.source, parts=tuple(p for p in parts if p.kind != TEXT or p.text))
 
 
+def spread_virtual(template: Template, n: int) -> Template:
+    """The template with n virtual tokens in all, spread over its virtual slots in order (earlier slots get the
+    remainder); a slot left with none is dropped. `(3, sub, 3, obj)` with n=1 is `(1, sub, obj)`, n=12 `(6, sub, 6, obj)`."""
+    slots = [i for i, p in enumerate(template.parts) if p.kind == VIRTUAL]
+    if not slots:
+        raise TemplateError(f"template {template.source!r} has no virtual slots to spread {n} tokens over")
+    if n < 1:
+        raise TemplateError(f"a prompt length must be at least 1, got {n}")
+    counts = {i: n // len(slots) + (k < n % len(slots)) for k, i in enumerate(slots)}
+    parts = tuple(Part(VIRTUAL, counts[i], space=p.space) if i in counts else p for i, p in enumerate(template.parts))
+    kept = tuple(p for p in parts if p.kind != VIRTUAL or p.n > 0)
+    shown = ", ".join(str(p.n) if p.kind == VIRTUAL else p.kind if p.kind in (SUB, OBJ, MANUAL) else repr(p.text)
+                      for p in kept)
+    return Template(source=f"({shown})", parts=kept)
+
+
 @dataclass
 class Encoded:
     """One fact as the model sees it: token ids, virtual-token positions, and the target position."""
@@ -298,12 +314,13 @@ class TemplateFile:
 
     path: str
     entries: dict[str, Template]
+    defaults: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_SHAPES))  # when the file sets none
 
     def template_for(self, relation: str, kind: str) -> Template:
         for key in (f"{relation}.{kind}", relation, f"default.{kind}", "default"):
             if key in self.entries:
                 return self.entries[key]
-        return parse_template(DEFAULT_SHAPES[kind])
+        return parse_template(self.defaults[kind])
 
 
 def parse_template_file(path: str | Path) -> TemplateFile:

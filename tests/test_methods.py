@@ -35,7 +35,7 @@ def table_of(backend) -> torch.Tensor:
 
 
 def test_registry_names_and_trainable_flags():
-    assert set(METHODS) == {"manual", "ptuning", "ptuning-mlp", "prompt-tuning", "autoprompt", "majority"}
+    assert set(METHODS) == {"manual", "ptuning", "ptuning-mlp", "prompt-tuning", "prefix-tuning", "autoprompt", "majority"}
     assert METHODS["manual"] is ManualPrompt and not ManualPrompt.trainable
     for name, cls in [("ptuning", PTuningEncoder), ("ptuning-mlp", PTuningMLP), ("prompt-tuning", PromptTuning)]:
         assert get_method(name) is cls and cls.trainable and cls.name == name

@@ -6,16 +6,19 @@ has options), then register it in METHODS. The trainer and evaluator need nothin
 
 from __future__ import annotations
 
+import dataclasses
+
 from probe.errors import ProbeError
 from probe.methods.autoprompt import AutoPrompt
 from probe.methods.base import FixedPrompt, MethodConfig, PromptMethod
 from probe.methods.majority import MajorityClass
 from probe.methods.manual import ManualPrompt
+from probe.methods.prefix_tuning import PrefixTuning
 from probe.methods.prompt_tuning import PromptTuning
 from probe.methods.ptuning import PTuningEncoder, PTuningMLP
 
 METHODS: dict[str, type[PromptMethod]] = {
-    m.name: m for m in (ManualPrompt, PTuningEncoder, PTuningMLP, PromptTuning, AutoPrompt, MajorityClass)
+    m.name: m for m in (ManualPrompt, PTuningEncoder, PTuningMLP, PromptTuning, PrefixTuning, AutoPrompt, MajorityClass)
 }
 
 
@@ -26,4 +29,19 @@ def get_method(name: str) -> type[PromptMethod]:
     return METHODS[name]
 
 
-__all__ = ["METHODS", "FixedPrompt", "MethodConfig", "PromptMethod", "get_method"]
+def method_config(name: str, **options) -> MethodConfig:
+    """The config of method `name` with the options given (None: the default); an option it lacks is a ProbeError."""
+    config_class = get_method(name).config_class
+    fields = {f.name for f in dataclasses.fields(config_class)}
+    given = {k: v for k, v in options.items() if v is not None}
+    for key in given:
+        if key not in fields:
+            takes = ", ".join(f"--{f}" for f in sorted(fields) if f in options) or "none of them"
+            raise ProbeError(f"--{key} does not apply to method {name!r} (it takes {takes})")
+    config = config_class(**given)
+    if hasattr(config, "check"):
+        config.check()
+    return config
+
+
+__all__ = ["METHODS", "FixedPrompt", "MethodConfig", "PromptMethod", "get_method", "method_config"]

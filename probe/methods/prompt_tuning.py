@@ -14,9 +14,22 @@ from probe.templates import manual_relation_words
 INITS = ("random", "vocab", "template")
 
 
+def init_token_ids(tokenizer, vocab_size: int, n: int, init: str, manual_template: str) -> torch.Tensor:
+    """n real token ids to start a prompt from: 'vocab' draws frequent (low) ids, 'template' cycles the manual words."""
+    if init == "vocab":
+        return torch.randint(min(5000, vocab_size), (n,))
+    words = manual_relation_words(manual_template)
+    ids = tokenizer.encode(" " + words, add_special_tokens=False) or [0]
+    return torch.tensor([ids[i % len(ids)] for i in range(n)])
+
+
 @dataclass
 class PromptTuningConfig(MethodConfig):
     init: str = "vocab"  # random | vocab | template
+
+    def check(self) -> None:
+        if self.init not in INITS:
+            raise ProbeError(f"unknown init {self.init!r}: expected one of {', '.join(INITS)}")
 
 
 class PromptTuning(PromptMethod):
@@ -30,25 +43,19 @@ class PromptTuning(PromptMethod):
     def __init__(self, n_virtual: int, hidden_size: int, config: PromptTuningConfig | None = None,
                  init: torch.Tensor | None = None):
         super().__init__(n_virtual, hidden_size, config)
-        if self.config.init not in INITS:
-            raise ProbeError(f"unknown init {self.config.init!r}: expected one of {', '.join(INITS)}")
+        self.config.check()
         self.prompt = nn.Parameter(init.clone().float() if init is not None else torch.randn(n_virtual, hidden_size))
 
     @classmethod
     def create(cls, backend, compiled, manual_template: str, config: PromptTuningConfig | None = None) -> PromptTuning:
         config = config or PromptTuningConfig()
-        if config.init not in INITS:
-            raise ProbeError(f"unknown init {config.init!r}: expected one of {', '.join(INITS)}")
+        config.check()
         table = backend.model.get_input_embeddings().weight.detach().float().cpu()
         n = compiled.n_virtual
         if config.init == "random":
             init = torch.randn(n, table.shape[1]) * table.std()
-        elif config.init == "vocab":  # rows of real tokens, drawn from the lower (frequent) ids of the vocabulary
-            init = table[torch.randint(min(5000, table.shape[0]), (n,))]
         else:
-            words = manual_relation_words(manual_template)
-            ids = backend.tokenizer.encode(" " + words, add_special_tokens=False) or [0]
-            init = table[torch.tensor([ids[i % len(ids)] for i in range(n)])]
+            init = table[init_token_ids(backend.tokenizer, table.shape[0], n, config.init, manual_template)]
         return cls(n, table.shape[1], config, init=init)
 
     def virtual_embeddings(self) -> torch.Tensor:

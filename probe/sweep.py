@@ -1,0 +1,275 @@
+"""`probe sweep`: train a grid of prompt settings over relations and seeds, one resumable cell at a time.
+
+A grid file (TOML) names the axes; every combination is one cell, trained and tested on its own:
+
+    model = "smollm2"
+    relations = ["P19", "P36"]          # or "all"
+    [axes]
+    method = ["prefix-tuning"]
+    length = [1, 3, 6, 12]              # virtual tokens in all, spread over the template's slots
+    init = ["random", "vocab"]          # for methods that take it (prompt-tuning, prefix-tuning)
+    reparam = ["mlp", "none"]           # for methods that take it (prefix-tuning)
+    seed = [1, 2, 3]
+    [train]                             # TrainConfig fields, e.g. max_train = 200
+
+An axis value a method does not take is left out of that method's cells ("-" in the tables).
+
+    OUT/grid.json         the grid as read, with the settings every cell shares
+    OUT/cells/KEY.json    one finished cell: its settings and test/dev metrics (a cell is skipped once this exists)
+    OUT/cells.csv         one row per cell
+    OUT/summary.csv|.md   per setting: macro P@1 over relations, mean and std over seeds
+    OUT/length.png        macro P@1 against prompt length, one line per (method, init, reparam)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+from tqdm import tqdm
+
+from probe.errors import ProbeError
+from probe.methods import get_method, method_config
+from probe.plots import png_axes
+from probe.runs import atomic_write_json, atomic_write_text, markdown_table, read_json
+from probe.train import TrainConfig
+
+AXES = ("method", "length", "init", "reparam", "seed")
+SETTING = ("method", "length", "init", "reparam")  # what a summary row is; seeds and relations are averaged
+SHARED_KEYS = ("model", "template", "split", "vocab", "dtype", "control", "train")  # must agree to resume a folder
+NOT_APPLICABLE = "-"
+
+
+@dataclass
+class SweepGrid:
+    """A sweep grid file, validated."""
+
+    relations: list[str] | str
+    axes: dict[str, list]
+    model: str = "smollm2"
+    template: str | None = None
+    split: str = "test_34k"
+    vocab: str = "common"
+    dtype: str = "bfloat16"
+    control: str = "none"
+    train: dict = field(default_factory=dict)
+
+    def shared(self) -> dict:
+        return {k: getattr(self, k) for k in SHARED_KEYS}
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One training: a setting of every axis, for one relation."""
+
+    method: str
+    length: int
+    init: str
+    reparam: str
+    seed: int
+    relation: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.method}_L{self.length}_{self.init}_{self.reparam}_s{self.seed}_{self.relation}"
+
+
+def load_grid(path: str | Path) -> SweepGrid:
+    """Read and check a grid file; any problem is a ProbeError naming the file and what was expected."""
+    path = Path(path)
+    if not path.is_file():
+        raise ProbeError(f"sweep grid {path} not found")
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise ProbeError(f"{path}: not a valid TOML grid ({e})") from None
+    known = {f.name for f in dataclasses.fields(SweepGrid)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ProbeError(f"{path}: unknown key {unknown[0]!r}: expected {', '.join(sorted(known))}")
+    if "relations" not in raw or "axes" not in raw:
+        raise ProbeError(f"{path}: a grid needs `relations` (a list of ids or \"all\") and an [axes] table")
+    axes = raw["axes"]
+    if not isinstance(axes, dict) or "method" not in axes:
+        raise ProbeError(f"{path}: [axes] must be a table with at least `method`")
+    for name, values in axes.items():
+        if name not in AXES:
+            raise ProbeError(f"{path}: unknown axis {name!r}: expected one of {', '.join(AXES)}")
+        if not isinstance(values, list) or not values:
+            raise ProbeError(f"{path}: axis {name!r} must be a non-empty list, got {values!r}")
+    for name in ("length", "seed"):
+        bad = [v for v in axes.get(name, []) if not isinstance(v, int) or isinstance(v, bool) or v < (1 if name == "length" else 0)]
+        if bad:
+            raise ProbeError(f"{path}: axis {name!r} takes whole numbers{' >= 1' if name == 'length' else ''}, got {bad[0]!r}")
+    train = raw.get("train", {})
+    fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"seed"}
+    if not isinstance(train, dict) or set(train) - fields:
+        bad = sorted(set(train) - fields) if isinstance(train, dict) else train
+        raise ProbeError(f"{path}: [train] takes {', '.join(sorted(fields))}; got {bad!r}")
+    grid = SweepGrid(**raw)
+    if not (grid.relations == "all" or (isinstance(grid.relations, list) and grid.relations)):
+        raise ProbeError(f"{path}: relations must be \"all\" or a non-empty list of ids, got {grid.relations!r}")
+    expand_settings(grid, path)  # every axis value must exist for some method
+    return grid
+
+
+def expand_settings(grid: SweepGrid, source: str | Path = "grid") -> list[dict]:
+    """Every distinct (method, length, init, reparam, seed) of the grid; axes a method lacks become '-'."""
+    axes = grid.axes
+    settings = []
+    for name in axes["method"]:
+        try:
+            cls = get_method(name)
+        except ProbeError as e:
+            raise ProbeError(f"{source}: {e}") from None
+        if not cls.trainable or name == "autoprompt":
+            raise ProbeError(f"{source}: method {name!r} cannot be swept (expected a continuous prompt method)")
+    for option in ("init", "reparam"):
+        for value in axes.get(option, []):
+            takers = [m for m in axes["method"] if option in _fields(m)]
+            if not takers:
+                raise ProbeError(f"{source}: axis {option!r} applies to none of the methods {axes['method']}")
+            for m in takers:
+                try:
+                    method_config(m, **{option: value})
+                except ProbeError as e:
+                    raise ProbeError(f"{source}: axis {option} value {value!r} does not exist for {m}: {e}") from None
+    for m in axes["method"]:
+        fields = _fields(m)
+        inits = axes.get("init", [None]) if "init" in fields else [None]
+        reparams = axes.get("reparam", [None]) if "reparam" in fields else [None]
+        for length, init, reparam, seed in itertools.product(axes.get("length", [0]), inits, reparams, axes.get("seed", [13])):
+            config = method_config(m, init=init, reparam=reparam)
+            settings.append({
+                "method": m, "length": length,
+                "init": getattr(config, "init", NOT_APPLICABLE) if "init" in fields else NOT_APPLICABLE,
+                "reparam": getattr(config, "reparam", NOT_APPLICABLE) if "reparam" in fields else NOT_APPLICABLE,
+                "seed": seed,
+            })
+    return list({tuple(s.values()): s for s in settings}.values())
+
+
+def _fields(method: str) -> set[str]:
+    return {f.name for f in dataclasses.fields(get_method(method).config_class)}
+
+
+def cells_of(grid: SweepGrid, relation_ids: list[str]) -> list[Cell]:
+    return [Cell(**s, relation=r) for s in expand_settings(grid) for r in relation_ids]
+
+
+def prepare_folder(out: Path, grid: SweepGrid, extra: dict) -> None:
+    """Create OUT or check that it was made by a grid with the same shared settings (so its cells can be reused)."""
+    record = {**grid.shared(), **extra, "axes": grid.axes, "relations": grid.relations}
+    path = out / "grid.json"
+    if path.exists():
+        old = read_json(path)
+        diff = [k for k in (*SHARED_KEYS, *extra) if old.get(k) != record.get(k)]
+        if diff:
+            shown = ", ".join(f"{k}: {old.get(k)!r} there, {record.get(k)!r} now" for k in diff)
+            raise ProbeError(f"sweep folder {out} was made with other settings ({shown}): use another --out")
+    (out / "cells").mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, record)
+
+
+def run_cell(backend, data, cell: Cell, grid: SweepGrid, candidates, facts_of) -> dict:
+    """Train and test one cell; returns its row (settings, test and dev metrics, steps, seconds)."""
+    from probe.evaluate import evaluate_facts
+    from probe.pipeline import fit_prompt, load_template_spec
+    from probe.templates import compile_template, spread_virtual
+
+    t0 = time.time()
+    relation = data.relation(cell.relation)
+    template = load_template_spec(grid.template, cell.method).template_for(relation.id, backend.kind)
+    if cell.length:
+        template = spread_virtual(template, cell.length)
+    compiled = compile_template(template, backend.tokenizer, backend.kind, manual=relation.template)
+    config = method_config(cell.method, **{k: getattr(cell, k) for k in ("init", "reparam") if getattr(cell, k) != NOT_APPLICABLE})
+    method_cls = get_method(cell.method)
+    train_config = TrainConfig(**{"lr": method_cls.default_lr, **grid.train, "seed": cell.seed})
+    train, dev, test = facts_of(relation)
+    method, result = fit_prompt(backend, cell.method, config, compiled, relation.template, train, dev, candidates,
+                                train_config, desc=cell.key)
+    metrics = evaluate_facts(backend, method, compiled, test, candidates).metrics
+    return {
+        **dataclasses.asdict(cell), "template": template.source, "type": relation.type, "n_facts": len(test),
+        "n_train": len(train), **metrics, **{f"dev_{k}": v for k, v in result.best_dev.items()},
+        "steps": result.steps, "best_step": result.best_step, "seconds": round(time.time() - t0, 1),
+    }
+
+
+def run_sweep(backend, data, grid: SweepGrid, relation_ids: list[str], candidates, out: Path) -> pd.DataFrame:
+    """Run every unfinished cell (one model load), then write the tables; returns the cells table."""
+    from probe.pipeline import relation_facts
+
+    cells = cells_of(grid, relation_ids)
+    todo = [c for c in cells if not (out / "cells" / f"{c.key}.json").exists()]
+    cache: dict[str, tuple] = {}
+
+    def facts_of(relation):
+        if relation.id not in cache:
+            train, _ = relation_facts(data, relation, "train", candidates, False)
+            dev, _ = relation_facts(data, relation, "dev", candidates, False)
+            test, _ = relation_facts(data, relation, grid.split, candidates, False)
+            if not train or not test:
+                raise ProbeError(f"relation {relation.id} has no train or {grid.split} facts left after filtering")
+            cache[relation.id] = (train, dev or train, test)
+        return cache[relation.id]
+
+    if len(todo) < len(cells):
+        tqdm.write(f"{len(cells) - len(todo)} of {len(cells)} cells already done in {out}; running the other {len(todo)}")
+    for cell in tqdm(todo, desc="sweep", unit="cell", dynamic_ncols=True):
+        row = run_cell(backend, data, cell, grid, candidates, facts_of)
+        atomic_write_json(out / "cells" / f"{cell.key}.json", row)
+    return write_tables(out, cells)
+
+
+def write_tables(out: Path, cells: list[Cell]) -> pd.DataFrame:
+    """cells.csv, summary.csv, summary.md and length.png from the finished cells of this grid."""
+    rows = [read_json(p) for c in cells if (p := out / "cells" / f"{c.key}.json").exists()]
+    df = pd.DataFrame(rows)
+    if df.empty:
+        return df
+    df.to_csv(out / "cells.csv", index=False)
+    summary = summarise(df)
+    summary.to_csv(out / "summary.csv", index=False)
+    shown = summary.copy()
+    for m in ("p1", "dev_p1"):
+        shown[m] = [f"{a:.2f} ± {b:.2f}" for a, b in zip(summary[f"{m}_mean"], summary[f"{m}_std"], strict=True)]
+    shown = shown[[*SETTING, "seeds", "relations", "p1", "dev_p1"]].rename(
+        columns={"p1": "macro P@1 (mean ± std over seeds)", "dev_p1": "dev macro P@1"})
+    atomic_write_text(out / "summary.md", markdown_table(shown) + "\n")
+    plot_lengths(summary, out / "length.png")
+    return df
+
+
+def summarise(df: pd.DataFrame) -> pd.DataFrame:
+    """Per setting: macro P@1 (and dev P@1) over relations for each seed, then mean and std over seeds."""
+    per_seed = df.groupby([*SETTING, "seed"], as_index=False).agg(p1=("p1", "mean"), dev_p1=("dev_p1", "mean"),
+                                                                   relations=("relation", "nunique"))
+    rows = []
+    for key, group in per_seed.groupby(list(SETTING), sort=True):
+        row = dict(zip(SETTING, key, strict=True))
+        row.update(seeds=len(group), relations=int(group["relations"].min()))
+        for m in ("p1", "dev_p1"):
+            row[f"{m}_mean"] = float(group[m].mean())
+            row[f"{m}_std"] = float(group[m].std(ddof=1)) if len(group) > 1 else math.nan
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def plot_lengths(summary: pd.DataFrame, path: Path) -> None:
+    """Macro P@1 against prompt length, one line per (method, init, reparam), seed std as error bars."""
+    with png_axes(path, (6.5, 4)) as ax:
+        for key, group in summary.groupby(["method", "init", "reparam"]):
+            group = group.sort_values("length")
+            label = " / ".join(v for v in key if v != NOT_APPLICABLE)
+            ax.errorbar(group["length"], group["p1_mean"], yerr=group["p1_std"].fillna(0), marker="o", capsize=3,
+                        label=label)
+        ax.set_xlabel("virtual tokens")
+        ax.set_ylabel("macro P@1 (mean ± std over seeds)")

@@ -1,0 +1,139 @@
+"""`probe sweep`: grid files, cells, resuming, and the mean ± std tables."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+from conftest import assert_user_error, run_cli
+from test_train import default_splits, make_lama
+
+import probe.sweep
+from probe.data import LamaData
+from probe.errors import ProbeError
+from probe.sweep import Cell, cells_of, load_grid, prepare_folder, run_sweep, summarise
+from probe.templates import parse_template, spread_virtual
+from probe.vocab import build_candidates
+
+
+def write_grid(path, text: str):
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+GRID = """
+relations = ["P19", "P36"]
+[axes]
+method = ["prompt-tuning", "prefix-tuning"]
+length = [1, 3]
+init = ["random", "vocab"]
+reparam = ["mlp", "none"]
+seed = [1, 2]
+[train]
+min_steps = 0
+epochs = 1
+batch_size = 4
+eval_every = 1
+"""
+
+
+@pytest.mark.parametrize("n,shape", [(1, "(1, sub, obj)"), (3, "(2, sub, 1, obj)"), (6, "(3, sub, 3, obj)"),
+                                     (12, "(6, sub, 6, obj)")])
+def test_spread_virtual_over_the_template_slots(n, shape):
+    spread = spread_virtual(parse_template("(3, sub, 3, obj)"), n)
+    assert spread.source == shape and spread.n_virtual == n
+    assert parse_template(spread.source).parts == spread.parts
+
+
+def test_grid_expands_only_the_axes_a_method_takes(tmp_path):
+    grid = load_grid(write_grid(tmp_path / "g.toml", GRID))
+    cells = cells_of(grid, ["P19", "P36"])
+    # prompt-tuning: 2 lengths x 2 inits x 2 seeds; prefix-tuning: 2 x 2 x 2 reparams x 2 seeds; each for 2 relations
+    assert len(cells) == (8 + 16) * 2
+    assert {c.reparam for c in cells if c.method == "prompt-tuning"} == {"-"}
+    assert len({c.key for c in cells}) == len(cells)
+
+
+@pytest.mark.parametrize("text,fragment", [
+    ("relations = [\"P19\"\n[axes]", "not a valid TOML grid"),
+    ("relations = [\"P19\"]\n[axes]\nmethod = [\"nope\"]", "unknown method 'nope'"),
+    ("relations = [\"P19\"]\n[axes]\nmethod = [\"prefix-tuning\"]\nreparam = [\"lstm\"]", "value 'lstm' does not exist"),
+    ("relations = [\"P19\"]\n[axes]\nmethod = [\"ptuning\"]\ninit = [\"vocab\"]", "applies to none of the methods"),
+    ("relations = [\"P19\"]\n[axes]\nmethod = [\"ptuning\"]\nwidth = [1]", "unknown axis 'width'"),
+    ("relations = [\"P19\"]\n[axes]\nmethod = [\"ptuning\"]\nlength = [0]", "axis 'length' takes whole numbers >= 1"),
+    ("relations = [\"P19\"]\n[axes]\nmethod = [\"manual\"]", "cannot be swept"),
+    ("relations = [\"P19\"]\n[axes]\nmethod = [\"ptuning\"]\n[train]\nlearning_rate = 1", "[train] takes"),
+    ("[axes]\nmethod = [\"ptuning\"]", "needs `relations`"),
+])
+def test_bad_grid_files_are_one_clear_error(tmp_path, text, fragment):
+    path = write_grid(tmp_path / "bad.toml", text)
+    with pytest.raises(ProbeError) as e:
+        load_grid(path)
+    assert fragment in str(e.value) and str(path) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_cli_bad_grid_is_one_error_line(tmp_path):
+    path = write_grid(tmp_path / "bad.toml", "relations = [\"P19\"]\n[axes]\nmethod = [\"prefix-tuning\"]\ninit = [\"zeros\"]")
+    assert_user_error(run_cli("sweep", path, "--out", tmp_path / "out"), "init value 'zeros' does not exist")
+    assert not (tmp_path / "out").exists()
+
+
+def test_sweep_runs_resumes_and_summarises(causal_backend, tmp_path, monkeypatch):
+    lama = LamaData(make_lama(tmp_path / "lama", default_splits()))
+    grid = load_grid(write_grid(tmp_path / "g.toml", GRID.replace('"prompt-tuning", ', "").replace("[1, 3]", "[2]")
+                                .replace('["mlp", "none"]', '["none"]')))
+    cands = build_candidates(causal_backend.tokenizer, lama.vocab_words("common"))
+    out = tmp_path / "sweep"
+    prepare_folder(out, grid, {"data": "x"})
+    ran = []
+    real = probe.sweep.run_cell
+
+    def counting(backend, data, cell, *args):
+        ran.append(cell)
+        return real(backend, data, cell, *args)
+
+    monkeypatch.setattr(probe.sweep, "run_cell", counting)
+    cells = cells_of(grid, ["P19", "P36"])
+    assert len(cells) == 8  # 2 inits x 2 seeds x 2 relations
+    (out / "cells").mkdir(exist_ok=True)
+    df = run_sweep(causal_backend, lama, grid, ["P19", "P36"], cands, out)
+    assert len(ran) == 8 and len(df) == 8
+    assert set(df["template"]) == {"(2, sub, obj)"}  # prefix-tuning: the prefix first
+    # a second run does nothing; removing one cell re-runs exactly that cell
+    run_sweep(causal_backend, lama, grid, ["P19", "P36"], cands, out)
+    assert len(ran) == 8
+    (out / "cells" / f"{cells[3].key}.json").unlink()
+    df2 = run_sweep(causal_backend, lama, grid, ["P19", "P36"], cands, out)
+    assert ran[8:] == [cells[3]]
+    assert df2.sort_values("seed").reset_index(drop=True).drop(columns="seconds").equals(
+        df.sort_values("seed").reset_index(drop=True).drop(columns="seconds"))
+    # the summary: macro over relations per seed, then mean and sample std over seeds
+    summary = pd.read_csv(out / "summary.csv")
+    for init, group in df.groupby("init"):
+        per_seed = group.groupby("seed")["p1"].mean()
+        row = summary[summary["init"] == init].iloc[0]
+        assert row["p1_mean"] == pytest.approx(per_seed.mean())
+        assert row["p1_std"] == pytest.approx(per_seed.std(ddof=1))
+        assert row["seeds"] == 2 and row["relations"] == 2
+    assert (out / "summary.md").read_text().count("±") >= 4
+    assert (out / "length.png").stat().st_size > 1000
+    first = json.loads((out / "cells" / f"{cells[0].key}.json").read_text())
+    assert first["method"] == "prefix-tuning" and first["reparam"] == "none" and 0 <= first["p1"] <= 100
+
+
+def test_sweep_folder_with_other_shared_settings_is_refused(tmp_path):
+    grid = load_grid(write_grid(tmp_path / "g.toml", GRID))
+    prepare_folder(tmp_path / "out", grid, {"data": "x"})
+    other = load_grid(write_grid(tmp_path / "h.toml", GRID.replace("epochs = 1", "epochs = 2")))
+    with pytest.raises(ProbeError, match="was made with other settings"):
+        prepare_folder(tmp_path / "out", other, {"data": "x"})
+    prepare_folder(tmp_path / "out", load_grid(write_grid(tmp_path / "i.toml", GRID.replace("[1, 2]", "[1, 2, 3]"))),
+                   {"data": "x"})  # more seeds: the same shared settings, so the folder is reused
+
+
+def test_summarise_single_seed_has_no_std():
+    df = pd.DataFrame([{**Cell("ptuning", 3, "-", "-", 1, r).__dict__, "p1": p, "dev_p1": p} for r, p in
+                       (("P19", 10.0), ("P36", 30.0))])
+    (row,) = summarise(df).to_dict("records")
+    assert row["p1_mean"] == 20.0 and pd.isna(row["p1_std"])
