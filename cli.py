@@ -226,7 +226,7 @@ def train_cmd(
     out: Annotated[Path | None, typer.Option(help="Run folder (default runs/<method>-<model>-<time>).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue a run folder, skipping finished relations.")] = False,
     lr: Annotated[float | None, typer.Option(
-        help="AdamW learning rate (default: the method's, chosen on dev: 1e-3 ptuning, 1e-2 prompt-tuning).")] = None,
+        help="AdamW learning rate (default: the method's, chosen on dev: 1e-3, or 1e-2 for prompt-tuning).")] = None,
     epochs: Annotated[int, typer.Option(help="Passes over the train facts.")] = 2,
     min_steps: Annotated[int, typer.Option(help="At least this many steps: small relations get more passes.")] = 100,
     batch_size: Annotated[int, typer.Option(help="Train facts per step.")] = 16,

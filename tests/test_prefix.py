@@ -224,3 +224,15 @@ def test_explain_reads_a_prefix_through_layer0_keys_and_values(causal_backend):
     info = explain_vectors(causal_backend.tokenizer, table, vector, 3, {"Paris"}, set())
     assert info["slots"][0]["ids"][0] == paris
     assert info["gold_neighbours"] == ["ĠParis"]
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--method", "ptuning", "--reparam", "mlp"], "--reparam does not apply to method 'ptuning'"),
+    (["--method", "prefix-tuning", "--reparam", "lstm"], "unknown reparam 'lstm': expected one of mlp, none"),
+    (["--method", "prefix-tuning", "--init", "zeros"], "unknown init 'zeros'"),
+])
+def test_cli_prefix_options_are_one_error_line(args, fragment, tmp_path):
+    from conftest import assert_user_error, run_cli
+
+    assert_user_error(run_cli("train", "-r", "P19", "--out", tmp_path / "run", *args), fragment)
+    assert not (tmp_path / "run").exists()
