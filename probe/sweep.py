@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import sys
 import time
 import tomllib
 from dataclasses import dataclass, field
@@ -222,8 +223,9 @@ def run_sweep(backend, data, grid: SweepGrid, relation_ids: list[str], candidate
         return cache[relation.id]
 
     if len(todo) < len(cells):
-        tqdm.write(f"{len(cells) - len(todo)} of {len(cells)} cells already done in {out}; running the other {len(todo)}")
-    for cell in tqdm(todo, desc="sweep", unit="cell", dynamic_ncols=True):
+        tqdm.write(f"{len(cells) - len(todo)} of {len(cells)} cells already done in {out}; running the other {len(todo)}",
+                   file=sys.stderr)
+    for cell in tqdm(todo, desc="sweep", unit="cell", dynamic_ncols=True, disable=not todo):
         row = run_cell(backend, data, cell, grid, candidates, facts_of)
         atomic_write_json(out / "cells" / f"{cell.key}.json", row)
     return write_tables(out, cells)

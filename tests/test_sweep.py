@@ -137,3 +137,30 @@ def test_summarise_single_seed_has_no_std():
                        (("P19", 10.0), ("P36", 30.0))])
     (row,) = summarise(df).to_dict("records")
     assert row["p1_mean"] == 20.0 and pd.isna(row["p1_std"])
+
+
+def test_cli_sweep_end_to_end_and_resume(tiny_causal_dir, tmp_path):
+    lama = make_lama(tmp_path / "lama", default_splits())
+    grid = write_grid(tmp_path / "g.toml", f"""
+model = "{tiny_causal_dir}"
+relations = ["P19"]
+dtype = "float32"
+[axes]
+method = ["prefix-tuning", "prompt-tuning"]
+length = [2]
+seed = [1, 2]
+[train]
+min_steps = 0
+epochs = 1
+batch_size = 4
+""")
+    out = tmp_path / "sweep"
+    first = run_cli("sweep", grid, "--out", out, "--data", lama)
+    assert first.returncode == 0, first.stderr
+    cells = pd.read_csv(out / "cells.csv")
+    assert sorted(cells["method"]) == ["prefix-tuning", "prefix-tuning", "prompt-tuning", "prompt-tuning"]
+    assert set(cells["template"]) == {"(2, sub, obj)", "(1, sub, 1, obj)"}
+    assert "macro P@1 (mean ± std over seeds)" in first.stdout
+    again = run_cli("sweep", grid, "--out", out, "--data", lama)
+    assert again.returncode == 0 and "4 of 4 cells already done" in again.stderr
+    assert pd.read_csv(out / "cells.csv").drop(columns="seconds").equals(cells.drop(columns="seconds"))
