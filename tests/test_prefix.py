@@ -82,7 +82,7 @@ def test_prefix_of_the_real_tokens_activations_gives_the_real_tokens_output(back
             prefix = Prefix(keys[:, i, pos], values[:, i, pos], batch.virtual_mask[row])
             got = backend.target_hidden(backend.embed(batch.input_ids[row]), batch.attention_mask[row],
                                         batch.target[row], prefix)
-            torch.testing.assert_close(got, want[row], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(got, want[row], rtol=1e-4, atol=1e-4)
     assert not torch.allclose(plain, want, atol=1e-3)  # the placeholders alone differ: the prefix did the work
 
 
