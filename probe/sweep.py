@@ -15,7 +15,8 @@ A grid file (TOML) names the axes; every combination is one cell, trained and te
 An axis value a method does not take is left out of that method's cells ("-" in the tables).
 
     OUT/grid.json         the grid as read, with the settings every cell shares
-    OUT/cells/KEY.json    one finished cell: its settings and test/dev metrics (a cell is skipped once this exists)
+    OUT/cells/KEY.json    one finished cell: its settings and test/dev metrics (a cell is skipped once this exists,
+                          so several processes can share a folder, e.g. one per grid file listing the axes in another order)
     OUT/cells.csv         one row per cell
     OUT/summary.csv|.md   per setting: macro P@1 over relations, mean and std over seeds
     OUT/length.png        macro P@1 against prompt length, one line per (method, init, reparam)
@@ -226,8 +227,11 @@ def run_sweep(backend, data, grid: SweepGrid, relation_ids: list[str], candidate
         tqdm.write(f"{len(cells) - len(todo)} of {len(cells)} cells already done in {out}; running the other {len(todo)}",
                    file=sys.stderr)
     for cell in tqdm(todo, desc="sweep", unit="cell", dynamic_ncols=True, disable=not todo):
+        path = out / "cells" / f"{cell.key}.json"
+        if path.exists():  # finished meanwhile by another process working on the same folder
+            continue
         row = run_cell(backend, data, cell, grid, candidates, facts_of)
-        atomic_write_json(out / "cells" / f"{cell.key}.json", row)
+        atomic_write_json(path, row)
     return write_tables(out, cells)
 
 

@@ -164,3 +164,25 @@ batch_size = 4
     again = run_cli("sweep", grid, "--out", out, "--data", lama)
     assert again.returncode == 0 and "4 of 4 cells already done" in again.stderr
     assert pd.read_csv(out / "cells.csv").drop(columns="seconds").equals(cells.drop(columns="seconds"))
+
+
+def test_a_cell_finished_by_another_process_is_skipped(tmp_path, monkeypatch):
+    """Two processes can share a folder: a cell that appears while the sweep runs is not trained again."""
+    lama = LamaData(make_lama(tmp_path / "lama", default_splits()))
+    grid = load_grid(write_grid(tmp_path / "g.toml", 'relations = ["P19"]\n[axes]\nmethod = ["ptuning"]\nseed = [1, 2, 3]'))
+    cells = cells_of(grid, ["P19"])
+    out = tmp_path / "sweep"
+    prepare_folder(out, grid, {"data": "x"})
+    ran = []
+
+    def fake_cell(backend, data, cell, *args):
+        ran.append(cell.seed)
+        if cell.seed == 1:  # meanwhile, "another process" finishes seed 2
+            (out / "cells" / f"{cells[1].key}.json").write_text(json.dumps({**cell.__dict__, "seed": 2, "p1": 5.0,
+                                                                              "dev_p1": 5.0}))
+        return {**cell.__dict__, "p1": 10.0 * cell.seed, "dev_p1": 0.0}
+
+    monkeypatch.setattr(probe.sweep, "run_cell", fake_cell)
+    df = run_sweep(None, lama, grid, ["P19"], None, out)
+    assert ran == [1, 3]
+    assert sorted(df["p1"]) == [5.0, 10.0, 30.0]
