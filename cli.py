@@ -215,7 +215,8 @@ def train_cmd(
     relation: Annotated[list[str] | None, typer.Option("--relation", "-r", help="Relation id, e.g. P19.")] = None,
     all_: Annotated[bool, typer.Option("--all", help="Train every T-REx relation.")] = False,
     template: Annotated[str | None, typer.Option(
-        help="Template file (see templates/) or inline shape; default (3,sub,3,obj,3) masked, (3,sub,3,obj) causal.")] = None,
+        help="Template file (see templates/) or inline shape; default (3,sub,3,obj,3) masked, (3,sub,3,obj) causal "
+             "((6,sub,obj) for prefix-tuning).")] = None,
     init: Annotated[str | None, typer.Option(
         help="prompt-tuning and prefix-tuning init: random, vocab or template (default vocab and random).")] = None,
     reparam: Annotated[str | None, typer.Option(
@@ -419,6 +420,7 @@ def sweep_cmd(
     """Train every cell of a grid (method x length x init x reparam x seed x relation); tables of mean ± std over seeds."""
     from probe.backends import load_backend
     from probe.data import LamaData
+    from probe.pipeline import load_template_spec
     from probe.sweep import cells_of, load_grid, prepare_folder, run_sweep, write_tables
     from probe.vocab import build_candidates
 
@@ -426,8 +428,6 @@ def sweep_cmd(
     spec = load_grid(grid)
     lama = LamaData(data)
     ids = list(lama.relations) if spec.relations == "all" else [lama.relation(r).id for r in spec.relations]
-    from probe.pipeline import load_template_spec
-
     load_template_spec(spec.template)  # a bad template fails before the model loads
     out = out or Path("runs") / f"sweep-{grid.stem}"
     words = lama.vocab_words(spec.vocab)

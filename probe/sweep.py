@@ -147,13 +147,9 @@ def expand_settings(grid: SweepGrid, source: str | Path = "grid") -> list[dict]:
         inits = axes.get("init", [None]) if "init" in fields else [None]
         reparams = axes.get("reparam", [None]) if "reparam" in fields else [None]
         for length, init, reparam, seed in itertools.product(axes.get("length", [0]), inits, reparams, axes.get("seed", [13])):
-            config = method_config(m, init=init, reparam=reparam)
-            settings.append({
-                "method": m, "length": length,
-                "init": getattr(config, "init", NOT_APPLICABLE) if "init" in fields else NOT_APPLICABLE,
-                "reparam": getattr(config, "reparam", NOT_APPLICABLE) if "reparam" in fields else NOT_APPLICABLE,
-                "seed": seed,
-            })
+            config = method_config(m, init=init, reparam=reparam)  # fills in the method's defaults
+            options = {o: getattr(config, o) if o in fields else NOT_APPLICABLE for o in ("init", "reparam")}
+            settings.append({"method": m, "length": length, **options, "seed": seed})
     return list({tuple(s.values()): s for s in settings}.values())
 
 

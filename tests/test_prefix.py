@@ -9,8 +9,8 @@ from probe.backends import LMBackend, Prefix
 from probe.batching import collate
 from probe.data import Fact
 from probe.errors import ProbeError
-from probe.evaluate import candidate_scores, evaluate_facts, pad_id
-from probe.methods import get_method, method_config
+from probe.evaluate import candidate_scores, pad_id
+from probe.methods import method_config
 from probe.methods.prefix_tuning import PrefixTuning, PrefixTuningConfig
 from probe.pipeline import load_prompt, save_prompt
 from probe.templates import compile_template
@@ -149,16 +149,12 @@ def test_folding_the_mlp_gives_identical_scores(request, which, dtype, tmp_path)
 def test_prefix_tuning_learns_a_learnable_relation(request, which, reparam):
     """Every object is one word the manual prompt ranks last; the prefix learns to put it first."""
     from test_train import MANUAL as TRAIN_MANUAL
-    from test_train import candidates_for, constant_object_problem
+    from test_train import learnable_problem
 
     from probe.train import TrainConfig, train_prompt
 
     backend = request.getfixturevalue(which)
-    cands = candidates_for(backend)
-    manual_compiled = compile_template(TRAIN_MANUAL, backend.tokenizer, backend.kind)
-    train, dev, _ = constant_object_problem(backend, cands, manual_compiled)
-    manual_p1 = evaluate_facts(backend, get_method("manual")(0, backend.hidden_size), manual_compiled, dev,
-                               cands).metrics["p1"]
+    cands, train, dev, manual_p1 = learnable_problem(backend)
     compiled = compile_template(PrefixTuning.default_shapes[backend.kind], backend.tokenizer, backend.kind)
     torch.manual_seed(0)
     method = PrefixTuning.create(backend, compiled, TRAIN_MANUAL, PrefixTuningConfig(reparam=reparam, init="vocab"))

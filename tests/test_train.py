@@ -131,6 +131,16 @@ def constant_object_problem(backend, candidates, manual_compiled):
     return [Fact(s, x) for s in SUBJECTS[:10]], [Fact(s, x) for s in SUBJECTS[10:]], x
 
 
+def learnable_problem(backend):
+    """(candidates, train, dev, the manual prompt's dev P@1) of constant_object_problem with the MANUAL template."""
+    cands = candidates_for(backend)
+    manual_compiled = compile_template(MANUAL, backend.tokenizer, backend.kind)
+    train, dev, _ = constant_object_problem(backend, cands, manual_compiled)
+    manual_p1 = evaluate_facts(backend, get_method("manual")(0, backend.hidden_size), manual_compiled, dev,
+                               cands).metrics["p1"]
+    return cands, train, dev, manual_p1
+
+
 def make_lama(root: Path, splits: dict[str, dict[str, list[tuple[str, str]]]], relations: list[dict] | None = None,
               vocab: list[str] | None = None) -> Path:
     """A LAMA-shaped folder with its own facts per split (conftest's make_fake_lama repeats one set)."""
@@ -347,11 +357,7 @@ def test_lm_stays_frozen_and_only_the_method_changes(request, which, monkeypatch
 def test_training_beats_the_manual_prompt_on_a_learnable_relation(request, which, method_name, tmp_path):
     """Every object is one word that the manual prompt ranks last: a trained prompt learns to put it first."""
     backend = request.getfixturevalue(which)
-    cands = candidates_for(backend)
-    manual_compiled = compile_template(MANUAL, backend.tokenizer, backend.kind)
-    train, dev, _ = constant_object_problem(backend, cands, manual_compiled)
-    manual_p1 = evaluate_facts(backend, get_method("manual")(0, backend.hidden_size), manual_compiled, dev,
-                               cands).metrics["p1"]
+    cands, train, dev, manual_p1 = learnable_problem(backend)
     compiled = compile_template(shape_for(backend), backend.tokenizer, backend.kind)
     torch.manual_seed(0)
     method = get_method(method_name).create(backend, compiled, MANUAL)

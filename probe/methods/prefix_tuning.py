@@ -9,9 +9,9 @@ from torch import nn
 
 from probe.errors import ProbeError
 from probe.methods.base import MethodConfig, PromptMethod
-from probe.methods.prompt_tuning import init_token_ids
+from probe.methods.prompt_tuning import check_init, init_token_ids
+from probe.templates import DEFAULT_SHAPES
 
-INITS = ("random", "vocab", "template")
 REPARAMS = ("mlp", "none")
 
 
@@ -25,8 +25,7 @@ class PrefixTuningConfig(MethodConfig):
     def check(self) -> None:
         if self.reparam not in REPARAMS:
             raise ProbeError(f"unknown reparam {self.reparam!r}: expected one of {', '.join(REPARAMS)}")
-        if self.init not in INITS:
-            raise ProbeError(f"unknown init {self.init!r}: expected one of {', '.join(INITS)}")
+        check_init(self.init)
 
 
 class PrefixTuning(PromptMethod):
@@ -45,7 +44,7 @@ class PrefixTuning(PromptMethod):
     save_state = False  # the MLP is folded away: prefix() is what is saved and reloaded
     # The prefix first, as Li & Liang. A causal LM reads its prediction at the last input token, whose own
     # hidden state a prefix does not set, so that token must be real: here the subject's last token.
-    default_shapes = {"masked": "(3, sub, 3, obj, 3)", "causal": "(6, sub, obj)"}
+    default_shapes = {**DEFAULT_SHAPES, "causal": "(6, sub, obj)"}
 
     def __init__(self, n_virtual: int, hidden_size: int, config: PrefixTuningConfig | None = None,
                  layout: tuple[int, int, int] = (1, 1, 1), start: torch.Tensor | None = None):

@@ -14,6 +14,11 @@ from probe.templates import manual_relation_words
 INITS = ("random", "vocab", "template")
 
 
+def check_init(init: str) -> None:
+    if init not in INITS:
+        raise ProbeError(f"unknown init {init!r}: expected one of {', '.join(INITS)}")
+
+
 def init_token_ids(tokenizer, vocab_size: int, n: int, init: str, manual_template: str) -> torch.Tensor:
     """n real token ids to start a prompt from: 'vocab' draws frequent (low) ids, 'template' cycles the manual words."""
     if init == "vocab":
@@ -28,8 +33,7 @@ class PromptTuningConfig(MethodConfig):
     init: str = "vocab"  # random | vocab | template
 
     def check(self) -> None:
-        if self.init not in INITS:
-            raise ProbeError(f"unknown init {self.init!r}: expected one of {', '.join(INITS)}")
+        check_init(self.init)
 
 
 class PromptTuning(PromptMethod):
