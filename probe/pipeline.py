@@ -218,6 +218,7 @@ def train_relations(backend, data, relation_ids, candidates, run, method_name, m
         compiled = compile_template(template, backend.tokenizer, backend.kind, manual=relation.template)
         if compiled.n_virtual == 0:
             raise ProbeError(f"template {template.source!r} has no virtual tokens: method {method_name!r} needs some")
+        method_cls.check_template(compiled)
         compiled_for[relation.id] = (template, compiled)
     for i, relation in enumerate(todo, 1):
         template, compiled = compiled_for[relation.id]

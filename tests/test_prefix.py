@@ -232,3 +232,12 @@ def test_cli_prefix_options_are_one_error_line(args, fragment, tmp_path):
 
     assert_user_error(run_cli("train", "-r", "P19", "--out", tmp_path / "run", *args), fragment)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_virtual_target_is_refused_before_any_relation_trains(causal_backend, tmp_path):
+    from test_train import default_splits, make_lama, train_run
+
+    lama = make_lama(tmp_path / "lama", default_splits())
+    with pytest.raises(ProbeError, match="prefix-tuning needs a real token at the target position"):
+        train_run(causal_backend, lama, tmp_path / "run", method="prefix-tuning", template="(3, sub, 3, obj)")
+    assert not (tmp_path / "run" / "P19").exists() and not (tmp_path / "run" / "P36").exists()

@@ -36,6 +36,10 @@ class PromptMethod(nn.Module):
         self.config = config or self.config_class()
 
     @classmethod
+    def check_template(cls, compiled) -> None:
+        """Raise a ProbeError if the method cannot work with this compiled template (checked before any training)."""
+
+    @classmethod
     def create(cls, backend, compiled, manual_template: str, config: MethodConfig | None = None) -> PromptMethod:
         """Build the method for a compiled template; methods that initialise from the LM override this."""
         return cls(compiled.n_virtual, backend.hidden_size, config)

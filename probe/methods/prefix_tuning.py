@@ -67,9 +67,7 @@ class PrefixTuning(PromptMethod):
             self.flat = nn.Parameter(start.clone())
 
     @classmethod
-    def create(cls, backend, compiled, manual_template: str, config: PrefixTuningConfig | None = None) -> PrefixTuning:
-        config = config or PrefixTuningConfig()
-        config.check()
+    def check_template(cls, compiled) -> None:
         probe_input = compiled.encode("x")
         if probe_input.target in probe_input.virtual_positions:
             raise ProbeError(
@@ -77,6 +75,12 @@ class PrefixTuning(PromptMethod):
                 "but it is a virtual token (a prefix sets keys and values, not the prediction); "
                 "end the virtual tokens before the subject or the text before obj, e.g. (6, sub, obj)"
             )
+
+    @classmethod
+    def create(cls, backend, compiled, manual_template: str, config: PrefixTuningConfig | None = None) -> PrefixTuning:
+        config = config or PrefixTuningConfig()
+        config.check()
+        cls.check_template(compiled)
         layout = backend.kv_layout()
         n = compiled.n_virtual
         if config.init == "random":
