@@ -108,6 +108,8 @@ def eval_cmd(
         help="Prompts per relation from --prompts-file (default: 1, all with --ensemble; 0: all).")] = None,
     control: ControlOpt = "none",
     seed: Annotated[int, typer.Option(help="Seed of --control random-model.")] = 13,
+    workers: Annotated[int, typer.Option(
+        help="CPU processes, each loading the model and taking relations in turn (see BENCHMARKS.md).")] = 1,
 ) -> None:
     """Evaluate a prompt method on one or all relations with one model load; print and save the table."""
     if prompts is not None:
@@ -130,7 +132,9 @@ def eval_cmd(
     from probe.vocab import build_candidates
 
     t0 = time.time()
-    _positive(batch_size=batch_size)
+    _positive(batch_size=batch_size, workers=workers)
+    if workers > 1 and device != "cpu":
+        raise ProbeError(f"--workers {workers} is for CPU evaluation: on {device} use one process")
     if get_method(method).trainable:
         raise ProbeError(f"method {method!r} is trained: use `probe train --method {method}`, then `probe eval --prompts RUN`")
     lama = LamaData(data)
@@ -169,7 +173,14 @@ def eval_cmd(
         extra["seed"] = seed
     run = RunFolder(out, run_config(backend, lama, settings, candidates, **extra), resume=resume)
     try:
-        results = evaluate_relations(backend, lama, ids, candidates, run, settings, chosen)
+        if workers > 1 and len(ids) > 1:
+            from probe.workers import evaluate_in_workers
+
+            del backend  # each worker loads its own
+            load_args = {"name": model, "device": device, "dtype": dtype, "control": control, "seed": seed}
+            results = evaluate_in_workers(load_args, lama, ids, candidates, run, settings, chosen, workers)
+        else:
+            results = evaluate_relations(backend, lama, ids, candidates, run, settings, chosen)
     except KeyboardInterrupt:
         _interrupted(run)
     _print_results(results)
@@ -218,7 +229,8 @@ def train_cmd(
         help="Template file (see templates/) or inline shape; default (3,sub,3,obj,3) masked, (3,sub,3,obj) causal "
              "((6,sub,obj) for prefix-tuning).")] = None,
     init: Annotated[str | None, typer.Option(
-        help="prompt-tuning and prefix-tuning init: random, vocab or template (default vocab and random).")] = None,
+        help="prompt-tuning and prefix-tuning: random, vocab or template (default vocab); autoprompt: neutral or "
+             "manual (start the search from the manual prompt's words; default neutral).")] = None,
     reparam: Annotated[str | None, typer.Option(
         help="prefix-tuning: mlp (train an MLP over a small embedding, folded away at save) or none.")] = None,
     split: Annotated[str, typer.Option(help="Test split: test_34k (alias test) or test_29k.")] = "test_34k",
@@ -258,6 +270,8 @@ def train_cmd(
     method_cls = get_method(method)
     config_of_method = method_config(method, init=init, reparam=reparam)
     load_template_spec(template)  # a bad template fails before the model loads
+    if method == "autoprompt" and init == "manual" and template is not None:
+        raise ProbeError("--init manual builds each relation's template from its manual prompt: drop --template")
     lama = LamaData(data)
     ids = _relation_ids(lama, relation, all_)
     split = SPLIT_ALIASES.get(split, split)
@@ -380,7 +394,8 @@ def templates_check(file: Path) -> None:
 
     tf = parse_template_file(file)
     for key, t in tf.entries.items():
-        typer.echo(f"{key}: {t.source}  ({t.n_virtual} virtual tokens)")
+        slots = sum(p.kind == "words" for p in t.parts)
+        typer.echo(f"{key}: {t.source}  ({t.n_virtual} virtual tokens" + (f", {slots} word slots)" if slots else ")"))
     typer.echo(f"{file}: {len(tf.entries)} templates, all valid")
 
 

@@ -60,8 +60,17 @@ def find_run_folders(paths: list[Path]) -> list[Path]:
 
 
 def run_label(config: dict) -> str:
-    """The method name; runs of a prompts file add the file's stem (and +ens for an ensemble)."""
+    """The method name, with any init or reparam other than the method's default (`autoprompt+init=manual`);
+    runs of a prompts file add the file's stem (and +ens for an ensemble)."""
+    from probe.methods import METHODS
+
     label = config.get("method") or "?"
+    if label in METHODS and config.get("method_config"):
+        default = METHODS[label].config_class()
+        for key in ("init", "reparam"):
+            value = config["method_config"].get(key)
+            if value is not None and value != getattr(default, key, value):
+                label += f"+{key}={value}"
     if config.get("prompts_file"):
         label += f":{Path(config['prompts_file']).stem}" + ("+ens" if config.get("ensemble") else "")
     if config.get("control", "none") != "none":

@@ -4,9 +4,12 @@ A template is a sequence of parts:
 - `3`: three virtual (trainable) tokens,
 - `sub` / `obj`: the subject and the object slot,
 - `"was born in"`: real words,
-- `manual`: the relation's manual template words between [X] and [Y].
+- `manual`: the relation's manual template words between [X] and [Y],
+- `["was born in"]`: word slots, virtual tokens that start as these words (one per token of them).
 
 Shapes are written `(3, sub, "was born in", 2, obj)`; manual templates `[X] was born in [Y] .`.
+A word slot's count is known only once compiled for a tokenizer; AutoPrompt starts its triggers there
+as the words, prompt-tuning and prefix-tuning (vocab or template init) their vectors.
 For a masked LM the object slot becomes the mask token and is the target. For a causal LM the
 input ends just before the object and the target is the next-token prediction at the last input
 position; real text after the object is dropped, since a causal model cannot see it.
@@ -20,7 +23,7 @@ from pathlib import Path
 
 from probe.errors import ProbeError
 
-VIRTUAL, SUB, OBJ, TEXT, MANUAL = "virtual", "sub", "obj", "text", "manual"
+VIRTUAL, SUB, OBJ, TEXT, MANUAL, WORDS = "virtual", "sub", "obj", "text", "manual", "words"
 DEFAULT_SHAPES = {"masked": "(3, sub, 3, obj, 3)", "causal": "(3, sub, 3, obj)"}
 
 
@@ -43,6 +46,7 @@ class Template:
 
     @property
     def n_virtual(self) -> int:
+        """Virtual tokens from counts; word slots add theirs when compiled (see CompiledTemplate.n_virtual)."""
         return sum(p.n for p in self.parts if p.kind == VIRTUAL)
 
 
@@ -50,7 +54,10 @@ class TemplateError(ProbeError):
     """A template that does not parse or does not fit the model."""
 
 
-_ITEM = re.compile(r"""\s*(?:(?P<int>\d+)|(?P<word>[A-Za-z_]+)|"(?P<dq>[^"]*)"|'(?P<sq>[^']*)')\s*""")
+_ITEM = re.compile(
+    r"""\s*(?:(?P<int>\d+)|(?P<word>[A-Za-z_]+)|"(?P<dq>[^"]*)"|'(?P<sq>[^']*)'"""
+    r"""|\[\s*(?:"(?P<wdq>[^"]*)"|'(?P<wsq>[^']*)')\s*\])\s*"""
+)
 
 
 def _where(source: str, pos: int) -> str:
@@ -82,7 +89,7 @@ def _parse_shape(text: str) -> list[Part]:
         if not m or m.end() == pos:
             pos += len(body[pos:]) - len(body[pos:].lstrip())
             raise TemplateError(
-                f"template {_where(text, body_start + pos)}: expected a count, sub, obj, manual or a quoted string"
+                f"template {_where(text, body_start + pos)}: expected a count, sub, obj, manual, a quoted string or [a quoted string]"
             )
         if m.group("int") is not None:
             n = int(m.group("int"))
@@ -98,11 +105,13 @@ def _parse_shape(text: str) -> list[Part]:
                 )
             parts.append(Part(word))
         else:
-            words = m.group("dq") if m.group("dq") is not None else m.group("sq")
+            quoted = [m.group(g) for g in ("dq", "sq", "wdq", "wsq")]
+            words = next(q for q in quoted if q is not None)
             if not words.strip():
                 at = body_start + m.start() + len(m.group()) - len(m.group().lstrip())
                 raise TemplateError(f"template {_where(text, at)}: empty quoted string")
-            parts.append(Part(TEXT, text=words.strip()))
+            slot = m.group("wdq") is not None or m.group("wsq") is not None
+            parts.append(Part(WORDS if slot else TEXT, text=words.strip()))
         pos = m.end()
         if pos == len(body):
             return parts
@@ -162,9 +171,36 @@ def spread_virtual(template: Template, n: int) -> Template:
     counts = {i: n // len(slots) + (k < n % len(slots)) for k, i in enumerate(slots)}
     parts = tuple(Part(VIRTUAL, counts[i], space=p.space) if i in counts else p for i, p in enumerate(template.parts))
     kept = tuple(p for p in parts if p.kind != VIRTUAL or p.n > 0)
-    shown = ", ".join(str(p.n) if p.kind == VIRTUAL else p.kind if p.kind in (SUB, OBJ, MANUAL) else repr(p.text)
-                      for p in kept)
-    return Template(source=f"({shown})", parts=kept)
+    return Template(source=shape_source(kept), parts=kept)
+
+
+def shape_source(parts: tuple[Part, ...]) -> str:
+    """The shape that parses back to these parts: `(3, sub, "was born in", ["is"], obj)`."""
+    def show(p: Part) -> str:
+        if p.kind == VIRTUAL:
+            return str(p.n)
+        if p.kind in (SUB, OBJ, MANUAL):
+            return p.kind
+        quoted = f"'{p.text}'" if '"' in p.text else f'"{p.text}"'
+        return f"[{quoted}]" if p.kind == WORDS else quoted
+    return f"({', '.join(show(p) for p in parts)})"
+
+
+def manual_word_slots(manual: str, kind: str) -> Template:
+    """A manual template with its words before [Y] as word slots, to search or train from the manual prompt.
+
+    `The capital of [X] is [Y] .` becomes `(["The capital of"], sub, ["is"], obj, ".")` for a masked LM and
+    `(["The capital of"], sub, ["is"], obj)` for a causal one (which cannot see text after the object).
+    """
+    parts = parse_template(manual).parts
+    obj_at = [p.kind for p in parts].index(OBJ)
+    glued = {i for i, p in enumerate(parts) if p.kind == TEXT and not p.space and i and parts[i - 1].kind == SUB}
+    if glued:
+        raise TemplateError(f"manual template {manual!r}: text glued to [X] cannot become word slots")
+    before = [Part(WORDS, text=p.text) if p.kind == TEXT else p for p in parts[:obj_at]]
+    after = list(parts[obj_at:]) if kind == "masked" else [parts[obj_at]]
+    kept = tuple(before + after)
+    return Template(source=shape_source(kept), parts=kept)
 
 
 @dataclass
@@ -188,10 +224,11 @@ class CompiledTemplate:
     placeholder_id: int
     tokenizer: object = field(repr=False)
     space_sensitive: bool = True
+    start_ids: list[int | None] = field(default_factory=list)  # per virtual token: a word slot's token, else None
 
     @property
     def n_virtual(self) -> int:
-        return self.template.n_virtual
+        return sum(value for kind, value in self.parts if kind == VIRTUAL)
 
     def encode(self, sub: str) -> Encoded:
         ids = list(self.prefix)
@@ -277,10 +314,16 @@ def compile_template(template: Template | str, tokenizer, kind: str, manual: str
     space_sensitive = is_space_sensitive(tokenizer)
     prefix, suffix = special_tokens_around(tokenizer)
     parts: list[tuple[str, list[int] | int | tuple[bool, str]]] = []
+    start_ids: list[int | None] = []
     for i, p in enumerate(template.parts):
         lead = p.space and i > 0
         if p.kind == VIRTUAL:
             parts.append((VIRTUAL, p.n))
+            start_ids.extend([None] * p.n)
+        elif p.kind == WORDS:
+            ids = encode_words(tokenizer, p.text, lead, space_sensitive)
+            parts.append((VIRTUAL, len(ids)))
+            start_ids.extend(ids)
         elif p.kind == TEXT and not p.space and parts and parts[-1][0] == SUB:
             # text glued to the subject (AutoPrompt's `[X]vik`) is tokenized with it, as in the filled-in sentence
             parts[-1] = (SUB, (parts[-1][1][0], p.text))
@@ -293,7 +336,7 @@ def compile_template(template: Template | str, tokenizer, kind: str, manual: str
     placeholder = next(
         (t for t in (tokenizer.unk_token_id, tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0
     )
-    return CompiledTemplate(template, kind, parts, prefix, suffix, placeholder, tokenizer, space_sensitive)
+    return CompiledTemplate(template, kind, parts, prefix, suffix, placeholder, tokenizer, space_sensitive, start_ids)
 
 
 # ---------------------------------------------------------------------------------------------

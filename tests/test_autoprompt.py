@@ -28,7 +28,7 @@ from probe.batching import collate
 from probe.data import Fact, LamaData
 from probe.evaluate import evaluate_facts, pad_id
 from probe.methods import get_method
-from probe.methods.autoprompt import AutoPrompt
+from probe.methods.autoprompt import AutoPrompt, AutoPromptMethodConfig
 from probe.pipeline import EvalSettings, reevaluate_run, run_config, train_relations
 from probe.runs import RunFolder
 from probe.templates import DEFAULT_SHAPES, compile_template, encode_words
@@ -302,3 +302,70 @@ def test_cli_bad_search_settings_are_one_error_line(option, tmp_path):
     proc = run_cli("train", "--method", "autoprompt", "--relation", "P19", option, "0",
                    "--data", str(make_lama(tmp_path / "lama")))
     assert_user_error(proc, f"{option} must be at least 1")
+
+
+# ---------------------------------------------------------------------------------------------
+# Starting from the manual prompt (--init manual)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_word_slots_start_as_their_words_and_the_rest_as_the(causal_backend):
+    backend = causal_backend
+    compiled = compile_template('(2, sub, ["was born in"], obj)', backend.tokenizer, "causal")
+    method = AutoPrompt.create(backend, compiled, MANUAL)
+    words = backend.tokenizer.encode(" was born in", add_special_tokens=False)
+    assert method.trigger_ids.tolist() == [token_id(backend, "the")] * 2 + words
+    info = method.saved_info(compiled)["triggers"]
+    assert info["text"] == "the the [X] was born in [Y]"
+
+
+def test_init_manual_starts_the_search_exactly_at_the_manual_prompt(backend, tmp_path):
+    cands = build_candidates(backend.tokenizer, CANDIDATES)
+    train, dev = constant_object_problem(backend, cands)
+    default = compile_template(DEFAULT_SHAPES[backend.kind], backend.tokenizer, backend.kind).template
+    config = AutoPromptMethodConfig(init="manual")
+    assert AutoPrompt.relation_template(default, MANUAL, backend.kind, AutoPromptMethodConfig()) is default
+    template = AutoPrompt.relation_template(default, MANUAL, backend.kind, config)
+    assert template.source == ('(sub, ["was born in"], obj, ".")' if backend.kind == "masked"
+                               else '(sub, ["was born in"], obj)')
+    compiled = compile_template(template, backend.tokenizer, backend.kind)
+    method = AutoPrompt.create(backend, compiled, MANUAL, config)
+    manual = evaluate_facts(backend, get_method("manual")(0, backend.hidden_size),
+                            compile_template(MANUAL, backend.tokenizer, backend.kind), dev, cands)
+    start = evaluate_facts(backend, method, compiled, dev, cands)
+    assert start.ranks == manual.ranks  # the same prompt, now as triggers
+    start_loss = full_loss(backend, method, compiled, train, cands)
+    log = tmp_path / "log.jsonl"
+    search = AutoPromptConfig(iterations=9, top_k=10, batch_size=5, patience=0, seed=1)
+    result = search_triggers(backend, method, compiled, train, dev, cands, search, log)
+    assert json.loads(log.read_text().splitlines()[0])["dev_p1"] == manual.metrics["p1"]
+    assert result.best_dev["p1"] > manual.metrics["p1"]  # the manual words rank the object midway: room to gain
+    assert full_loss(backend, method, compiled, train, cands) < start_loss
+
+
+def test_cli_init_manual_trains_from_the_manual_prompt_and_reloads(tiny_causal_dir, tmp_path):
+    lama = make_lama(tmp_path / "lama")
+    out = tmp_path / "run"
+    res = CliRunner().invoke(cli.app, [
+        "train", "--method", "autoprompt", "--init", "manual", "--model", str(tiny_causal_dir), "--data", str(lama),
+        "--relation", "P19", "--iterations", "3", "--top-k", "3", "--batch-size", "4", "--dtype", "float32",
+        "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    saved = json.loads((out / "P19" / "config.json").read_text())
+    assert saved["template"] == '(sub, ["was born in"], obj)' and saved["method_config"] == {"init": "manual"}
+    assert saved["n_virtual"] == len(saved["triggers"]["ids"]) == 3
+    log = [json.loads(line) for line in (out / "P19" / "train_log.jsonl").read_text().splitlines()]
+    assert log[0]["dev_p1"] == json.loads((out / "P19" / "metrics.json").read_text())["manual_dev_p1"]
+    res = CliRunner().invoke(cli.app, ["eval", "--prompts", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "1 of 1 relations reproduce the saved test figures exactly" in res.output
+
+
+@pytest.mark.parametrize(("args", "fragment"), [
+    (["--init", "manual", "--template", "(3, sub, obj)"], "--init manual builds each relation's template"),
+    (["--init", "vocab"], "unknown autoprompt init 'vocab': expected one of neutral, manual"),
+])
+def test_cli_bad_init_is_one_error_line(args, fragment, tmp_path):
+    proc = run_cli("train", "--method", "autoprompt", "--relation", "P19", *args,
+                   "--data", str(make_lama(tmp_path / "lama")))
+    assert_user_error(proc, fragment)

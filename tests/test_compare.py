@@ -10,7 +10,7 @@ from conftest import assert_user_error, make_fake_lama, run_cli, write_jsonl
 from typer.testing import CliRunner
 
 import cli
-from probe.compare import compare_runs, load_runs
+from probe.compare import compare_runs, load_runs, run_label
 from probe.data import Fact
 from probe.errors import ProbeError
 from probe.methods import get_method
@@ -137,6 +137,14 @@ def test_compare_cli_writes_table_and_plots(runs, tmp_path):
     md = (out / "compare.md").read_text()
     assert "| ptuning |" in md and "| P19 | label P19 | N-1 |" in md
     assert (out / "types.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_labels_name_an_init_or_reparam_other_than_the_default():
+    assert run_label({"method": "autoprompt", "method_config": {"init": "manual"}}) == "autoprompt+init=manual"
+    assert run_label({"method": "autoprompt", "method_config": {"init": "neutral"}}) == "autoprompt"
+    assert run_label({"method": "prefix-tuning", "method_config": {"init": "vocab", "reparam": "none"}}) == \
+        "prefix-tuning+reparam=none"
+    assert run_label({"method": "ptuning-mlp", "method_config": {"lstm": False}}) == "ptuning-mlp"
 
 
 def test_compare_refuses_mixed_models(runs, tmp_path):

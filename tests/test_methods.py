@@ -202,6 +202,17 @@ def test_prompt_tuning_template_init_only_between_x_and_y(masked_backend):
     assert torch.equal(m.prompt.detach(), table[[is_id] * 9])
 
 
+@pytest.mark.parametrize("init", ["vocab", "template"])
+def test_prompt_tuning_word_slots_start_as_their_words(backend, init):
+    compiled = compile_template('(2, sub, ["is a"], obj)', backend.tokenizer, backend.kind)
+    words = compiled.start_ids[2:]
+    assert len(words) == 2 and compiled.n_virtual == 4
+    m = PromptTuning.create(backend, compiled, MANUAL, PromptTuningConfig(init=init))
+    table = table_of(backend)
+    assert torch.equal(m.prompt.detach()[2:], table[words])
+    assert not torch.equal(m.prompt.detach()[:2], table[words])  # the plain virtual slots follow the init
+
+
 def test_prompt_tuning_unknown_init_is_a_probe_error(backend):
     compiled = compile_template(SHAPES[backend.kind], backend.tokenizer, backend.kind)
     with pytest.raises(ProbeError, match="unknown init 'bogus'") as e:

@@ -20,6 +20,7 @@ from probe.templates import (
     compile_template,
     expand_manual,
     manual_relation_words,
+    manual_word_slots,
     parse_template,
     parse_template_file,
 )
@@ -104,7 +105,7 @@ def test_manual_needs_a_relation_and_x_before_y():
         ("(3, sub; obj)", 8, "expected ',' between items"),
         ("(3, sub, foo, obj)", 10, "unknown word 'foo'"),
         ("(0, sub, obj)", 2, "at least 1"),
-        ("()", 2, "expected a count, sub, obj, manual or a quoted string"),
+        ("()", 2, "expected a count, sub, obj, manual, a quoted string or [a quoted string]"),
         ("(3, sub, obj,)", 14, "expected a count"),
         ("(3 sub, obj)", 4, "expected ','"),
     ],
@@ -386,3 +387,52 @@ def test_template_file_not_found(tmp_path):
         parse_template_file(tmp_path / "nope.txt")
     with pytest.raises(TemplateError, match="not found"):
         parse_template_file(tmp_path)  # a folder is not a template file
+
+
+# ---- word slots -----------------------------------------------------------------------------
+
+
+def test_word_slots_parse_and_compile_to_virtual_tokens_that_start_as_their_words(bpe_tokenizer, wordpiece_tokenizer):
+    t = parse_template('(2, sub, ["was born in"], obj)')
+    assert [p.kind for p in t.parts] == ["virtual", "sub", "words", "obj"]
+    assert t.parts[2].text == "was born in" and t.n_virtual == 2  # a word slot's count needs the tokenizer
+    words = bpe_tokenizer.encode(" was born in", add_special_tokens=False)
+    c = compile_template(t, bpe_tokenizer, "causal")
+    assert c.n_virtual == 2 + len(words)
+    assert c.start_ids == [None, None, *words]
+    enc = c.encode("Dante")
+    assert enc.virtual_positions == [0, 1, *range(len(enc.input_ids) - len(words), len(enc.input_ids))]
+    assert enc.target == len(enc.input_ids) - 1
+    m = compile_template("(sub, ['is'], obj, [\".\"])", wordpiece_tokenizer, "masked")
+    dot, is_ = (wordpiece_tokenizer.convert_tokens_to_ids(w) for w in (".", "is"))
+    assert m.start_ids == [is_, dot]
+    enc = m.encode("Dante")
+    assert [enc.input_ids[p] for p in enc.virtual_positions] == [m.placeholder_id] * 2
+    assert enc.virtual_positions[1] == enc.target + 1
+
+
+def test_manual_word_slots_start_exactly_as_the_manual_prompt(lama_dir, bpe_tokenizer, wordpiece_tokenizer):
+    assert manual_word_slots("The capital of [X] is [Y] .", "causal").source == '(["The capital of"], sub, ["is"], obj)'
+    assert manual_word_slots("The capital of [X] is [Y] .", "masked").source == '(["The capital of"], sub, ["is"], obj, ".")'
+    data = LamaData(lama_dir)
+    for rel in data.relations.values():
+        for tok, kind in ((bpe_tokenizer, "causal"), (wordpiece_tokenizer, "masked")):
+            slots = manual_word_slots(rel.template, kind)
+            manual = compile_template(rel.template, tok, kind).encode("Dante")
+            for template in (slots, parse_template(slots.source)):  # the saved source compiles the same way
+                c = compile_template(template, tok, kind)
+                enc = c.encode("Dante")
+                filled = list(enc.input_ids)
+                for pos, start in zip(enc.virtual_positions, c.start_ids, strict=True):
+                    filled[pos] = start
+                assert (filled, enc.target) == (manual.input_ids, manual.target), (rel.id, kind)
+                assert None not in c.start_ids
+
+
+def test_word_slots_after_the_object_are_refused_for_a_causal_model(bpe_tokenizer):
+    with pytest.raises(TemplateError, match="obj must be last"):
+        compile_template('(sub, obj, ["."])', bpe_tokenizer, "causal")
+    with pytest.raises(TemplateError, match="empty quoted string"):
+        parse_template('(sub, [""], obj)')
+    with pytest.raises(TemplateError, match="glued"):
+        manual_word_slots("[X]'s home is [Y] .", "causal")

@@ -7,13 +7,29 @@ into the LM's own input-embedding rows, so the shared evaluator needs nothing sp
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
+from probe.errors import ProbeError
 from probe.methods.base import MethodConfig, PromptMethod
-from probe.templates import OBJ, SUB, TEXT, VIRTUAL, CompiledTemplate, encode_words
+from probe.templates import OBJ, SUB, TEXT, VIRTUAL, CompiledTemplate, Template, encode_words, manual_word_slots
 
-INIT_WORD = "the"  # every trigger starts as this word (as a word start: ' the' for BPE vocabularies)
+INIT_WORD = "the"  # a trigger starts as this word (as a word start: ' the' for BPE vocabularies)
+INITS = ("neutral", "manual")
+
+
+@dataclass
+class AutoPromptMethodConfig(MethodConfig):
+    """`neutral`: triggers start as INIT_WORD in the template's virtual slots (Shin et al.). `manual`: the
+    relation's manual prompt, its words before [Y] as triggers that start as themselves (AutoPrompt's
+    initial-trigger option), so the search starts where the manual prompt stands."""
+
+    init: str = "neutral"
+
+    def check(self) -> None:
+        if self.init not in INITS:
+            raise ProbeError(f"unknown autoprompt init {self.init!r}: expected one of {', '.join(INITS)}")
 
 
 class AutoPrompt(PromptMethod):
@@ -21,8 +37,9 @@ class AutoPrompt(PromptMethod):
 
     name = "autoprompt"
     trainable = True  # `probe train` runs it, through search_triggers rather than gradient descent
+    config_class = AutoPromptMethodConfig
 
-    def __init__(self, n_virtual: int, hidden_size: int, config: MethodConfig | None = None,
+    def __init__(self, n_virtual: int, hidden_size: int, config: AutoPromptMethodConfig | None = None,
                  embed: Callable[[torch.Tensor], torch.Tensor] | None = None, trigger_ids: torch.Tensor | None = None):
         super().__init__(n_virtual, hidden_size, config)
         ids = trigger_ids if trigger_ids is not None else torch.zeros(n_virtual, dtype=torch.long)
@@ -30,10 +47,18 @@ class AutoPrompt(PromptMethod):
         self.embed = embed  # the LM's ids -> input embeddings (a function, so the LM stays out of state_dict)
 
     @classmethod
+    def relation_template(cls, template: Template, manual_template: str, kind: str,
+                          config: AutoPromptMethodConfig | None = None) -> Template:
+        if config is not None and config.init == "manual":
+            return manual_word_slots(manual_template, kind)
+        return template
+
+    @classmethod
     def create(cls, backend, compiled: CompiledTemplate, manual_template: str,
-               config: MethodConfig | None = None) -> AutoPrompt:
-        ids = encode_words(backend.tokenizer, INIT_WORD, True, compiled.space_sensitive)
-        init = torch.full((compiled.n_virtual,), ids[0], dtype=torch.long)
+               config: AutoPromptMethodConfig | None = None) -> AutoPrompt:
+        """Virtual slots start as INIT_WORD, word slots as their own words."""
+        neutral = encode_words(backend.tokenizer, INIT_WORD, True, compiled.space_sensitive)[0]
+        init = torch.tensor([neutral if s is None else s for s in compiled.start_ids], dtype=torch.long)
         return cls(compiled.n_virtual, backend.hidden_size, config, backend.embed, init)
 
     def virtual_embeddings(self) -> torch.Tensor:
@@ -46,11 +71,14 @@ class AutoPrompt(PromptMethod):
         tokens = tok.convert_ids_to_tokens(ids)
         decoded = [tok.decode([i]).strip() for i in ids]
         words = iter(d if d and "\ufffd" not in d else t for d, t in zip(decoded, tokens, strict=True))
-        shown = {SUB: "[X]", OBJ: "[Y]"}
         text = []
-        for part in compiled.template.parts:
-            if part.kind == VIRTUAL:
-                text.extend(next(words) for _ in range(part.n))
+        for kind, value in compiled.parts:
+            if kind == VIRTUAL:
+                text.extend(next(words) for _ in range(value))
+            elif kind == TEXT:
+                text.append(tok.decode(value).strip())
             else:
-                text.append(part.text if part.kind == TEXT else shown[part.kind])
+                text.append("[X]" if kind == SUB else "[Y]")
+                if kind == OBJ and compiled.kind == "causal":  # a causal model sees nothing after the object
+                    break
         return {"triggers": {"ids": ids, "tokens": tokens, "text": " ".join(text)}}

@@ -40,6 +40,11 @@ class PromptMethod(nn.Module):
         """Raise a ProbeError if the method cannot work with this compiled template (checked before any training)."""
 
     @classmethod
+    def relation_template(cls, template, manual_template: str, kind: str, config: MethodConfig | None = None):
+        """The template this method uses for a relation: by default the one chosen by --template (or the default)."""
+        return template
+
+    @classmethod
     def create(cls, backend, compiled, manual_template: str, config: MethodConfig | None = None) -> PromptMethod:
         """Build the method for a compiled template; methods that initialise from the LM override this."""
         return cls(compiled.n_virtual, backend.hidden_size, config)

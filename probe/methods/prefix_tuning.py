@@ -90,7 +90,8 @@ class PrefixTuning(PromptMethod):
                 std = _flat_kv(*backend.token_kv(sample))[0].std(dim=0)
                 start = torch.randn(n, std.shape[0]) * std
         else:
-            ids = init_token_ids(backend.tokenizer, len(backend.tokenizer), n, config.init, manual_template)
+            ids = init_token_ids(backend.tokenizer, len(backend.tokenizer), n, config.init, manual_template,
+                                 compiled.start_ids)
             start = _flat_kv(*backend.token_kv(ids[None]))[0]
         return cls(n, backend.hidden_size, config, layout=layout, start=start)
 

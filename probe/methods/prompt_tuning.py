@@ -19,13 +19,21 @@ def check_init(init: str) -> None:
         raise ProbeError(f"unknown init {init!r}: expected one of {', '.join(INITS)}")
 
 
-def init_token_ids(tokenizer, vocab_size: int, n: int, init: str, manual_template: str) -> torch.Tensor:
-    """n real token ids to start a prompt from: 'vocab' draws frequent (low) ids, 'template' cycles the manual words."""
+def init_token_ids(tokenizer, vocab_size: int, n: int, init: str, manual_template: str,
+                   start_ids: list[int | None] | None = None) -> torch.Tensor:
+    """n real token ids to start a prompt from: 'vocab' draws frequent (low) ids, 'template' cycles the manual words.
+
+    A template's word slots (`start_ids` not None, see CompiledTemplate) start as their own words either way.
+    """
     if init == "vocab":
-        return torch.randint(min(5000, vocab_size), (n,))
-    words = manual_relation_words(manual_template)
-    ids = tokenizer.encode(" " + words, add_special_tokens=False) or [0]
-    return torch.tensor([ids[i % len(ids)] for i in range(n)])
+        ids = torch.randint(min(5000, vocab_size), (n,))
+    else:
+        words = tokenizer.encode(" " + manual_relation_words(manual_template), add_special_tokens=False) or [0]
+        ids = torch.tensor([words[i % len(words)] for i in range(n)])
+    for i, start in enumerate(start_ids or []):
+        if start is not None:
+            ids[i] = start
+    return ids
 
 
 @dataclass
@@ -59,7 +67,8 @@ class PromptTuning(PromptMethod):
         if config.init == "random":
             init = torch.randn(n, table.shape[1]) * table.std()
         else:
-            init = table[init_token_ids(backend.tokenizer, table.shape[0], n, config.init, manual_template)]
+            init = table[init_token_ids(backend.tokenizer, table.shape[0], n, config.init, manual_template,
+                                        compiled.start_ids)]
         return cls(n, table.shape[1], config, init=init)
 
     def virtual_embeddings(self) -> torch.Tensor:
