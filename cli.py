@@ -108,8 +108,6 @@ def eval_cmd(
         help="Prompts per relation from --prompts-file (default: 1, all with --ensemble; 0: all).")] = None,
     control: ControlOpt = "none",
     seed: Annotated[int, typer.Option(help="Seed of --control random-model.")] = 13,
-    workers: Annotated[int, typer.Option(
-        help="CPU processes, each loading the model and taking relations in turn (see BENCHMARKS.md).")] = 1,
 ) -> None:
     """Evaluate a prompt method on one or all relations with one model load; print and save the table."""
     if prompts is not None:
@@ -132,9 +130,7 @@ def eval_cmd(
     from probe.vocab import build_candidates
 
     t0 = time.time()
-    _positive(batch_size=batch_size, workers=workers)
-    if workers > 1 and device != "cpu":
-        raise ProbeError(f"--workers {workers} is for CPU evaluation: on {device} use one process")
+    _positive(batch_size=batch_size)
     if get_method(method).trainable:
         raise ProbeError(f"method {method!r} is trained: use `probe train --method {method}`, then `probe eval --prompts RUN`")
     lama = LamaData(data)
@@ -173,14 +169,7 @@ def eval_cmd(
         extra["seed"] = seed
     run = RunFolder(out, run_config(backend, lama, settings, candidates, **extra), resume=resume)
     try:
-        if workers > 1 and len(ids) > 1:
-            from probe.workers import evaluate_in_workers
-
-            del backend  # each worker loads its own
-            load_args = {"name": model, "device": device, "dtype": dtype, "control": control, "seed": seed}
-            results = evaluate_in_workers(load_args, lama, ids, candidates, run, settings, chosen, workers)
-        else:
-            results = evaluate_relations(backend, lama, ids, candidates, run, settings, chosen)
+        results = evaluate_relations(backend, lama, ids, candidates, run, settings, chosen)
     except KeyboardInterrupt:
         _interrupted(run)
     _print_results(results)

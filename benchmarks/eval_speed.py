@@ -5,18 +5,12 @@ whole vocabulary, then the rank of the gold object among the candidates. probe's
 dtype asked for, batches sorted by length, logits only at the target and only for candidate rows.
 
     python benchmarks/eval_speed.py --relations P19 P20 P27 --dtype bfloat16
-    python benchmarks/eval_speed.py --relations P19 P20 P27 --workers 2   # probe eval --workers 2
-
-With --workers N the evaluator runs as `probe eval --workers N` does, and its time includes starting the
-workers and their model loads.
 """
 
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 
@@ -26,11 +20,8 @@ from probe.data import LamaData
 from probe.evaluate import evaluate_facts, pad_id
 from probe.methods import get_method
 from probe.metrics import ranks_of
-from probe.pipeline import EvalSettings
-from probe.runs import RunFolder
 from probe.templates import compile_template
 from probe.vocab import build_candidates
-from probe.workers import evaluate_in_workers
 
 
 @torch.no_grad()
@@ -55,7 +46,6 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--skip-baseline", action="store_true")
-    ap.add_argument("--workers", type=int, default=1)
     args = ap.parse_args()
 
     data = LamaData(args.data)
@@ -73,20 +63,11 @@ def main() -> None:
 
     t = time.perf_counter()
     hits = 0
-    if args.workers > 1:
-        with tempfile.TemporaryDirectory() as tmp:
-            run = RunFolder(Path(tmp) / "run", {"command": "eval"})
-            load_args = {"name": args.model, "dtype": args.dtype}
-            settings = EvalSettings(batch_size=args.batch_size)
-            results = evaluate_in_workers(load_args, data, ids, candidates, run, settings, None, args.workers)
-            hits = sum(round(r["p1"] * r["n_facts"] / 100) for r in results["relations"])
-    else:
-        for rel, facts in work:
-            compiled = compile_template(rel.template, fast.tokenizer, fast.kind)
-            hits += sum(r == 1 for r in evaluate_facts(fast, manual, compiled, facts, candidates, args.batch_size).ranks)
+    for rel, facts in work:
+        compiled = compile_template(rel.template, fast.tokenizer, fast.kind)
+        hits += sum(r == 1 for r in evaluate_facts(fast, manual, compiled, facts, candidates, args.batch_size).ranks)
     fast_s = time.perf_counter() - t
-    shown = f", {args.workers} workers" if args.workers > 1 else ""
-    print(f"probe evaluator ({args.dtype}, batch {args.batch_size}{shown}): {n} facts in {fast_s:.1f}s = "
+    print(f"probe evaluator ({args.dtype}, batch {args.batch_size}): {n} facts in {fast_s:.1f}s = "
           f"{n / fast_s:.1f} facts/s, micro P@1 {100 * hits / n:.2f}")
     if base is None:
         return

@@ -91,14 +91,6 @@ class RunFolder:
         self.root.mkdir(parents=True, exist_ok=True)
         atomic_write_json(config_path, config)
 
-    @classmethod
-    def open(cls, root: str | Path) -> RunFolder:
-        """An existing run folder, to add relations to (another process made it); its config is left as it is."""
-        run = cls.__new__(cls)
-        run.root = Path(root)
-        run.config = read_json(run.root / "config.json")
-        return run
-
     def relation_dir(self, rid: str) -> Path:
         return self.root / rid
 
