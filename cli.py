@@ -379,11 +379,11 @@ def explain_cmd(
 @templates_app.command("check")
 def templates_check(file: Path) -> None:
     """Validate a template file; print its entries."""
-    from probe.templates import parse_template_file
+    from probe.templates import WORDS, parse_template_file
 
     tf = parse_template_file(file)
     for key, t in tf.entries.items():
-        slots = sum(p.kind == "words" for p in t.parts)
+        slots = sum(p.kind == WORDS for p in t.parts)
         typer.echo(f"{key}: {t.source}  ({t.n_virtual} virtual tokens" + (f", {slots} word slots)" if slots else ")"))
     typer.echo(f"{file}: {len(tf.entries)} templates, all valid")
 

@@ -57,13 +57,15 @@ def test_data_info_reads_probe_data(fake_lama, monkeypatch):
 
 def test_templates_check_lists_entries(tmp_path):
     path = tmp_path / "t.txt"
-    path.write_text("# comment\ndefault: (3, sub, 3, obj)\nP19: [X] was born in [Y] .  # manual\n")
+    path.write_text("# comment\ndefault: (3, sub, 3, obj)\nP19: [X] was born in [Y] .  # manual\n"
+                    "P20: (1, sub, [\"died in\"], obj)\n")
     res = invoke("templates", "check", path)
     assert res.exit_code == 0, res.output
     assert res.stdout.splitlines() == [
         "default: (3, sub, 3, obj)  (6 virtual tokens)",
         "P19: [X] was born in [Y] .  (0 virtual tokens)",
-        f"{path}: 2 templates, all valid",
+        'P20: (1, sub, ["died in"], obj)  (1 virtual tokens, 1 word slots)',
+        f"{path}: 3 templates, all valid",
     ]
 
 
