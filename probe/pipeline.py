@@ -80,52 +80,40 @@ def evaluate_relations(
     Each relation gets its manual template, or its prompts from `prompts` (several are an ensemble, see
     evaluate_ensemble); method 'majority' ranks candidates by train frequency instead, without the LM.
     """
-    todo = relations_to_evaluate(data, relation_ids, candidates, run, settings)
-    n_prompts = {r.id: len(prompts[r.id]) if prompts else 1 for r, _, _ in todo}
-    with tqdm(total=sum(len(f) * n_prompts[r.id] for r, f, _ in todo), unit="fact", desc="eval", dynamic_ncols=True) as bar:
-        for relation, facts, dropped in todo:
-            bar.set_postfix_str(relation.id)
-            evaluate_relation(backend, data, relation, facts, dropped, candidates, run, settings, prompts, bar)
-    return run.write_summary()
-
-
-def relations_to_evaluate(data: LamaData, relation_ids: list[str], candidates: CandidateVocab, run: RunFolder,
-                          settings: EvalSettings) -> list[tuple[Relation, list, int]]:
-    """(relation, facts kept, facts dropped) for each relation not yet finished in the run folder."""
+    method_cls = get_method(settings.method)
     strict = len(relation_ids) == 1
     todo = []
     for rid in relation_ids:
         relation = data.relation(rid)
-        if not run.is_done(rid):
-            todo.append((relation, *relation_facts(data, relation, settings.split, candidates, strict)))
-    return todo
-
-
-def evaluate_relation(backend: LMBackend, data: LamaData, relation: Relation, facts: list, dropped: int,
-                      candidates: CandidateVocab, run: RunFolder, settings: EvalSettings,
-                      prompts: dict[str, list[DiscretePrompt]] | None = None, progress=None) -> None:
-    """Evaluate one relation's manual prompt (or its prompts, or the majority control) and save it in the run."""
-    base = {"relation": relation.id, "label": relation.label, "type": relation.type, "n_dropped": dropped}
-    if not facts:
-        tqdm.write(f"warning: {relation.id} has no {settings.split} facts left after filtering; skipped", file=sys.stderr)
-        return
-    if settings.method == "majority":
-        train, _ = relation_facts(data, relation, "train", candidates, False)
-        result = evaluate_majority(train, facts, candidates)
-        if progress is not None:
-            progress.update(len(facts))
-        run.save_relation(relation.id, {**base, "n_facts": len(facts), "n_train": len(train), **result.metrics},
-                          result.predictions())
-        return
-    chosen = prompts[relation.id] if prompts else [DiscretePrompt(relation.template, None, "manual")]
-    compiled = [compile_template(p.template, backend.tokenizer, backend.kind) for p in chosen]
-    weights = [1.0 if p.weight is None else p.weight for p in chosen]
-    method = get_method(settings.method)(0, backend.hidden_size).to(backend.device)
-    result = evaluate_ensemble(backend, method, compiled, weights, facts, candidates, settings.batch_size, progress)
-    metrics = {**base, "n_facts": len(facts), "template": chosen[0].template, **result.metrics}
-    if len(chosen) > 1:
-        metrics.update(templates=[p.template for p in chosen], weights=weights)
-    run.save_relation(relation.id, metrics, result.predictions())
+        if run.is_done(rid):
+            continue
+        facts, dropped = relation_facts(data, relation, settings.split, candidates, strict)
+        todo.append((relation, facts, dropped))
+    n_prompts = {r.id: len(prompts[r.id]) if prompts else 1 for r, _, _ in todo}
+    with tqdm(total=sum(len(f) * n_prompts[r.id] for r, f, _ in todo), unit="fact", desc="eval", dynamic_ncols=True) as bar:
+        for relation, facts, dropped in todo:
+            bar.set_postfix_str(relation.id)
+            base = {"relation": relation.id, "label": relation.label, "type": relation.type, "n_dropped": dropped}
+            if not facts:
+                tqdm.write(f"warning: {relation.id} has no {settings.split} facts left after filtering; skipped", file=sys.stderr)
+                continue
+            if settings.method == "majority":
+                train, _ = relation_facts(data, relation, "train", candidates, False)
+                result = evaluate_majority(train, facts, candidates)
+                bar.update(len(facts))
+                metrics = {**base, "n_facts": len(facts), "n_train": len(train), **result.metrics}
+                run.save_relation(relation.id, metrics, result.predictions())
+                continue
+            chosen = prompts[relation.id] if prompts else [DiscretePrompt(relation.template, None, "manual")]
+            compiled = [compile_template(p.template, backend.tokenizer, backend.kind) for p in chosen]
+            weights = [1.0 if p.weight is None else p.weight for p in chosen]
+            method = method_cls(0, backend.hidden_size).to(backend.device)
+            result = evaluate_ensemble(backend, method, compiled, weights, facts, candidates, settings.batch_size, bar)
+            metrics = {**base, "n_facts": len(facts), "template": chosen[0].template, **result.metrics}
+            if len(chosen) > 1:
+                metrics.update(templates=[p.template for p in chosen], weights=weights)
+            run.save_relation(relation.id, metrics, result.predictions())
+    return run.write_summary()
 
 
 # ----------------------------------------------------------------------------------------------

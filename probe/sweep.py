@@ -37,7 +37,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from probe.errors import ProbeError
-from probe.methods import get_method, method_config
+from probe.methods import config_fields, get_method, method_config
 from probe.plots import png_axes
 from probe.runs import atomic_write_json, atomic_write_text, markdown_table, read_json
 from probe.train import TrainConfig
@@ -134,7 +134,7 @@ def expand_settings(grid: SweepGrid, source: str | Path = "grid") -> list[dict]:
             raise ProbeError(f"{source}: method {name!r} cannot be swept (expected a continuous prompt method)")
     for option in ("init", "reparam"):
         for value in axes.get(option, []):
-            takers = [m for m in axes["method"] if option in _fields(m)]
+            takers = [m for m in axes["method"] if option in config_fields(m)]
             if not takers:
                 raise ProbeError(f"{source}: axis {option!r} applies to none of the methods {axes['method']}")
             for m in takers:
@@ -143,7 +143,7 @@ def expand_settings(grid: SweepGrid, source: str | Path = "grid") -> list[dict]:
                 except ProbeError as e:
                     raise ProbeError(f"{source}: axis {option} value {value!r} does not exist for {m}: {e}") from None
     for m in axes["method"]:
-        fields = _fields(m)
+        fields = config_fields(m)
         inits = axes.get("init", [None]) if "init" in fields else [None]
         reparams = axes.get("reparam", [None]) if "reparam" in fields else [None]
         for length, init, reparam, seed in itertools.product(axes.get("length", [0]), inits, reparams, axes.get("seed", [13])):
@@ -151,10 +151,6 @@ def expand_settings(grid: SweepGrid, source: str | Path = "grid") -> list[dict]:
             options = {o: getattr(config, o) if o in fields else NOT_APPLICABLE for o in ("init", "reparam")}
             settings.append({"method": m, "length": length, **options, "seed": seed})
     return list({tuple(s.values()): s for s in settings}.values())
-
-
-def _fields(method: str) -> set[str]:
-    return {f.name for f in dataclasses.fields(get_method(method).config_class)}
 
 
 def cells_of(grid: SweepGrid, relation_ids: list[str]) -> list[Cell]:

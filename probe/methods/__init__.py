@@ -29,19 +29,24 @@ def get_method(name: str) -> type[PromptMethod]:
     return METHODS[name]
 
 
+def config_fields(name: str) -> set[str]:
+    """The options method `name` takes: the fields of its config dataclass."""
+    return {f.name for f in dataclasses.fields(get_method(name).config_class)}
+
+
 def method_config(name: str, **options) -> MethodConfig:
     """The config of method `name` with the options given (None: the default); an option it lacks is a ProbeError."""
-    config_class = get_method(name).config_class
-    fields = {f.name for f in dataclasses.fields(config_class)}
+    fields = config_fields(name)
     given = {k: v for k, v in options.items() if v is not None}
     for key in given:
         if key not in fields:
             takes = ", ".join(f"--{f}" for f in sorted(fields) if f in options) or "none of them"
             raise ProbeError(f"--{key} does not apply to method {name!r} (it takes {takes})")
-    config = config_class(**given)
+    config = get_method(name).config_class(**given)
     if hasattr(config, "check"):
         config.check()
     return config
 
 
-__all__ = ["METHODS", "FixedPrompt", "MethodConfig", "PromptMethod", "get_method", "method_config"]
+__all__ = ["METHODS", "FixedPrompt", "MethodConfig", "PromptMethod", "config_fields", "get_method",
+           "method_config"]
