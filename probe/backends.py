@@ -83,13 +83,29 @@ class LMBackend:
         """Input embeddings of token ids, (B, L) -> (B, L, H)."""
         return self.model.get_input_embeddings()(input_ids)
 
+    @property
+    def shares_prefixes(self) -> bool:
+        """Whether inputs that all start the same can run that start once (`prefix_kv`, then `target_hidden(past=)`)."""
+        return self.fast is not None
+
+    def prefix_kv(self, inputs_embeds: torch.Tensor) -> llama_fast.Past:
+        """Every layer's keys and values for a prefix (1, P, H) shared by the inputs of later calls."""
+        if self.fast is None:
+            raise ValueError(f"model {self.name!r} cannot share prefixes")
+        return self.fast.prefix_kv(inputs_embeds)
+
     def target_hidden(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, target: torch.Tensor,
-                      prefix: Prefix | None = None) -> torch.Tensor:
+                      prefix: Prefix | None = None, past: llama_fast.Past | None = None) -> torch.Tensor:
         """Final hidden state at each row's target position, (B, H); for masked LMs after the MLM transform.
 
         Rows are right-padded, so a causal LM needs no attention mask: it never looks to the right.
         With a `prefix`, every layer's keys and values at the virtual positions are the prefix's.
+        With `past` (from `prefix_kv`), every row continues that prefix; `target` counts from after it.
         """
+        if past is not None:
+            if prefix is not None or self.fast is None:
+                raise ValueError("past needs a model that shares prefixes, and no prefix-tuning prefix")
+            return self.fast(inputs_embeds, target, past)
         if prefix is None:
             return self._target_hidden(inputs_embeds, attention_mask, target)
         with self._kv_hooks(lambda layer, which, out: _put_rows(out, prefix.virtual_mask, getattr(prefix, which)[layer])):

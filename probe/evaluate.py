@@ -10,6 +10,7 @@ from tqdm import tqdm
 from probe.backends import LMBackend, Prefix
 from probe.batching import Batch, make_batches
 from probe.data import Fact
+from probe.llama_fast import Past
 from probe.methods.base import PromptMethod
 from probe.methods.majority import MajorityClass
 from probe.metrics import ranks_of, relation_metrics
@@ -22,19 +23,60 @@ def pad_id(backend: LMBackend) -> int:
     return next((t for t in (tok.pad_token_id, tok.eos_token_id, tok.unk_token_id) if t is not None), 0)
 
 
-def candidate_scores(backend: LMBackend, method: PromptMethod, batch: Batch, candidates: CandidateVocab,
-                     virtual: torch.Tensor | None = None) -> torch.Tensor:
-    """Scores (B, C) of every candidate at each fact's target position. Shared by evaluator and trainer.
-
-    The virtual slots get the method's embeddings, or `virtual` (B, n_virtual, H): one set per row.
-    A prefix method instead sets the keys and values of the virtual slots at every layer.
-    """
+def input_embeddings(backend: LMBackend, method: PromptMethod, batch: Batch, virtual: torch.Tensor | None = None) -> torch.Tensor:
+    """Input embeddings (B, L, H) of a batch: the LM's, with the method's (or `virtual`'s) at the virtual slots."""
     embeds = backend.embed(batch.input_ids)
     if virtual is None:
         virtual = method.virtual_embeddings()
     if virtual is not None:
         rows = virtual.reshape(-1, virtual.shape[-1]) if virtual.dim() == 3 else virtual.repeat(batch.input_ids.shape[0], 1)
         embeds = embeds.masked_scatter(batch.virtual_mask[..., None], rows.to(embeds.dtype))
+    return embeds
+
+
+@dataclass
+class SharedStart:
+    """The first `length` positions, the same in every input (say "The capital of"), run once: their keys and values."""
+
+    length: int
+    past: Past
+
+
+def shared_start(backend: LMBackend, method: PromptMethod, batches: list[Batch]) -> SharedStart | None:
+    """Run once the longest start that every row of `batches` has before its target; None if none or not supported.
+
+    Only for a causal model whose backend `shares_prefixes`, and a method with the same embeddings in every row
+    and no prefix-tuning keys and values.
+    """
+    if not batches or not backend.shares_prefixes or method.prefix() is not None:
+        return None
+    first = batches[0]
+    ids, virtual = first.input_ids[0], first.virtual_mask[0]
+    n = min(int(b.target.min()) for b in batches)
+    for b in batches:
+        same = (b.input_ids[:, :n] == ids[:n]) & (b.virtual_mask[:, :n] == virtual[:n])
+        differ = (~same.all(dim=0)).nonzero()
+        if len(differ):
+            n = int(differ[0])
+    if n == 0:
+        return None
+    embeds = input_embeddings(backend, method, first.to(backend.device))
+    return SharedStart(n, backend.prefix_kv(embeds[:1, :n]))
+
+
+def candidate_scores(backend: LMBackend, method: PromptMethod, batch: Batch, candidates: CandidateVocab,
+                     virtual: torch.Tensor | None = None, shared: SharedStart | None = None) -> torch.Tensor:
+    """Scores (B, C) of every candidate at each fact's target position. Shared by evaluator and trainer.
+
+    The virtual slots get the method's embeddings, or `virtual` (B, n_virtual, H): one set per row.
+    A prefix method instead sets the keys and values of the virtual slots at every layer.
+    With `shared` (from `shared_start` on these batches), the rows' common start is not run again.
+    """
+    embeds = input_embeddings(backend, method, batch, virtual)
+    if shared is not None:
+        n = shared.length
+        hidden = backend.target_hidden(embeds[:, n:], batch.attention_mask[:, n:], batch.target - n, past=shared.past)
+        return backend.candidate_logits(hidden, candidates.token_ids)
     kv = method.prefix()
     prefix = Prefix(kv[0], kv[1], batch.virtual_mask) if kv is not None else None
     hidden = backend.target_hidden(embeds, batch.attention_mask, batch.target, prefix)
@@ -83,7 +125,8 @@ def evaluate_facts(
 ) -> RelationEval:
     """Rank every candidate for each fact and return ranks, top-10 words and P@1/P@10/MRR.
 
-    Each distinct subject is run once; its scores serve every fact with that subject.
+    Each distinct subject is run once; its scores serve every fact with that subject. A start that every
+    input shares (a template's words or virtual tokens before [X]) is run once, where the backend can.
     """
     was_training = method.training
     method.eval()
@@ -91,8 +134,10 @@ def evaluate_facts(
     ranks: list[int] = []
     top10: list[list[str]] = []
     ordered: list[Fact] = []
-    for batch in make_batches(compiled, [g[0] for g in groups.values()], candidates, batch_size, pad_id(backend)):
-        scores = candidate_scores(backend, method, batch.to(backend.device), candidates).cpu()
+    batches = make_batches(compiled, [g[0] for g in groups.values()], candidates, batch_size, pad_id(backend))
+    shared = shared_start(backend, method, batches)
+    for batch in batches:
+        scores = candidate_scores(backend, method, batch.to(backend.device), candidates, shared=shared).cpu()
         same = [groups[f.sub] for f in batch.facts]
         rows = torch.tensor([i for i, g in enumerate(same) for _ in g])
         batch_facts = [f for g in same for f in g]
@@ -128,8 +173,10 @@ def evaluate_ensemble(
     total = sum(weights)
     scores = torch.zeros(len(groups), len(candidates))
     for compiled, weight in zip(prompts, weights, strict=True):
-        for batch in make_batches(compiled, [g[0] for g in groups.values()], candidates, batch_size, pad_id(backend)):
-            logits = candidate_scores(backend, method, batch.to(backend.device), candidates)
+        batches = make_batches(compiled, [g[0] for g in groups.values()], candidates, batch_size, pad_id(backend))
+        shared = shared_start(backend, method, batches)
+        for batch in batches:
+            logits = candidate_scores(backend, method, batch.to(backend.device), candidates, shared=shared)
             rows = torch.tensor([row_of[f.sub] for f in batch.facts])
             scores[rows] += (weight / total) * logits.log_softmax(dim=1).cpu()
             if progress is not None:

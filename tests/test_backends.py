@@ -207,6 +207,32 @@ def test_llama_fast_path_equals_transformers_at_any_target(causal_backend):
     assert grad_fast[1, 3:].abs().sum() == 0  # nothing right of the target reaches it
 
 
+def test_llama_fast_prefix_run_once_equals_the_whole_input(causal_backend):
+    """Keys and values of a start shared by every row, run once, then the rows' rest: the same hidden states."""
+    b = causal_backend
+    batch = collate(compile_template("The capital of [X] is [Y] .", b.tokenizer, "causal"), FACTS, build_candidates(
+        b.tokenizer, WORDS), pad_id(b))
+    start = len(b.tokenizer.encode("The capital of", add_special_tokens=False))
+    assert start == 3 and (batch.input_ids[:, :start] == batch.input_ids[0, :start]).all()
+    embeds = b.embed(batch.input_ids)
+    with torch.no_grad():
+        whole = b.target_hidden(embeds, batch.attention_mask, batch.target)
+        past = b.prefix_kv(embeds[:1, :start])
+        rest = b.target_hidden(embeds[:, start:], batch.attention_mask[:, start:], batch.target - start, past=past)
+    assert len(past.keys) == b.model.config.num_hidden_layers and past.keys[0].shape[2] == start
+    torch.testing.assert_close(rest, whole, rtol=1e-5, atol=1e-5)
+    # a wrong start position shows: the rest run as if it came first is not the same
+    with torch.no_grad():
+        alone = b.target_hidden(embeds[:, start:], batch.attention_mask[:, start:], batch.target - start)
+    assert (alone - whole).abs().max() > 1e-2
+
+
+def test_prefix_sharing_only_where_supported(masked_backend, causal_backend):
+    assert causal_backend.shares_prefixes and not masked_backend.shares_prefixes
+    with pytest.raises(ValueError, match="cannot share prefixes"):
+        masked_backend.prefix_kv(torch.zeros(1, 2, masked_backend.hidden_size))
+
+
 def test_llama_fast_path_only_for_plain_llama():
     from probe.llama_fast import supports
 

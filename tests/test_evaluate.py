@@ -11,7 +11,7 @@ from conftest import make_fake_lama
 from probe.batching import collate, filter_facts, make_batches
 from probe.data import Fact, LamaData
 from probe.errors import ProbeError
-from probe.evaluate import candidate_scores, evaluate_facts, pad_id
+from probe.evaluate import candidate_scores, evaluate_facts, pad_id, shared_start
 from probe.methods import METHODS, get_method
 from probe.methods.base import PromptMethod
 from probe.methods.manual import ManualPrompt
@@ -170,13 +170,54 @@ def test_facts_sharing_a_subject_run_once(causal_backend, monkeypatch):
     compiled = compile_template(P19, causal_backend.tokenizer, "causal")
     seen = []
     real = ev.candidate_scores
-    monkeypatch.setattr(ev, "candidate_scores", lambda b, m, batch, c: seen.extend(batch.facts) or real(b, m, batch, c))
+    monkeypatch.setattr(ev, "candidate_scores", lambda b, m, batch, c, **kw: seen.extend(batch.facts) or real(b, m, batch, c, **kw))
     result = evaluate_facts(causal_backend, ManualPrompt(0, causal_backend.hidden_size), compiled, facts, cands, 8)
     assert sorted(f.sub for f in seen) == ["Dante", "Rome"]
     assert sorted(result.facts, key=facts.index) == facts
     ranks, top1 = _by_hand(causal_backend, P19, result.facts, cands)
     assert result.ranks == ranks and [t[0] for t in result.top10] == top1
     assert len(set(ranks)) > 1  # the three Dante facts differ in rank
+
+
+P36 = "The capital of [X] is [Y] ."
+
+
+@pytest.mark.parametrize("template", [P36, "(3, sub, 3, obj)", "(2, 'The capital of', sub, obj)"])
+def test_a_start_every_input_shares_runs_once(causal_backend, monkeypatch, template):
+    """Words or virtual tokens before [X] run once per relation; ranks equal those of the full inputs."""
+    import probe.evaluate as ev
+
+    b = causal_backend
+    cands = build_candidates(b.tokenizer, WORDS)
+    facts, _ = filter_facts(FACTS, cands)
+    compiled = compile_template(template, b.tokenizer, "causal")
+    torch.manual_seed(0)
+    method = get_method("ptuning" if "3" in template or "2" in template else "manual").create(b, compiled, P36)
+    method.eval()
+    batches = make_batches(compiled, facts, cands, 4, pad_id(b))
+    shared = shared_start(b, method, batches)
+    expected = {P36: 3, "(3, sub, 3, obj)": 3, "(2, 'The capital of', sub, obj)": 5}[template]
+    assert shared is not None and shared.length == expected
+    with_sharing = evaluate_facts(b, method, compiled, facts, cands, batch_size=4)
+    monkeypatch.setattr(ev, "shared_start", lambda *a: None)
+    without = evaluate_facts(b, method, compiled, facts, cands, batch_size=4)
+    assert with_sharing.facts == without.facts and with_sharing.ranks == without.ranks
+    assert with_sharing.top10 == without.top10
+
+
+def test_no_shared_start_where_inputs_differ_from_the_first_token(causal_backend, masked_backend):
+    cands = build_candidates(causal_backend.tokenizer, WORDS)
+    facts, _ = filter_facts(FACTS, cands)
+    manual = ManualPrompt(0, causal_backend.hidden_size)
+    p19 = make_batches(compile_template(P19, causal_backend.tokenizer, "causal"), facts, cands, 4, pad_id(causal_backend))
+    assert shared_start(causal_backend, manual, p19) is None
+    masked = make_batches(compile_template(P36, masked_backend.tokenizer, "masked"), facts, cands, 4, pad_id(masked_backend))
+    assert shared_start(masked_backend, ManualPrompt(0, masked_backend.hidden_size), masked) is None
+    # identical inputs share everything but their target
+    same = [Fact("Rome", "Italy"), Fact("Rome", "Paris")]
+    batches = make_batches(compile_template(P36, causal_backend.tokenizer, "causal"), same, cands, 4, pad_id(causal_backend))
+    shared = shared_start(causal_backend, manual, batches)
+    assert shared.length == int(batches[0].target[0]) == 4
 
 
 def test_top10_with_fewer_candidates(masked_backend):

@@ -467,8 +467,8 @@ def test_evaluate_ranks_come_from_candidate_scores(request, which, monkeypatch):
     batches = []
     real = probe.evaluate.candidate_scores
 
-    def spy(backend_, method_, batch, candidates):
-        scores = real(backend_, method_, batch, candidates)
+    def spy(backend_, method_, batch, candidates, **kw):
+        scores = real(backend_, method_, batch, candidates, **kw)
         batches.append((batch, scores))
         return scores
 
