@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -34,16 +35,9 @@ def input_embeddings(backend: LMBackend, method: PromptMethod, batch: Batch, vir
     return embeds
 
 
-@dataclass
-class SharedStart:
-    """The first `length` positions, the same in every input (say "The capital of"), run once: their keys and values."""
-
-    length: int
-    past: Past
-
-
-def shared_start(backend: LMBackend, method: PromptMethod, batches: list[Batch]) -> SharedStart | None:
-    """Run once the longest start that every row of `batches` has before its target; None if none or not supported.
+def shared_start(backend: LMBackend, method: PromptMethod, batches: list[Batch]) -> Past | None:
+    """Keys and values of the longest start (say "The capital of") that every row of `batches` has before its
+    target, run once; None if there is none or the backend cannot share it.
 
     Only for a causal model whose backend `shares_prefixes`, and a method with the same embeddings in every row
     and no prefix-tuning keys and values.
@@ -61,11 +55,11 @@ def shared_start(backend: LMBackend, method: PromptMethod, batches: list[Batch])
     if n == 0:
         return None
     embeds = input_embeddings(backend, method, first.to(backend.device))
-    return SharedStart(n, backend.prefix_kv(embeds[:1, :n]))
+    return backend.prefix_kv(embeds[:1, :n])
 
 
 def candidate_scores(backend: LMBackend, method: PromptMethod, batch: Batch, candidates: CandidateVocab,
-                     virtual: torch.Tensor | None = None, shared: SharedStart | None = None) -> torch.Tensor:
+                     virtual: torch.Tensor | None = None, shared: Past | None = None) -> torch.Tensor:
     """Scores (B, C) of every candidate at each fact's target position. Shared by evaluator and trainer.
 
     The virtual slots get the method's embeddings, or `virtual` (B, n_virtual, H): one set per row.
@@ -75,12 +69,21 @@ def candidate_scores(backend: LMBackend, method: PromptMethod, batch: Batch, can
     embeds = input_embeddings(backend, method, batch, virtual)
     if shared is not None:
         n = shared.length
-        hidden = backend.target_hidden(embeds[:, n:], batch.attention_mask[:, n:], batch.target - n, past=shared.past)
-        return backend.candidate_logits(hidden, candidates.token_ids)
-    kv = method.prefix()
-    prefix = Prefix(kv[0], kv[1], batch.virtual_mask) if kv is not None else None
-    hidden = backend.target_hidden(embeds, batch.attention_mask, batch.target, prefix)
+        hidden = backend.target_hidden(embeds[:, n:], batch.attention_mask[:, n:], batch.target - n, past=shared)
+    else:
+        kv = method.prefix()
+        prefix = Prefix(kv[0], kv[1], batch.virtual_mask) if kv is not None else None
+        hidden = backend.target_hidden(embeds, batch.attention_mask, batch.target, prefix)
     return backend.candidate_logits(hidden, candidates.token_ids)
+
+
+def scored_batches(backend: LMBackend, method: PromptMethod, compiled: CompiledTemplate, facts: list[Fact],
+                   candidates: CandidateVocab, batch_size: int) -> Iterator[tuple[Batch, torch.Tensor]]:
+    """(batch, candidate scores) for facts batched by length; their shared start (if any) runs once."""
+    batches = make_batches(compiled, facts, candidates, batch_size, pad_id(backend))
+    shared = shared_start(backend, method, batches)
+    for batch in batches:
+        yield batch, candidate_scores(backend, method, batch.to(backend.device), candidates, shared=shared)
 
 
 @dataclass
@@ -134,10 +137,8 @@ def evaluate_facts(
     ranks: list[int] = []
     top10: list[list[str]] = []
     ordered: list[Fact] = []
-    batches = make_batches(compiled, [g[0] for g in groups.values()], candidates, batch_size, pad_id(backend))
-    shared = shared_start(backend, method, batches)
-    for batch in batches:
-        scores = candidate_scores(backend, method, batch.to(backend.device), candidates, shared=shared).cpu()
+    for batch, scores in scored_batches(backend, method, compiled, [g[0] for g in groups.values()], candidates, batch_size):
+        scores = scores.cpu()
         same = [groups[f.sub] for f in batch.facts]
         rows = torch.tensor([i for i, g in enumerate(same) for _ in g])
         batch_facts = [f for g in same for f in g]
@@ -173,10 +174,8 @@ def evaluate_ensemble(
     total = sum(weights)
     scores = torch.zeros(len(groups), len(candidates))
     for compiled, weight in zip(prompts, weights, strict=True):
-        batches = make_batches(compiled, [g[0] for g in groups.values()], candidates, batch_size, pad_id(backend))
-        shared = shared_start(backend, method, batches)
-        for batch in batches:
-            logits = candidate_scores(backend, method, batch.to(backend.device), candidates, shared=shared)
+        for batch, logits in scored_batches(backend, method, compiled, [g[0] for g in groups.values()], candidates,
+                                            batch_size):
             rows = torch.tensor([row_of[f.sub] for f in batch.facts])
             scores[rows] += (weight / total) * logits.log_softmax(dim=1).cpu()
             if progress is not None:

@@ -39,6 +39,10 @@ class Past(NamedTuple):
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
 
+    @property
+    def length(self) -> int:
+        return self.keys[0].shape[2]
+
 
 class LlamaTarget:
     """Final hidden state (after the last norm) at one target position per row of right-padded inputs."""
@@ -78,7 +82,7 @@ class LlamaTarget:
     def _run(self, x: torch.Tensor, target: torch.Tensor | None, past: Past | None):
         B, L, _ = x.shape
         rep, d = self.n_heads // self.n_kv, self.head_dim
-        P = past.keys[0].shape[2] if past is not None else 0
+        P = past.length if past is not None else 0
         positions = torch.arange(P, P + L, device=x.device)
         cos, sin = self.body.rotary_emb(x, positions[None])
         cos, sin = cos[:, None], sin[:, None]  # (1, 1, L, d)

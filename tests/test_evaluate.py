@@ -182,8 +182,10 @@ def test_facts_sharing_a_subject_run_once(causal_backend, monkeypatch):
 P36 = "The capital of [X] is [Y] ."
 
 
-@pytest.mark.parametrize("template", [P36, "(3, sub, 3, obj)", "(2, 'The capital of', sub, obj)"])
-def test_a_start_every_input_shares_runs_once(causal_backend, monkeypatch, template):
+@pytest.mark.parametrize(("template", "method_name", "expected"), [
+    (P36, "manual", 3), ("(3, sub, 3, obj)", "ptuning", 3), ("(2, 'The capital of', sub, obj)", "ptuning", 5),
+])
+def test_a_start_every_input_shares_runs_once(causal_backend, monkeypatch, template, method_name, expected):
     """Words or virtual tokens before [X] run once per relation; ranks equal those of the full inputs."""
     import probe.evaluate as ev
 
@@ -192,11 +194,10 @@ def test_a_start_every_input_shares_runs_once(causal_backend, monkeypatch, templ
     facts, _ = filter_facts(FACTS, cands)
     compiled = compile_template(template, b.tokenizer, "causal")
     torch.manual_seed(0)
-    method = get_method("ptuning" if "3" in template or "2" in template else "manual").create(b, compiled, P36)
+    method = get_method(method_name).create(b, compiled, P36)
     method.eval()
     batches = make_batches(compiled, facts, cands, 4, pad_id(b))
     shared = shared_start(b, method, batches)
-    expected = {P36: 3, "(3, sub, 3, obj)": 3, "(2, 'The capital of', sub, obj)": 5}[template]
     assert shared is not None and shared.length == expected
     with_sharing = evaluate_facts(b, method, compiled, facts, cands, batch_size=4)
     monkeypatch.setattr(ev, "shared_start", lambda *a: None)
