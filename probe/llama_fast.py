@@ -4,6 +4,7 @@ The same arithmetic as transformers' Llama, written out in plain tensors over th
 - attention as two batched matmuls with a causal mask (on CPU, faster than SDPA for inputs of ~10 tokens);
 - no attention mask for padding: rows are right-padded, and a causal model never looks right;
 - in the last layer only the target row of each input goes through attention, output projection and MLP;
+- on CPU without autograd, the weights packed once for oneDNN (`probe.packed`, bit-identical in bfloat16);
 - a prefix that every row starts with (a template's leading words or virtual tokens) can be run once
   (`prefix_kv`) and its keys and values handed to the rows that continue it (`past`).
 `LMBackend` uses it when `supports(config)` holds, else the transformers forward.
@@ -15,6 +16,8 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+
+from probe.packed import PackedLinear
 
 
 def supports(config) -> bool:
@@ -29,8 +32,12 @@ def supports(config) -> bool:
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin, with the same roundings, without building rotate_half(x)."""
     half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+    out = x * cos
+    out[..., :half] -= x[..., half:] * sin[..., :half]
+    out[..., half:] += x[..., :half] * sin[..., half:]
+    return out
 
 
 class Past(NamedTuple):
@@ -54,12 +61,18 @@ class LlamaTarget:
         self.n_heads = cfg.num_attention_heads
         self.n_kv = cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
+        self.linear = PackedLinear()
 
     def _norm(self, x: torch.Tensor, norm) -> torch.Tensor:
-        """LlamaRMSNorm's arithmetic: float32, then the weight in the input dtype (F.rms_norm rounds differently, slower)."""
-        h = x.float()
-        h = h * torch.rsqrt(h.square().mean(-1, keepdim=True) + norm.variance_epsilon)
+        """LlamaRMSNorm's arithmetic: float32, then the weight in the input dtype (F.rms_norm in bfloat16 rounds differently)."""
+        h = F.rms_norm(x.float(), x.shape[-1:], eps=norm.variance_epsilon)
         return norm.weight * h.to(x.dtype)
+
+    def _linear(self, module, x: torch.Tensor) -> torch.Tensor:
+        """module(x); through its packed weight unless hooks watch the module (prefix-tuning sets keys and values so)."""
+        if module._forward_hooks or module._forward_pre_hooks:
+            return module(x)
+        return self.linear(x, module.weight)
 
     def _attend(self, q, k, v, mask, scale) -> torch.Tensor:
         """q (B, kv, rep*Lq, d), k and v (B, kv, L, d), additive float mask broadcast to (B, 1, 1, Lq, L)."""
@@ -93,8 +106,8 @@ class LlamaTarget:
         for i, layer in enumerate(layers):
             attn, mlp = layer.self_attn, layer.mlp
             h = self._norm(x, layer.input_layernorm)
-            k = _rotate(attn.k_proj(h).view(B, L, self.n_kv, d).transpose(1, 2), cos, sin)
-            v = attn.v_proj(h).view(B, L, self.n_kv, d).transpose(1, 2)
+            k = _rotate(self._linear(attn.k_proj, h).view(B, L, self.n_kv, d).transpose(1, 2), cos, sin)
+            v = self._linear(attn.v_proj, h).view(B, L, self.n_kv, d).transpose(1, 2)
             if target is None:  # a prefix: only its keys and values are wanted
                 kept.keys.append(k)
                 kept.values.append(v)
@@ -104,18 +117,19 @@ class LlamaTarget:
                 k = torch.cat([past.keys[i].expand(B, -1, -1, -1), k], dim=2)
                 v = torch.cat([past.values[i].expand(B, -1, -1, -1), v], dim=2)
             if i < len(layers) - 1:
-                q = _rotate(attn.q_proj(h).view(B, L, self.n_heads, d).transpose(1, 2), cos, sin)
+                q = _rotate(self._linear(attn.q_proj, h).view(B, L, self.n_heads, d).transpose(1, 2), cos, sin)
                 out = self._attend(q.reshape(B, self.n_kv, rep * L, d), k, v, causal.view(1, 1, 1, L, P + L), attn.scaling)
                 out = out.view(B, self.n_heads, L, d).transpose(1, 2).reshape(B, L, -1)
             else:  # the last layer: only the target rows are read
                 x = x[rows, target][:, None]  # (B, 1, H)
                 ht = h[rows, target][:, None]
-                q = attn.q_proj(ht).view(B, 1, self.n_heads, d).transpose(1, 2)
+                q = self._linear(attn.q_proj, ht).view(B, 1, self.n_heads, d).transpose(1, 2)
                 q = _rotate(q, cos[0, 0, target][:, None, None], sin[0, 0, target][:, None, None])
                 mask = causal[target]  # (B, P + L)
                 out = self._attend(q.reshape(B, self.n_kv, rep, d), k, v, mask.view(B, 1, 1, 1, P + L), attn.scaling)
                 out = out.reshape(B, 1, -1)
-            x = x + attn.o_proj(out)
+            x = x + self._linear(attn.o_proj, out)
             h = self._norm(x, layer.post_attention_layernorm)
-            x = x + mlp.down_proj(F.silu(mlp.gate_proj(h)) * mlp.up_proj(h))
+            gated = F.silu(self._linear(mlp.gate_proj, h)) * self._linear(mlp.up_proj, h)
+            x = x + self._linear(mlp.down_proj, gated)
         return self._norm(x[:, 0], self.body.norm)

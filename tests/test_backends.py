@@ -207,6 +207,30 @@ def test_llama_fast_path_equals_transformers_at_any_target(causal_backend):
     assert grad_fast[1, 3:].abs().sum() == 0  # nothing right of the target reaches it
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_llama_fast_path_with_packed_weights(causal_backend, dtype, monkeypatch):
+    """Without autograd the fast forward packs its weights: transformers' hidden states in float32, and in
+    bfloat16 the very same bits as the forward through F.linear."""
+    from probe import packed
+
+    b = causal_backend
+    batch = collate(compile_template(P19, b.tokenizer, "causal"), FACTS, build_candidates(b.tokenizer, WORDS), pad_id(b))
+    b.model.to(dtype)
+    try:
+        with torch.no_grad():
+            embeds = b.embed(batch.input_ids)
+            fast = b.fast(embeds, batch.target)
+            assert bool(b.fast.linear._packed) == (packed._enabled and dtype in packed._DTYPES)
+            out = b.body(inputs_embeds=embeds, attention_mask=batch.attention_mask).last_hidden_state
+            monkeypatch.setattr(packed, "_enabled", False)
+            unpacked = b.fast(embeds, batch.target)
+    finally:
+        b.model.to(torch.float32)
+    if dtype == torch.float32:
+        torch.testing.assert_close(fast, out[torch.arange(4), batch.target], rtol=1e-5, atol=1e-5)
+    assert torch.equal(fast, unpacked) if dtype == torch.bfloat16 else torch.allclose(fast, unpacked, atol=1e-5)
+
+
 def test_llama_fast_prefix_run_once_equals_the_whole_input(causal_backend):
     """Keys and values of a start shared by every row, run once, then the rows' rest: the same hidden states."""
     b = causal_backend

@@ -1,0 +1,69 @@
+"""Linear layers with weights packed once into oneDNN's layout, for inference on CPU.
+
+`F.linear` re-lays a weight out for oneDNN on every call. Packing it once gives the same products:
+- bfloat16: bit-identical to `F.linear`, and about 7 % faster for SmolLM2's forward here;
+- float32: about 2x faster for the candidate logits, with the sums in another order (about 1e-6 relative).
+Only used on CPU and when no gradient flows through the call. Elsewhere, or with a torch build that lacks
+these operators, `F.linear` runs instead.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+_ops = getattr(torch.ops, "mkldnn", None)
+_enabled = (
+    torch.backends.mkldnn.is_available()
+    and hasattr(_ops, "_reorder_linear_weight")
+    and hasattr(_ops, "_linear_pointwise")
+)
+
+
+def _dtypes() -> set[torch.dtype]:
+    bf16 = getattr(_ops, "_is_mkldnn_bf16_supported", None)
+    return {torch.float32, torch.bfloat16} if bf16 is not None and bf16() else {torch.float32}
+
+
+_DTYPES = _dtypes() if _enabled else set()
+
+
+def disable() -> None:
+    """Use `F.linear` from now on (after an error, or to compare the two)."""
+    global _enabled
+    _enabled = False
+
+
+def packable(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `linear(x, weight)` goes through a packed weight."""
+    return (
+        _enabled
+        and x.device.type == "cpu"
+        and x.dtype == weight.dtype
+        and x.dtype in _DTYPES
+        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+    )
+
+
+class PackedLinear:
+    """`F.linear` over weights packed on first use, and packed again when a weight changes in place."""
+
+    def __init__(self):
+        self._packed: dict[int, tuple[torch.Tensor, tuple, torch.Tensor]] = {}
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if not packable(x, weight):
+            return F.linear(x, weight, bias)
+        stamp = (weight._version, weight.data_ptr(), weight.dtype)  # changed in place, or its .data replaced
+        entry = self._packed.get(id(weight))
+        if entry is None or entry[0] is not weight or entry[1] != stamp:
+            try:
+                entry = (weight, stamp, _ops._reorder_linear_weight(weight.detach()))
+            except RuntimeError:
+                disable()
+                return F.linear(x, weight, bias)
+            self._packed[id(weight)] = entry
+        return _ops._linear_pointwise(x, entry[2], bias, "none", [], "")
+
+    def clear(self) -> None:
+        self._packed.clear()
