@@ -56,14 +56,13 @@ class PackedLinear:
             return F.linear(x, weight, bias)
         stamp = (weight._version, weight.data_ptr(), weight.dtype)  # changed in place, or its .data replaced
         entry = self._packed.get(id(weight))
-        if entry is None or entry[0] is not weight or entry[1] != stamp:
-            try:
-                entry = (weight, stamp, _ops._reorder_linear_weight(weight.detach()))
-            except RuntimeError:
-                disable()
-                return F.linear(x, weight, bias)
-            self._packed[id(weight)] = entry
-        return _ops._linear_pointwise(x, entry[2], bias, "none", [], "")
+        try:
+            if entry is None or entry[0] is not weight or entry[1] != stamp:
+                entry = self._packed[id(weight)] = (weight, stamp, _ops._reorder_linear_weight(weight.detach()))
+            return _ops._linear_pointwise(x, entry[2], bias, "none", [], "")
+        except RuntimeError:  # something this build or CPU lacks: F.linear from now on (it raises any real error)
+            disable()
+            return F.linear(x, weight, bias)
 
     def clear(self) -> None:
         self._packed.clear()

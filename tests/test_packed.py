@@ -71,3 +71,17 @@ def test_no_packing_where_a_gradient_flows_or_off_the_cpu_path(monkeypatch):
     with torch.no_grad():
         assert not packable(x, w)
         assert torch.equal(PackedLinear()(x, w), F.linear(x, w))
+
+
+def test_an_operator_that_fails_turns_packing_off(monkeypatch):
+    class Broken:
+        def _reorder_linear_weight(self, weight):
+            raise RuntimeError("could not create a primitive descriptor")
+
+    monkeypatch.setattr(packed, "_enabled", True)
+    monkeypatch.setattr(packed, "_DTYPES", {torch.float32})
+    monkeypatch.setattr(packed, "_ops", Broken())
+    x, w = operands(torch.float32)
+    with torch.no_grad():
+        assert torch.equal(PackedLinear()(x, w), F.linear(x, w))
+        assert not packed._enabled and not packable(x, w)
