@@ -56,9 +56,9 @@ class PackedLinear:
         if not packable(x, weight):
             return F.linear(x, weight, bias)
         stamp = (weight._version, weight.data_ptr(), weight.dtype)  # changed in place, or its .data replaced
-        entry = self._packed.get(id(weight))
+        entry = self._packed.get(id(weight))  # the entry holds `weight`, so no other tensor can take its id
         try:
-            if entry is None or entry[0] is not weight or entry[1] != stamp:
+            if entry is None or entry[1] != stamp:
                 entry = self._packed[id(weight)] = (weight, stamp, _ops._reorder_linear_weight(weight.detach()))
             return _ops._linear_pointwise(x, entry[2], bias, "none", [], "")
         except RuntimeError:  # something this build or CPU lacks: F.linear from now on (it raises any real error)
