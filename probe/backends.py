@@ -90,11 +90,12 @@ class LMBackend:
         """Whether inputs that all start the same can run that start once (`prefix_kv`, then `target_hidden(past=)`)."""
         return self.fast is not None
 
-    def prefix_kv(self, inputs_embeds: torch.Tensor) -> llama_fast.Past:
-        """Every layer's keys and values for a prefix (1, P, H) shared by the inputs of later calls."""
+    def prefix_kv(self, inputs_embeds: torch.Tensor, past: llama_fast.Past | None = None) -> llama_fast.Past:
+        """Every layer's keys and values for starts (B, P, H) that continue `past`, with `past`'s in front:
+        the start shared by the inputs of later calls (B = 1), or one start per row."""
         if self.fast is None:
             raise ValueError(f"model {self.name!r} cannot share prefixes")
-        return self.fast.prefix_kv(inputs_embeds)
+        return self.fast.prefix_kv(inputs_embeds, past)
 
     def target_hidden(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, target: torch.Tensor,
                       prefix: Prefix | None = None, past: llama_fast.Past | None = None) -> torch.Tensor:
@@ -102,7 +103,8 @@ class LMBackend:
 
         Rows are right-padded, so a causal LM needs no attention mask: it never looks to the right.
         With a `prefix`, every layer's keys and values at the virtual positions are the prefix's.
-        With `past` (from `prefix_kv`), every row continues that prefix; `target` counts from after it.
+        With `past` (from `prefix_kv`), every row continues that start (or its own row of it); `target` counts
+        from after it.
         """
         if past is not None:
             if prefix is not None or self.fast is None:

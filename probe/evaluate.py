@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from tqdm import tqdm
@@ -35,27 +36,67 @@ def input_embeddings(backend: LMBackend, method: PromptMethod, batch: Batch, vir
     return embeds
 
 
-def shared_start(backend: LMBackend, method: PromptMethod, batches: list[Batch]) -> Past | None:
-    """Keys and values of the longest start (say "The capital of") that every row of `batches` has before its
-    target, run once; None if there is none or the backend cannot share it.
+class SharedStart(NamedTuple):
+    """Keys and values of the starts of some batches' inputs, each distinct start run once.
+
+    `past` is the start that every input has (its first `common` tokens, say "The capital of"), followed,
+    where inputs share them often enough, by the next few tokens (say a subject's first): then `past` has one
+    row per distinct start, and `row_start[i]` is the one the i-th input of the batches (in order) continues.
+    """
+
+    past: Past
+    common: int
+    row_start: torch.Tensor | None  # None: `past` is one start for every input
+
+    def for_rows(self, first: int, count: int) -> Past:
+        """The starts of inputs first .. first + count - 1 of the batches."""
+        if self.row_start is None:
+            return self.past
+        return self.past.select(self.row_start[first : first + count])
+
+
+def _distinct_tokens_after(batches: list[Batch], start: int, longest: int) -> int:
+    """How many tokens after `start` to run once per distinct run of them: the count (up to `longest`, real
+    tokens only) that saves the most token positions, 0 if none saves any."""
+    rows = sum(len(b.facts) for b in batches)
+    best, saved = 0, 0
+    for k in range(1, longest + 1):
+        if any(b.virtual_mask[:, start : start + k].any() for b in batches):
+            break
+        distinct = len(torch.cat([b.input_ids[:, start : start + k] for b in batches]).unique(dim=0))
+        if k * (rows - distinct) > saved:
+            best, saved = k, k * (rows - distinct)
+    return best
+
+
+def shared_start(backend: LMBackend, method: PromptMethod, batches: list[Batch]) -> SharedStart | None:
+    """The starts of the inputs of `batches`, each distinct one run once (see `SharedStart`); None if no
+    input shares its start with another, or the backend cannot share starts.
 
     Only for a causal model whose backend `shares_prefixes`, and a method with the same embeddings in every row
-    and no prefix-tuning keys and values.
+    and no prefix-tuning keys and values. Every input keeps at least its target position to run.
     """
     if not batches or not backend.shares_prefixes or method.prefix() is not None:
         return None
     first = batches[0]
     ids, virtual = first.input_ids[0], first.virtual_mask[0]
-    n = min(int(b.target.min()) for b in batches)
+    longest = min(int(b.target.min()) for b in batches)
+    n = longest
     for b in batches:
         same = (b.input_ids[:, :n] == ids[:n]) & (b.virtual_mask[:, :n] == virtual[:n])
         differ = (~same.all(dim=0)).nonzero()
         if len(differ):
             n = int(differ[0])
-    if n == 0:
-        return None
-    embeds = input_embeddings(backend, method, first.to(backend.device))
-    return backend.prefix_kv(embeds[:1, :n])
+    past = None
+    if n:
+        embeds = input_embeddings(backend, method, first.to(backend.device))
+        past = backend.prefix_kv(embeds[:1, :n])
+    k = _distinct_tokens_after(batches, n, longest - n)
+    if not k:
+        return SharedStart(past, n, None) if past is not None else None
+    starts, row_start = torch.cat([b.input_ids[:, n : n + k] for b in batches]).unique(dim=0, return_inverse=True)
+    past = backend.prefix_kv(backend.embed(starts.to(backend.device)), past)
+    return SharedStart(past, n, row_start.to(backend.device))
 
 
 def candidate_scores(backend: LMBackend, method: PromptMethod, batch: Batch, candidates: CandidateVocab,
@@ -64,7 +105,7 @@ def candidate_scores(backend: LMBackend, method: PromptMethod, batch: Batch, can
 
     The virtual slots get the method's embeddings, or `virtual` (B, n_virtual, H): one set per row.
     A prefix method instead sets the keys and values of the virtual slots at every layer.
-    With `shared` (from `shared_start` on these batches), the rows' common start is not run again.
+    With `shared` (starts from `shared_start`, one for all rows or one per row), those are not run again.
     """
     embeds = input_embeddings(backend, method, batch, virtual)
     if shared is not None:
@@ -79,10 +120,13 @@ def candidate_scores(backend: LMBackend, method: PromptMethod, batch: Batch, can
 
 def scored_batches(backend: LMBackend, method: PromptMethod, compiled: CompiledTemplate, facts: list[Fact],
                    candidates: CandidateVocab, batch_size: int) -> Iterator[tuple[Batch, torch.Tensor]]:
-    """(batch, candidate scores) for facts batched by length; their shared start (if any) runs once."""
+    """(batch, candidate scores) for facts batched by length; each distinct shared start runs once."""
     batches = make_batches(compiled, facts, candidates, batch_size, pad_id(backend))
-    shared = shared_start(backend, method, batches)
+    start = shared_start(backend, method, batches)
+    done = 0
     for batch in batches:
+        shared = start.for_rows(done, len(batch.facts)) if start is not None else None
+        done += len(batch.facts)
         yield batch, candidate_scores(backend, method, batch.to(backend.device), candidates, shared=shared)
 
 
@@ -128,8 +172,9 @@ def evaluate_facts(
 ) -> RelationEval:
     """Rank every candidate for each fact and return ranks, top-10 words and P@1/P@10/MRR.
 
-    Each distinct subject is run once; its scores serve every fact with that subject. A start that every
-    input shares (a template's words or virtual tokens before [X]) is run once, where the backend can.
+    Each distinct subject is run once; its scores serve every fact with that subject. Where the backend can,
+    a start that inputs share (a template's words or virtual tokens before [X], a subject's first token) is
+    run once.
     """
     was_training = method.training
     method.eval()

@@ -5,8 +5,8 @@ The same arithmetic as transformers' Llama, written out in plain tensors over th
 - no attention mask for padding: rows are right-padded, and a causal model never looks right;
 - in the last layer only the target row of each input goes through attention, output projection and MLP;
 - on CPU without autograd, the weights packed once for oneDNN (`probe.packed`, bit-identical in bfloat16);
-- a prefix that every row starts with (a template's leading words or virtual tokens) can be run once
-  (`prefix_kv`) and its keys and values handed to the rows that continue it (`past`).
+- a start that rows share (a template's leading words or virtual tokens, then a subject's first token) can
+  be run once (`prefix_kv`) and its keys and values handed to the rows that continue it (`past`).
 `LMBackend` uses it when `supports(config)` holds, else the transformers forward.
 """
 
@@ -41,7 +41,7 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 class Past(NamedTuple):
-    """Keys and values (1, kv, P, d) per layer of a prefix that every row of an input continues."""
+    """Keys and values (1 or B, kv, P, d) per layer of a start that rows continue: one for all, or one per row."""
 
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
@@ -49,6 +49,10 @@ class Past(NamedTuple):
     @property
     def length(self) -> int:
         return self.keys[0].shape[2]
+
+    def select(self, rows: torch.Tensor) -> Past:
+        """The starts of `rows` (indices into this past's batch), in that order."""
+        return Past([k[rows] for k in self.keys], [v[rows] for v in self.values])
 
 
 class LlamaTarget:
@@ -85,12 +89,12 @@ class LlamaTarget:
         return probs @ v  # (B, kv, rep*Lq, d)
 
     def __call__(self, inputs_embeds: torch.Tensor, target: torch.Tensor, past: Past | None = None) -> torch.Tensor:
-        """Hidden states (B, H) at `target` of inputs (B, L, H) that continue `past`, a prefix shared by every row."""
+        """Hidden states (B, H) at `target` of inputs (B, L, H) that continue `past` (one start for all, or one per row)."""
         return self._run(inputs_embeds, target, past)
 
-    def prefix_kv(self, inputs_embeds: torch.Tensor) -> Past:
-        """Keys and values of a prefix (1, P, H) at every layer, for inputs that continue it."""
-        return self._run(inputs_embeds, None, None)
+    def prefix_kv(self, inputs_embeds: torch.Tensor, past: Past | None = None) -> Past:
+        """Keys and values at every layer of starts (B, P, H) that continue `past`, with `past`'s in front."""
+        return self._run(inputs_embeds, None, past)
 
     def _run(self, x: torch.Tensor, target: torch.Tensor | None, past: Past | None):
         B, L, _ = x.shape
@@ -108,14 +112,14 @@ class LlamaTarget:
             h = self._norm(x, layer.input_layernorm)
             k = _rotate(self._linear(attn.k_proj, h).view(B, L, self.n_kv, d).transpose(1, 2), cos, sin)
             v = self._linear(attn.v_proj, h).view(B, L, self.n_kv, d).transpose(1, 2)
-            if target is None:  # a prefix: only its keys and values are wanted
+            if past is not None:
+                k = torch.cat([past.keys[i].expand(B, -1, -1, -1), k], dim=2)
+                v = torch.cat([past.values[i].expand(B, -1, -1, -1), v], dim=2)
+            if target is None:  # a start: only its keys and values are wanted
                 kept.keys.append(k)
                 kept.values.append(v)
                 if i == len(layers) - 1:
                     return kept
-            if past is not None:
-                k = torch.cat([past.keys[i].expand(B, -1, -1, -1), k], dim=2)
-                v = torch.cat([past.values[i].expand(B, -1, -1, -1), v], dim=2)
             if i < len(layers) - 1:
                 q = _rotate(self._linear(attn.q_proj, h).view(B, L, self.n_heads, d).transpose(1, 2), cos, sin)
                 out = self._attend(q.reshape(B, self.n_kv, rep * L, d), k, v, causal.view(1, 1, 1, L, P + L), attn.scaling)

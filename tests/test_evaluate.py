@@ -198,7 +198,7 @@ def test_a_start_every_input_shares_runs_once(causal_backend, monkeypatch, templ
     method.eval()
     batches = make_batches(compiled, facts, cands, 4, pad_id(b))
     shared = shared_start(b, method, batches)
-    assert shared is not None and shared.length == expected
+    assert shared is not None and shared.common == expected
     with_sharing = evaluate_facts(b, method, compiled, facts, cands, batch_size=4)
     monkeypatch.setattr(ev, "shared_start", lambda *a: None)
     without = evaluate_facts(b, method, compiled, facts, cands, batch_size=4)
@@ -208,7 +208,7 @@ def test_a_start_every_input_shares_runs_once(causal_backend, monkeypatch, templ
 
 def test_no_shared_start_where_inputs_differ_from_the_first_token(causal_backend, masked_backend):
     cands = build_candidates(causal_backend.tokenizer, WORDS)
-    facts, _ = filter_facts(FACTS, cands)
+    facts = [Fact("Rome", "Italy"), Fact("Lyon", "France"), Fact("Victor Hugo", "Paris")]
     manual = ManualPrompt(0, causal_backend.hidden_size)
     p19 = make_batches(compile_template(P19, causal_backend.tokenizer, "causal"), facts, cands, 4, pad_id(causal_backend))
     assert shared_start(causal_backend, manual, p19) is None
@@ -218,7 +218,55 @@ def test_no_shared_start_where_inputs_differ_from_the_first_token(causal_backend
     same = [Fact("Rome", "Italy"), Fact("Rome", "Paris")]
     batches = make_batches(compile_template(P36, causal_backend.tokenizer, "causal"), same, cands, 4, pad_id(causal_backend))
     shared = shared_start(causal_backend, manual, batches)
-    assert shared.length == int(batches[0].target[0]) == 4
+    assert shared.common == shared.past.length == int(batches[0].target[0]) == 4 and shared.row_start is None
+
+
+@pytest.mark.parametrize("template", [P19, P36, "(3, sub, 3, obj)"])
+def test_a_first_token_that_inputs_share_runs_once_per_distinct_token(causal_backend, monkeypatch, template):
+    """Subjects that begin alike ("Dante", "Dante Alighieri") run their first token once, across batches;
+    ranks and top-10 equal those of the full inputs, and each row continues its own start."""
+    import probe.evaluate as ev
+
+    b = causal_backend
+    cands = build_candidates(b.tokenizer, WORDS)
+    facts = [Fact(s, "Florence") for s in ("Dante", "Dante Alighieri", "Rome", "Victor Hugo", "Victor", "Rome city")]
+    compiled = compile_template(template, b.tokenizer, "causal")
+    torch.manual_seed(0)
+    method = get_method("ptuning" if template.startswith("(") else "manual").create(b, compiled, template)
+    method.eval()
+    batches = make_batches(compiled, facts, cands, 2, pad_id(b), max_padding=0)
+    shared = shared_start(b, method, batches)
+    first = [b.tokenizer.encode(f.sub, add_special_tokens=False)[0] for f in facts]
+    common = {P19: 0, P36: 3}.get(template, 3)
+    assert shared.common == common and shared.past.length == common + 1
+    assert shared.past.keys[0].shape[0] == len(set(first)) == 3 and shared.row_start.shape == (len(facts),)
+    with_sharing = evaluate_facts(b, method, compiled, facts, cands, batch_size=2)
+    monkeypatch.setattr(ev, "shared_start", lambda *a: None)
+    without = evaluate_facts(b, method, compiled, facts, cands, batch_size=2)
+    assert with_sharing.facts == without.facts and with_sharing.ranks == without.ranks
+    assert with_sharing.top10 == without.top10
+    # the same scores; rows handed another row's start score differently
+    def scores(start):
+        monkeypatch.setattr(ev, "shared_start", lambda *a: start)
+        return torch.cat([s for _, s in ev.scored_batches(b, method, compiled, facts, cands, 2)])
+    torch.testing.assert_close(scores(shared), scores(None), rtol=1e-4, atol=1e-4)
+    swapped = scores(shared._replace(row_start=shared.row_start.roll(1)))
+    assert (swapped - scores(None)).abs().max() > 1e-2
+
+
+def test_distinct_start_length_is_the_one_that_saves_most():
+    from probe.batching import Batch
+    from probe.evaluate import _distinct_tokens_after
+
+    ids = torch.tensor([[1, 2, 3, 9], [1, 2, 4, 9], [1, 2, 5, 9], [7, 8, 6, 9]])
+    virtual = torch.zeros_like(ids, dtype=torch.bool)
+    batch = Batch(ids, torch.ones_like(ids), virtual, torch.full((4,), 3), torch.zeros(4), [None] * 4)
+    # 1 token: 2 distinct of 4 rows saves 2 positions; 2 tokens: 2 distinct saves 4; 3 tokens: none
+    assert _distinct_tokens_after([batch], 0, 3) == 2
+    assert _distinct_tokens_after([batch], 0, 1) == 1
+    assert _distinct_tokens_after([batch], 2, 1) == 0  # 3, 4, 5, 6 all differ
+    virtual[:, 1] = True  # a virtual token is not a real one to look up
+    assert _distinct_tokens_after([batch], 0, 3) == 1
 
 
 def test_top10_with_fewer_candidates(masked_backend):
