@@ -71,6 +71,7 @@ class LMBackend:
         self._cand_cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
         self._cand_linear = PackedLinear()  # the candidate rows, packed on CPU (2x faster in float32 here)
         self._kv_cache: list | None = None  # key/value projections, found on first use (prefix-tuning)
+        self._first_kv: tuple[int, dict[int, int], llama_fast.Past] | None = None  # see first_token_kv
         self.control = control  # "random-model" when the weights were re-drawn (see randomize_weights)
 
     @property
@@ -96,6 +97,25 @@ class LMBackend:
         if self.fast is None:
             raise ValueError(f"model {self.name!r} cannot share prefixes")
         return self.fast.prefix_kv(inputs_embeds, past)
+
+    def first_token_kv(self, ids: torch.Tensor) -> llama_fast.Past:
+        """`prefix_kv` of inputs that begin with the tokens `ids` (U,), one row each. A first token sees no
+        other, so its keys and values are run once per token and kept for later relations (re-run if the
+        weights change)."""
+        version = sum(p._version for p in self.model.parameters())
+        if self._first_kv is None or self._first_kv[0] != version:
+            self._first_kv = (version, {}, None)
+        _, rows, past = self._first_kv
+        new = list(dict.fromkeys(t for t in ids.tolist() if t not in rows))
+        if new:
+            kv = self.prefix_kv(self.embed(torch.tensor(new, device=self.device)[:, None]))
+            if past is not None:
+                kv = llama_fast.Past([torch.cat(p) for p in zip(past.keys, kv.keys, strict=True)],
+                                     [torch.cat(p) for p in zip(past.values, kv.values, strict=True)])
+            rows.update({t: len(rows) + i for i, t in enumerate(new)})
+            past = kv
+            self._first_kv = (version, rows, past)
+        return past.select(torch.tensor([rows[t] for t in ids.tolist()], device=self.device))
 
     def target_hidden(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, target: torch.Tensor,
                       prefix: Prefix | None = None, past: llama_fast.Past | None = None) -> torch.Tensor:

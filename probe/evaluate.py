@@ -95,7 +95,10 @@ def shared_start(backend: LMBackend, method: PromptMethod, batches: list[Batch])
     if not k:
         return SharedStart(past, n, None) if past is not None else None
     starts, row_start = torch.cat([b.input_ids[:, n : n + k] for b in batches]).unique(dim=0, return_inverse=True)
-    past = backend.prefix_kv(backend.embed(starts.to(backend.device)), past)
+    if n == 0 and k == 1:  # the inputs' first tokens: the backend keeps them across relations
+        past = backend.first_token_kv(starts[:, 0])
+    else:
+        past = backend.prefix_kv(backend.embed(starts.to(backend.device)), past)
     return SharedStart(past, n, row_start.to(backend.device))
 
 

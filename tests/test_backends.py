@@ -425,3 +425,31 @@ def test_random_model_runs_are_labelled_and_recorded(tmp_path, tiny_causal_dir):
     assert cfg["control"] == "random-model" and cfg["seed"] == 5
     assert run_label(cfg) == "manual+random-model"
     assert run_label({"method": "manual"}) == "manual"
+
+
+def test_first_token_keys_and_values_run_once_per_token_and_kept(causal_backend, monkeypatch):
+    """Inputs' first tokens see nothing else: their keys and values are kept across calls, and re-run when
+    the weights change."""
+    b = causal_backend
+    ids = torch.tensor(b.tokenizer.encode("Rome Paris Dante", add_special_tokens=False))
+    assert len(ids) == 3
+    with torch.no_grad():
+        expected = b.prefix_kv(b.embed(ids[:, None]))
+    runs = []
+    real = b.prefix_kv
+    monkeypatch.setattr(b, "prefix_kv", lambda embeds, past=None: runs.append(len(embeds)) or real(embeds, past))
+    with torch.no_grad():
+        first = b.first_token_kv(ids[:2])
+        again = b.first_token_kv(ids.flip(0))  # one new token, rows in the order asked for
+    assert runs[-1] == 1
+    for got, want in ((first, expected.select(torch.tensor([0, 1]))), (again, expected.select(torch.tensor([2, 1, 0])))):
+        assert got.length == 1
+        for a, e in zip(got.keys + got.values, want.keys + want.values, strict=True):
+            torch.testing.assert_close(a, e)
+    weight = b.model.get_input_embeddings().weight
+    saved = weight.detach().clone()
+    with torch.no_grad():
+        weight.mul_(2.0)
+        changed = b.first_token_kv(ids)
+        weight.copy_(saved)
+    assert runs[-1] == 3 and not torch.allclose(changed.keys[0], expected.keys[0])
