@@ -51,6 +51,9 @@ def cache_dir() -> Path:
     return Path(base) / "probe"
 
 
+FIRST_KV_MAX = 8192  # first tokens whose keys and values a backend keeps (LAMA: about 2,400 for SmolLM2)
+
+
 class LMBackend:
     """A frozen LM behind one interface. `kind` is 'masked' or 'causal'.
 
@@ -101,9 +104,9 @@ class LMBackend:
     def first_token_kv(self, ids: torch.Tensor) -> llama_fast.Past:
         """`prefix_kv` of inputs that begin with the tokens `ids` (U,), one row each. A first token sees no
         other, so its keys and values are run once per token and kept for later relations (re-run if the
-        weights change)."""
+        weights change; at most FIRST_KV_MAX tokens are kept)."""
         version = sum(p._version for p in self.model.parameters())
-        if self._first_kv is None or self._first_kv[0] != version:
+        if self._first_kv is None or self._first_kv[0] != version or len(self._first_kv[1]) + len(ids) > FIRST_KV_MAX:
             self._first_kv = (version, {}, None)
         _, rows, past = self._first_kv
         new = list(dict.fromkeys(t for t in ids.tolist() if t not in rows))

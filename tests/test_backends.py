@@ -453,3 +453,11 @@ def test_first_token_keys_and_values_run_once_per_token_and_kept(causal_backend,
         changed = b.first_token_kv(ids)
         weight.copy_(saved)
     assert runs[-1] == 3 and not torch.allclose(changed.keys[0], expected.keys[0])
+    # past the cap the kept tokens are dropped and run again
+    import probe.backends as backends
+    monkeypatch.setattr(backends, "FIRST_KV_MAX", 3)
+    with torch.no_grad():
+        b.first_token_kv(ids)
+        runs.clear()
+        b.first_token_kv(ids[:1])
+    assert runs == [1] and len(b._first_kv[1]) == 1
