@@ -55,17 +55,16 @@ class SharedStart(NamedTuple):
         return self.past.select(self.row_start[first : first + count])
 
 
-def _distinct_tokens_after(batches: list[Batch], start: int, longest: int) -> int:
-    """How many tokens after `start` to run once per distinct run of them: the count (up to `longest`, real
-    tokens only) that saves the most token positions, 0 if none saves any."""
-    rows = sum(len(b.facts) for b in batches)
+def _distinct_tokens_after(ids: torch.Tensor, virtual: torch.Tensor) -> int:
+    """How many leading tokens of `ids` (rows, L) to run once per distinct run of them: the count (real tokens
+    only, `virtual` marks the others) that saves the most token positions, 0 if none saves any."""
     best, saved = 0, 0
-    for k in range(1, longest + 1):
-        if any(b.virtual_mask[:, start : start + k].any() for b in batches):
+    for k in range(1, ids.shape[1] + 1):
+        if virtual[:, :k].any():
             break
-        distinct = len(torch.cat([b.input_ids[:, start : start + k] for b in batches]).unique(dim=0))
-        if k * (rows - distinct) > saved:
-            best, saved = k, k * (rows - distinct)
+        distinct = len(ids[:, :k].unique(dim=0))
+        if k * (len(ids) - distinct) > saved:
+            best, saved = k, k * (len(ids) - distinct)
     return best
 
 
@@ -78,23 +77,19 @@ def shared_start(backend: LMBackend, method: PromptMethod, batches: list[Batch])
     """
     if not batches or not backend.shares_prefixes or method.prefix() is not None:
         return None
-    first = batches[0]
-    ids, virtual = first.input_ids[0], first.virtual_mask[0]
     longest = min(int(b.target.min()) for b in batches)
-    n = longest
-    for b in batches:
-        same = (b.input_ids[:, :n] == ids[:n]) & (b.virtual_mask[:, :n] == virtual[:n])
-        differ = (~same.all(dim=0)).nonzero()
-        if len(differ):
-            n = int(differ[0])
+    ids = torch.cat([b.input_ids[:, :longest] for b in batches])  # every input's tokens before the first target
+    virtual = torch.cat([b.virtual_mask[:, :longest] for b in batches])
+    differ = ((ids != ids[0]) | (virtual != virtual[0])).any(dim=0).nonzero()
+    n = int(differ[0]) if len(differ) else longest
     past = None
     if n:
-        embeds = input_embeddings(backend, method, first.to(backend.device))
+        embeds = input_embeddings(backend, method, batches[0].to(backend.device))
         past = backend.prefix_kv(embeds[:1, :n])
-    k = _distinct_tokens_after(batches, n, longest - n)
+    k = _distinct_tokens_after(ids[:, n:], virtual[:, n:])
     if not k:
         return SharedStart(past, n, None) if past is not None else None
-    starts, row_start = torch.cat([b.input_ids[:, n : n + k] for b in batches]).unique(dim=0, return_inverse=True)
+    starts, row_start = ids[:, n : n + k].unique(dim=0, return_inverse=True)
     if n == 0 and k == 1:  # the inputs' first tokens: the backend keeps them across relations
         past = backend.first_token_kv(starts[:, 0])
     else:

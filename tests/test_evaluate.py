@@ -255,18 +255,16 @@ def test_a_first_token_that_inputs_share_runs_once_per_distinct_token(causal_bac
 
 
 def test_distinct_start_length_is_the_one_that_saves_most():
-    from probe.batching import Batch
     from probe.evaluate import _distinct_tokens_after
 
     ids = torch.tensor([[1, 2, 3, 9], [1, 2, 4, 9], [1, 2, 5, 9], [7, 8, 6, 9]])
     virtual = torch.zeros_like(ids, dtype=torch.bool)
-    batch = Batch(ids, torch.ones_like(ids), virtual, torch.full((4,), 3), torch.zeros(4), [None] * 4)
     # 1 token: 2 distinct of 4 rows saves 2 positions; 2 tokens: 2 distinct saves 4; 3 tokens: none
-    assert _distinct_tokens_after([batch], 0, 3) == 2
-    assert _distinct_tokens_after([batch], 0, 1) == 1
-    assert _distinct_tokens_after([batch], 2, 1) == 0  # 3, 4, 5, 6 all differ
+    assert _distinct_tokens_after(ids[:, :3], virtual[:, :3]) == 2
+    assert _distinct_tokens_after(ids[:, :1], virtual[:, :1]) == 1
+    assert _distinct_tokens_after(ids[:, 2:3], virtual[:, 2:3]) == 0  # 3, 4, 5, 6 all differ
     virtual[:, 1] = True  # a virtual token is not a real one to look up
-    assert _distinct_tokens_after([batch], 0, 3) == 1
+    assert _distinct_tokens_after(ids[:, :3], virtual[:, :3]) == 1
 
 
 def test_top10_with_fewer_candidates(masked_backend):
