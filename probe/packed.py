@@ -46,6 +46,11 @@ def packable(x: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
+def weight_stamp(weight: torch.Tensor) -> tuple:
+    """Changes when `weight` is changed in place, has its .data replaced, or changes dtype."""
+    return weight._version, weight.data_ptr(), weight.dtype
+
+
 class PackedLinear:
     """`F.linear` over weights packed on first use, and packed again when a weight changes in place."""
 
@@ -55,7 +60,7 @@ class PackedLinear:
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if not packable(x, weight):
             return F.linear(x, weight, bias)
-        stamp = (weight._version, weight.data_ptr(), weight.dtype)  # changed in place, or its .data replaced
+        stamp = weight_stamp(weight)
         entry = self._packed.get(id(weight))  # the entry holds `weight`, so no other tensor can take its id
         try:
             if entry is None or entry[1] != stamp:

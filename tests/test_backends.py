@@ -453,11 +453,14 @@ def test_first_token_keys_and_values_run_once_per_token_and_kept(causal_backend,
         changed = b.first_token_kv(ids)
         weight.copy_(saved)
     assert runs[-1] == 3 and not torch.allclose(changed.keys[0], expected.keys[0])
-    # past the cap the kept tokens are dropped and run again
+    # past the cap the kept tokens are dropped: a new token starts over
     import probe.backends as backends
     monkeypatch.setattr(backends, "FIRST_KV_MAX", 3)
+    other = torch.tensor(b.tokenizer.encode("Berlin", add_special_tokens=False)[:1])
+    assert other[0] not in ids
     with torch.no_grad():
         b.first_token_kv(ids)
         runs.clear()
-        b.first_token_kv(ids[:1])
+        b.first_token_kv(ids[:1])  # kept: nothing runs
+        b.first_token_kv(other)
     assert runs == [1] and len(b._first_kv[1]) == 1
