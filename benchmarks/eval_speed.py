@@ -19,7 +19,7 @@ from tqdm import tqdm
 from probe.backends import load_backend
 from probe.batching import filter_facts, make_batches
 from probe.data import LamaData
-from probe.evaluate import evaluate_facts, pad_id
+from probe.evaluate import evaluate_facts
 from probe.methods import get_method
 from probe.metrics import ranks_of
 from probe.templates import compile_template
@@ -33,7 +33,7 @@ def straightforward_ranks(backend, compiled, facts, candidates, batch_size=64) -
     order = list(range(len(facts)))
     for i in range(0, len(order), batch_size):
         chunk = [facts[j] for j in order[i : i + batch_size]]
-        batch = make_batches(compiled, chunk, candidates, len(chunk), pad_id(backend), torch.Generator())[0]
+        batch = make_batches(compiled, chunk, candidates, len(chunk), backend.pad_id, torch.Generator())[0]
         logits = backend.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
         target = logits[torch.arange(len(chunk)), batch.target][:, candidates.token_ids].float()
         ranks.extend(ranks_of(target, batch.gold).tolist())

@@ -53,6 +53,8 @@ def find_run_folders(paths: list[Path]) -> list[Path]:
             found.append(path)
             continue
         inner = sorted(p.parent for p in path.glob("*/results.json"))
+        if not path.exists():
+            raise ProbeError(f"{path} does not exist: expected a run folder or a folder of run folders")
         if not path.is_dir() or not inner:
             raise ProbeError(f"{path} is not a run folder (no results.json) nor a folder of run folders")
         found.extend(inner)
@@ -64,7 +66,7 @@ def run_label(config: dict) -> str:
     runs of a prompts file add the file's stem (and +ens for an ensemble)."""
     from probe.methods import METHODS
 
-    label = config.get("method") or "?"
+    label = config.get("method") or config.get("control") or "?"
     if label in METHODS and config.get("method_config"):
         default = METHODS[label].config_class()
         for key in ("init", "reparam"):
@@ -73,7 +75,7 @@ def run_label(config: dict) -> str:
                 label += f"+{key}={value}"
     if config.get("prompts_file"):
         label += f":{Path(config['prompts_file']).stem}" + ("+ens" if config.get("ensemble") else "")
-    if config.get("control", "none") != "none":
+    if config.get("method") and config.get("control", "none") != "none":
         label += f"+{config['control']}"
     return label
 
@@ -106,13 +108,21 @@ def check_comparable(runs: list[Run]) -> None:
         raise ProbeError(f"runs differ in {' / '.join(differences)}: pass --allow-mixed to compare them anyway")
 
 
+def is_reference(config: dict) -> bool:
+    """A run of the method that the others are measured against (the manual prompt)."""
+    from probe.methods import METHODS
+
+    method = METHODS.get(config.get("method") or "")
+    return method is not None and method.reference
+
+
 def _manual_reference(run: Run, runs: list[Run], relations: list[str]) -> tuple[dict[str, float] | None, str]:
     """Manual P@1 per relation for a run: its own manual_p1 (train runs), else a manual run of the same model."""
-    if run.config.get("method") == "manual":
+    if is_reference(run.config):
         return {r: run.rows[r]["p1"] for r in relations}, run.label
     if all("manual_p1" in run.rows[r] for r in relations):
         return {r: run.rows[r]["manual_p1"] for r in relations}, "own manual_p1"
-    manual = [m for m in runs if m.config.get("method") == "manual" and m.config.get("model") == run.config.get("model")]
+    manual = [m for m in runs if is_reference(m.config) and m.config.get("model") == run.config.get("model")]
     if manual:
         return {r: manual[0].rows[r]["p1"] for r in relations}, manual[0].label
     return None, ""
@@ -197,7 +207,7 @@ def plot_types(cmp: Comparison, path: Path) -> None:
 
 def plot_manual_scatter(cmp: Comparison, path: Path) -> bool:
     """Per relation: manual P@1 against each other run's P@1; False when no run has a manual reference."""
-    others = [run for run in cmp.runs if run.label in cmp.manual_p1 and run.config.get("method") != "manual"]
+    others = [run for run in cmp.runs if run.label in cmp.manual_p1 and not is_reference(run.config)]
     if not others:
         return False
     with png_axes(path, (5.5, 5.5)) as ax:

@@ -149,3 +149,11 @@ class LamaData:
         else:
             words = [w for w in path.read_text(encoding="utf-8").split("\n") if w.strip()]
         return list(dict.fromkeys(w.strip() for w in words))
+
+    def info_table(self):
+        """One row per relation: id, label, type, manual template and facts per split (a pandas DataFrame)."""
+        import pandas as pd
+
+        rows = [{"relation": r.id, "label": r.label, "type": r.type, "template": r.template,
+                 **{s: len(self.facts(r.id, s)) for s in SPLITS}} for r in self.relations.values()]
+        return pd.DataFrame(rows, columns=["relation", "label", "type", "template", *SPLITS])

@@ -99,8 +99,61 @@ def vocabulary_table(backend, space: str, batch_size: int = 4096) -> torch.Tenso
 
 
 def check_explainable(config: dict, run_dir: Path) -> None:
-    """Only training runs of continuous methods have vectors to explain; eval runs and AutoPrompt hold real tokens."""
+    """Only training runs of continuous methods have vectors to explain; eval runs and discrete searches hold real tokens."""
+    from probe.methods import METHODS
+
     method = config.get("method")
-    if config.get("command") != "train" or method == "autoprompt":
+    if config.get("command") != "train" or method not in METHODS or not METHODS[method].continuous:
         raise ProbeError(f"{run_dir} is a run of the discrete method {method!r}: its prompt is real tokens, "
                          "nothing to explain (explain reads runs of ptuning, ptuning-mlp, prompt-tuning or prefix-tuning)")
+
+
+def explain_run(run_dir: Path, relations: list[str] | None, k: int, data: str | None, log=print) -> Path:
+    """Explain every saved prompt of a training run (or only `relations`): print each, save RUN/explain.json."""
+    from probe.backends import load_backend
+    from probe.data import LamaData
+    from probe.pipeline import check_positive, saved_relations
+    from probe.runs import atomic_write_json, read_json
+
+    check_positive(k=k)
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file():
+        raise ProbeError(f"{run_dir} is not a run folder (expected {run_dir / 'config.json'})")
+    cfg = read_json(run_dir / "config.json")
+    check_explainable(cfg, run_dir)
+    lama = LamaData(data or cfg["data"])
+    ids = [r for r in saved_relations(run_dir) if not relations or r in relations]
+    if not ids:
+        raise ProbeError(f"{run_dir} holds no saved prompts{' for ' + ', '.join(relations) if relations else ''}")
+    backend = load_backend(cfg["model"], dtype="float32")
+    tables: dict[str, torch.Tensor] = {}
+    report = {}
+    for rid in ids:
+        rel = lama.relation(rid)
+        gold = {f.obj for split in ("train", "dev") for f in lama.facts(rel.id, split)}
+        words = set(rel.template.replace("[X]", " ").replace("[Y]", " ").split())
+        vectors, space = load_vectors(run_dir / rid)
+        if space not in tables:
+            tables[space] = vocabulary_table(backend, space)
+            if space != INPUT_SPACE:
+                log(f"note: {cfg.get('method')} learns no input vectors; comparing the {space} of each virtual "
+                    "token with those of every vocabulary token on its own")
+        info = {"space": space, **explain_vectors(backend.tokenizer, tables[space], vectors, k, gold, words)}
+        report[rel.id] = info
+        log(describe(rel, info))
+    path = run_dir / "explain.json"
+    atomic_write_json(path, {"k": k, "relations": report})
+    return path
+
+
+def describe(relation, info: dict) -> str:
+    """One relation's explanation as printed: a line per virtual token, then what its neighbours are."""
+    lines = [f"{relation.id} {relation.label} (manual: {relation.template})"]
+    for slot in info["slots"]:
+        shown = ", ".join(f"{t} {s:.2f}" for t, s in zip(slot["tokens"], slot["similarity"], strict=True))
+        lines.append(f"  v{slot['slot']}: {shown}")
+    lines.append(f"  {info['slots_sharing_nearest']} of {len(info['slots'])} virtual tokens share their nearest token; "
+                 f"{info['distinct_neighbours']} distinct neighbours; gold objects among them: "
+                 f"{', '.join(info['gold_neighbours']) or 'none'}; template words: "
+                 f"{', '.join(info['template_neighbours']) or 'none'}")
+    return "\n".join(lines)

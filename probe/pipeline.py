@@ -1,34 +1,158 @@
-"""Evaluate a method on many relations with one model load, saving each relation as it finishes."""
+"""Runs: the user's settings checked once, one run config built, every relation evaluated or trained into a run folder.
+
+`run_eval`, `run_train` and `rerun_prompts` are what `probe eval` and `probe train` call. Every setting is checked
+before any folder is created or any model is loaded, and a flag that does not apply to the command is an error.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from probe import __version__
-from probe.backends import LMBackend
+from probe.backends import Backend, load_backend
 from probe.batching import filter_facts
-from probe.data import LamaData, Relation
-from probe.errors import ProbeError
+from probe.controls import CONTROLS, MODEL_CONTROLS
+from probe.data import SPLIT_ALIASES, LamaData, Relation
+from probe.errors import Interrupted, ProbeError
 from probe.evaluate import evaluate_ensemble, evaluate_facts, evaluate_majority
-from probe.methods import get_method
-from probe.prompt_files import DiscretePrompt
-from probe.runs import RunFolder
-from probe.templates import compile_template
-from probe.vocab import CandidateVocab
+from probe.methods import FixedPrompt, get_method, method_config
+from probe.methods.manual import ManualPrompt
+from probe.prompt_files import DiscretePrompt, read_prompts
+from probe.runs import RunFolder, atomic_write_bytes, atomic_write_json, read_json
+from probe.templates import DEFAULT_SHAPES, TemplateFile, compile_template, parse_template, parse_template_file
+from probe.vocab import CandidateVocab, build_candidates
+
+TEST_SPLITS = ("test_34k", "test_29k")
 
 
 @dataclass
-class EvalSettings:
-    """What an evaluation run needs besides the model and data."""
+class Options:
+    """The flags of `probe eval` and `probe train` as the user gave them; None: not given."""
 
-    method: str = "manual"
-    split: str = "test_34k"
-    vocab: str = "common"
-    batch_size: int = 128
+    model: str | None = None
+    method: str | None = None
+    relation: list[str] | None = None
+    all: bool | None = None
+    split: str | None = None
+    vocab: str | None = None
+    data: str | None = None
+    out: Path | None = None
+    resume: bool | None = None
+    batch_size: int | None = None
+    device: str | None = None
+    dtype: str | None = None
+    control: str | None = None
+    seed: int | None = None
+    prompts: Path | None = None
+    prompts_file: Path | None = None
+    ensemble: bool | None = None
+    max_prompts: int | None = None
+    template: str | None = None
+    init: str | None = None
+    reparam: str | None = None
+    lr: float | None = None
+    epochs: int | None = None
+    min_steps: int | None = None
+    eval_every: int | None = None
+    patience: int | None = None
+    max_train: int | None = None
+    iterations: int | None = None
+    top_k: int | None = None
+    capitals: bool | None = None
+
+    def given(self) -> set[str]:
+        return {f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None and getattr(self, f.name) != []}
+
+    def refuse(self, allowed: set[str], where: str) -> None:
+        """A given flag outside `allowed` is an error naming it and `where` it was given."""
+        extra = sorted(self.given() - allowed)
+        if extra:
+            flags = ", ".join(f"--{name.replace('_', '-')}" for name in extra)
+            raise ProbeError(f"{flags} {'does' if len(extra) == 1 else 'do'} not apply to {where}")
+
+
+@dataclass
+class RunConfig:
+    """What produced a run folder: saved as its config.json, and compared key by key on --resume."""
+
+    command: str
+    model: str
+    model_kind: str
+    method: str | None
+    data: str
+    split: str
+    vocab: str
+    n_candidates: int
+    n_vocab_words: int
+    batch_size: int
+    dtype: str
+    device: str
+    template_file: str | None = None
+    seed: int | None = None
+    control: str = "none"
+    method_config: dict | None = None
+    train: dict | None = None
+    prompts: dict = field(default_factory=dict)  # a prompts file: its path, format, ensemble, prompts per relation
+    probe_version: str = __version__
+    created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S"))
+
+    @classmethod
+    def of(cls, command: str, backend: Backend, data: LamaData, candidates: CandidateVocab, **fields) -> RunConfig:
+        """A run config with the model, data and candidates filled in from the objects themselves."""
+        return cls(command=command, model=backend.name, model_kind=backend.kind, data=str(data.root.resolve()),
+                   n_candidates=len(candidates), n_vocab_words=candidates.n_source,
+                   dtype=str(backend.dtype).removeprefix("torch."), device=str(backend.device),
+                   **{"control": backend.control, **fields})
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out.update(out.pop("prompts"))
+        if self.control == "none":
+            del out["control"]  # absent for the real LM
+        return {k: v for k, v in out.items() if v is not None or k in ("template_file", "seed", "method")}
+
+
+@dataclass
+class Run:
+    """A finished (or interrupted) run: its folder, its results and how long it took."""
+
+    folder: RunFolder
+    results: dict
+    seconds: float
+
+
+# -- shared checks --------------------------------------------------------------------------------
+
+
+def relation_ids(data: LamaData, relation: list[str] | None, all_: bool | None) -> list[str]:
+    """The relations asked for: --all, or --relation ids (repeatable, or a comma list), each checked."""
+    if all_ and relation:
+        raise ProbeError("give either --relation or --all, not both")
+    if all_:
+        return list(data.relations)
+    ids = [r.strip() for given in relation or [] for r in given.split(",") if r.strip()]
+    if not ids:
+        raise ProbeError("no relation given: pass --relation P19 (repeatable, or P19,P20) or --all")
+    return [data.relation(rid).id for rid in dict.fromkeys(ids)]
+
+
+def check_new_folder(out: Path | None, resume: bool | None) -> None:
+    """An existing run folder is refused without --resume, before anything is loaded."""
+    if out is not None and not resume and (Path(out) / "config.json").exists():
+        raise ProbeError(f"run folder {out} already exists: pass --resume to continue it, or another --out")
+
+
+def check_positive(**values: int) -> None:
+    for name, value in values.items():
+        if value < 1:
+            raise ProbeError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
 
 
 def relation_facts(data: LamaData, relation: Relation, split: str, candidates: CandidateVocab, strict: bool):
@@ -42,73 +166,140 @@ def relation_facts(data: LamaData, relation: Relation, split: str, candidates: C
     return facts, dropped
 
 
-def run_config(backend: LMBackend, data: LamaData, settings: EvalSettings, candidates: CandidateVocab, **extra) -> dict:
-    """The config saved with every result: enough to know exactly what produced it."""
-    return {
-        "command": "eval",
-        "probe_version": __version__,
-        "model": backend.name,
-        "model_kind": backend.kind,
-        "method": settings.method,
-        "data": str(data.root.resolve()),
-        "split": settings.split,
-        "vocab": settings.vocab,
-        "n_candidates": len(candidates),
-        "n_vocab_words": candidates.n_source,
-        "batch_size": settings.batch_size,
-        "dtype": str(backend.dtype).removeprefix("torch."),
-        "device": str(backend.device),
-        "template_file": None,
-        "seed": None,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        **({"control": backend.control} if backend.control != "none" else {}),  # absent for the real LM
-        **extra,
-    }
+def default_out(name: str, model: str) -> Path:
+    return Path("runs") / f"{name}-{slug(model)}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def evaluate_relations(
-    backend: LMBackend,
-    data: LamaData,
-    relation_ids: list[str],
-    candidates: CandidateVocab,
-    run: RunFolder,
-    settings: EvalSettings,
-    prompts: dict[str, list[DiscretePrompt]] | None = None,
-) -> dict:
-    """Evaluate fixed prompts into a run folder; returns the results.
+def slug(model: str) -> str:
+    name = Path(model).name if ("/" in model or model.endswith(".gguf")) else model
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in name.removesuffix(".gguf")) or "model"
 
-    Each relation gets its manual template, or its prompts from `prompts` (several are an ensemble, see
-    evaluate_ensemble); method 'majority' ranks candidates by train frequency instead, without the LM.
+
+def open_model(opts: Options, data: LamaData, vocab: str, control: str = "none") -> tuple[Backend, CandidateVocab]:
+    words = data.vocab_words(vocab)
+    backend = load_backend(opts.model or "smollm2", device=opts.device or "cpu", dtype=opts.dtype or "bfloat16",
+                           control=control, seed=opts.seed if opts.seed is not None else 13)
+    return backend, build_candidates(backend.tokenizer, words)
+
+
+def _interruptible(run: RunFolder, work) -> dict:
+    """Run `work()`; on Ctrl-C the finished relations are summarised and kept, and `Interrupted` names the folder."""
+    try:
+        return work()
+    except KeyboardInterrupt:
+        run.write_summary()
+        raise Interrupted(run.root) from None
+
+
+# -- probe eval -----------------------------------------------------------------------------------
+
+EVAL_FLAGS = {"model", "method", "relation", "all", "split", "vocab", "data", "out", "resume", "batch_size", "device",
+              "dtype", "control", "seed", "prompts_file", "ensemble", "max_prompts"}
+
+
+def run_eval(opts: Options, log=print) -> Run:
+    """`probe eval`: fixed prompts (manual, a prompts file) or the majority control on the relations asked for."""
+    t0 = time.time()
+    if opts.prompts is not None:
+        raise ProbeError("internal: saved prompts go through rerun_prompts")
+    opts.refuse(EVAL_FLAGS, "`probe eval`")
+    control = opts.control or "none"
+    if control not in CONTROLS:
+        raise ProbeError(f"unknown control {control!r}: expected one of {', '.join(CONTROLS)}")
+    if opts.method == "majority":
+        raise ProbeError("the majority-class baseline is a control: use --control majority")
+    method = opts.method or "manual"
+    method_cls = get_method(method)
+    if method_cls.can_fit():
+        raise ProbeError(f"method {method!r} is trained: use `probe train --method {method}`, then `probe eval --prompts RUN`")
+    if control == "majority":
+        opts.refuse(EVAL_FLAGS - {"method", "seed", "prompts_file", "ensemble", "max_prompts"}, "--control majority "
+                    "(it ranks candidates by their train counts, with no prompt)")
+    if opts.seed is not None and control != "random-model":
+        raise ProbeError("--seed applies to --control random-model only (a fixed prompt has nothing random)")
+    if opts.prompts_file is None and (opts.ensemble or opts.max_prompts is not None):
+        raise ProbeError("--ensemble and --max-prompts need --prompts-file")
+    max_prompts = opts.max_prompts if opts.max_prompts is not None else (0 if opts.ensemble else 1)
+    if max_prompts < 0 or (max_prompts != 1 and not opts.ensemble):
+        raise ProbeError(f"--max-prompts {max_prompts}: several prompts per relation need --ensemble (0 means all)")
+    batch_size = opts.batch_size or 128
+    check_positive(batch_size=batch_size)
+    check_new_folder(opts.out, opts.resume)
+    data = LamaData(opts.data)
+    ids = relation_ids(data, opts.relation, opts.all)
+    split = SPLIT_ALIASES.get(opts.split or "test_34k", opts.split or "test_34k")
+    data.facts(ids[0], split)  # checks the split name
+    vocab = opts.vocab or "common"
+    data.vocab_words(vocab)  # checks the vocabulary name
+    chosen, prompts_info = None, {}
+    if opts.prompts_file is not None:
+        prompt_set = read_prompts(opts.prompts_file)
+        prompt_set.check_relations(data.relations)
+        chosen = prompt_set.chosen(ids, max_prompts, strict=bool(opts.relation))
+        if not chosen:
+            raise ProbeError(f"prompts file {opts.prompts_file} has no prompt for the relations asked for")
+        if len(chosen) < len(ids):
+            log(f"warning: no prompt in {opts.prompts_file} for {', '.join(r for r in ids if r not in chosen)}; skipped")
+        ids = list(chosen)
+        method = "discrete"
+        prompts_info = {"prompts_file": str(Path(opts.prompts_file).resolve()), "prompts_format": prompt_set.format,
+                        "ensemble": bool(opts.ensemble), "prompts_per_relation": {r: len(p) for r, p in chosen.items()}}
+    if control == "majority":
+        method = None
+    backend, candidates = open_model(opts, data, vocab, control if control in MODEL_CONTROLS else "none")
+    if len(ids) == 1:
+        relation_facts(data, data.relation(ids[0]), split, candidates, strict=True)
+    log(f"{backend.name} ({backend.kind} LM, {backend.dtype}) loaded in {time.time() - t0:.1f}s; "
+        f"{len(candidates):,} of {candidates.n_source:,} {vocab} vocab words are single tokens")
+    config = RunConfig.of(
+        "eval", backend, data, candidates, method=method, split=split, vocab=vocab, batch_size=batch_size, control=control,
+        template_file=str(opts.prompts_file) if opts.prompts_file is not None else None,
+        seed=opts.seed if control == "random-model" else None,
+        method_config={"ensemble": bool(opts.ensemble), "max_prompts": max_prompts} if chosen else None,
+        prompts=prompts_info,
+    )
+    name = f"discrete-{slug(Path(opts.prompts_file).stem)}" if chosen else (method or control)
+    run = RunFolder(opts.out or default_out(name, backend.name), config.to_dict(), resume=bool(opts.resume))
+    results = _interruptible(run, lambda: evaluate_relations(backend, data, ids, candidates, run, split, batch_size,
+                                                             chosen, majority=control == "majority"))
+    return Run(run, results, time.time() - t0)
+
+
+def evaluate_relations(backend: Backend, data: LamaData, ids: list[str], candidates: CandidateVocab, run: RunFolder,
+                       split: str, batch_size: int = 128, prompts: dict[str, list[DiscretePrompt]] | None = None,
+                       majority: bool = False) -> dict:
+    """Evaluate fixed prompts into a run folder, skipping finished relations; returns the results.
+
+    Each relation gets its manual template, or its prompts (several are an ensemble, see evaluate_ensemble);
+    with `majority`, candidates are ranked by their train counts instead, without the LM.
     """
-    method_cls = get_method(settings.method)
-    strict = len(relation_ids) == 1
+    strict = len(ids) == 1
     todo = []
-    for rid in relation_ids:
+    for rid in ids:
         relation = data.relation(rid)
-        if run.is_done(rid):
-            continue
-        facts, dropped = relation_facts(data, relation, settings.split, candidates, strict)
-        todo.append((relation, facts, dropped))
+        if not run.is_done(rid):
+            facts, dropped = relation_facts(data, relation, split, candidates, strict)
+            todo.append((relation, facts, dropped))
     n_prompts = {r.id: len(prompts[r.id]) if prompts else 1 for r, _, _ in todo}
+    manual = ManualPrompt(0, backend.hidden_size).to(backend.device)
     with tqdm(total=sum(len(f) * n_prompts[r.id] for r, f, _ in todo), unit="fact", desc="eval", dynamic_ncols=True) as bar:
         for relation, facts, dropped in todo:
             bar.set_postfix_str(relation.id)
             base = {"relation": relation.id, "label": relation.label, "type": relation.type, "n_dropped": dropped}
             if not facts:
-                tqdm.write(f"warning: {relation.id} has no {settings.split} facts left after filtering; skipped", file=sys.stderr)
+                tqdm.write(f"warning: {relation.id} has no {split} facts left after filtering; skipped", file=sys.stderr)
                 continue
-            if settings.method == "majority":
+            if majority:
                 train, _ = relation_facts(data, relation, "train", candidates, False)
                 result = evaluate_majority(train, facts, candidates)
                 bar.update(len(facts))
-                metrics = {**base, "n_facts": len(facts), "n_train": len(train), **result.metrics}
-                run.save_relation(relation.id, metrics, result.predictions())
+                run.save_relation(relation.id, {**base, "n_facts": len(facts), "n_train": len(train), **result.metrics},
+                                  result.predictions())
                 continue
             chosen = prompts[relation.id] if prompts else [DiscretePrompt(relation.template, None, "manual")]
             compiled = [compile_template(p.template, backend.tokenizer, backend.kind) for p in chosen]
             weights = [1.0 if p.weight is None else p.weight for p in chosen]
-            method = method_cls(0, backend.hidden_size).to(backend.device)
-            result = evaluate_ensemble(backend, method, compiled, weights, facts, candidates, settings.batch_size, bar)
+            result = evaluate_ensemble(backend, manual, compiled, weights, facts, candidates, batch_size, bar)
             metrics = {**base, "n_facts": len(facts), "template": chosen[0].template, **result.metrics}
             if len(chosen) > 1:
                 metrics.update(templates=[p.template for p in chosen], weights=weights)
@@ -116,20 +307,19 @@ def evaluate_relations(
     return run.write_summary()
 
 
-# ----------------------------------------------------------------------------------------------
-# Training many relations, and reloading what was trained.
-# ----------------------------------------------------------------------------------------------
+# -- probe train ----------------------------------------------------------------------------------
+
+TRAIN_FLAGS = {"model", "method", "relation", "all", "template", "split", "vocab", "data", "out", "resume", "device",
+               "dtype", "control", "init", "reparam"}
+FIT_FLAGS = {"lr", "epochs", "min_steps", "batch_size", "eval_every", "patience", "max_train", "seed", "iterations",
+             "top_k", "capitals"}
 
 
-def load_template_spec(spec: str | None, method: str | None = None):
+def load_template_spec(spec: str | None, method: str | None = None) -> TemplateFile:
     """`--template`: a template file, an inline template, or None for the default shapes.
 
     The defaults are the P-tuning shapes, unless the method has its own (prefix-tuning puts its prefix first).
     """
-    from pathlib import Path
-
-    from probe.templates import DEFAULT_SHAPES, TemplateFile, parse_template, parse_template_file
-
     defaults = dict(get_method(method).default_shapes or DEFAULT_SHAPES) if method else dict(DEFAULT_SHAPES)
     if spec is None:
         return TemplateFile("<default>", {}, defaults)
@@ -140,87 +330,82 @@ def load_template_spec(spec: str | None, method: str | None = None):
     return TemplateFile("<inline>", {"default": parse_template(spec)}, defaults)
 
 
-def save_prompt(path, method) -> None:
-    """What evaluation uses (virtual embeddings, or per-layer prefix keys and values), in one safetensors file.
-
-    The method's own weights are added unless it folds them away (prefix-tuning keeps only the MLP's output).
-    """
-    import torch
-    from safetensors.torch import save
-
-    from probe.runs import atomic_write_bytes
-
-    def plain(t):
-        return t.detach().float().cpu().clone().contiguous()
-
-    with torch.no_grad():
-        tensors = {}
-        embeddings, kv = method.virtual_embeddings(), method.prefix()
-        if embeddings is not None:
-            tensors["virtual_embeddings"] = plain(embeddings)
-        if kv is not None:
-            tensors["prefix_keys"], tensors["prefix_values"] = plain(kv[0]), plain(kv[1])
-    if method.save_state:
-        tensors.update({f"method.{k}": v.detach().cpu().contiguous() for k, v in method.state_dict().items()})
-    atomic_write_bytes(path, save(tensors))
-
-
-def load_prompt(path):
-    """A FixedPrompt from a saved prompt file; a damaged file is a ProbeError."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from probe.methods import FixedPrompt
-
-    try:
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError) as e:
-        raise ProbeError(f"{path}: not a readable prompt file ({e})") from None
-    embeddings, keys, values = (tensors.get(k) for k in ("virtual_embeddings", "prefix_keys", "prefix_values"))
-    if embeddings is None and keys is None:
-        raise ProbeError(f"{path}: not a prompt file (expected 'virtual_embeddings' or 'prefix_keys')")
-    if embeddings is not None and (embeddings.ndim != 2 or not embeddings.is_floating_point()):
-        raise ProbeError(f"{path}: expected a 2-D float tensor 'virtual_embeddings', got shape {tuple(embeddings.shape)}")
-    if keys is not None and (values is None or keys.ndim != 3 or values.ndim != 3 or keys.shape[:2] != values.shape[:2]):
-        raise ProbeError(f"{path}: expected 'prefix_keys' and 'prefix_values' of shape (layers, n_virtual, dim)")
-    return FixedPrompt(embeddings, keys, values)
+def run_train(opts: Options, log=print) -> Run:
+    """`probe train`: fit one prompt per relation against the frozen LM, then test it next to the manual prompt."""
+    t0 = time.time()
+    method = opts.method or "ptuning"
+    method_cls = get_method(method)
+    if not method_cls.can_fit():
+        raise ProbeError(f"method {method!r} has nothing to train: use `probe eval --method {method}`")
+    fit_fields = set(method_cls.fit_config_class.__dataclass_fields__)
+    opts.refuse(TRAIN_FLAGS | (FIT_FLAGS & fit_fields), f"method {method!r}")
+    control = opts.control or "none"
+    if control not in MODEL_CONTROLS:
+        raise ProbeError(f"--control {control!r} does not apply to `probe train`: expected one of {', '.join(MODEL_CONTROLS)}")
+    config_of_method = method_config(method, init=opts.init, reparam=opts.reparam)
+    method_cls.check_settings(config_of_method, opts.template is not None)
+    fit_config = method_cls.fit_config(**{k: getattr(opts, k) for k in FIT_FLAGS & fit_fields})
+    templates = load_template_spec(opts.template, method)
+    split = SPLIT_ALIASES.get(opts.split or "test_34k", opts.split or "test_34k")
+    if split not in TEST_SPLITS:
+        raise ProbeError(f"--split {split!r}: a trained prompt is tested on test_34k or test_29k, never on train or dev")
+    check_new_folder(opts.out, opts.resume)
+    data = LamaData(opts.data)
+    ids = relation_ids(data, opts.relation, opts.all)
+    vocab = opts.vocab or "common"
+    seed = fit_config.seed
+    backend, candidates = open_model(dataclasses.replace(opts, seed=seed), data, vocab, control)
+    if len(ids) == 1:
+        rel = data.relation(ids[0])
+        if not relation_facts(data, rel, "train", candidates, strict=False)[0]:
+            raise ProbeError(f"relation {rel.id} has no train facts left after filtering by the candidate vocabulary")
+        relation_facts(data, rel, split, candidates, strict=True)
+    log(f"{backend.name} ({backend.kind} LM, {backend.dtype}) loaded in {time.time() - t0:.1f}s; {len(candidates):,} candidates")
+    config = RunConfig.of(
+        "train", backend, data, candidates, method=method, split=split, vocab=vocab, batch_size=128,
+        template_file=opts.template, seed=seed, method_config=dataclasses.asdict(config_of_method),
+        train=dataclasses.asdict(fit_config),
+    )
+    run = RunFolder(opts.out or default_out(method, backend.name), config.to_dict(), resume=bool(opts.resume))
+    results = _interruptible(run, lambda: train_relations(backend, data, ids, candidates, run, method, config_of_method,
+                                                          fit_config, templates, split))
+    return Run(run, results, time.time() - t0)
 
 
-def fit_prompt(backend, method_name, method_config, compiled, manual_template, train, dev, candidates, train_config,
-               log_path=None, desc: str = "train"):
-    """Create a method (seeded by the train config) and fit it on train with selection on dev: (method, result)."""
-    import torch
-
-    from probe.autoprompt import search_triggers
-    from probe.train import train_prompt
-
-    torch.manual_seed(train_config.seed)
-    method = get_method(method_name).create(backend, compiled, manual_template, method_config).to(backend.device)
-    fit = search_triggers if method_name == "autoprompt" else train_prompt  # a discrete search, not SGD
-    result = fit(backend, method, compiled, train, dev, candidates, train_config, log_path, desc=desc)
-    return method, result
-
-
-def train_relations(backend, data, relation_ids, candidates, run, method_name, method_config, train_config,
-                    template_spec, settings: EvalSettings) -> dict:
-    """Train and test one prompt per relation into a run folder, skipping finished relations."""
-    from probe.runs import atomic_write_json
-
-    method_cls = get_method(method_name)
-    if not method_cls.trainable:
-        raise ProbeError(f"method {method_name!r} has nothing to train: use `probe eval --method {method_name}`")
-    templates = load_template_spec(template_spec, method_name)
-    strict = len(relation_ids) == 1
-    todo = [data.relation(r) for r in relation_ids if not run.is_done(r)]
-    compiled_for = {}
-    for relation in todo:  # every template is checked before any training starts
-        template = method_cls.relation_template(templates.template_for(relation.id, backend.kind), relation.template,
-                                                backend.kind, method_config)
+def compiled_templates(backend: Backend, data: LamaData, ids: list[str], method: str, config_of_method,
+                       templates: TemplateFile) -> dict:
+    """(template, compiled) per relation for a method; every template is checked before any training starts."""
+    method_cls = get_method(method)
+    out = {}
+    for rid in ids:
+        relation = data.relation(rid)
+        template = method_cls.relation_template(templates.template_for(rid, backend.kind), relation.template,
+                                                backend.kind, config_of_method)
         compiled = compile_template(template, backend.tokenizer, backend.kind, manual=relation.template)
         if compiled.n_virtual == 0:
-            raise ProbeError(f"template {template.source!r} has no virtual tokens: method {method_name!r} needs some")
+            raise ProbeError(f"template {template.source!r} has no virtual tokens: method {method!r} needs some")
         method_cls.check_template(compiled)
-        compiled_for[relation.id] = (template, compiled)
+        out[rid] = (template, compiled)
+    return out
+
+
+def fit_prompt(backend: Backend, method: str, config_of_method, compiled, manual_template: str, train, dev, candidates,
+               fit_config, log_path: Path | None = None, desc: str = "train"):
+    """Create a method (seeded by the fit config) and fit it on train with selection on dev: (method, result)."""
+    torch.manual_seed(fit_config.seed)
+    prompt = get_method(method).create(backend, compiled, manual_template, config_of_method).to(backend.device)
+    result = prompt.fit(backend, compiled, train, dev, candidates, fit_config, log_path, desc)
+    return prompt, result
+
+
+def train_relations(backend: Backend, data: LamaData, ids: list[str], candidates: CandidateVocab, run: RunFolder,
+                    method: str, config_of_method, fit_config, templates: TemplateFile, split: str,
+                    batch_size: int = 128) -> dict:
+    """Train and test one prompt per relation into a run folder, skipping finished relations."""
+    strict = len(ids) == 1
+    todo = [data.relation(r) for r in ids if not run.is_done(r)]
+    compiled_for = compiled_templates(backend, data, [r.id for r in todo], method, config_of_method, templates)
+    manual_prompt = ManualPrompt(0, backend.hidden_size)
     for i, relation in enumerate(todo, 1):
         template, compiled = compiled_for[relation.id]
         train, _ = relation_facts(data, relation, "train", candidates, False)
@@ -232,38 +417,35 @@ def train_relations(backend, data, relation_ids, candidates, run, method_name, m
             continue
         dev, _ = relation_facts(data, relation, "dev", candidates, False)
         dev = dev or train
-        test, dropped = relation_facts(data, relation, settings.split, candidates, strict)
+        test, dropped = relation_facts(data, relation, split, candidates, strict)
         if not test:
-            tqdm.write(f"warning: relation {relation.id} has no {settings.split} facts left after filtering; skipped",
-                       file=sys.stderr)
+            tqdm.write(f"warning: relation {relation.id} has no {split} facts left after filtering; skipped", file=sys.stderr)
             continue
         folder = run.relation_dir(relation.id)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "train_log.jsonl").unlink(missing_ok=True)
-        method, result = fit_prompt(backend, method_name, method_config, compiled, relation.template, train, dev,
-                                    candidates, train_config, folder / "train_log.jsonl",
-                                    desc=f"{relation.id} [{i}/{len(todo)}]")
-        test_eval = evaluate_facts(backend, method, compiled, test, candidates, settings.batch_size)
+        prompt, result = fit_prompt(backend, method, config_of_method, compiled, relation.template, train, dev,
+                                    candidates, fit_config, folder / "train_log.jsonl", desc=f"{relation.id} [{i}/{len(todo)}]")
+        test_eval = evaluate_facts(backend, prompt, compiled, test, candidates, batch_size)
         manual = compile_template(relation.template, backend.tokenizer, backend.kind)
-        manual_method = get_method("manual")(0, backend.hidden_size)
-        manual_dev = evaluate_facts(backend, manual_method, manual, dev, candidates, settings.batch_size).metrics
-        manual_test = evaluate_facts(backend, manual_method, manual, test, candidates, settings.batch_size).metrics
-        save_prompt(folder / "prompt.safetensors", method)
+        manual_dev = evaluate_facts(backend, manual_prompt, manual, dev, candidates, batch_size).metrics
+        manual_test = evaluate_facts(backend, manual_prompt, manual, test, candidates, batch_size).metrics
+        save_prompt(folder / "prompt.safetensors", prompt)
         atomic_write_json(folder / "config.json", {
             **{k: run.config[k] for k in ("probe_version", "model", "model_kind", "data", "vocab", "split")},
             "relation": relation.id,
-            "method": method_name,
-            "method_config": method.config.__dict__,
+            "method": method,
+            "method_config": dataclasses.asdict(prompt.config),
             "template": template.source,
             "manual_template": relation.template,
             "n_virtual": compiled.n_virtual,
             "hidden_size": backend.hidden_size,
-            "train": train_config.__dict__,
+            "train": dataclasses.asdict(fit_config),
             "n_train": len(train),
             "n_dev": len(dev),
             "best_step": result.best_step,
             "steps": result.steps,
-            **method.saved_info(compiled),
+            **prompt.saved_info(compiled),
         })
         metrics = {
             "relation": relation.id, "label": relation.label, "type": relation.type,
@@ -282,26 +464,108 @@ def train_relations(backend, data, relation_ids, candidates, run, method_name, m
     return run.write_summary()
 
 
-def reevaluate_run(backend, data, run_dir, candidates, batch_size: int = 128) -> list[dict]:
-    """Re-evaluate every saved prompt of a run folder; rows carry saved and recomputed metrics."""
-    from pathlib import Path
+# -- saved prompts --------------------------------------------------------------------------------
 
-    from probe.runs import read_json
+RERUN_FLAGS = {"prompts", "relation", "all", "data", "batch_size", "device", "model"}
 
+
+def save_prompt(path: Path, method) -> None:
+    """What evaluation uses (virtual embeddings, or per-layer prefix keys and values), in one safetensors file.
+
+    The method's own weights are added unless it folds them away (prefix-tuning keeps only the MLP's output).
+    """
+    from safetensors.torch import save
+
+    def plain(t):
+        return t.detach().float().cpu().clone().contiguous()
+
+    with torch.no_grad():
+        tensors = {}
+        embeddings, kv = method.virtual_embeddings(), method.prefix()
+        if embeddings is not None:
+            tensors["virtual_embeddings"] = plain(embeddings)
+        if kv is not None:
+            tensors["prefix_keys"], tensors["prefix_values"] = plain(kv[0]), plain(kv[1])
+    if method.save_state:
+        tensors.update({f"method.{k}": v.detach().cpu().contiguous() for k, v in method.state_dict().items()})
+    atomic_write_bytes(path, save(tensors))
+
+
+def load_prompt(path) -> FixedPrompt:
+    """A FixedPrompt from a saved prompt file; a damaged file is a ProbeError."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise ProbeError(f"{path}: not a readable prompt file ({e})") from None
+    embeddings, keys, values = (tensors.get(k) for k in ("virtual_embeddings", "prefix_keys", "prefix_values"))
+    if embeddings is None and keys is None:
+        raise ProbeError(f"{path}: not a prompt file (expected 'virtual_embeddings' or 'prefix_keys')")
+    if embeddings is not None and (embeddings.ndim != 2 or not embeddings.is_floating_point()):
+        raise ProbeError(f"{path}: expected a 2-D float tensor 'virtual_embeddings', got shape {tuple(embeddings.shape)}")
+    if keys is not None and (values is None or keys.ndim != 3 or values.ndim != 3 or keys.shape[:2] != values.shape[:2]):
+        raise ProbeError(f"{path}: expected 'prefix_keys' and 'prefix_values' of shape (layers, n_virtual, dim)")
+    return FixedPrompt(embeddings, keys, values)
+
+
+def saved_relations(run_dir: Path) -> list[str]:
+    """The relations of a training run folder with a finished, saved prompt, in the folder's order."""
+    found = [p.parent.name for p in Path(run_dir).glob("*/metrics.json") if (p.parent / "prompt.safetensors").is_file()]
+    return sorted(found, key=lambda r: (len(r), r))
+
+
+def rerun_prompts(opts: Options) -> list[dict]:
+    """`probe eval --prompts RUN`: re-evaluate a training run's saved prompts on its own split, vocabulary, model
+    and dtype; rows carry the saved and the recomputed metrics."""
+    opts.refuse(RERUN_FLAGS, "`probe eval --prompts` (it re-evaluates the run's own split, vocabulary, model and dtype)")
+    batch_size = opts.batch_size or 128
+    check_positive(batch_size=batch_size)
+    run_dir = Path(opts.prompts)
+    if not run_dir.exists():
+        raise ProbeError(f"run folder {run_dir} does not exist")
+    cfg = read_json(run_dir / "config.json")
+    if cfg.get("command") != "train":
+        raise ProbeError(f"{run_dir} is not a training run folder (its config.json says command {cfg.get('command')!r})")
+    if opts.model is not None and opts.model != cfg["model"]:
+        raise ProbeError(f"run folder {run_dir} was trained on model {cfg['model']!r}, not {opts.model!r}")
+    data = LamaData(opts.data or cfg["data"])
+    saved = saved_relations(run_dir)
+    if not saved:
+        raise ProbeError(f"{run_dir} holds no saved prompts (expected RELATION/prompt.safetensors)")
+    ids = saved
+    if opts.relation or opts.all:
+        asked = relation_ids(data, opts.relation, opts.all)
+        missing = [r for r in asked if r not in saved] if opts.relation else []
+        if missing:
+            raise ProbeError(f"{run_dir} has no saved prompt for {', '.join(missing)} (it has {', '.join(saved)})")
+        ids = [r for r in saved if r in asked]
+    backend = load_backend(cfg["model"], device=opts.device or "cpu", dtype=cfg.get("dtype", "float32"),
+                           control=cfg.get("control", "none"), seed=cfg.get("seed") or 0)
+    if backend.kind != cfg["model_kind"]:
+        raise ProbeError(f"run folder {run_dir} was trained on a {cfg['model_kind']} LM, {cfg['model']!r} is {backend.kind}")
+    candidates = build_candidates(backend.tokenizer, data.vocab_words(cfg["vocab"]))
+    return reevaluate_run(backend, data, run_dir, candidates, batch_size, ids)
+
+
+def reevaluate_run(backend: Backend, data: LamaData, run_dir: Path, candidates: CandidateVocab, batch_size: int = 128,
+                   ids: list[str] | None = None) -> list[dict]:
+    """Re-evaluate the saved prompts of a run folder (all, or `ids`); rows carry the saved and recomputed metrics."""
     rows = []
-    finished = [p.parent / "prompt.safetensors" for p in Path(run_dir).glob("P*/metrics.json")]
-    for folder in sorted(finished, key=lambda p: int(p.parent.name[1:])):
-        cfg = read_json(folder.parent / "config.json")
-        saved = read_json(folder.parent / "metrics.json")
-        relation = data.relation(cfg["relation"])
-        compiled = compile_template(cfg["template"], backend.tokenizer, backend.kind, manual=relation.template)
-        prompt = load_prompt(folder).to(backend.device)
+    for rid in tqdm(ids or saved_relations(run_dir), desc="eval", unit="relation", dynamic_ncols=True):
+        folder = Path(run_dir) / rid
+        rel_cfg = read_json(folder / "config.json")
+        metrics = read_json(folder / "metrics.json")
+        relation = data.relation(rel_cfg["relation"])
+        compiled = compile_template(rel_cfg["template"], backend.tokenizer, backend.kind, manual=relation.template)
+        prompt = load_prompt(folder / "prompt.safetensors").to(backend.device)
         if prompt.n_virtual != compiled.n_virtual:
             raise ProbeError(f"{folder}: {prompt.n_virtual} saved vectors for {compiled.n_virtual} virtual slots")
-        facts, _ = relation_facts(data, relation, cfg["split"], candidates, True)
+        facts, _ = relation_facts(data, relation, rel_cfg["split"], candidates, True)
         result = evaluate_facts(backend, prompt, compiled, facts, candidates, batch_size)
-        rows.append({**saved, **{f"saved_{k}": saved[k] for k in ("p1", "p10", "mrr")}, **result.metrics,
+        rows.append({**metrics, **{f"saved_{k}": metrics[k] for k in ("p1", "p10", "mrr")}, **result.metrics,
                      "n_facts": len(facts)})
     if not rows:
-        raise ProbeError(f"{run_dir} holds no saved prompts (expected P*/prompt.safetensors)")
+        raise ProbeError(f"{run_dir} holds no saved prompts (expected RELATION/prompt.safetensors)")
     return rows

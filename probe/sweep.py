@@ -10,7 +10,7 @@ A grid file (TOML) names the axes; every combination is one cell, trained and te
     init = ["random", "vocab"]          # for methods that take it (prompt-tuning, prefix-tuning)
     reparam = ["mlp", "none"]           # for methods that take it (prefix-tuning)
     seed = [1, 2, 3]
-    [train]                             # TrainConfig fields, e.g. max_train = 200
+    [train]                             # fit settings of the methods (e.g. TrainConfig's max_train = 200)
 
 An axis value a method does not take is left out of that method's cells ("-" in the tables).
 
@@ -37,10 +37,10 @@ import pandas as pd
 from tqdm import tqdm
 
 from probe.errors import ProbeError
-from probe.methods import config_fields, get_method, method_config
+from probe.methods import get_method, method_config
 from probe.plots import png_axes
 from probe.runs import atomic_write_json, atomic_write_text, markdown_table, read_json
-from probe.train import TrainConfig
+from probe.train import config_fields
 
 AXES = ("method", "length", "init", "reparam", "seed")
 SETTING = ("method", "length", "init", "reparam")  # what a summary row is; seeds and relations are averaged
@@ -109,15 +109,21 @@ def load_grid(path: str | Path) -> SweepGrid:
         bad = [v for v in axes.get(name, []) if not isinstance(v, int) or isinstance(v, bool) or v < (1 if name == "length" else 0)]
         if bad:
             raise ProbeError(f"{path}: axis {name!r} takes whole numbers{' >= 1' if name == 'length' else ''}, got {bad[0]!r}")
-    train = raw.get("train", {})
-    fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"seed"}
-    if not isinstance(train, dict) or set(train) - fields:
-        bad = sorted(set(train) - fields) if isinstance(train, dict) else train
-        raise ProbeError(f"{path}: [train] takes {', '.join(sorted(fields))}; got {bad!r}")
     grid = SweepGrid(**raw)
     if not (grid.relations == "all" or (isinstance(grid.relations, list) and grid.relations)):
         raise ProbeError(f"{path}: relations must be \"all\" or a non-empty list of ids, got {grid.relations!r}")
     expand_settings(grid, path)  # every axis value must exist for some method
+    methods = [get_method(m) for m in grid.axes["method"]]
+    fields = set().union(*(config_fields(m.fit_config_class) for m in methods)) - {"seed"}
+    if not isinstance(grid.train, dict) or set(grid.train) - fields:
+        bad = sorted(set(grid.train) - fields) if isinstance(grid.train, dict) else grid.train
+        raise ProbeError(f"{path}: [train] takes {', '.join(sorted(fields))} for these methods; got {bad!r}")
+    for m in methods:  # each method's fit settings, checked now rather than in the first cell
+        train = {k: v for k, v in grid.train.items() if k in config_fields(m.fit_config_class)}
+        try:
+            m.fit_config(**train)
+        except (ProbeError, TypeError) as e:
+            raise ProbeError(f"{path}: [train] for {m.name}: {e}") from None
     return grid
 
 
@@ -130,11 +136,11 @@ def expand_settings(grid: SweepGrid, source: str | Path = "grid") -> list[dict]:
             cls = get_method(name)
         except ProbeError as e:
             raise ProbeError(f"{source}: {e}") from None
-        if not cls.trainable or name == "autoprompt":
-            raise ProbeError(f"{source}: method {name!r} cannot be swept (expected a continuous prompt method)")
+        if not cls.can_fit():
+            raise ProbeError(f"{source}: method {name!r} has nothing to train, so nothing to sweep")
     for option in ("init", "reparam"):
         for value in axes.get(option, []):
-            takers = [m for m in axes["method"] if option in config_fields(m)]
+            takers = [m for m in axes["method"] if option in config_fields(get_method(m).config_class)]
             if not takers:
                 raise ProbeError(f"{source}: axis {option!r} applies to none of the methods {axes['method']}")
             for m in takers:
@@ -143,7 +149,7 @@ def expand_settings(grid: SweepGrid, source: str | Path = "grid") -> list[dict]:
                 except ProbeError as e:
                     raise ProbeError(f"{source}: axis {option} value {value!r} does not exist for {m}: {e}") from None
     for m in axes["method"]:
-        fields = config_fields(m)
+        fields = config_fields(get_method(m).config_class)
         inits = axes.get("init", [None]) if "init" in fields else [None]
         reparams = axes.get("reparam", [None]) if "reparam" in fields else [None]
         for length, init, reparam, seed in itertools.product(axes.get("length", [0]), inits, reparams, axes.get("seed", [13])):
@@ -185,10 +191,11 @@ def run_cell(backend, data, cell: Cell, grid: SweepGrid, candidates, facts_of) -
     compiled = compile_template(template, backend.tokenizer, backend.kind, manual=relation.template)
     config = method_config(cell.method, **{k: getattr(cell, k) for k in ("init", "reparam") if getattr(cell, k) != NOT_APPLICABLE})
     method_cls = get_method(cell.method)
-    train_config = TrainConfig(**{"lr": method_cls.default_lr, **grid.train, "seed": cell.seed})
+    fit_config = method_cls.fit_config(**{k: v for k, v in grid.train.items() if k in config_fields(method_cls.fit_config_class)},
+                                       seed=cell.seed)
     train, dev, test = facts_of(relation)
     method, result = fit_prompt(backend, cell.method, config, compiled, relation.template, train, dev, candidates,
-                                train_config, desc=cell.key)
+                                fit_config, desc=cell.key)
     metrics = evaluate_facts(backend, method, compiled, test, candidates).metrics
     return {
         **dataclasses.asdict(cell), "template": template.source, "type": relation.type, "n_facts": len(test),
@@ -271,3 +278,32 @@ def plot_lengths(summary: pd.DataFrame, path: Path) -> None:
                         label=label)
         ax.set_xlabel("virtual tokens")
         ax.set_ylabel("macro P@1 (mean ± std over seeds)")
+
+
+def sweep_command(grid_path: Path, out: Path | None, data: str | None, device: str, log=print) -> Path:
+    """`probe sweep`: check the grid, load the model once, run the unfinished cells; returns OUT/summary.md."""
+    from probe.backends import load_backend
+    from probe.data import LamaData
+    from probe.errors import Interrupted
+    from probe.pipeline import load_template_spec
+    from probe.vocab import build_candidates
+
+    t0 = time.time()
+    spec = load_grid(grid_path)
+    lama = LamaData(data)
+    ids = list(lama.relations) if spec.relations == "all" else [lama.relation(r).id for r in spec.relations]
+    load_template_spec(spec.template)  # a bad template fails before the model loads
+    out = out or Path("runs") / f"sweep-{Path(grid_path).stem}"
+    words = lama.vocab_words(spec.vocab)
+    prepare_folder(out, spec, {"data": str(lama.root.resolve())})
+    backend = load_backend(spec.model, device=device, dtype=spec.dtype, control=spec.control)
+    candidates = build_candidates(backend.tokenizer, words)
+    n = len(cells_of(spec, ids))
+    log(f"{spec.model} loaded in {time.time() - t0:.1f}s; {n} cells ({n // len(ids)} settings x {len(ids)} relations)")
+    try:
+        run_sweep(backend, lama, spec, ids, candidates, out)
+    except KeyboardInterrupt:
+        write_tables(out, cells_of(spec, ids))
+        raise Interrupted(out) from None
+    log(f"{time.time() - t0:.0f}s in all")
+    return out / "summary.md"

@@ -1,29 +1,45 @@
-"""The one trainer: any trainable method, any backend. The LM stays frozen; only the method is optimised."""
+"""The one trainer for gradient methods, and the dev selection that every fit shares.
+
+The LM stays frozen; only the method's parameters are optimised, on the cross-entropy of the gold candidate.
+"""
 
 from __future__ import annotations
 
 import copy
 import math
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from probe.backends import LMBackend
+from probe.backends import Backend
 from probe.batching import make_batches
 from probe.data import Fact
-from probe.evaluate import candidate_scores, evaluate_facts, pad_id
-from probe.methods.base import PromptMethod
+from probe.errors import ProbeError
+from probe.evaluate import evaluate_facts
 from probe.runs import JsonlLog
 from probe.templates import CompiledTemplate
 from probe.vocab import CandidateVocab
 
+if TYPE_CHECKING:
+    from probe.methods.base import PromptMethod
+
+
+def check_positive(config, *names: str) -> None:
+    """Each named field of a config dataclass must be at least 1."""
+    for name in names:
+        value = getattr(config, name)
+        if value < 1:
+            raise ProbeError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+
 
 @dataclass
 class TrainConfig:
-    """Optimisation settings; defaults chosen on the dev split (see BENCHMARKS.md)."""
+    """How a gradient method is fit; defaults chosen on the dev split (see BENCHMARKS.md)."""
 
     lr: float = 1e-3
     weight_decay: float = 0.0
@@ -36,17 +52,71 @@ class TrainConfig:
     max_train: int = 0  # 0: all train facts
     seed: int = 13
 
+    def check(self) -> None:
+        if not self.lr > 0 or not math.isfinite(self.lr):
+            raise ProbeError(f"--lr must be a positive number, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ProbeError(f"weight_decay must be at least 0, got {self.weight_decay}")
+        if not 0 <= self.warmup < 1:
+            raise ProbeError(f"warmup must be a share of the steps in [0, 1), got {self.warmup}")
+        if self.min_steps < 0 or self.max_train < 0:
+            raise ProbeError(f"--min-steps and --max-train must be at least 0, got {self.min_steps} and {self.max_train}")
+        check_positive(self, "batch_size", "epochs", "eval_every", "patience")
+
+
+def config_fields(config_class) -> set[str]:
+    return {f.name for f in fields(config_class)}
+
 
 @dataclass
-class TrainResult:
+class FitResult:
     best_dev: dict
     best_step: int
     steps: int
     stopped_early: bool
 
 
+class DevSelection:
+    """Keeps the best-on-dev state of a fit, by (P@1, MRR), and counts dev checks without a gain (patience).
+
+    `snapshot()` returns what to keep of the method; `restore(kept)` puts it back at the end.
+    """
+
+    def __init__(self, evaluate_dev: Callable[[], dict], snapshot: Callable[[], object], patience: int,
+                 log: JsonlLog, first_entry: dict):
+        self.evaluate_dev = evaluate_dev
+        self.snapshot = snapshot
+        self.patience = patience
+        self.best = evaluate_dev()
+        self.best_state, self.best_step, self.bad = snapshot(), 0, 0
+        self.log = log
+        log.write({"step": 0, "dev_p1": self.best["p1"], "dev_mrr": self.best["mrr"], **first_entry})
+
+    def check(self, step: int, entry: dict) -> dict:
+        """Evaluate dev at `step`, keep the state if it is the best so far, note it in the log entry."""
+        dev = self.evaluate_dev()
+        entry.update(dev_p1=dev["p1"], dev_mrr=dev["mrr"])
+        if (dev["p1"], dev["mrr"]) > (self.best["p1"], self.best["mrr"]):
+            self.best, self.best_state, self.best_step, self.bad = dev, self.snapshot(), step, 0
+        else:
+            self.bad += 1
+        return dev
+
+    def skip(self) -> None:
+        """A step with no dev check counts against patience too (the trigger search's iterations)."""
+        self.bad += 1
+
+    @property
+    def exhausted(self) -> bool:
+        """Patience is used up (0: never)."""
+        return bool(self.patience) and self.bad >= self.patience
+
+    def result(self, steps: int, stopped: bool) -> FitResult:
+        return FitResult(self.best, self.best_step, steps, stopped)
+
+
 def train_prompt(
-    backend: LMBackend,
+    backend: Backend,
     method: PromptMethod,
     compiled: CompiledTemplate,
     train_facts: list[Fact],
@@ -55,7 +125,7 @@ def train_prompt(
     config: TrainConfig,
     log_path: Path | None = None,
     desc: str = "train",
-) -> TrainResult:
+) -> FitResult:
     """Train `method` on train facts with early stopping on dev P@1; leaves the best-on-dev weights in it."""
     generator = torch.Generator().manual_seed(config.seed)
     if config.max_train and len(train_facts) > config.max_train:
@@ -70,21 +140,18 @@ def train_prompt(
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: (s + 1) / warm if s < warm else max(0.0, (total - s) / max(1, total - warm))
     )
-    best = evaluate_facts(backend, method, compiled, dev_facts, candidates).metrics
-    best_state, best_step, bad, step = copy.deepcopy(method.state_dict()), 0, 0, 0
     log = JsonlLog(log_path)
-    log.write({"step": 0, "dev_p1": best["p1"], "dev_mrr": best["mrr"], "config": asdict(config)})
+    selection = DevSelection(lambda: evaluate_facts(backend, method, compiled, dev_facts, candidates).metrics,
+                             lambda: copy.deepcopy(method.state_dict()), config.patience, log, {"config": asdict(config)})
     method.train()
-    stopped = False
+    step, stopped = 0, False
     bar = tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, leave=False)
     try:
         for epoch in range(epochs):
-            batches = make_batches(compiled, train_facts, candidates, config.batch_size, pad_id(backend), generator)
-            for batch in batches:
-                batch = batch.to(backend.device)
+            for batch in make_batches(compiled, train_facts, candidates, config.batch_size, backend.pad_id, generator):
                 with torch.autocast(backend.device.type, dtype=torch.bfloat16, enabled=backend.device.type == "cuda"):
-                    scores = candidate_scores(backend, method, batch, candidates)
-                loss = F.cross_entropy(scores.float(), batch.gold)
+                    (scores,) = backend.score([batch], method.prompt_inputs(), candidates)
+                loss = F.cross_entropy(scores.float(), batch.gold.to(scores.device))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -93,15 +160,10 @@ def train_prompt(
                 bar.update(1)
                 entry = {"step": step, "epoch": epoch, "loss": round(loss.item(), 5), "lr": schedule.get_last_lr()[0]}
                 if step % config.eval_every == 0 or step == total:
-                    dev = evaluate_facts(backend, method, compiled, dev_facts, candidates).metrics
-                    entry.update(dev_p1=dev["p1"], dev_mrr=dev["mrr"])
-                    if (dev["p1"], dev["mrr"]) > (best["p1"], best["mrr"]):
-                        best, best_state, best_step, bad = dev, copy.deepcopy(method.state_dict()), step, 0
-                    else:
-                        bad += 1
-                    bar.set_postfix(loss=f"{loss.item():.3f}", dev_p1=f"{dev['p1']:.1f}", best=f"{best['p1']:.1f}")
+                    dev = selection.check(step, entry)
+                    bar.set_postfix(loss=f"{loss.item():.3f}", dev_p1=f"{dev['p1']:.1f}", best=f"{selection.best['p1']:.1f}")
                 log.write(entry)
-                stopped = bad >= config.patience
+                stopped = selection.exhausted
                 if stopped or step == total:
                     break
             if stopped or step == total:
@@ -109,6 +171,6 @@ def train_prompt(
     finally:
         bar.close()
         log.close()
-    method.load_state_dict(best_state)
+    method.load_state_dict(selection.best_state)
     method.eval()
-    return TrainResult(best, best_step, step, stopped)
+    return selection.result(step, stopped)

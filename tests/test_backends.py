@@ -10,11 +10,14 @@ import torch
 from conftest import save_tiny_llama
 from transformers import BertConfig, GPT2Config, LlamaConfig, ViTConfig
 
-from probe.backends import _masked_head, _model_kind, cache_dir, load_backend, resolve_model
+from probe.backends import BACKENDS, backend_class, cache_dir, load_backend, model_kind, resolve_model
+from probe.backends.causal import CausalLM
+from probe.backends.llama import LlamaCausalLM
+from probe.backends.masked import MaskedLM, _head_transform
 from probe.batching import collate
 from probe.data import Fact
 from probe.errors import ProbeError
-from probe.evaluate import evaluate_facts, pad_id
+from probe.evaluate import evaluate_facts
 from probe.methods.manual import ManualPrompt
 from probe.templates import Encoded, compile_template
 from probe.vocab import build_candidates
@@ -50,7 +53,8 @@ def test_masked_backend_loads_from_folder(masked_backend, wordpiece_tokenizer):
     assert b.hidden_size == 32
     assert b.dtype == torch.float32
     assert b.device == torch.device("cpu")
-    assert b.head is not None and b.head[1] is b.model.get_output_embeddings()
+    assert type(b) is MaskedLM and b.transform is b.model.cls.predictions.transform
+    assert b.output_layer() is b.model.get_output_embeddings()
     assert b.tokenizer.mask_token_id == wordpiece_tokenizer.mask_token_id
     assert b.tokenizer.tokenize("Paris") == ["Paris"]  # saved cased, reloaded cased
     assert not b.model.training
@@ -62,9 +66,9 @@ def test_causal_backend_loads_from_folder(causal_backend, bpe_tokenizer):
     assert b.kind == "causal"
     assert type(b.model).__name__ == "LlamaForCausalLM"
     assert b.hidden_size == 64
-    assert b.head is None
+    assert type(b) is LlamaCausalLM
     assert len(b.tokenizer) == len(bpe_tokenizer)
-    assert pad_id(b) == bpe_tokenizer.pad_token_id
+    assert b.pad_id == bpe_tokenizer.pad_token_id
 
 
 def test_load_bfloat16_scores_in_float32(tiny_causal_dir):
@@ -72,7 +76,7 @@ def test_load_bfloat16_scores_in_float32(tiny_causal_dir):
     assert b.dtype == torch.bfloat16
     cands = build_candidates(b.tokenizer, WORDS)
     compiled = compile_template(P19, b.tokenizer, "causal")
-    batch = collate(compiled, [Fact("Rome", "Italy")], cands, pad_id(b))
+    batch = collate(compiled, [Fact("Rome", "Italy")], cands, b.pad_id)
     scores = probe_scores(b, batch, cands)
     assert scores.dtype == torch.float32
     assert scores.shape == (1, len(cands))
@@ -87,7 +91,7 @@ def test_nonexistent_model(name):
     with pytest.raises(ProbeError) as e:
         load_backend(name)
     msg = str(e.value)
-    assert msg.startswith(f"cannot load model {name!r}: expected 'smollm2', a hub id, a local model folder or a .gguf")
+    assert msg == (f"model folder {name} not found: expected a local model folder, a hub id, a .gguf file or 'smollm2'")
     assert "\n" not in msg
 
 
@@ -111,19 +115,17 @@ def test_bad_dtype_and_device(tiny_causal_dir):
 
 
 def test_model_kind_from_config():
-    assert _model_kind(BertConfig(architectures=["BertForMaskedLM"])) == "masked"
-    assert _model_kind(BertConfig()) == "masked"  # no architectures: from the model type
-    assert _model_kind(LlamaConfig(architectures=["LlamaForCausalLM"])) == "causal"
-    assert _model_kind(GPT2Config(architectures=["GPT2LMHeadModel"])) == "causal"
-    assert _model_kind(LlamaConfig()) == "causal"
+    assert model_kind(BertConfig(architectures=["BertForMaskedLM"])) == "masked"
+    assert model_kind(BertConfig()) == "masked"  # no architectures: from the model type
+    assert model_kind(LlamaConfig(architectures=["LlamaForCausalLM"])) == "causal"
+    assert model_kind(GPT2Config(architectures=["GPT2LMHeadModel"])) == "causal"
+    assert model_kind(LlamaConfig()) == "causal"
     with pytest.raises(ProbeError, match="model type 'vit' is neither a masked nor a causal LM"):
-        _model_kind(ViTConfig())
+        model_kind(ViTConfig())
 
 
 def test_masked_head_of_bert(masked_backend):
-    transform, decoder = _masked_head(masked_backend.model)
-    assert transform is masked_backend.model.cls.predictions.transform
-    assert decoder is masked_backend.model.cls.predictions.decoder
+    assert _head_transform(masked_backend.model) is masked_backend.model.cls.predictions.transform
 
 
 def test_cache_dir_order(monkeypatch, tmp_path):
@@ -156,7 +158,7 @@ def test_masked_scores_equal_full_forward(masked_backend):
     cands = build_candidates(b.tokenizer, WORDS)
     assert len(cands) == len(WORDS)
     compiled = compile_template(P19, b.tokenizer, "masked")
-    batch = collate(compiled, FACTS, cands, pad_id(b))
+    batch = collate(compiled, FACTS, cands, b.pad_id)
     lengths = batch.attention_mask.sum(1)
     assert len(set(lengths.tolist())) > 1  # varying lengths, right padding
     rows = torch.arange(len(FACTS))
@@ -173,7 +175,7 @@ def test_causal_scores_equal_full_forward_at_last_real_token(causal_backend):
     b = causal_backend
     cands = build_candidates(b.tokenizer, WORDS)
     compiled = compile_template(P19, b.tokenizer, "causal")
-    batch = collate(compiled, FACTS, cands, pad_id(b))
+    batch = collate(compiled, FACTS, cands, b.pad_id)
     lengths = batch.attention_mask.sum(1)
     assert len(set(lengths.tolist())) == 3  # 5, 5, 10 and 4 tokens: right padding in one batch
     assert batch.target.tolist() == (lengths - 1).tolist()
@@ -191,13 +193,13 @@ def test_causal_scores_equal_full_forward_at_last_real_token(causal_backend):
 def test_llama_fast_path_equals_transformers_at_any_target(causal_backend):
     """The fast Llama forward gives transformers' hidden state and gradient at targets anywhere in the row."""
     b = causal_backend
-    assert b.fast is not None
+    assert isinstance(b, LlamaCausalLM)
     cands = build_candidates(b.tokenizer, WORDS)
-    batch = collate(compile_template(P19, b.tokenizer, "causal"), FACTS, cands, pad_id(b))
+    batch = collate(compile_template(P19, b.tokenizer, "causal"), FACTS, cands, b.pad_id)
     target = torch.tensor([0, 2, 9, 1])  # the first token, mid-row, the last of the longest row, a padded row
     embeds = b.embed(batch.input_ids).detach().requires_grad_(True)
     weights = torch.randn(4, b.hidden_size, generator=torch.Generator().manual_seed(0))  # a loss that reads every unit
-    fast = b.fast(embeds, target)
+    fast = b.forward(embeds, target)
     (grad_fast,) = torch.autograd.grad((fast * weights).sum(), embeds)
     out = b.body(inputs_embeds=embeds, attention_mask=batch.attention_mask).last_hidden_state
     ref = out[torch.arange(4), target]
@@ -211,20 +213,20 @@ def test_llama_fast_path_equals_transformers_at_any_target(causal_backend):
 def test_llama_fast_path_with_packed_weights(causal_backend, dtype, monkeypatch):
     """Without autograd the fast forward packs its weights: transformers' hidden states in float32, and in
     bfloat16 the very same bits as the forward through F.linear."""
-    from probe import packed
+    from probe.backends import packed
 
     b = causal_backend
-    batch = collate(compile_template(P19, b.tokenizer, "causal"), FACTS, build_candidates(b.tokenizer, WORDS), pad_id(b))
+    batch = collate(compile_template(P19, b.tokenizer, "causal"), FACTS, build_candidates(b.tokenizer, WORDS), b.pad_id)
     b.model.to(dtype)
-    b.fast.linear.clear()
+    b.forward.linear.clear()
     try:
         with torch.no_grad():
             embeds = b.embed(batch.input_ids)
-            fast = b.fast(embeds, batch.target)
-            assert bool(b.fast.linear._packed) == (packed._enabled and dtype in packed._DTYPES)
+            fast = b.forward(embeds, batch.target)
+            assert bool(b.forward.linear._packed) == (packed._enabled and dtype in packed._DTYPES)
             out = b.body(inputs_embeds=embeds, attention_mask=batch.attention_mask).last_hidden_state
             monkeypatch.setattr(packed, "_enabled", False)
-            unpacked = b.fast(embeds, batch.target)
+            unpacked = b.forward(embeds, batch.target)
     finally:
         b.model.to(torch.float32)
     if dtype == torch.float32:
@@ -236,14 +238,14 @@ def test_llama_fast_prefix_run_once_equals_the_whole_input(causal_backend):
     """Keys and values of a start shared by every row, run once, then the rows' rest: the same hidden states."""
     b = causal_backend
     batch = collate(compile_template("The capital of [X] is [Y] .", b.tokenizer, "causal"), FACTS, build_candidates(
-        b.tokenizer, WORDS), pad_id(b))
+        b.tokenizer, WORDS), b.pad_id)
     start = len(b.tokenizer.encode("The capital of", add_special_tokens=False))
     assert start == 3 and (batch.input_ids[:, :start] == batch.input_ids[0, :start]).all()
     embeds = b.embed(batch.input_ids)
     with torch.no_grad():
         whole = b.target_hidden(embeds, batch.attention_mask, batch.target)
-        past = b.prefix_kv(embeds[:1, :start])
-        rest = b.target_hidden(embeds[:, start:], batch.attention_mask[:, start:], batch.target - start, past=past)
+        past = b.forward.start_kv(embeds[:1, :start])
+        rest = b.forward(embeds[:, start:], batch.target - start, past)
     assert len(past.keys) == b.model.config.num_hidden_layers and past.keys[0].shape[2] == start
     torch.testing.assert_close(rest, whole, rtol=1e-5, atol=1e-5)
     # a wrong start position shows: the rest run as if it came first is not the same
@@ -252,18 +254,50 @@ def test_llama_fast_prefix_run_once_equals_the_whole_input(causal_backend):
     assert (alone - whole).abs().max() > 1e-2
 
 
-def test_prefix_sharing_only_where_supported(masked_backend, causal_backend):
-    assert causal_backend.shares_prefixes and not masked_backend.shares_prefixes
-    with pytest.raises(ValueError, match="cannot share prefixes"):
-        masked_backend.prefix_kv(torch.zeros(1, 2, masked_backend.hidden_size))
+def test_registry_picks_the_most_specific_backend_of_the_kind():
+    """Plain Llama configs get the Llama family's backend; other causal configs the generic one; BERT the masked one."""
+    assert {MaskedLM, CausalLM, LlamaCausalLM} <= set(BACKENDS)
+    assert backend_class(LlamaConfig(), "causal") is LlamaCausalLM
+    assert backend_class(LlamaConfig(attention_bias=True), "causal") is CausalLM  # not what the fast forward computes
+    assert backend_class(GPT2Config(), "causal") is CausalLM
+    assert backend_class(BertConfig(), "masked") is MaskedLM
+    with pytest.raises(ProbeError, match="no backend for a seq2seq LM of model type 'gpt2'"):
+        backend_class(GPT2Config(), "seq2seq")
+
+
+def test_generic_causal_backend_scores_through_the_same_call(tmp_path, tiny_causal_dir, bpe_tokenizer):
+    """A GPT-2 gets the generic causal backend; its `score` equals the full forward. The same tiny Llama behind the
+    generic backend and behind the Llama one gives the same scores, with and without shared starts."""
+    from transformers import GPT2LMHeadModel
+
+    from probe.backends import PromptInputs
+
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(bpe_tokenizer), n_embd=32, n_layer=2, n_head=2, n_positions=64))
+    gpt2.save_pretrained(tmp_path / "gpt2")
+    bpe_tokenizer.save_pretrained(tmp_path / "gpt2")
+    b = load_backend(str(tmp_path / "gpt2"))
+    assert type(b) is CausalLM and b.kind == "causal"
+    cands = build_candidates(b.tokenizer, WORDS)
+    batch = collate(compile_template(P19, b.tokenizer, "causal"), FACTS, cands, b.pad_id)
+    with torch.no_grad():
+        (ours,) = b.score([batch], PromptInputs(), cands)
+        torch.testing.assert_close(ours, full_forward_scores(b, batch, cands), rtol=1e-5, atol=1e-5)
+    causal_backend = load_backend(str(tiny_causal_dir))  # its own copy: other tests change the shared one in place
+    generic = CausalLM(causal_backend.model, causal_backend.tokenizer, "generic")
+    batches = [collate(compile_template("The capital of [X] is [Y] .", b.tokenizer, "causal"), FACTS, cands, b.pad_id)]
+    with torch.no_grad():
+        for prompt_batches in (batches, [batch]):
+            (fast,) = causal_backend.score(prompt_batches, PromptInputs(), cands)
+            (plain,) = generic.score(prompt_batches, PromptInputs(), cands)
+            torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
+            assert fast.std() > 0  # real scores, not a constant
 
 
 def test_llama_fast_path_only_for_plain_llama():
-    from probe.llama_fast import supports
-
-    assert supports(LlamaConfig())
-    assert not supports(LlamaConfig(attention_bias=True))
-    assert not supports(GPT2Config())
+    assert LlamaCausalLM.supports(LlamaConfig())
+    assert not LlamaCausalLM.supports(LlamaConfig(attention_bias=True))
+    assert not LlamaCausalLM.supports(GPT2Config())
 
 
 def test_candidate_rows_cache_follows_the_candidates(masked_backend):
@@ -271,7 +305,7 @@ def test_candidate_rows_cache_follows_the_candidates(masked_backend):
     small = build_candidates(b.tokenizer, ["Paris", "Rome"])
     big = build_candidates(b.tokenizer, WORDS)
     compiled = compile_template(P19, b.tokenizer, "masked")
-    batch = collate(compiled, [Fact("Dante", "Paris")], small, pad_id(b))
+    batch = collate(compiled, [Fact("Dante", "Paris")], small, b.pad_id)
     with torch.no_grad():
         a = probe_scores(b, batch, small)
         c = probe_scores(b, batch, big)
@@ -405,7 +439,7 @@ def test_random_model_control_redraws_every_weight_seeded(tiny_causal_dir):
 
 
 def test_unknown_control_is_a_probe_error(tiny_causal_dir):
-    with pytest.raises(ProbeError, match="unknown control 'shuffled': expected one of none, random-model"):
+    with pytest.raises(ProbeError, match="unknown model control 'shuffled': expected one of none, random-model"):
         load_backend(str(tiny_causal_dir), control="shuffled")
 
 
@@ -434,13 +468,13 @@ def test_first_token_keys_and_values_run_once_per_token_and_kept(causal_backend,
     ids = torch.tensor(b.tokenizer.encode("Rome Paris Dante", add_special_tokens=False))
     assert len(ids) == 3
     with torch.no_grad():
-        expected = b.prefix_kv(b.embed(ids[:, None]))
+        expected = b.forward.start_kv(b.embed(ids[:, None]))
     runs = []
-    real = b.prefix_kv
-    monkeypatch.setattr(b, "prefix_kv", lambda embeds, past=None: runs.append(len(embeds)) or real(embeds, past))
+    real = b.forward.start_kv
+    monkeypatch.setattr(b.forward, "start_kv", lambda embeds, start=None: runs.append(len(embeds)) or real(embeds, start))
     with torch.no_grad():
-        first = b.first_token_kv(ids[:2])
-        again = b.first_token_kv(ids.flip(0))  # one new token, rows in the order asked for
+        first = b.first_token_starts(ids[:2])
+        again = b.first_token_starts(ids.flip(0))  # one new token, rows in the order asked for
     assert runs[-1] == 1
     for got, want in ((first, expected.select(torch.tensor([0, 1]))), (again, expected.select(torch.tensor([2, 1, 0])))):
         assert got.length == 1
@@ -450,17 +484,17 @@ def test_first_token_keys_and_values_run_once_per_token_and_kept(causal_backend,
     saved = weight.detach().clone()
     with torch.no_grad():
         weight.mul_(2.0)
-        changed = b.first_token_kv(ids)
+        changed = b.first_token_starts(ids)
         weight.copy_(saved)
     assert runs[-1] == 3 and not torch.allclose(changed.keys[0], expected.keys[0])
     # past the cap the kept tokens are dropped: a new token starts over
-    import probe.backends as backends
-    monkeypatch.setattr(backends, "FIRST_KV_MAX", 3)
+    import probe.backends.llama as llama
+    monkeypatch.setattr(llama, "FIRST_TOKENS_MAX", 3)
     other = torch.tensor(b.tokenizer.encode("Berlin", add_special_tokens=False)[:1])
     assert other[0] not in ids
     with torch.no_grad():
-        b.first_token_kv(ids)
+        b.first_token_starts(ids)
         runs.clear()
-        b.first_token_kv(ids[:1])  # kept: nothing runs
-        b.first_token_kv(other)
-    assert runs == [1] and len(b._first_kv[1]) == 1
+        b.first_token_starts(ids[:1])  # kept: nothing runs
+        b.first_token_starts(other)
+    assert runs == [1] and len(b._first_tokens.row) == 1

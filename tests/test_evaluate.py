@@ -11,12 +11,13 @@ from conftest import make_fake_lama
 from probe.batching import collate, filter_facts, make_batches
 from probe.data import Fact, LamaData
 from probe.errors import ProbeError
-from probe.evaluate import candidate_scores, evaluate_facts, pad_id, shared_start
+from probe.backends.llama import _distinct_tokens_after
+from probe.evaluate import evaluate_facts
 from probe.methods import METHODS, get_method
 from probe.methods.base import PromptMethod
 from probe.methods.manual import ManualPrompt
 from probe.metrics import relation_metrics
-from probe.pipeline import EvalSettings, evaluate_relations, relation_facts, run_config
+from probe.pipeline import RunConfig, evaluate_relations, relation_facts
 from probe.runs import RunFolder
 from probe.templates import compile_template
 from probe.vocab import build_candidates
@@ -54,7 +55,7 @@ def test_collate_pads_right_and_maps_gold(masked_backend, cands):
     tok = masked_backend.tokenizer
     compiled = compile_template("(2, sub, obj, 1)", tok, "masked")
     facts = [Fact("Dante", "Florence"), Fact("Victor Hugo", "Paris")]
-    batch = collate(compiled, facts, cands, pad_id(masked_backend))
+    batch = collate(compiled, facts, cands, masked_backend.pad_id)
     assert batch.input_ids.shape == (2, 8)  # [CLS] V V Victor Hugo [MASK] V [SEP]
     assert batch.attention_mask.tolist() == [[1] * 7 + [0], [1] * 8]
     assert batch.input_ids[0, 7] == tok.pad_token_id
@@ -163,14 +164,13 @@ def test_evaluate_facts_equals_by_hand(request, which):
 
 def test_facts_sharing_a_subject_run_once(causal_backend, monkeypatch):
     """N-M relations repeat subjects: each distinct input runs once, every fact still gets its own rank."""
-    import probe.evaluate as ev
-
     cands = build_candidates(causal_backend.tokenizer, WORDS)
     facts = [Fact("Dante", "Florence"), Fact("Rome", "Italy"), Fact("Dante", "Paris"), Fact("Dante", "Milan")]
     compiled = compile_template(P19, causal_backend.tokenizer, "causal")
     seen = []
-    real = ev.candidate_scores
-    monkeypatch.setattr(ev, "candidate_scores", lambda b, m, batch, c, **kw: seen.extend(batch.facts) or real(b, m, batch, c, **kw))
+    real = causal_backend.score
+    monkeypatch.setattr(causal_backend, "score", lambda batches, *a: seen.extend(f for b in batches for f in b.facts)
+                        or real(batches, *a))
     result = evaluate_facts(causal_backend, ManualPrompt(0, causal_backend.hidden_size), compiled, facts, cands, 8)
     assert sorted(f.sub for f in seen) == ["Dante", "Rome"]
     assert sorted(result.facts, key=facts.index) == facts
@@ -196,11 +196,11 @@ def test_a_start_every_input_shares_runs_once(causal_backend, monkeypatch, templ
     torch.manual_seed(0)
     method = get_method(method_name).create(b, compiled, P36)
     method.eval()
-    batches = make_batches(compiled, facts, cands, 4, pad_id(b))
-    shared = shared_start(b, method, batches)
+    batches = make_batches(compiled, facts, cands, 4, b.pad_id)
+    shared = b.shared_starts(batches, method.prompt_inputs())
     assert shared is not None and shared.common == expected
     with_sharing = evaluate_facts(b, method, compiled, facts, cands, batch_size=4)
-    monkeypatch.setattr(ev, "shared_start", lambda *a: None)
+    monkeypatch.setattr(b, "shared_starts", lambda *a: None)
     without = evaluate_facts(b, method, compiled, facts, cands, batch_size=4)
     assert with_sharing.facts == without.facts and with_sharing.ranks == without.ranks
     assert with_sharing.top10 == without.top10
@@ -210,15 +210,15 @@ def test_no_shared_start_where_inputs_differ_from_the_first_token(causal_backend
     cands = build_candidates(causal_backend.tokenizer, WORDS)
     facts = [Fact("Rome", "Italy"), Fact("Lyon", "France"), Fact("Victor Hugo", "Paris")]
     manual = ManualPrompt(0, causal_backend.hidden_size)
-    p19 = make_batches(compile_template(P19, causal_backend.tokenizer, "causal"), facts, cands, 4, pad_id(causal_backend))
-    assert shared_start(causal_backend, manual, p19) is None
-    masked = make_batches(compile_template(P36, masked_backend.tokenizer, "masked"), facts, cands, 4, pad_id(masked_backend))
-    assert shared_start(masked_backend, ManualPrompt(0, masked_backend.hidden_size), masked) is None
+    p19 = make_batches(compile_template(P19, causal_backend.tokenizer, "causal"), facts, cands, 4, causal_backend.pad_id)
+    assert causal_backend.shared_starts(p19, manual.prompt_inputs()) is None
+    masked = make_batches(compile_template(P36, masked_backend.tokenizer, "masked"), facts, cands, 4, masked_backend.pad_id)
+    assert masked and not hasattr(masked_backend, "shared_starts")  # only the Llama backend shares starts
     # identical inputs share everything but their target
     same = [Fact("Rome", "Italy"), Fact("Rome", "Paris")]
-    batches = make_batches(compile_template(P36, causal_backend.tokenizer, "causal"), same, cands, 4, pad_id(causal_backend))
-    shared = shared_start(causal_backend, manual, batches)
-    assert shared.common == shared.past.length == int(batches[0].target[0]) == 4 and shared.row_start is None
+    batches = make_batches(compile_template(P36, causal_backend.tokenizer, "causal"), same, cands, 4, causal_backend.pad_id)
+    shared = causal_backend.shared_starts(batches, manual.prompt_inputs())
+    assert shared.common == shared.start.length == int(batches[0].target[0]) == 4 and shared.row_start is None
 
 
 @pytest.mark.parametrize("template", [P19, P36, "(3, sub, 3, obj)"])
@@ -234,29 +234,28 @@ def test_a_first_token_that_inputs_share_runs_once_per_distinct_token(causal_bac
     torch.manual_seed(0)
     method = get_method("ptuning" if template.startswith("(") else "manual").create(b, compiled, template)
     method.eval()
-    batches = make_batches(compiled, facts, cands, 2, pad_id(b), max_padding=0)
-    shared = shared_start(b, method, batches)
+    batches = make_batches(compiled, facts, cands, 2, b.pad_id, max_padding=0)
+    shared = b.shared_starts(batches, method.prompt_inputs())
     first = [b.tokenizer.encode(f.sub, add_special_tokens=False)[0] for f in facts]
     common = {P19: 0, P36: 3}.get(template, 3)
-    assert shared.common == common and shared.past.length == common + 1
-    assert shared.past.keys[0].shape[0] == len(set(first)) == 3 and shared.row_start.shape == (len(facts),)
+    assert shared.common == common and shared.start.length == common + 1
+    assert shared.start.keys[0].shape[0] == len(set(first)) == 3 and shared.row_start.shape == (len(facts),)
     with_sharing = evaluate_facts(b, method, compiled, facts, cands, batch_size=2)
-    monkeypatch.setattr(ev, "shared_start", lambda *a: None)
+    monkeypatch.setattr(b, "shared_starts", lambda *a: None)
     without = evaluate_facts(b, method, compiled, facts, cands, batch_size=2)
     assert with_sharing.facts == without.facts and with_sharing.ranks == without.ranks
     assert with_sharing.top10 == without.top10
     # the same scores; rows handed another row's start score differently
     def scores(start):
-        monkeypatch.setattr(ev, "shared_start", lambda *a: start)
-        return torch.cat([s for _, s in ev.scored_batches(b, method, compiled, facts, cands, 2)])
+        monkeypatch.setattr(b, "shared_starts", lambda *a: start)
+        with torch.no_grad():  # with gradients, starts are never shared
+            return torch.cat([s for _, s in ev.scored_batches(b, method.prompt_inputs(), compiled, facts, cands, 2)])
     torch.testing.assert_close(scores(shared), scores(None), rtol=1e-4, atol=1e-4)
     swapped = scores(shared._replace(row_start=shared.row_start.roll(1)))
     assert (swapped - scores(None)).abs().max() > 1e-2
 
 
 def test_distinct_start_length_is_the_one_that_saves_most():
-    from probe.evaluate import _distinct_tokens_after
-
     ids = torch.tensor([[1, 2, 3, 9], [1, 2, 4, 9], [1, 2, 5, 9], [7, 8, 6, 9]])
     virtual = torch.zeros_like(ids, dtype=torch.bool)
     # 1 token: 2 distinct of 4 rows saves 2 positions; 2 tokens: 2 distinct saves 4; 3 tokens: none
@@ -290,10 +289,10 @@ def test_candidate_scores_put_virtual_rows_in_order(masked_backend, cands):
     b = masked_backend
     compiled = compile_template("(2, sub, 1, obj, 1)", b.tokenizer, "masked")
     facts = [Fact("Dante", "Florence"), Fact("Victor Hugo", "Paris")]
-    batch = collate(compiled, facts, cands, pad_id(b))
+    batch = collate(compiled, facts, cands, b.pad_id)
     method = FixedVirtual(4, b.hidden_size)
     with torch.no_grad():
-        ours = candidate_scores(b, method, batch, cands)
+        (ours,) = b.score([batch], method.prompt_inputs(), cands)
         embeds = b.embed(batch.input_ids).clone()
         for i, f in enumerate(facts):
             for j, pos in enumerate(compiled.encode(f.sub).virtual_positions):
@@ -302,7 +301,7 @@ def test_candidate_scores_put_virtual_rows_in_order(masked_backend, cands):
         ref = logits[torch.arange(2), batch.target][:, cands.token_ids]
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
     with torch.no_grad():
-        plain = candidate_scores(b, ManualPrompt(0, b.hidden_size), batch, cands)
+        (plain,) = b.score([batch], ManualPrompt(0, b.hidden_size).prompt_inputs(), cands)
     assert not torch.allclose(ours, plain)
 
 
@@ -320,6 +319,11 @@ def test_method_registry():
 
 
 # ---- pipeline -------------------------------------------------------------------------------
+
+
+def eval_config(backend, data, cands) -> dict:
+    return RunConfig.of("eval", backend, data, cands, method="manual", split="test_34k", vocab="common",
+                        batch_size=128).to_dict()
 
 
 def test_relation_facts_strict_and_not(masked_backend, tmp_path):
@@ -340,12 +344,11 @@ def test_evaluate_manual_relations_end_to_end(masked_backend, fake_lama, tmp_pat
     data = LamaData(fake_lama)
     cands = build_candidates(b.tokenizer, data.vocab_words())
     assert cands.words == ["Paris", "Rome", "Berlin", "Florence", "French", "Italian", "German", "English"]
-    settings = EvalSettings(batch_size=2)
-    config = run_config(b, data, settings, cands)
+    config = RunConfig.of("eval", b, data, cands, method="manual", split="test_34k", vocab="common", batch_size=2).to_dict()
     assert config["n_candidates"] == 8 and config["n_vocab_words"] == 8
     assert config["model_kind"] == "masked" and config["dtype"] == "float32" and config["method"] == "manual"
     run = RunFolder(tmp_path / "run", config)
-    results = evaluate_relations(b, data, ["P19", "P36", "P37"], cands, run, settings)
+    results = evaluate_relations(b, data, ["P19", "P36", "P37"], cands, run, "test_34k", 2)
     rels = {r["relation"]: r for r in results["relations"]}
     assert list(rels) == ["P19", "P36", "P37"]
     assert rels["P19"]["n_facts"] == 2 and rels["P19"]["n_dropped"] == 1  # Besancon is no candidate; dup gone
@@ -368,8 +371,8 @@ def test_evaluate_manual_relations_skips_empty_relation_when_several(masked_back
     root = make_fake_lama(tmp_path / "lama", facts={"P19": [("Dante", "Xylophonia")], "P36": [("France", "Paris")]})
     data = LamaData(root)
     cands = build_candidates(b.tokenizer, data.vocab_words())
-    run = RunFolder(tmp_path / "run", run_config(b, data, EvalSettings(), cands))
-    results = evaluate_relations(b, data, ["P19", "P36"], cands, run, EvalSettings())
+    run = RunFolder(tmp_path / "run", eval_config(b, data, cands))
+    results = evaluate_relations(b, data, ["P19", "P36"], cands, run, "test_34k")
     assert [r["relation"] for r in results["relations"]] == ["P36"]
     assert not run.is_done("P19")
     assert "warning: P19 has no test_34k facts left after filtering; skipped" in capsys.readouterr().err
@@ -379,15 +382,15 @@ def test_evaluate_manual_relations_resume_skips_finished(masked_backend, fake_la
     b = masked_backend
     data = LamaData(fake_lama)
     cands = build_candidates(b.tokenizer, data.vocab_words())
-    config = run_config(b, data, EvalSettings(), cands)
-    first = evaluate_relations(b, data, ["P36"], cands, RunFolder(tmp_path / "run", config), EvalSettings())
+    config = eval_config(b, data, cands)
+    first = evaluate_relations(b, data, ["P36"], cands, RunFolder(tmp_path / "run", config), "test_34k")
     import probe.pipeline as pipeline
 
     seen = []
     real = pipeline.evaluate_ensemble
     monkeypatch.setattr(pipeline, "evaluate_ensemble", lambda *a, **k: seen.append(a[4]) or real(*a, **k))
     run = RunFolder(tmp_path / "run", config, resume=True)
-    again = evaluate_relations(b, data, ["P36", "P37"], cands, run, EvalSettings())
+    again = evaluate_relations(b, data, ["P36", "P37"], cands, run, "test_34k")
     assert len(seen) == 1 and len(seen[0]) == 4  # only P37 ran
     assert again["relations"][0] == first["relations"][0]
     assert [r["relation"] for r in again["relations"]] == ["P36", "P37"]

@@ -1,4 +1,4 @@
-"""probe.packed: packed weights give F.linear's products, follow weight changes, and stay out of autograd."""
+"""probe.backends.packed: packed weights give F.linear's products, follow weight changes, and stay out of autograd."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from probe import packed
-from probe.packed import PackedLinear, packable
+from probe.backends import packed
+from probe.backends.packed import PackedLinear, packable
 
 needs_packing = pytest.mark.skipif(not packed._enabled, reason="this torch build has no oneDNN linear packing")
 needs_bf16 = pytest.mark.skipif(torch.bfloat16 not in packed._DTYPES, reason="this CPU has no oneDNN bfloat16")
@@ -49,11 +49,11 @@ def test_a_weight_changed_in_place_or_converted_is_packed_again():
         torch.testing.assert_close(linear(x, w), -2.0 * first, rtol=1e-5, atol=1e-4)
         layer = torch.nn.Linear(48, 80, bias=False)
         layer.weight.copy_(w)
-        linear(x, layer.weight)
+        torch.testing.assert_close(linear(x, layer.weight), F.linear(x, w), rtol=1e-5, atol=1e-4)
         layer.to(torch.bfloat16)  # the same Parameter, its data replaced
         xb = x.to(torch.bfloat16)
-        if torch.bfloat16 in packed._DTYPES:
-            assert torch.equal(linear(xb, layer.weight), F.linear(xb, layer.weight))
+        got = linear(xb, layer.weight)  # packed again in bfloat16, or F.linear where oneDNN has no bfloat16
+        assert got.dtype == torch.bfloat16 and torch.equal(got, F.linear(xb, layer.weight))
 
 
 def test_no_packing_where_a_gradient_flows_or_off_the_cpu_path(monkeypatch):

@@ -5,11 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from probe.backends import LMBackend, Prefix
+from probe.backends.causal import CausalLM
 from probe.batching import collate
 from probe.data import Fact
 from probe.errors import ProbeError
-from probe.evaluate import candidate_scores, pad_id
 from probe.methods import method_config
 from probe.methods.prefix_tuning import PrefixTuning, PrefixTuningConfig
 from probe.pipeline import load_prompt, save_prompt
@@ -39,7 +38,7 @@ def gpt2_backend(tmp_path_factory, bpe_tokenizer):
 @pytest.fixture(scope="module")
 def slow_causal_backend(causal_backend):
     """The tiny Llama through transformers' own forward instead of the fast path."""
-    return LMBackend(causal_backend.model, causal_backend.tokenizer, "causal", "tiny-llama-slow")
+    return CausalLM(causal_backend.model, causal_backend.tokenizer, "tiny-llama-slow")
 
 
 BACKENDS = ["masked_backend", "causal_backend", "slow_causal_backend", "gpt2_backend"]
@@ -50,11 +49,17 @@ def backend(request):
     return request.getfixturevalue(request.param)
 
 
+def candidate_scores(backend, method, batch, cands):
+    """The backend's scores of one batch for a method's prompt."""
+    (scores,) = backend.score([batch], method.prompt_inputs(), cands)
+    return scores
+
+
 def batch_for(backend, template: str, subjects=SUBJECTS):
     compiled = compile_template(template, backend.tokenizer, backend.kind)
     cands = build_candidates(backend.tokenizer, WORDS)
     facts = [Fact(s, "Paris") for s in subjects]
-    return compiled, cands, collate(compiled, facts, cands, pad_id(backend))
+    return compiled, cands, collate(compiled, facts, cands, backend.pad_id)
 
 
 def test_kv_layout(masked_backend, causal_backend, gpt2_backend):
@@ -79,9 +84,9 @@ def test_prefix_of_the_real_tokens_activations_gives_the_real_tokens_output(back
         for i in range(real_ids.shape[0]):  # one row at a time: a row's activations depend on its own context
             row = slice(i, i + 1)
             pos = batch.virtual_mask[i].nonzero().flatten()
-            prefix = Prefix(keys[:, i, pos], values[:, i, pos], batch.virtual_mask[row])
-            got = backend.target_hidden(backend.embed(batch.input_ids[row]), batch.attention_mask[row],
-                                        batch.target[row], prefix)
+            with backend.prefix_tuning((keys[:, i, pos], values[:, i, pos]), batch.virtual_mask[row]):
+                got = backend.target_hidden(backend.embed(batch.input_ids[row]), batch.attention_mask[row],
+                                            batch.target[row])
             torch.testing.assert_close(got, want[row], rtol=1e-4, atol=1e-4)
     assert not torch.allclose(plain, want, atol=1e-3)  # the placeholders alone differ: the prefix did the work
 

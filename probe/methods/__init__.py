@@ -1,7 +1,8 @@
 """Prompt methods: a registry from name to class.
 
-To add a method, write a module here with a `PromptMethod` subclass (and a config dataclass if it
-has options), then register it in METHODS. The trainer and evaluator need nothing else.
+To add a method, write a module here with a `PromptMethod` subclass (a `GradientPrompt` if the one trainer
+fits it; else its own `fit` and fit config, as autoprompt.py has), and a config dataclass if it has options;
+then register it in METHODS. The pipeline, trainer and evaluator need nothing else.
 """
 
 from __future__ import annotations
@@ -10,15 +11,14 @@ import dataclasses
 
 from probe.errors import ProbeError
 from probe.methods.autoprompt import AutoPrompt
-from probe.methods.base import FixedPrompt, MethodConfig, PromptMethod
-from probe.methods.majority import MajorityClass
+from probe.methods.base import FixedPrompt, GradientPrompt, MethodConfig, PromptMethod
 from probe.methods.manual import ManualPrompt
 from probe.methods.prefix_tuning import PrefixTuning
 from probe.methods.prompt_tuning import PromptTuning
 from probe.methods.ptuning import PTuningEncoder, PTuningMLP
 
 METHODS: dict[str, type[PromptMethod]] = {
-    m.name: m for m in (ManualPrompt, PTuningEncoder, PTuningMLP, PromptTuning, PrefixTuning, AutoPrompt, MajorityClass)
+    m.name: m for m in (ManualPrompt, PTuningEncoder, PTuningMLP, PromptTuning, PrefixTuning, AutoPrompt)
 }
 
 
@@ -48,5 +48,5 @@ def method_config(name: str, **options) -> MethodConfig:
     return config
 
 
-__all__ = ["METHODS", "FixedPrompt", "MethodConfig", "PromptMethod", "config_fields", "get_method",
+__all__ = ["METHODS", "FixedPrompt", "GradientPrompt", "MethodConfig", "PromptMethod", "config_fields", "get_method",
            "method_config"]

@@ -1,26 +1,41 @@
-"""AutoPrompt (Shin et al. 2020): real vocabulary tokens (triggers) in the virtual slots, found by search.
+"""AutoPrompt (Shin et al. 2020): real vocabulary tokens (triggers) in the virtual slots, found by a search.
 
-The search itself is in probe/autoprompt.py; this class only holds the trigger ids and turns them
-into the LM's own input-embedding rows, so the shared evaluator needs nothing special.
+The method holds the trigger ids; `virtual_embeddings()` are the LM's own input-embedding rows of them, so the
+shared evaluator needs nothing special. It is fit by `search_triggers`, not by gradient descent. Each
+iteration takes one train batch and one trigger slot (the slots in turn):
+1. the gradient of the loss w.r.t. the trigger embeddings (the LM stays frozen);
+2. the top-k allowed vocabulary tokens by -(embedding . gradient), the first-order loss decrease;
+3. each of them re-scored on the batch; the best replaces the slot's token if it lowers the loss;
+4. after a flip, dev P@1 is evaluated; the best-on-dev triggers are kept, with early stopping.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from tqdm import tqdm
 
+from probe.backends import Backend, PromptInputs
+from probe.batching import Batch, make_batches
+from probe.data import Fact
 from probe.errors import ProbeError
+from probe.evaluate import evaluate_facts
 from probe.methods.base import MethodConfig, PromptMethod
+from probe.runs import JsonlLog
 from probe.templates import OBJ, SUB, TEXT, VIRTUAL, CompiledTemplate, Template, encode_words, manual_word_slots
+from probe.train import DevSelection, FitResult, check_positive
+from probe.vocab import CandidateVocab
 
 INIT_WORD = "the"  # a trigger starts as this word (as a word start: ' the' for BPE vocabularies)
 INITS = ("neutral", "manual")
 
 
 @dataclass
-class AutoPromptMethodConfig(MethodConfig):
+class AutoPromptConfig(MethodConfig):
     """`neutral`: triggers start as INIT_WORD in the template's virtual slots (Shin et al.). `manual`: the
     relation's manual prompt, its words before [Y] as triggers that start as themselves (AutoPrompt's
     initial-trigger option), so the search starts where the manual prompt stands."""
@@ -32,14 +47,33 @@ class AutoPromptMethodConfig(MethodConfig):
             raise ProbeError(f"unknown autoprompt init {self.init!r}: expected one of {', '.join(INITS)}")
 
 
+@dataclass
+class TriggerSearchConfig:
+    """How the triggers are searched; the defaults fit a CPU budget (about a minute per relation for SmolLM2-135M)."""
+
+
+    iterations: int = 30
+    top_k: int = 10  # candidate tokens re-scored per iteration
+    batch_size: int = 16
+    patience: int = 10  # iterations without a dev gain before stopping (0: never stop early)
+    capitals: bool = True  # allow capitalised tokens as triggers
+    seed: int = 13
+
+    def check(self) -> None:
+        check_positive(self, "iterations", "top_k", "batch_size")
+        if self.patience < 0:
+            raise ProbeError(f"--patience must be at least 0, got {self.patience}")
+
+
 class AutoPrompt(PromptMethod):
     """Trigger token ids, one per virtual slot; `virtual_embeddings()` looks them up in the LM's table."""
 
     name = "autoprompt"
-    trainable = True  # `probe train` runs it, through search_triggers rather than gradient descent
-    config_class = AutoPromptMethodConfig
+    config_class = AutoPromptConfig
+    fit_config_class = TriggerSearchConfig
+    continuous = False  # its prompt is real tokens
 
-    def __init__(self, n_virtual: int, hidden_size: int, config: AutoPromptMethodConfig | None = None,
+    def __init__(self, n_virtual: int, hidden_size: int, config: AutoPromptConfig | None = None,
                  embed: Callable[[torch.Tensor], torch.Tensor] | None = None, trigger_ids: torch.Tensor | None = None):
         super().__init__(n_virtual, hidden_size, config)
         ids = trigger_ids if trigger_ids is not None else torch.zeros(n_virtual, dtype=torch.long)
@@ -47,15 +81,20 @@ class AutoPrompt(PromptMethod):
         self.embed = embed  # the LM's ids -> input embeddings (a function, so the LM stays out of state_dict)
 
     @classmethod
+    def check_settings(cls, config: AutoPromptConfig, template_given: bool) -> None:
+        if config.init == "manual" and template_given:
+            raise ProbeError("--init manual builds each relation's template from its manual prompt: drop --template")
+
+    @classmethod
     def relation_template(cls, template: Template, manual_template: str, kind: str,
-                          config: AutoPromptMethodConfig | None = None) -> Template:
+                          config: AutoPromptConfig | None = None) -> Template:
         if config is not None and config.init == "manual":
             return manual_word_slots(manual_template, kind)
         return template
 
     @classmethod
     def create(cls, backend, compiled: CompiledTemplate, manual_template: str,
-               config: AutoPromptMethodConfig | None = None) -> AutoPrompt:
+               config: AutoPromptConfig | None = None) -> AutoPrompt:
         """Virtual slots start as INIT_WORD, word slots as their own words."""
         neutral = encode_words(backend.tokenizer, INIT_WORD, True, compiled.space_sensitive)[0]
         init = torch.tensor([neutral if s is None else s for s in compiled.start_ids], dtype=torch.long)
@@ -63,6 +102,11 @@ class AutoPrompt(PromptMethod):
 
     def virtual_embeddings(self) -> torch.Tensor:
         return self.embed(self.trigger_ids)
+
+    def fit(self, backend: Backend, compiled: CompiledTemplate, train: list[Fact], dev: list[Fact],
+            candidates: CandidateVocab, config: TriggerSearchConfig, log_path: Path | None = None,
+            desc: str = "search") -> FitResult:
+        return search_triggers(backend, self, compiled, train, dev, candidates, config, log_path, desc)
 
     def saved_info(self, compiled: CompiledTemplate) -> dict:
         """The triggers as ids, tokens, and the template filled with them: `[X] tok tok tok [Y]`."""
@@ -82,3 +126,125 @@ class AutoPrompt(PromptMethod):
                 if kind == OBJ and compiled.kind == "causal":  # a causal model sees nothing after the object
                     break
         return {"triggers": {"ids": ids, "tokens": tokens, "text": " ".join(text)}}
+
+
+def allowed_tokens(tokenizer, n_rows: int, train_facts: list[Fact], capitals: bool = True) -> torch.Tensor:
+    """Bool mask over the embedding rows a trigger may take: no special or added tokens, no train gold
+    object (with or without a leading space), no capitalised token unless `capitals`. Sub-words are allowed."""
+    allowed = torch.zeros(n_rows, dtype=torch.bool)
+    allowed[: min(n_rows, len(tokenizer))] = True
+    banned = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}))
+    for obj in {f.obj for f in train_facts}:
+        for lead in (False, True):
+            ids = encode_words(tokenizer, obj, lead, True)
+            if len(ids) == 1:
+                banned.add(ids[0])
+    allowed[[i for i in banned if i < n_rows]] = False
+    if not capitals:
+        tokens = tokenizer.convert_ids_to_tokens(list(range(min(n_rows, len(tokenizer)))))
+        caps = [i for i, t in enumerate(tokens) if t and t.lstrip("Ġ▁#")[:1].isupper()]
+        allowed[caps] = False
+    return allowed
+
+
+def batch_loss(backend: Backend, prompt: PromptInputs, batch: Batch, candidates: CandidateVocab) -> torch.Tensor:
+    """Cross-entropy of the gold candidate at the target, as the gradient trainer computes it."""
+    (scores,) = backend.score([batch], prompt, candidates)
+    return F.cross_entropy(scores.float(), batch.gold.to(scores.device))
+
+
+def trigger_gradient(backend: Backend, method: PromptMethod, batch: Batch,
+                     candidates: CandidateVocab) -> tuple[float, torch.Tensor]:
+    """The batch loss and its gradient w.r.t. the (n_virtual, H) trigger embeddings."""
+    leaf = method.virtual_embeddings().detach().float().requires_grad_(True)
+    loss = batch_loss(backend, PromptInputs(leaf), batch, candidates)
+    loss.backward()
+    return loss.item(), leaf.grad
+
+
+def flip_candidates(table: torch.Tensor, grad: torch.Tensor, allowed: torch.Tensor, current: int, k: int) -> list[int]:
+    """The k allowed tokens (not `current`) with the largest first-order loss decrease, -(e . g)."""
+    scores = -(table @ grad.to(table.dtype)).float()
+    scores[~allowed] = -torch.inf
+    scores[current] = -torch.inf
+    k = min(k, int(torch.isfinite(scores).sum()))
+    return scores.topk(k).indices.tolist()
+
+
+@torch.no_grad()
+def flip_losses(backend: Backend, method: AutoPrompt, batch: Batch, candidates: CandidateVocab, slot: int,
+                tokens: list[int], max_rows: int = 256) -> list[float]:
+    """The batch loss with `slot` set to each of `tokens`, several trials per forward pass."""
+    per_pass = max(1, max_rows // len(batch.facts))
+    losses: list[float] = []
+    for start in range(0, len(tokens), per_pass):
+        chunk = torch.tensor(tokens[start : start + per_pass], device=method.trigger_ids.device)
+        trials = method.trigger_ids.repeat(len(chunk), 1)  # (k, n_virtual)
+        trials[:, slot] = chunk
+        virtual = backend.embed(trials).repeat_interleave(len(batch.facts), dim=0)  # (k * B, n_virtual, H)
+        big = batch.repeat(len(chunk))
+        (scores,) = backend.score([big], PromptInputs(virtual), candidates)
+        loss = F.cross_entropy(scores.float(), big.gold.to(scores.device), reduction="none").view(len(chunk), -1).mean(dim=1)
+        losses.extend(loss.tolist())
+    return losses
+
+
+def _batches(compiled: CompiledTemplate, facts: list[Fact], candidates: CandidateVocab, batch_size: int,
+             pad: int, generator: torch.Generator) -> Iterator[Batch]:
+    """Shuffled train batches, epoch after epoch."""
+    while True:
+        yield from make_batches(compiled, facts, candidates, batch_size, pad, generator)
+
+
+def search_triggers(
+    backend: Backend,
+    method: AutoPrompt,
+    compiled: CompiledTemplate,
+    train_facts: list[Fact],
+    dev_facts: list[Fact],
+    candidates: CandidateVocab,
+    config: TriggerSearchConfig,
+    log_path: Path | None = None,
+    desc: str = "search",
+) -> FitResult:
+    """Search trigger tokens on train facts with early stopping on dev P@1; leaves the best-on-dev triggers in `method`."""
+    generator = torch.Generator().manual_seed(config.seed)
+    table = backend.model.get_input_embeddings().weight.detach()
+    allowed = allowed_tokens(backend.tokenizer, table.shape[0], train_facts, config.capitals).to(table.device)
+    stream = _batches(compiled, train_facts, candidates, config.batch_size, backend.pad_id, generator)
+    ids = method.trigger_ids
+    log = JsonlLog(log_path)
+    selection = DevSelection(lambda: evaluate_facts(backend, method, compiled, dev_facts, candidates).metrics,
+                             ids.clone, config.patience, log, {"triggers": ids.tolist(), "config": asdict(config)})
+    step, stopped = 0, False
+    bar = tqdm(total=config.iterations, desc=desc, unit="it", dynamic_ncols=True, leave=False)
+    try:
+        for step in range(1, config.iterations + 1):
+            batch = next(stream).to(backend.device)
+            slot = (step - 1) % method.n_virtual
+            loss, grad = trigger_gradient(backend, method, batch, candidates)
+            current = int(ids[slot])
+            best_loss, best_token = loss, current
+            tokens = flip_candidates(table, grad[slot], allowed, current, config.top_k)
+            for token, trial in zip(tokens, flip_losses(backend, method, batch, candidates, slot, tokens), strict=True):
+                if trial < best_loss:
+                    best_loss, best_token = trial, token
+            ids[slot] = best_token
+            entry = {"step": step, "slot": slot, "loss": round(loss, 5), "new_loss": round(best_loss, 5),
+                     "token": best_token, "flipped": best_token != current}
+            if best_token != current:  # dev changes only when a trigger does
+                selection.check(step, entry)
+            else:
+                selection.skip()
+            log.write(entry)
+            bar.update(1)
+            bar.set_postfix(loss=f"{best_loss:.3f}", best=f"{selection.best['p1']:.1f}")
+            stopped = selection.exhausted
+            if stopped:
+                break
+    finally:
+        bar.close()
+        log.close()
+    ids.copy_(selection.best_state)
+    method.eval()
+    return selection.result(step, stopped)

@@ -1,12 +1,20 @@
-"""The one interface every prompt method implements."""
+"""The one interface every prompt method implements, and the base of the methods fit by gradient descent."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 import torch
 from torch import nn
+
+from probe.backends import Backend, PromptInputs
+from probe.data import Fact
+from probe.errors import ProbeError
+from probe.templates import CompiledTemplate
+from probe.train import FitResult, TrainConfig, train_prompt
+from probe.vocab import CandidateVocab
 
 
 @dataclass
@@ -17,14 +25,17 @@ class MethodConfig:
 class PromptMethod(nn.Module):
     """Turns a compiled template's virtual-token slots into input embeddings, or into per-layer keys and values.
 
-    The evaluator and trainer call `virtual_embeddings()` and put its rows, in order, into the
-    virtual-token positions of every input; a method without input vectors returns None. They also call
-    `prefix()`: a prefix method returns the keys and values of the virtual positions at every layer.
+    The evaluator and trainer hand `prompt_inputs()` to the backend: `virtual_embeddings()`, whose rows go in
+    order into the virtual positions of every input (None without input vectors), and `prefix()`, the keys and
+    values of the virtual positions at every layer (prefix-tuning; None for the others).
+    A method that can be fit names its fit settings (`fit_config_class`) and implements `fit`.
     """
 
     name: ClassVar[str] = ""
-    trainable: ClassVar[bool] = False
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
+    fit_config_class: ClassVar[type | None] = None  # None: nothing to fit
+    reference: ClassVar[bool] = False  # the baseline `probe compare` measures the others against (the manual prompt)
+    continuous: ClassVar[bool] = True  # learns vectors (not real tokens): `probe explain` can read them
     default_lr: ClassVar[float] = 1e-3  # AdamW learning rate when --lr is not given (chosen on dev)
     save_state: ClassVar[bool] = True  # save the method's own weights next to what evaluation uses
     default_shapes: ClassVar[dict[str, str] | None] = None  # per model kind, when not the P-tuning shapes
@@ -34,6 +45,22 @@ class PromptMethod(nn.Module):
         self.n_virtual = n_virtual
         self.hidden_size = hidden_size
         self.config = config or self.config_class()
+
+    @classmethod
+    def can_fit(cls) -> bool:
+        return cls.fit_config_class is not None
+
+    @classmethod
+    def fit_config(cls, **options) -> object:
+        """The fit settings from options (None: the default), checked; the learning rate defaults to the method's."""
+        defaults = {"lr": cls.default_lr} if "lr" in cls.fit_config_class.__dataclass_fields__ else {}
+        config = cls.fit_config_class(**{**defaults, **{k: v for k, v in options.items() if v is not None}})
+        config.check()
+        return config
+
+    @classmethod
+    def check_settings(cls, config: MethodConfig, template_given: bool) -> None:
+        """Raise a ProbeError for settings that do not go together (checked before any model loads)."""
 
     @classmethod
     def check_template(cls, compiled) -> None:
@@ -54,12 +81,31 @@ class PromptMethod(nn.Module):
         return None
 
     def prefix(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Keys (layers, n_virtual, key_dim) and values (layers, n_virtual, value_dim), or None."""
+        """Prefix-tuning's keys (layers, n_virtual, key_dim) and values (layers, n_virtual, value_dim), or None."""
         return None
+
+    def prompt_inputs(self) -> PromptInputs:
+        """What the backend puts into the LM for this prompt."""
+        return PromptInputs(self.virtual_embeddings(), self.prefix())
+
+    def fit(self, backend: Backend, compiled: CompiledTemplate, train: list[Fact], dev: list[Fact],
+            candidates: CandidateVocab, config, log_path: Path | None = None, desc: str = "train") -> FitResult:
+        """Fit the prompt on train facts, selecting on dev; leaves the best-on-dev prompt in place."""
+        raise ProbeError(f"method {self.name!r} has nothing to train: use `probe eval --method {self.name}`")
 
     def saved_info(self, compiled) -> dict:
         """Extra readable facts about a trained prompt, saved in the relation's config.json."""
         return {}
+
+
+class GradientPrompt(PromptMethod):
+    """A method fit by the one trainer (`probe.train.train_prompt`): AdamW on its parameters, the LM frozen."""
+
+    fit_config_class = TrainConfig
+
+    def fit(self, backend: Backend, compiled: CompiledTemplate, train: list[Fact], dev: list[Fact],
+            candidates: CandidateVocab, config: TrainConfig, log_path: Path | None = None, desc: str = "train") -> FitResult:
+        return train_prompt(backend, self, compiled, train, dev, candidates, config, log_path, desc)
 
 
 class FixedPrompt(PromptMethod):

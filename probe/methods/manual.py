@@ -10,6 +10,7 @@ class ManualPrompt(PromptMethod):
     """Evaluates the relation's manual template as it is."""
 
     name = "manual"
+    reference = True  # what `probe compare` measures every other method against
 
     def __init__(self, n_virtual: int, hidden_size: int, config=None):
         if n_virtual:

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from probe.errors import ProbeError
-from probe.methods.base import MethodConfig, PromptMethod
+from probe.methods.base import GradientPrompt, MethodConfig
 from probe.methods.prompt_tuning import check_init, init_token_ids
 from probe.templates import DEFAULT_SHAPES
 
@@ -28,7 +28,7 @@ class PrefixTuningConfig(MethodConfig):
         check_init(self.init)
 
 
-class PrefixTuning(PromptMethod):
+class PrefixTuning(GradientPrompt):
     """Per-layer keys and values for each virtual position, optionally through an MLP reparameterisation.
 
     The virtual positions keep a placeholder token as input; at every layer their keys and values are
@@ -38,7 +38,6 @@ class PrefixTuning(PromptMethod):
     """
 
     name = "prefix-tuning"
-    trainable = True
     config_class = PrefixTuningConfig
     default_lr = 1e-3
     save_state = False  # the MLP is folded away: prefix() is what is saved and reloaded

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from probe.errors import ProbeError
-from probe.methods.base import MethodConfig, PromptMethod
+from probe.methods.base import GradientPrompt, MethodConfig
 from probe.templates import manual_relation_words
 
 INITS = ("random", "vocab", "template")
@@ -44,11 +44,10 @@ class PromptTuningConfig(MethodConfig):
         check_init(self.init)
 
 
-class PromptTuning(PromptMethod):
+class PromptTuning(GradientPrompt):
     """One trainable vector per virtual token, initialised from noise, vocabulary rows or template words."""
 
     name = "prompt-tuning"
-    trainable = True
     config_class = PromptTuningConfig
     default_lr = 1e-2  # raw embeddings need larger steps than the reparameterised P-tuning encoder
 

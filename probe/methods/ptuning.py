@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from probe.methods.base import MethodConfig, PromptMethod
+from probe.methods.base import GradientPrompt, MethodConfig
 
 
 @dataclass
@@ -15,11 +15,10 @@ class PTuningConfig(MethodConfig):
     lstm: bool = True
 
 
-class PTuningEncoder(PromptMethod):
+class PTuningEncoder(GradientPrompt):
     """A learned embedding per virtual token, a biLSTM (H/2 per direction) over them, then MLP H->H->H."""
 
     name = "ptuning"
-    trainable = True
     config_class = PTuningConfig
 
     def __init__(self, n_virtual: int, hidden_size: int, config: PTuningConfig | None = None):

@@ -1,0 +1,248 @@
+"""The interface every backend implements, and the registry that picks one for a model.
+
+A backend wraps one frozen LM. Its one scoring call, `score(batches, prompt, candidates)`, yields the
+float32 scores (B, C) of every candidate at each input's target position; evaluation, training and the
+trigger search all go through it. A subclass says how to reach the target hidden state (`target_hidden`)
+and may override `score` wholesale to run faster (see llama.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import ClassVar, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from probe.batching import Batch
+from probe.errors import ProbeError
+from probe.vocab import CandidateVocab
+
+
+class PromptInputs(NamedTuple):
+    """What a prompt method puts into the LM.
+
+    embeddings: (n_virtual, H) for the virtual slots of every row, or (B, n_virtual, H), one set per row.
+    prefix: prefix-tuning's keys (layers, n_virtual, key_dim) and values (layers, n_virtual, value_dim), which
+    replace at every layer what the key and value projections compute at the virtual positions.
+    """
+
+    embeddings: torch.Tensor | None = None
+    prefix: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+@dataclass
+class CandidateRows:
+    """The output-layer rows of a candidate set, in float32 (kept while the candidates stay the same)."""
+
+    token_ids: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
+
+class _StopForward(Exception):
+    """Raised by a capture hook once it has what it needs, to skip the rest of a forward pass."""
+
+
+class Backend:
+    """A frozen LM behind one interface. Subclasses set `kind` ('masked' or 'causal') and `target_hidden`."""
+
+    kind: ClassVar[str] = ""
+
+    def __init__(self, model, tokenizer, name: str, device: str = "cpu", control: str = "none"):
+        self.model = model.eval()
+        self.model.requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.name = name
+        self.device = torch.device(device)
+        self.body = model.base_model
+        self.control = control  # "random-model" when the weights were re-drawn (see probe.controls)
+        self._candidate_rows: CandidateRows | None = None
+        self._kv_cache: list | None = None  # key/value projections, found on first use (prefix-tuning)
+
+    @classmethod
+    def supports(cls, config) -> bool:
+        """Whether this backend computes exactly what transformers computes for a model with this config."""
+        return True
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.get_input_embeddings().weight.shape[1]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.get_input_embeddings().weight.dtype
+
+    @property
+    def pad_id(self) -> int:
+        """The token that pads inputs on the right (never attended to as a real token)."""
+        tok = self.tokenizer
+        return next((t for t in (tok.pad_token_id, tok.eos_token_id, tok.unk_token_id) if t is not None), 0)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Input embeddings of token ids, (B, L) -> (B, L, H)."""
+        return self.model.get_input_embeddings()(input_ids)
+
+    def input_embeddings(self, batch: Batch, prompt: PromptInputs) -> torch.Tensor:
+        """Input embeddings (B, L, H) of a batch: the LM's, with the prompt's at the virtual slots."""
+        embeds = self.embed(batch.input_ids)
+        virtual = prompt.embeddings
+        if virtual is not None:
+            rows = virtual.reshape(-1, virtual.shape[-1]) if virtual.dim() == 3 else virtual.repeat(batch.input_ids.shape[0], 1)
+            embeds = embeds.masked_scatter(batch.virtual_mask[..., None], rows.to(embeds.dtype))
+        return embeds
+
+    # -- the scoring call ---------------------------------------------------------------------------
+
+    def score(self, batches: Sequence[Batch], prompt: PromptInputs, candidates: CandidateVocab) -> Iterator[torch.Tensor]:
+        """Float32 scores (B, C) of every candidate at each row's target position, one tensor per batch, in order."""
+        for batch in batches:
+            batch = batch.to(self.device)
+            embeds = self.input_embeddings(batch, prompt)
+            with self.prefix_tuning(prompt.prefix, batch.virtual_mask):
+                hidden = self.target_hidden(embeds, batch.attention_mask, batch.target)
+            yield self.candidate_logits(hidden, candidates.token_ids)
+
+    def target_hidden(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The final hidden state at each row's target position, (B, H), ready for the output layer."""
+        raise NotImplementedError
+
+    def output_layer(self) -> nn.Module:
+        """The module whose weight rows (and bias) score tokens from a target hidden state."""
+        return self.model.get_output_embeddings()
+
+    def candidate_logits(self, hidden: torch.Tensor, candidate_ids: torch.Tensor) -> torch.Tensor:
+        """Float32 scores of the candidate tokens from target hidden states, (B, H) -> (B, C)."""
+        rows = self.candidate_rows(candidate_ids)
+        return F.linear(hidden.float(), rows.weight, rows.bias)
+
+    def candidate_rows(self, candidate_ids: torch.Tensor) -> CandidateRows:
+        rows = self._candidate_rows
+        if rows is None or not torch.equal(rows.token_ids, candidate_ids):
+            out = self.output_layer()
+            ids = candidate_ids.to(out.weight.device)
+            bias = out.bias[ids].float() if getattr(out, "bias", None) is not None else None
+            rows = self._candidate_rows = CandidateRows(candidate_ids.clone(), out.weight[ids].float(), bias)
+        return rows
+
+    # -- prefix-tuning: keys and values at the virtual positions of every layer -----------------------
+
+    @contextmanager
+    def prefix_tuning(self, prefix: tuple[torch.Tensor, torch.Tensor] | None, virtual_mask: torch.Tensor):
+        """While inside, every layer's keys and values at the `virtual_mask` (B, L) positions are the prefix's."""
+        if prefix is None:
+            yield
+            return
+        with self._kv_hooks(lambda layer, which, out: _put_rows(out, virtual_mask, prefix[which == "values"][layer])):
+            yield
+
+    def kv_layout(self) -> tuple[int, int, int]:
+        """(layers, key_dim, value_dim): the shape of one position's keys and values across the layers."""
+        projections = self._kv_projections()
+        k_mod, k_slice = projections[0][0]
+        v_mod, v_slice = projections[0][1]
+        return len(projections), _width(k_mod, k_slice), _width(v_mod, v_slice)
+
+    @torch.no_grad()
+    def token_kv(self, input_ids: torch.Tensor, layers: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values the LM computes for token ids (B, L): (layers, B, L, key_dim) and (layers, B, L, value_dim).
+
+        Only the first `layers` layers are run when given. Tokens are read as they are, with no special tokens added.
+        """
+        n = layers or len(self._kv_projections())
+        got: dict[tuple[int, str], torch.Tensor] = {}
+
+        def capture(layer, which, out):
+            got[layer, which] = out.float()
+            if len(got) == 2 * n:
+                raise _StopForward
+            return out
+
+        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+        with self._kv_hooks(capture, n):
+            try:
+                embeds = self.embed(input_ids.to(self.device))
+                self.target_hidden(embeds, torch.ones_like(input_ids), torch.zeros_like(rows))
+            except _StopForward:
+                pass
+        keys = torch.stack([got[i, "keys"] for i in range(n)])
+        values = torch.stack([got[i, "values"] for i in range(n)])
+        return keys, values
+
+    def _kv_projections(self) -> list[tuple[tuple[nn.Module, slice | None], tuple[nn.Module, slice | None]]]:
+        """Per layer, the (module, output slice) computing keys and values; the model's own order of layers."""
+        if self._kv_cache is None:
+            self._kv_cache = _find_kv_projections(self.body)
+            if not self._kv_cache:
+                raise ProbeError(
+                    f"model {self.name!r}: prefix-tuning cannot find its key/value projections "
+                    "(expected attention modules with k_proj/v_proj, key/value or GPT-2's c_attn)"
+                )
+        return self._kv_cache
+
+    @contextmanager
+    def _kv_hooks(self, fn, layers: int | None = None):
+        """While inside, `fn(layer, 'keys'|'values', output)` sees (and may replace) every key/value projection output."""
+        handles = []
+        for layer, pair in enumerate(self._kv_projections()[:layers]):
+            for which, (module, part) in zip(("keys", "values"), pair, strict=True):
+                def hook(mod, args, out, layer=layer, which=which, part=part):
+                    if part is None:
+                        return fn(layer, which, out)
+                    new = fn(layer, which, out[..., part])
+                    return torch.cat([out[..., : part.start], new, out[..., part.stop:]], dim=-1)
+                handles.append(module.register_forward_hook(hook))
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+
+def _put_rows(out: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """`out` (B, L, D) with the positions where `mask` (B, L) is set replaced, in order, by `rows` (n, D)."""
+    source = rows.to(out.dtype).expand(out.shape[0], -1, -1)
+    return out.masked_scatter(mask[..., None], source)
+
+
+def _width(module: nn.Module, part: slice | None) -> int:
+    if part is not None:
+        return part.stop - part.start
+    return module.out_features if hasattr(module, "out_features") else module.weight.shape[0]
+
+
+def _find_kv_projections(body: nn.Module) -> list:
+    """(key, value) projections of each self-attention module, as (module, output slice or None) pairs."""
+    found = []
+    for module in body.modules():
+        if isinstance(getattr(module, "k_proj", None), nn.Linear) and isinstance(getattr(module, "v_proj", None), nn.Linear):
+            found.append(((module.k_proj, None), (module.v_proj, None)))  # Llama, Mistral, Qwen, OPT, GPT-Neo
+        elif all(isinstance(getattr(module, a, None), nn.Linear) for a in ("query", "key", "value")):
+            found.append(((module.key, None), (module.value, None)))  # BERT, RoBERTa, ELECTRA
+        elif hasattr(module, "c_attn") and hasattr(module, "split_size") and not getattr(module, "is_cross_attention", False):
+            h = module.split_size  # GPT-2: one fused projection, outputs [query | key | value]
+            found.append(((module.c_attn, slice(h, 2 * h)), (module.c_attn, slice(2 * h, 3 * h))))
+    return found
+
+
+# -- the registry ------------------------------------------------------------------------------------
+
+BACKENDS: list[type[Backend]] = []
+
+
+def register(cls: type[Backend]) -> type[Backend]:
+    """Class decorator: make a backend available to `backend_class`."""
+    BACKENDS.append(cls)
+    return cls
+
+
+def backend_class(config, kind: str) -> type[Backend]:
+    """The most specific registered backend of `kind` that supports `config` (a family's before the generic one)."""
+    fits = [c for c in BACKENDS if c.kind == kind and c.supports(config)]
+    specific = [c for c in fits if not any(o is not c and issubclass(o, c) for o in fits)]
+    if not specific:
+        raise ProbeError(f"no backend for a {kind} LM of model type {getattr(config, 'model_type', '?')!r}")
+    return specific[0]

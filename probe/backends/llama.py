@@ -1,0 +1,281 @@
+"""The Llama family (SmolLM2, Llama): a causal LM backend with its own faster forward.
+
+The same arithmetic as transformers' Llama, written out in plain tensors over the model's own weights:
+- attention as two batched matmuls with a causal mask (on CPU, faster than SDPA for inputs of ~10 tokens);
+- no attention mask for padding: rows are right-padded, and a causal model never looks right;
+- in the last layer only the target row of each input goes through attention, output projection and MLP;
+- on CPU without autograd, the weights packed once for oneDNN (`probe.backends.packed`, bit-identical in bfloat16);
+- when scoring without gradients, a start that inputs share (a template's leading words or virtual tokens, then
+  a subject's first tokens) runs once, and the rows continue its keys and values (`Start`); a first token sees
+  no other, so its keys and values are kept across relations.
+`supports(config)` says for which configs this is exactly what transformers computes; others get `CausalLM`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from probe.backends.base import PromptInputs, register
+from probe.backends.causal import CausalLM
+from probe.backends.packed import PackedLinear, weight_stamp
+from probe.batching import Batch
+from probe.vocab import CandidateVocab
+
+FIRST_TOKENS_MAX = 8192  # first tokens whose keys and values a backend keeps across relations
+
+
+def plain_llama(config) -> bool:
+    """Whether `LlamaForward` computes exactly what transformers computes for this config."""
+    return (
+        config.model_type == "llama"
+        and not getattr(config, "attention_bias", False)
+        and not getattr(config, "mlp_bias", False)
+        and getattr(config, "hidden_act", "silu") == "silu"
+        and getattr(config, "pretraining_tp", 1) == 1
+    )
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin, with the same roundings, without building rotate_half(x)."""
+    half = x.shape[-1] // 2
+    out = x * cos
+    out[..., :half] -= x[..., half:] * sin[..., :half]
+    out[..., half:] += x[..., :half] * sin[..., half:]
+    return out
+
+
+class Start(NamedTuple):
+    """Keys and values (1 or B, kv, P, d) per layer of a start that rows continue: one for all, or one per row."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+    @property
+    def length(self) -> int:
+        return self.keys[0].shape[2]
+
+    def select(self, rows: torch.Tensor) -> Start:
+        """The starts of `rows` (indices into this start's batch), in that order."""
+        return Start([k[rows] for k in self.keys], [v[rows] for v in self.values])
+
+    def cat(self, other: Start) -> Start:
+        """This start's rows, then `other`'s."""
+        return Start([torch.cat(p) for p in zip(self.keys, other.keys, strict=True)],
+                     [torch.cat(p) for p in zip(self.values, other.values, strict=True)])
+
+
+class LlamaForward:
+    """Final hidden state (after the last norm) at one target position per row of right-padded inputs."""
+
+    def __init__(self, model):
+        body = model.base_model
+        cfg = model.config
+        self.body = body
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv = cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
+        self.linear = PackedLinear()
+
+    def _norm(self, x: torch.Tensor, norm) -> torch.Tensor:
+        """LlamaRMSNorm's arithmetic: float32, then the weight in the input dtype (F.rms_norm in bfloat16 rounds differently)."""
+        h = F.rms_norm(x.float(), x.shape[-1:], eps=norm.variance_epsilon)
+        return norm.weight * h.to(x.dtype)
+
+    def _linear(self, module, x: torch.Tensor) -> torch.Tensor:
+        """module(x); through its packed weight unless hooks watch the module (prefix-tuning sets keys and values so)."""
+        if module._forward_hooks or module._forward_pre_hooks:
+            return module(x)
+        return self.linear(x, module.weight)
+
+    def _attend(self, q, k, v, mask, scale) -> torch.Tensor:
+        """q (B, kv, rep*Lq, d), k and v (B, kv, L, d), additive float mask broadcast to (B, 1, 1, Lq, L)."""
+        B, n_kv, _, d = q.shape
+        scores = (q @ k.transpose(-1, -2)).to(torch.promote_types(q.dtype, torch.float32))
+        scores = scores.view(B, n_kv, self.n_heads // n_kv, -1, k.shape[2])
+        scores = scores * scale + mask
+        probs = (scores - scores.amax(dim=-1, keepdim=True)).exp()  # softmax written out: cheaper over a few keys
+        probs = (probs / probs.sum(dim=-1, keepdim=True)).to(q.dtype).view(B, n_kv, -1, k.shape[2])
+        return probs @ v  # (B, kv, rep*Lq, d)
+
+    def __call__(self, inputs_embeds: torch.Tensor, target: torch.Tensor, start: Start | None = None) -> torch.Tensor:
+        """Hidden states (B, H) at `target` of inputs (B, L, H) that continue `start` (one for all, or one per row);
+        `target` counts from after the start."""
+        return self._run(inputs_embeds, target, start)
+
+    def start_kv(self, inputs_embeds: torch.Tensor, start: Start | None = None) -> Start:
+        """Keys and values at every layer of starts (B, P, H) that continue `start`, with `start`'s in front."""
+        return self._run(inputs_embeds, None, start)
+
+    def _run(self, x: torch.Tensor, target: torch.Tensor | None, start: Start | None):
+        B, L, _ = x.shape
+        rep, d = self.n_heads // self.n_kv, self.head_dim
+        P = start.length if start is not None else 0
+        positions = torch.arange(P, P + L, device=x.device)
+        cos, sin = self.body.rotary_emb(x, positions[None])
+        cos, sin = cos[:, None], sin[:, None]  # (1, 1, L, d)
+        causal = torch.full((L, P + L), float("-inf"), device=x.device).triu(P + 1)
+        rows = torch.arange(B, device=x.device)
+        layers = self.body.layers[: self.body.config.num_hidden_layers]
+        kept = Start([], [])
+        for i, layer in enumerate(layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            h = self._norm(x, layer.input_layernorm)
+            k = _rotate(self._linear(attn.k_proj, h).view(B, L, self.n_kv, d).transpose(1, 2), cos, sin)
+            v = self._linear(attn.v_proj, h).view(B, L, self.n_kv, d).transpose(1, 2)
+            if start is not None:
+                k = torch.cat([start.keys[i].expand(B, -1, -1, -1), k], dim=2)
+                v = torch.cat([start.values[i].expand(B, -1, -1, -1), v], dim=2)
+            if target is None:  # a start: only its keys and values are wanted
+                kept.keys.append(k)
+                kept.values.append(v)
+                if i == len(layers) - 1:
+                    return kept
+            if i < len(layers) - 1:
+                q = _rotate(self._linear(attn.q_proj, h).view(B, L, self.n_heads, d).transpose(1, 2), cos, sin)
+                out = self._attend(q.reshape(B, self.n_kv, rep * L, d), k, v, causal.view(1, 1, 1, L, P + L), attn.scaling)
+                out = out.view(B, self.n_heads, L, d).transpose(1, 2).reshape(B, L, -1)
+            else:  # the last layer: only the target rows are read
+                x = x[rows, target][:, None]  # (B, 1, H)
+                ht = h[rows, target][:, None]
+                q = self._linear(attn.q_proj, ht).view(B, 1, self.n_heads, d).transpose(1, 2)
+                q = _rotate(q, cos[0, 0, target][:, None, None], sin[0, 0, target][:, None, None])
+                mask = causal[target]  # (B, P + L)
+                out = self._attend(q.reshape(B, self.n_kv, rep, d), k, v, mask.view(B, 1, 1, 1, P + L), attn.scaling)
+                out = out.reshape(B, 1, -1)
+            x = x + self._linear(attn.o_proj, out)
+            h = self._norm(x, layer.post_attention_layernorm)
+            gated = F.silu(self._linear(mlp.gate_proj, h)) * self._linear(mlp.up_proj, h)
+            x = x + self._linear(mlp.down_proj, gated)
+        return self._norm(x[:, 0], self.body.norm)
+
+
+@dataclass
+class FirstTokens:
+    """Keys and values of inputs' first tokens, one row per token (`row[token]`), valid while `stamp` holds."""
+
+    stamp: tuple
+    row: dict[int, int] = field(default_factory=dict)
+    start: Start | None = None
+
+
+class SharedStarts(NamedTuple):
+    """The starts of some batches' inputs, each distinct start run once.
+
+    `start` is what every input begins with (its first `common` tokens, say "The capital of"), followed, where
+    inputs share them often enough, by the next few tokens (say a subject's first): then `start` has one row
+    per distinct start, and `row_start[i]` is the one the i-th input of the batches (in order) continues.
+    """
+
+    start: Start
+    common: int
+    row_start: torch.Tensor | None  # None: `start` is one start for every input
+
+    def for_rows(self, first: int, count: int) -> Start:
+        """The starts of inputs first .. first + count - 1 of the batches."""
+        if self.row_start is None:
+            return self.start
+        return self.start.select(self.row_start[first : first + count])
+
+
+@register
+class LlamaCausalLM(CausalLM):
+    """A Llama-architecture causal LM through `LlamaForward`; without gradients, shared starts run once."""
+
+    def __init__(self, model, tokenizer, name: str, device: str = "cpu", control: str = "none"):
+        super().__init__(model, tokenizer, name, device, control)
+        self.forward = LlamaForward(model)
+        self._candidate_linear = PackedLinear()  # the candidate rows, packed on CPU for float32 products
+        self._packed_rows: object | None = None  # the CandidateRows packed in _candidate_linear
+        self._first_tokens: FirstTokens | None = None
+
+    @classmethod
+    def supports(cls, config) -> bool:
+        return plain_llama(config)
+
+    def target_hidden(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.forward(inputs_embeds, target)
+
+    def candidate_logits(self, hidden: torch.Tensor, candidate_ids: torch.Tensor) -> torch.Tensor:
+        rows = self.candidate_rows(candidate_ids)
+        if rows is not self._packed_rows:
+            self._candidate_linear.clear()
+            self._packed_rows = rows
+        return self._candidate_linear(hidden.float(), rows.weight, rows.bias)
+
+    def score(self, batches: Sequence[Batch], prompt: PromptInputs, candidates: CandidateVocab) -> Iterator[torch.Tensor]:
+        """As `Backend.score`; without gradients, and with the same prompt in every row, each distinct start runs once."""
+        shareable = not torch.is_grad_enabled() and prompt.prefix is None and (
+            prompt.embeddings is None or prompt.embeddings.dim() == 2)
+        starts = self.shared_starts(batches, prompt) if shareable else None
+        if starts is None:
+            yield from super().score(batches, prompt, candidates)
+            return
+        done = 0
+        for batch in batches:
+            start = starts.for_rows(done, len(batch.facts))
+            done += len(batch.facts)
+            batch = batch.to(self.device)
+            n = start.length
+            embeds = self.input_embeddings(batch, prompt)[:, n:]
+            hidden = self.forward(embeds, batch.target - n, start)
+            yield self.candidate_logits(hidden, candidates.token_ids)
+
+    def shared_starts(self, batches: Sequence[Batch], prompt: PromptInputs) -> SharedStarts | None:
+        """The starts of the inputs of `batches`, each distinct one run once (see `SharedStarts`); None if no
+        input shares its start with another. Every input keeps at least its target position to run."""
+        if not batches:
+            return None
+        longest = min(int(b.target.min()) for b in batches)
+        ids = torch.cat([b.input_ids[:, :longest] for b in batches])  # every input's tokens before the first target
+        virtual = torch.cat([b.virtual_mask[:, :longest] for b in batches])
+        differ = ((ids != ids[0]) | (virtual != virtual[0])).any(dim=0).nonzero()
+        n = int(differ[0]) if len(differ) else longest
+        start = None
+        if n:
+            embeds = self.input_embeddings(batches[0].to(self.device), prompt)
+            start = self.forward.start_kv(embeds[:1, :n])
+        k = _distinct_tokens_after(ids[:, n:], virtual[:, n:])
+        if not k:
+            return SharedStarts(start, n, None) if start is not None else None
+        distinct, row_start = ids[:, n : n + k].unique(dim=0, return_inverse=True)
+        if n == 0 and k == 1:  # the inputs' first tokens: kept across relations
+            start = self.first_token_starts(distinct[:, 0])
+        else:
+            start = self.forward.start_kv(self.embed(distinct.to(self.device)), start)
+        return SharedStarts(start, n, row_start.to(self.device))
+
+    def first_token_starts(self, ids: torch.Tensor) -> Start:
+        """`start_kv` of inputs that begin with the tokens `ids` (U,), one row each. A first token sees no
+        other, so its keys and values are run once per token and kept for later relations (run again if the
+        weights change; at most FIRST_TOKENS_MAX tokens are kept)."""
+        stamp = tuple(weight_stamp(p) for p in self.model.parameters())
+        kept = self._first_tokens
+        if kept is None or kept.stamp != stamp:
+            kept = self._first_tokens = FirstTokens(stamp)
+        new = list(dict.fromkeys(t for t in ids.tolist() if t not in kept.row))
+        if len(kept.row) + len(new) > FIRST_TOKENS_MAX:  # start over with only these tokens
+            kept = self._first_tokens = FirstTokens(stamp)
+            new = list(dict.fromkeys(ids.tolist()))
+        if new:
+            run = self.forward.start_kv(self.embed(torch.tensor(new, device=self.device)[:, None]))
+            kept.start = run if kept.start is None else kept.start.cat(run)
+            kept.row.update({t: len(kept.row) + i for i, t in enumerate(new)})
+        return kept.start.select(torch.tensor([kept.row[t] for t in ids.tolist()], device=self.device))
+
+
+def _distinct_tokens_after(ids: torch.Tensor, virtual: torch.Tensor) -> int:
+    """How many leading tokens of `ids` (rows, L) to run once per distinct run of them: the count (real tokens
+    only, `virtual` marks the others) that saves the most token positions, 0 if none saves any."""
+    best, saved = 0, 0
+    for k in range(1, ids.shape[1] + 1):
+        if virtual[:, :k].any():
+            break
+        distinct = len(ids[:, :k].unique(dim=0))
+        if k * (len(ids) - distinct) > saved:
+            best, saved = k, k * (len(ids) - distinct)
+    return best

