@@ -1,7 +1,7 @@
 # probe: `make demo` sets everything up and evaluates P19 on SmolLM2; `make test` runs the test suite.
 PYTHON ?= python3
 VENV ?= .venv
-LAMA ?= ../shared/lama
+LAMA ?= $(or $(PROBE_DATA),../shared/lama)
 BIN := $(VENV)/bin
 
 .PHONY: install demo test test-integration lint clean

@@ -222,7 +222,7 @@ def run_eval(opts: Options, log=print) -> Run:
     max_prompts = opts.max_prompts if opts.max_prompts is not None else (0 if opts.ensemble else 1)
     if max_prompts < 0 or (max_prompts != 1 and not opts.ensemble):
         raise ProbeError(f"--max-prompts {max_prompts}: several prompts per relation need --ensemble (0 means all)")
-    batch_size = opts.batch_size or 128
+    batch_size = 128 if opts.batch_size is None else opts.batch_size
     check_positive(batch_size=batch_size)
     check_new_folder(opts.out, opts.resume)
     data = LamaData(opts.data)
@@ -334,9 +334,7 @@ def run_train(opts: Options, log=print) -> Run:
     """`probe train`: fit one prompt per relation against the frozen LM, then test it next to the manual prompt."""
     t0 = time.time()
     method = opts.method or "ptuning"
-    method_cls = get_method(method)
-    if not method_cls.can_fit():
-        raise ProbeError(f"method {method!r} has nothing to train: use `probe eval --method {method}`")
+    method_cls = fittable_method(method)
     fit_fields = set(method_cls.fit_config_class.__dataclass_fields__)
     opts.refuse(TRAIN_FLAGS | (FIT_FLAGS & fit_fields), f"method {method!r}")
     control = opts.control or "none"
@@ -372,10 +370,18 @@ def run_train(opts: Options, log=print) -> Run:
     return Run(run, results, time.time() - t0)
 
 
+def fittable_method(name: str):
+    """The class of a method that can be trained; one that cannot is a ProbeError."""
+    method_cls = get_method(name)
+    if not method_cls.can_fit():
+        raise ProbeError(f"method {name!r} has nothing to train: use `probe eval --method {name}`")
+    return method_cls
+
+
 def compiled_templates(backend: Backend, data: LamaData, ids: list[str], method: str, config_of_method,
                        templates: TemplateFile) -> dict:
     """(template, compiled) per relation for a method; every template is checked before any training starts."""
-    method_cls = get_method(method)
+    method_cls = fittable_method(method)
     out = {}
     for rid in ids:
         relation = data.relation(rid)
@@ -520,7 +526,7 @@ def rerun_prompts(opts: Options) -> list[dict]:
     """`probe eval --prompts RUN`: re-evaluate a training run's saved prompts on its own split, vocabulary, model
     and dtype; rows carry the saved and the recomputed metrics."""
     opts.refuse(RERUN_FLAGS, "`probe eval --prompts` (it re-evaluates the run's own split, vocabulary, model and dtype)")
-    batch_size = opts.batch_size or 128
+    batch_size = 128 if opts.batch_size is None else opts.batch_size
     check_positive(batch_size=batch_size)
     run_dir = Path(opts.prompts)
     if not run_dir.exists():

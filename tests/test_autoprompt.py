@@ -16,20 +16,22 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 import cli
-from probe.autoprompt import (
+from probe.backends import PromptInputs
+from probe.batching import collate
+from probe.data import Fact, LamaData
+from probe.evaluate import evaluate_facts
+from probe.methods import get_method
+from probe.methods.autoprompt import (
+    AutoPrompt,
     AutoPromptConfig,
+    TriggerSearchConfig,
     allowed_tokens,
     batch_loss,
     flip_candidates,
     flip_losses,
     search_triggers,
 )
-from probe.batching import collate
-from probe.data import Fact, LamaData
-from probe.evaluate import evaluate_facts, pad_id
-from probe.methods import get_method
-from probe.methods.autoprompt import AutoPrompt, AutoPromptMethodConfig
-from probe.pipeline import EvalSettings, reevaluate_run, run_config, train_relations
+from probe.pipeline import RunConfig, fit_prompt, load_template_spec, reevaluate_run, train_relations
 from probe.runs import RunFolder
 from probe.templates import DEFAULT_SHAPES, compile_template, encode_words
 from probe.vocab import build_candidates
@@ -67,7 +69,7 @@ def constant_object_problem(backend, cands):
 
 def full_loss(backend, method, compiled, facts, cands) -> float:
     with torch.no_grad():
-        return batch_loss(backend, method, collate(compiled, facts, cands, pad_id(backend)), cands).item()
+        return batch_loss(backend, method.prompt_inputs(), collate(compiled, facts, cands, backend.pad_id), cands).item()
 
 
 def token_id(backend, word: str) -> int:
@@ -89,7 +91,11 @@ def test_triggers_start_as_the_and_embed_as_lm_rows(backend):
     assert torch.equal(method.virtual_embeddings(), table[method.trigger_ids])
     assert list(method.state_dict()) == ["trigger_ids"]  # the LM is used, not owned
     assert not list(method.parameters())
-    assert get_method("autoprompt") is AutoPrompt and AutoPrompt.trainable
+    assert get_method("autoprompt") is AutoPrompt and AutoPrompt.can_fit()
+    assert AutoPrompt.fit_config_class is TriggerSearchConfig and not AutoPrompt.continuous
+    inputs = method.prompt_inputs()
+    assert isinstance(inputs, PromptInputs) and inputs.prefix is None
+    assert torch.equal(inputs.embeddings, table[method.trigger_ids])
 
 
 def test_saved_info_names_the_triggers_and_fills_the_template(causal_backend):
@@ -140,7 +146,7 @@ def test_flip_candidates_follow_the_gradient_and_skip_banned_and_current():
 
 def test_flip_losses_in_one_pass_equal_one_trial_at_a_time(backend):
     cands, compiled, method = setup(backend)
-    batch = collate(compiled, [Fact(s, "Paris") for s in SUBJECTS[:5]], cands, pad_id(backend))
+    batch = collate(compiled, [Fact(s, "Paris") for s in SUBJECTS[:5]], cands, backend.pad_id)
     tokens = [token_id(backend, w) for w in ("city", "born", "capital", "language", "died")]
     start = method.trigger_ids.clone()
     batched = flip_losses(backend, method, batch, cands, 1, tokens, max_rows=10)  # two trials a pass, three passes
@@ -148,18 +154,49 @@ def test_flip_losses_in_one_pass_equal_one_trial_at_a_time(backend):
     for t in tokens:
         method.trigger_ids[1] = t
         with torch.no_grad():
-            one_by_one.append(batch_loss(backend, method, batch, cands).item())
+            one_by_one.append(batch_loss(backend, method.prompt_inputs(), batch, cands).item())
         method.trigger_ids.copy_(start)
     assert batched == pytest.approx(one_by_one, rel=1e-5)
     assert len(set(round(x, 4) for x in batched)) == len(tokens)  # the trials really differ
     assert torch.equal(method.trigger_ids, start)  # the search's state is untouched
 
 
+def test_batch_loss_takes_one_prompt_for_all_rows_or_one_per_row(backend):
+    cands, compiled, method = setup(backend)
+    facts = [Fact(s, w) for s, w in zip(SUBJECTS[:4], CANDIDATES, strict=False)]
+    batch = collate(compiled, facts, cands, backend.pad_id)
+    shared = method.virtual_embeddings()
+    with torch.no_grad():
+        loss = batch_loss(backend, PromptInputs(shared), batch, cands)
+        per_row = batch_loss(backend, PromptInputs(shared.expand(len(facts), -1, -1)), batch, cands)
+        (scores,) = backend.score([batch], method.prompt_inputs(), cands)
+    assert loss.item() == pytest.approx(per_row.item(), rel=1e-5)
+    assert loss.item() == pytest.approx(torch.nn.functional.cross_entropy(scores, batch.gold).item(), rel=1e-6)
+
+
+def test_fit_is_the_trigger_search(causal_backend, tmp_path):
+    """`AutoPrompt.fit` and `fit_prompt` run search_triggers with the same settings: the same triggers and log."""
+    backend = causal_backend
+    cands, compiled, _ = setup(backend)
+    train, dev = constant_object_problem(backend, cands)
+    config = TriggerSearchConfig(iterations=5, top_k=4, batch_size=5, patience=0, seed=4)
+    searched = AutoPrompt.create(backend, compiled, MANUAL)
+    by_search = search_triggers(backend, searched, compiled, train, dev, cands, config, tmp_path / "search")
+    fitted = AutoPrompt.create(backend, compiled, MANUAL)
+    by_fit = fitted.fit(backend, compiled, train, dev, cands, config, tmp_path / "fit")
+    prompt, by_pipeline = fit_prompt(backend, "autoprompt", AutoPromptConfig(), compiled, MANUAL, train, dev, cands,
+                                     config, tmp_path / "pipeline")
+    assert isinstance(prompt, AutoPrompt)
+    assert by_search == by_fit == by_pipeline
+    assert searched.trigger_ids.tolist() == fitted.trigger_ids.tolist() == prompt.trigger_ids.tolist()
+    assert (tmp_path / "search").read_text() == (tmp_path / "fit").read_text() == (tmp_path / "pipeline").read_text()
+
+
 def test_search_only_ever_picks_allowed_tokens(causal_backend, tmp_path):
     backend = causal_backend
     cands, compiled, method = setup(backend)
     train, dev = constant_object_problem(backend, cands)
-    config = AutoPromptConfig(iterations=8, top_k=10, batch_size=5, patience=0, capitals=False, seed=3)
+    config = TriggerSearchConfig(iterations=8, top_k=10, batch_size=5, patience=0, capitals=False, seed=3)
     log = tmp_path / "log.jsonl"
     search_triggers(backend, method, compiled, train, dev, cands, config, log)
     allowed = allowed_tokens(backend.tokenizer, backend.model.get_input_embeddings().weight.shape[0], train, False)
@@ -184,7 +221,7 @@ def test_search_lowers_the_loss_and_raises_p1(backend, tmp_path):
     before_lm = {k: v.clone() for k, v in backend.model.state_dict().items()}
     log = tmp_path / "log.jsonl"
     n = 12
-    config = AutoPromptConfig(iterations=n, top_k=10, batch_size=5, patience=0, seed=1)
+    config = TriggerSearchConfig(iterations=n, top_k=10, batch_size=5, patience=0, seed=1)
     result = search_triggers(backend, method, compiled, train, dev, cands, config, log)
 
     assert start_dev["p1"] <= 20 and result.best_dev["p1"] >= start_dev["p1"] + 50, (start_dev, result)
@@ -210,7 +247,7 @@ def test_early_stopping_keeps_the_best_triggers(causal_backend):
     cands, compiled, method = setup(backend)
     train = [Fact(s, "Paris") for s in SUBJECTS[:8]]
     start = method.trigger_ids.clone()
-    config = AutoPromptConfig(iterations=50, top_k=1, batch_size=4, patience=2, seed=1)
+    config = TriggerSearchConfig(iterations=50, top_k=1, batch_size=4, patience=2, seed=1)
     result = search_triggers(backend, method, compiled, train, train, cands, config)
     assert result.stopped_early and result.steps < 50
     if result.best_step == 0:
@@ -224,7 +261,7 @@ def test_same_seed_same_triggers_other_seed_other_search(causal_backend, tmp_pat
 
     def run(seed: int, name: str):
         method = AutoPrompt.create(backend, compiled, MANUAL)
-        config = AutoPromptConfig(iterations=8, top_k=5, batch_size=3, patience=0, seed=seed)
+        config = TriggerSearchConfig(iterations=8, top_k=5, batch_size=3, patience=0, seed=seed)
         result = search_triggers(backend, method, compiled, train, dev, cands, config, tmp_path / name)
         return method.trigger_ids.tolist(), result, (tmp_path / name).read_text()
 
@@ -256,11 +293,12 @@ def make_lama(root: Path) -> Path:
 def test_saved_triggers_reload_and_reevaluate_identically(backend, tmp_path):
     data = LamaData(make_lama(tmp_path / "lama"))
     cands = build_candidates(backend.tokenizer, data.vocab_words("common"))
-    settings = EvalSettings(method="autoprompt", split="test_34k", vocab="common")
-    config = AutoPromptConfig(iterations=6, top_k=5, batch_size=4, patience=0, seed=2)
-    run = RunFolder(tmp_path / "run", run_config(backend, data, settings, cands, command="train", seed=2,
-                                                 method_config={}, train=config.__dict__))
-    results = train_relations(backend, data, ["P19"], cands, run, "autoprompt", None, config, None, settings)
+    config = TriggerSearchConfig(iterations=6, top_k=5, batch_size=4, patience=0, seed=2)
+    run_config = RunConfig.of("train", backend, data, cands, method="autoprompt", split="test_34k", vocab="common",
+                              batch_size=128, seed=2, method_config={"init": "neutral"}, train=config.__dict__)
+    run = RunFolder(tmp_path / "run", run_config.to_dict())
+    results = train_relations(backend, data, ["P19"], cands, run, "autoprompt", AutoPromptConfig(), config,
+                              load_template_spec(None, "autoprompt"), "test_34k")
     (row,) = results["relations"]
     assert "manual_p1" in row and "dev_p1" in row
 
@@ -323,8 +361,8 @@ def test_init_manual_starts_the_search_exactly_at_the_manual_prompt(backend, tmp
     cands = build_candidates(backend.tokenizer, CANDIDATES)
     train, dev = constant_object_problem(backend, cands)
     default = compile_template(DEFAULT_SHAPES[backend.kind], backend.tokenizer, backend.kind).template
-    config = AutoPromptMethodConfig(init="manual")
-    assert AutoPrompt.relation_template(default, MANUAL, backend.kind, AutoPromptMethodConfig()) is default
+    config = AutoPromptConfig(init="manual")
+    assert AutoPrompt.relation_template(default, MANUAL, backend.kind, AutoPromptConfig()) is default
     template = AutoPrompt.relation_template(default, MANUAL, backend.kind, config)
     assert template.source == ('(sub, ["was born in"], obj, ".")' if backend.kind == "masked"
                                else '(sub, ["was born in"], obj)')
@@ -336,7 +374,7 @@ def test_init_manual_starts_the_search_exactly_at_the_manual_prompt(backend, tmp
     assert start.ranks == manual.ranks  # the same prompt, now as triggers
     start_loss = full_loss(backend, method, compiled, train, cands)
     log = tmp_path / "log.jsonl"
-    search = AutoPromptConfig(iterations=9, top_k=10, batch_size=5, patience=0, seed=1)
+    search = TriggerSearchConfig(iterations=9, top_k=10, batch_size=5, patience=0, seed=1)
     result = search_triggers(backend, method, compiled, train, dev, cands, search, log)
     assert json.loads(log.read_text().splitlines()[0])["dev_p1"] == manual.metrics["p1"]
     assert result.best_dev["p1"] > manual.metrics["p1"]  # the manual words rank the object midway: room to gain

@@ -165,7 +165,9 @@ def test_template_without_obj(tmp_path):
 
 def test_model_that_cannot_be_found(fake_lama, tmp_path):
     proc = run_cli("eval", "--model", "/nonexistent", "--relation", "P19", "--data", fake_lama, "--out", tmp_path / "r")
-    assert_user_error(proc, "error: cannot load model '/nonexistent'")
+    assert_user_error(proc, "error: model folder /nonexistent not found: expected a local model folder, a hub id")
+    proc = run_cli("eval", "--model", tmp_path, "--relation", "P19", "--data", fake_lama, "--out", tmp_path / "r")
+    assert_user_error(proc, f"error: cannot load model '{tmp_path}'")  # a folder that exists but holds no model
 
 
 def test_relation_empty_after_filtering(tmp_path, tiny_masked_dir):
@@ -231,3 +233,109 @@ def test_negative_batch_size_is_not_a_silent_zero(tmp_path, tiny_masked_dir, fak
     res = invoke("eval", "--model", tiny_masked_dir, "--relation", "P36", "--data", fake_lama,
                  "--out", tmp_path / "run", "--batch-size", "-1")
     assert isinstance(res.exception, ProbeError)
+    assert str(res.exception) == "--batch-size must be at least 1, got -1"
+
+
+# ---- every flag is honoured or refused --------------------------------------------------------
+
+
+def error_of(*args) -> str:
+    """The ProbeError message a CLI call ends in (it must end in one)."""
+    res = invoke(*args)
+    assert isinstance(res.exception, ProbeError), (res.exit_code, res.output, res.exception)
+    return str(res.exception)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["eval", "--prompts", "RUN", "--split", "dev"], "--split does not apply to `probe eval --prompts`"),
+    (["eval", "--prompts", "RUN", "--out", "X", "--vocab", "29k"], "--out, --vocab do not apply to `probe eval --prompts`"),
+    (["eval", "--prompts", "RUN", "--dtype", "float32"], "--dtype does not apply to `probe eval --prompts`"),
+    (["eval", "--prompts", "RUN", "--method", "manual"], "--method does not apply to `probe eval --prompts`"),
+    (["eval", "--prompts", "RUN", "--control", "random-model"], "--control does not apply to `probe eval --prompts`"),
+    (["eval", "--template", "(3, sub, obj)"], "No such option: --template"),
+    (["eval", "--method", "majority", "--all"], "the majority-class baseline is a control: use --control majority"),
+    (["eval", "--method", "ptuning", "--all"], "method 'ptuning' is trained: use `probe train --method ptuning`"),
+    (["eval", "--seed", "3", "--all"], "--seed applies to --control random-model only"),
+    (["eval", "--control", "majority", "--method", "manual", "--all"], "--method does not apply to --control majority"),
+    (["eval", "--control", "shuffled", "--all"], "unknown control 'shuffled': expected one of none, random-model, majority"),
+    (["train", "--method", "ptuning", "--iterations", "5", "-r", "P19"], "--iterations does not apply to method 'ptuning'"),
+    (["train", "--method", "ptuning", "--no-capitals", "-r", "P19"], "--capitals does not apply to method 'ptuning'"),
+    (["train", "--method", "autoprompt", "--lr", "0.1", "-r", "P19"], "--lr does not apply to method 'autoprompt'"),
+    (["train", "--method", "autoprompt", "--epochs", "2", "--min-steps", "3", "-r", "P19"],
+     "--epochs, --min-steps do not apply to method 'autoprompt'"),
+    (["train", "--lr", "-0.01", "-r", "P19"], "--lr must be a positive number, got -0.01"),
+    (["train", "--epochs", "0", "-r", "P19"], "--epochs must be at least 1, got 0"),
+    (["train", "--method", "autoprompt", "--top-k", "0", "-r", "P19"], "--top-k must be at least 1, got 0"),
+    (["train", "--control", "majority", "-r", "P19"], "--control 'majority' does not apply to `probe train`"),
+    (["train", "--method", "autoprompt", "--init", "manual", "--template", "(3, sub, obj)", "-r", "P19"],
+     "--init manual builds each relation's template from its manual prompt: drop --template"),
+])
+def test_a_flag_that_does_not_apply_is_refused_before_anything_loads(args, message, tmp_path, fake_lama):
+    """Each of these fails on its flags alone: the model named does not exist, and no folder is made."""
+    got = error_of(*args, "--model", tmp_path / "no-model", "--data", fake_lama) if "--template" not in args[:2] else \
+        invoke(*args).output
+    assert message in got, got
+    assert not list(tmp_path.glob("*run*")) and not (Path.cwd() / "X").exists()
+
+
+def test_eval_prompts_honours_relation_and_batch_size(tmp_path, fake_lama):
+    """--relation picks saved prompts; a relation the run did not train is named in the error."""
+    from probe.pipeline import saved_relations
+
+    run = tmp_path / "run"
+    for rid in ("P19", "P36"):
+        (run / rid).mkdir(parents=True)
+        (run / rid / "metrics.json").write_text("{}")
+        (run / rid / "prompt.safetensors").write_bytes(b"")
+    assert saved_relations(run) == ["P19", "P36"]
+    (run / "config.json").write_text(json.dumps({"command": "train", "model": "m", "data": str(fake_lama)}))
+    assert error_of("eval", "--prompts", run, "--relation", "P37") == f"{run} has no saved prompt for P37 (it has P19, P36)"
+    assert error_of("eval", "--prompts", tmp_path / "nope") == f"run folder {tmp_path / 'nope'} does not exist"
+
+
+def test_an_existing_out_folder_is_refused_before_the_model_loads(tmp_path, fake_lama):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    for command in ("eval", "train"):
+        msg = error_of(command, "--model", tmp_path / "no-model", "-r", "P19", "--data", fake_lama, "--out", out)
+        assert msg == f"run folder {out} already exists: pass --resume to continue it, or another --out"
+
+
+def test_a_comma_list_of_relations(tmp_path, tiny_masked_dir, fake_lama):
+    out = tmp_path / "run"
+    res = invoke("eval", "--model", tiny_masked_dir, "-r", "P19,P37", "-r", "P36", "--data", fake_lama, "--out", out)
+    assert res.exit_code == 0, res.output
+    assert [r["relation"] for r in json.loads((out / "results.json").read_text())["relations"]] == ["P19", "P36", "P37"]
+    assert error_of("eval", "-r", "P19,P99", "--data", fake_lama) == (
+        "unknown relation 'P99': expected one of the T-REx relations (P19, P36, P37)")
+
+
+def test_majority_control_is_recorded_and_labelled(tmp_path, tiny_masked_dir, fake_lama):
+    from probe.compare import run_label
+
+    out = tmp_path / "run"
+    res = invoke("eval", "--model", tiny_masked_dir, "--control", "majority", "-r", "P36", "--data", fake_lama, "--out", out)
+    assert res.exit_code == 0, res.output
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["control"] == "majority" and results["config"]["method"] is None
+    assert run_label(results["config"]) == "majority"
+    (row,) = results["relations"]
+    # the fake train facts of P36 are its test facts, each object once: every fact ranks among the 3 seen objects
+    assert row["n_train"] == 3 and row["p10"] == 100.0 and row["p1"] == pytest.approx(100 / 3)
+
+
+def test_version_and_help_texts():
+    from probe import __version__
+
+    res = invoke("--version")
+    assert res.exit_code == 0 and res.stdout.strip() == f"probe {__version__}"
+    check = invoke("templates", "check", "--help").stdout
+    assert "A template file" in check
+    show = invoke("templates", "show", "--help").stdout
+    assert "The relation whose first test fact is shown" in show
+
+
+def test_compare_on_a_missing_path(tmp_path):
+    assert error_of("compare", tmp_path / "nope") == (
+        f"{tmp_path / 'nope'} does not exist: expected a run folder or a folder of run folders")

@@ -11,10 +11,11 @@ from typer.testing import CliRunner
 
 import cli
 from probe.compare import compare_runs, load_runs, run_label
+from probe.controls import CONTROLS, majority_scores
 from probe.data import Fact
 from probe.errors import ProbeError
-from probe.methods import get_method
-from probe.methods.majority import MajorityClass
+from probe.evaluate import evaluate_majority
+from probe.methods import METHODS, get_method
 from probe.runs import RunFolder
 from probe.vocab import build_candidates
 
@@ -34,11 +35,25 @@ TEST_P19 = [("s1", "Florence"), ("s2", "Paris"), ("s3", "Berlin"), ("s4", "Frenc
 
 def test_majority_scores_rank_by_count_then_first_seen(wordpiece_tokenizer):
     cands = build_candidates(wordpiece_tokenizer, ["Paris", "Rome", "Berlin", "Florence", "French"])
-    scores = MajorityClass.scores([Fact(s, o) for s, o in TRAIN_P19], cands)
+    scores = majority_scores([Fact(s, o) for s, o in TRAIN_P19], cands)
+    assert scores.shape == (len(cands),)
     order = sorted(cands.words, key=lambda w: -float(scores[cands.index[w]]))
     assert order[:4] == ["Florence", "Paris", "Rome", "Berlin"]
-    assert float(scores[cands.index["French"]]) == 0
-    assert get_method("majority") is MajorityClass and not MajorityClass.trainable
+    assert {w: float(scores[cands.index[w]]) for w in cands.words} == {
+        "Florence": 4.0, "Paris": 3.0, "Rome": 2.0, "Berlin": 1.0, "French": 0.0}
+    # a control, not a prompt method: no method of that name
+    assert "majority" in CONTROLS and "majority" not in METHODS
+    with pytest.raises(ProbeError, match="unknown method 'majority'"):
+        get_method("majority")
+
+
+def test_evaluate_majority_ranks_every_fact_alike(wordpiece_tokenizer):
+    cands = build_candidates(wordpiece_tokenizer, ["Paris", "Rome", "Berlin", "Florence", "French"])
+    test = [Fact(s, o) for s, o in TEST_P19 if o != "Besancon"]
+    result = evaluate_majority([Fact(s, o) for s, o in TRAIN_P19], test, cands)
+    assert result.ranks == [1, 2, 4, 5]  # Florence, Paris, Berlin; French unseen in train, so after the 4 seen
+    assert result.top10 == [["Florence", "Paris", "Rome", "Berlin", "French"]] * 4
+    assert result.metrics["p1"] == pytest.approx(25.0) and result.metrics["mrr"] == pytest.approx((1 + 1 / 2 + 1 / 4 + 1 / 5) / 4)
 
 
 def test_cli_majority_control_hand_computed(tmp_path, tiny_masked_dir):
@@ -46,10 +61,12 @@ def test_cli_majority_control_hand_computed(tmp_path, tiny_masked_dir):
     write_jsonl(lama / "trex/train/P19.jsonl", [{"sub_label": s, "obj_label": o} for s, o in TRAIN_P19])
     write_jsonl(lama / "trex/test_34k/P19.jsonl", [{"sub_label": s, "obj_label": o} for s, o in TEST_P19])
     out = tmp_path / "majority"
-    res = invoke("eval", "--method", "majority", "--all", "--model", tiny_masked_dir, "--data", lama, "--out", out)
+    res = invoke("eval", "--control", "majority", "--all", "--model", tiny_masked_dir, "--data", lama, "--out", out)
     assert res.exit_code == 0, res.output
     results = json.loads((out / "results.json").read_text())
-    assert results["config"]["method"] == "majority"
+    assert results["config"]["method"] is None and results["config"]["control"] == "majority"
+    assert json.loads((out / "config.json").read_text()) == results["config"]
+    assert run_label(results["config"]) == "majority"
     p19, p36, p37 = results["relations"]
     # P19 test: Florence rank 1, Paris 2, Berlin 4, French unseen in train: 4 seen objects, so rank 5; Besancon dropped
     assert (p19["n_facts"], p19["n_dropped"], p19["n_train"]) == (4, 1, 7)
@@ -60,8 +77,23 @@ def test_cli_majority_control_hand_computed(tmp_path, tiny_masked_dir):
     assert p37["p1"] == pytest.approx(25.0)
     lines = (out / "P19" / "predictions.jsonl").read_text().splitlines()
     assert json.loads(lines[0])["top10"][:4] == ["Florence", "Paris", "Rome", "Berlin"]
-    trained = invoke("train", "--method", "majority", "--all", "--model", tiny_masked_dir, "--data", lama)
-    assert isinstance(trained.exception, ProbeError) and "nothing to train" in str(trained.exception)
+    # a second run of the same folder is refused, the finished one left alone
+    again = invoke("eval", "--control", "majority", "--all", "--model", tiny_masked_dir, "--data", lama, "--out", out)
+    assert isinstance(again.exception, ProbeError) and "already exists" in str(again.exception)
+
+
+@pytest.mark.parametrize(("args", "fragments"), [
+    (["eval", "--method", "majority"], ["majority-class baseline is a control", "use --control majority"]),
+    (["eval", "--control", "majority", "--method", "manual"], ["--method does not apply to --control majority"]),
+    (["eval", "--control", "majority", "--seed", "3"], ["--seed does not apply to --control majority"]),
+    (["train", "--method", "majority"], ["unknown method 'majority'"]),
+    (["train", "--control", "majority"], ["--control 'majority' does not apply to `probe train`"]),
+])
+def test_cli_majority_is_a_control_not_a_method(tmp_path, args, fragments):
+    lama = make_fake_lama(tmp_path / "lama")
+    proc = run_cli(*args, "--relation", "P19", "--data", lama, "--out", tmp_path / "out")
+    assert_user_error(proc, *fragments)
+    assert not (tmp_path / "out").exists()
 
 
 # ---- compare --------------------------------------------------------------------------------
@@ -77,7 +109,7 @@ def train_row(rid: str, type_: str, n: int, p1: float, manual_p1: float) -> dict
     return row(rid, type_, n, p1, manual_p1=manual_p1, manual_p10=50.0, manual_mrr=0.5)
 
 
-def make_run(folder, method: str, rows: list[dict], model: str = "m", **config):
+def make_run(folder, method: str | None, rows: list[dict], model: str = "m", **config):
     run = RunFolder(folder, {"command": "eval", "model": model, "method": method, "split": "test_34k",
                              "vocab": "common", **config})
     for r in rows:
@@ -97,8 +129,8 @@ def runs(tmp_path):
         make_run(root / "c-ptuning", "ptuning", [train_row("P19", "N-1", 10, 50.0, 25.0),
                                                  train_row("P36", "1-1", 30, 70.0, 45.0),
                                                  train_row("P37", "N-M", 10, 30.0, 10.0)], command="train"),
-        make_run(root / "d-majority", "majority", [row("P19", "N-1", 10, 10.0), row("P36", "1-1", 30, 0.0),
-                                                   row("P37", "N-M", 10, 5.0)]),
+        make_run(root / "d-majority", None, [row("P19", "N-1", 10, 10.0), row("P36", "1-1", 30, 0.0),
+                                             row("P37", "N-M", 10, 5.0)], control="majority"),
     ]
 
 
@@ -147,6 +179,13 @@ def test_labels_name_an_init_or_reparam_other_than_the_default():
     assert run_label({"method": "ptuning-mlp", "method_config": {"lstm": False}}) == "ptuning-mlp"
 
 
+def test_labels_of_controls():
+    assert run_label({"method": None, "control": "majority"}) == "majority"
+    assert run_label({"method": "manual", "control": "random-model"}) == "manual+random-model"
+    assert run_label({"method": "ptuning", "control": "none"}) == "ptuning"
+    assert run_label({"method": None}) == "?"
+
+
 def test_compare_refuses_mixed_models(runs, tmp_path):
     other = make_run(tmp_path / "runs2" / "e-manual", "manual", [row("P19", "N-1", 10, 30.0), row("P36", "1-1", 30, 30.0)],
                      model="bert", vocab="29k")
@@ -162,8 +201,11 @@ def test_compare_refuses_mixed_models(runs, tmp_path):
 
 
 def test_compare_errors(tmp_path, runs):
-    with pytest.raises(ProbeError, match="not a run folder"):
+    with pytest.raises(ProbeError, match="nowhere does not exist: expected a run folder or a folder of run folders"):
         load_runs([tmp_path / "nowhere"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ProbeError, match="empty is not a run folder"):
+        load_runs([tmp_path / "empty"])
     disjoint = make_run(tmp_path / "x", "manual", [row("P101", "N-M", 5, 10.0)])
     with pytest.raises(ProbeError, match="share no relation"):
         compare_runs(load_runs([runs[0], disjoint]))

@@ -8,10 +8,10 @@ import pytest
 import torch
 from conftest import make_fake_lama
 
+from probe.backends.llama import _distinct_tokens_after
 from probe.batching import collate, filter_facts, make_batches
 from probe.data import Fact, LamaData
 from probe.errors import ProbeError
-from probe.backends.llama import _distinct_tokens_after
 from probe.evaluate import evaluate_facts
 from probe.methods import METHODS, get_method
 from probe.methods.base import PromptMethod
@@ -187,7 +187,6 @@ P36 = "The capital of [X] is [Y] ."
 ])
 def test_a_start_every_input_shares_runs_once(causal_backend, monkeypatch, template, method_name, expected):
     """Words or virtual tokens before [X] run once per relation; ranks equal those of the full inputs."""
-    import probe.evaluate as ev
 
     b = causal_backend
     cands = build_candidates(b.tokenizer, WORDS)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from conftest import assert_user_error, make_fake_lama, run_cli
 
-from probe.explain import explain_vectors, nearest_tokens
-from probe.methods import FixedPrompt
+from probe.errors import ProbeError
+from probe.explain import check_explainable, explain_vectors, nearest_tokens
+from probe.methods import METHODS, FixedPrompt
 from probe.pipeline import save_prompt
 
 
@@ -51,8 +53,9 @@ def _run_folder(tmp_path, tiny_causal_dir, method: str, vectors: torch.Tensor | 
     config = {"command": command, "method": method, "model": str(tiny_causal_dir), "model_kind": "causal",
               "data": str(lama), "vocab": "common", "split": "test_34k"}
     (run / "config.json").write_text(json.dumps(config))
-    if vectors is not None:
+    if vectors is not None:  # a finished relation: its prompt, then its metrics
         save_prompt(run / "P19" / "prompt.safetensors", FixedPrompt(vectors))
+        (run / "P19" / "metrics.json").write_text(json.dumps({"relation": "P19", "p1": 0.0, "p10": 0.0, "mrr": 0.0}))
     return run
 
 
@@ -75,3 +78,30 @@ def test_cli_explain_refuses_a_discrete_run(tmp_path, tiny_causal_dir):
     assert_user_error(run_cli("explain", tmp_path / "nowhere"), "not a run folder")
     manual = _run_folder(tmp_path / "eval", tiny_causal_dir, "manual", None, command="eval")
     assert_user_error(run_cli("explain", manual), "discrete method 'manual'", "nothing to explain")
+
+
+def test_only_training_runs_of_continuous_methods_are_explainable(tmp_path, monkeypatch):
+    trained = {name: cls for name, cls in METHODS.items() if cls.can_fit()}
+    for name, cls in trained.items():  # refused by the class's `continuous`, not by its name
+        config = {"command": "train", "method": name}
+        if cls.continuous:
+            check_explainable(config, tmp_path)
+        else:
+            with pytest.raises(ProbeError, match=f"discrete method {name!r}"):
+                check_explainable(config, tmp_path)
+    assert [n for n, c in trained.items() if not c.continuous] == ["autoprompt"]
+    monkeypatch.setattr(METHODS["prompt-tuning"], "continuous", False)  # a discrete method of another name
+    with pytest.raises(ProbeError, match="discrete method 'prompt-tuning'"):
+        check_explainable({"command": "train", "method": "prompt-tuning"}, tmp_path)
+    for config in ({"command": "eval", "method": "ptuning"},  # an eval run holds no learned vectors
+                   {"command": "eval", "method": None, "control": "majority"},
+                   {"command": "train", "method": "bogus"}):
+        with pytest.raises(ProbeError, match="nothing to explain"):
+            check_explainable(config, tmp_path)
+
+
+def test_cli_explain_skips_a_relation_whose_prompt_is_not_finished(tmp_path, tiny_causal_dir, causal_backend):
+    table = causal_backend.model.get_input_embeddings().weight.detach()
+    run = _run_folder(tmp_path, tiny_causal_dir, "ptuning", table[:2].clone())
+    (run / "P19" / "metrics.json").unlink()  # interrupted between its prompt and its metrics
+    assert_user_error(run_cli("explain", run), "holds no saved prompts")

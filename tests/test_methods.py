@@ -6,12 +6,16 @@ import pytest
 import torch
 from torch import nn
 
+from probe.backends import PromptInputs
 from probe.errors import ProbeError
-from probe.methods import METHODS, FixedPrompt, get_method
+from probe.methods import METHODS, FixedPrompt, GradientPrompt, get_method
+from probe.methods.autoprompt import AutoPrompt, TriggerSearchConfig
 from probe.methods.manual import ManualPrompt
+from probe.methods.prefix_tuning import PrefixTuning
 from probe.methods.prompt_tuning import PromptTuning, PromptTuningConfig
 from probe.methods.ptuning import PTuningConfig, PTuningEncoder, PTuningMLP
 from probe.templates import compile_template
+from probe.train import TrainConfig
 
 MANUAL = "[X] was born in [Y] ."
 SHAPES = {"masked": "(3, sub, 3, obj, 3)", "causal": "(3, sub, 3, obj)"}
@@ -34,11 +38,44 @@ def table_of(backend) -> torch.Tensor:
 # ---- registry -------------------------------------------------------------------------------
 
 
-def test_registry_names_and_trainable_flags():
-    assert set(METHODS) == {"manual", "ptuning", "ptuning-mlp", "prompt-tuning", "prefix-tuning", "autoprompt", "majority"}
-    assert METHODS["manual"] is ManualPrompt and not ManualPrompt.trainable
-    for name, cls in [("ptuning", PTuningEncoder), ("ptuning-mlp", PTuningMLP), ("prompt-tuning", PromptTuning)]:
-        assert get_method(name) is cls and cls.trainable and cls.name == name
+def test_registry_names_and_how_each_method_is_fit():
+    assert set(METHODS) == {"manual", "ptuning", "ptuning-mlp", "prompt-tuning", "prefix-tuning", "autoprompt"}
+    assert METHODS["manual"] is ManualPrompt and not ManualPrompt.can_fit() and ManualPrompt.fit_config_class is None
+    for name, cls in [("ptuning", PTuningEncoder), ("ptuning-mlp", PTuningMLP), ("prompt-tuning", PromptTuning),
+                      ("prefix-tuning", PrefixTuning)]:
+        assert get_method(name) is cls and cls.name == name
+        assert cls.can_fit() and issubclass(cls, GradientPrompt) and cls.fit_config_class is TrainConfig
+        assert cls.continuous
+    assert get_method("autoprompt") is AutoPrompt and AutoPrompt.can_fit() and not AutoPrompt.continuous
+    assert AutoPrompt.fit_config_class is TriggerSearchConfig and not issubclass(AutoPrompt, GradientPrompt)
+
+
+def test_manual_method_has_nothing_to_fit():
+    with pytest.raises(ProbeError, match="has nothing to train"):
+        ManualPrompt(0, 16).fit(None, None, [], [], None, None)
+
+
+def test_fit_config_takes_the_method_learning_rate_and_is_checked():
+    assert PTuningEncoder.fit_config() == TrainConfig(lr=PTuningEncoder.default_lr)
+    assert PrefixTuning.fit_config(epochs=3).lr == PrefixTuning.default_lr
+    assert PromptTuning.fit_config(lr=0.5, seed=None).lr == 0.5  # None: the default
+    assert AutoPrompt.fit_config(top_k=3) == TriggerSearchConfig(top_k=3)
+    with pytest.raises(ProbeError, match="--epochs must be at least 1"):
+        PTuningEncoder.fit_config(epochs=0)
+    with pytest.raises(ProbeError, match="--iterations must be at least 1"):
+        AutoPrompt.fit_config(iterations=0)
+
+
+def test_prompt_inputs_carry_the_embeddings_or_the_prefix():
+    torch.manual_seed(0)
+    m = PTuningMLP(3, 8)
+    inputs = m.prompt_inputs()
+    assert isinstance(inputs, PromptInputs) and inputs.prefix is None
+    assert torch.equal(inputs.embeddings, m.virtual_embeddings())
+    keys, values = torch.randn(2, 3, 4), torch.randn(2, 3, 6)
+    fixed = FixedPrompt(None, keys, values).prompt_inputs()
+    assert fixed.embeddings is None and torch.equal(fixed.prefix[0], keys) and torch.equal(fixed.prefix[1], values)
+    assert ManualPrompt(0, 8).prompt_inputs() == PromptInputs(None, None)
 
 
 def test_get_method_unknown_name_lists_known_ones():

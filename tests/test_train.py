@@ -20,22 +20,20 @@ from conftest import assert_user_error, run_cli, write_jsonl
 from typer.testing import CliRunner
 
 import cli
-import probe.evaluate
-import probe.train
+import probe.methods.base
 from probe.batching import collate, make_batches
 from probe.data import Fact, LamaData
 from probe.errors import ProbeError
-from probe.evaluate import evaluate_facts, pad_id
+from probe.evaluate import evaluate_facts
 from probe.methods import get_method
 from probe.methods.prompt_tuning import PromptTuningConfig
 from probe.methods.ptuning import PTuningEncoder
 from probe.metrics import ranks_of
 from probe.pipeline import (
-    EvalSettings,
+    RunConfig,
     load_prompt,
     load_template_spec,
     reevaluate_run,
-    run_config,
     save_prompt,
     train_relations,
 )
@@ -178,13 +176,25 @@ def train_run(backend, lama_root: Path, out: Path, relation_ids=("P19", "P36"), 
     """pipeline.train_relations as `probe train` calls it; returns (results, run folder, data, candidates)."""
     data = LamaData(lama_root)
     candidates = build_candidates(backend.tokenizer, data.vocab_words("common"))
-    settings = EvalSettings(method=method, split="test_34k", vocab="common")
-    cfg = run_config(backend, data, settings, candidates, command="train", template_file=template, seed=config.seed,
-                     method_config=(method_config.__dict__ if method_config else {}), train=asdict(config))
+    cfg = RunConfig.of("train", backend, data, candidates, method=method, split="test_34k", vocab="common",
+                       batch_size=128, template_file=template, seed=config.seed,
+                       method_config=(method_config.__dict__ if method_config else {}), train=asdict(config)).to_dict()
     run = RunFolder(out, cfg, resume=resume)
     results = train_relations(backend, data, list(relation_ids), candidates, run, method, method_config, config,
-                              template, settings)
+                              load_template_spec(template, method), "test_34k")
     return results, run, data, candidates
+
+
+def spy_training_steps(monkeypatch, backend, fn) -> None:
+    """Hand each training step's (batch, scores) to fn, which returns the scores to use; dev evaluations (without
+    gradients) pass untouched."""
+    real = backend.score
+
+    def score(batches, prompt, candidates):
+        for batch, scores in zip(batches, real(batches, prompt, candidates), strict=True):
+            yield fn(batch.to(backend.device), scores) if torch.is_grad_enabled() else scores
+
+    monkeypatch.setattr(backend, "score", score)
 
 
 def leftovers(folder: Path) -> list[str]:
@@ -322,13 +332,7 @@ def test_lm_stays_frozen_and_only_the_method_changes(request, which, monkeypatch
     assert all(not p.requires_grad for p in backend.model.parameters())
 
     seen = []
-    real = probe.train.candidate_scores
-
-    def spy(backend_, method_, batch, candidates):
-        seen.append(method_snapshot(method_))
-        return real(backend_, method_, batch, candidates)
-
-    monkeypatch.setattr(probe.train, "candidate_scores", spy)
+    spy_training_steps(monkeypatch, backend, lambda batch, scores: seen.append(method_snapshot(method)) or scores)
     result = train_prompt(backend, method, compiled, train, dev, cands, FAST)
 
     after_lm = lm_snapshot(backend)
@@ -378,15 +382,12 @@ def test_training_beats_the_manual_prompt_on_a_learnable_relation(request, which
 
 def test_min_steps_gives_small_relations_more_passes(causal_backend, monkeypatch):
     """10 facts in batches of 4 are 3 steps a pass: min_steps 7 runs three passes and stops at step 7."""
-    import probe.train
 
     cands = candidates_for(causal_backend)
     compiled = compile_template(parse_template("(1, sub, 1, obj)"), causal_backend.tokenizer, "causal")
     train = [Fact(s, CANDIDATES[i]) for i, s in enumerate(SUBJECTS[:10])]
     seen = []
-    real = probe.train.candidate_scores
-    monkeypatch.setattr(probe.train, "candidate_scores",
-                        lambda b, m, batch, c: seen.append(batch.facts) or real(b, m, batch, c))
+    spy_training_steps(monkeypatch, causal_backend, lambda batch, scores: seen.append(batch.facts) or scores)
     config = TrainConfig(min_steps=7, lr=0.01, batch_size=4, epochs=1, eval_every=100, patience=100, seed=1)
     method = get_method("ptuning").create(causal_backend, compiled, MANUAL, None)
     result = train_prompt(causal_backend, method, compiled, train, train, cands, config)
@@ -421,10 +422,9 @@ def test_training_loss_is_cross_entropy_at_the_evaluator_target(request, which, 
     torch.manual_seed(0)
     method = PTuningEncoder.create(backend, compiled, MANUAL)
     seen, padded = [], []
-    real = probe.train.candidate_scores
+    candidates, method_ = cands, method
 
-    def checked(backend_, method_, batch, candidates):
-        scores = real(backend_, method_, batch, candidates)
+    def checked(batch, scores):
         with torch.no_grad():
             check_target_positions(backend, batch)
             by_hand = full_forward_scores(backend, method_, batch, candidates)
@@ -438,7 +438,7 @@ def test_training_loss_is_cross_entropy_at_the_evaluator_target(request, which, 
         padded.append(not bool(batch.attention_mask.all()))
         return scores
 
-    monkeypatch.setattr(probe.train, "candidate_scores", checked)
+    spy_training_steps(monkeypatch, backend, checked)
     log = tmp_path / "log.jsonl"
     config = TrainConfig(min_steps=0, lr=0.01, batch_size=4, epochs=2, eval_every=100, patience=100, seed=3)
     result = train_prompt(backend, method, compiled, facts, facts, cands, config, log_path=log)
@@ -448,7 +448,7 @@ def test_training_loss_is_cross_entropy_at_the_evaluator_target(request, which, 
     assert logged == pytest.approx(seen, abs=2e-5)
 
     # the first batch is the seeded shuffle's first chunk; its logged loss is CE at the target, by hand
-    first = make_batches(compiled, facts, cands, 4, pad_id(backend), torch.Generator().manual_seed(3))[0]
+    first = make_batches(compiled, facts, cands, 4, backend.pad_id, torch.Generator().manual_seed(3))[0]
     torch.manual_seed(0)
     fresh = PTuningEncoder.create(backend, compiled, MANUAL)
     with torch.no_grad():
@@ -465,14 +465,14 @@ def test_evaluate_ranks_come_from_candidate_scores(request, which, monkeypatch):
     torch.manual_seed(0)
     method = PTuningEncoder.create(backend, compiled, MANUAL)
     batches = []
-    real = probe.evaluate.candidate_scores
+    real = backend.score
 
-    def spy(backend_, method_, batch, candidates, **kw):
-        scores = real(backend_, method_, batch, candidates, **kw)
-        batches.append((batch, scores))
-        return scores
+    def spy(batches_, prompt, candidates):
+        for batch, scores in zip(batches_, real(batches_, prompt, candidates), strict=True):
+            batches.append((batch, scores))
+            yield scores
 
-    monkeypatch.setattr(probe.evaluate, "candidate_scores", spy)
+    monkeypatch.setattr(backend, "score", spy)
     result = evaluate_facts(backend, method, compiled, facts, cands, batch_size=5)
     assert len(batches) == 4
     spied = torch.cat([ranks_of(s, b.gold) for b, s in batches]).tolist()
@@ -481,7 +481,7 @@ def test_evaluate_ranks_come_from_candidate_scores(request, which, monkeypatch):
     # and the same ranks from the full model, one fact at a time (no padding at all)
     with torch.no_grad():
         for fact, rank, top in zip(result.facts, result.ranks, result.top10, strict=True):
-            single = collate(compiled, [fact], cands, pad_id(backend))
+            single = collate(compiled, [fact], cands, backend.pad_id)
             scores = full_forward_scores(backend, method, single, cands)
             assert int(ranks_of(scores, single.gold)[0]) == rank
             assert [cands.words[i] for i in scores[0].topk(10).indices.tolist()] == top
@@ -536,6 +536,8 @@ def test_max_train_subsamples_deterministically(causal_backend, monkeypatch):
     cands = candidates_for(backend)
     compiled = compile_template(shape_for(backend), backend.tokenizer, backend.kind)
     facts = [Fact(s, CANDIDATES[i % 4]) for i, s in enumerate(SUBJECTS)]
+    import probe.train
+
     used = []
     real = probe.train.make_batches
 
@@ -652,7 +654,7 @@ def test_train_relations_writes_a_complete_run_folder(trained_run):
         assert cfg["n_virtual"] == parse_template(DEFAULT_SHAPES[backend.kind]).n_virtual
         assert cfg["hidden_size"] == backend.hidden_size and cfg["model"] == backend.name
         assert cfg["train"] == asdict(FAST) and (cfg["n_train"], cfg["n_dev"]) == (8, 4)
-        assert cfg["steps"] == 6 and 0 <= cfg["best_step"] <= 6
+        assert cfg["steps"] == 6
         prompt = load_prompt(folder / "prompt.safetensors")
         assert prompt.virtual_embeddings().shape == (cfg["n_virtual"], backend.hidden_size)
         for k in ("p1", "p10", "mrr", "dev_p1", "dev_mrr", "manual_p1", "manual_mrr", "manual_dev_p1"):
@@ -660,6 +662,9 @@ def test_train_relations_writes_a_complete_run_folder(trained_run):
         log = [json.loads(line) for line in (folder / "train_log.jsonl").read_text().splitlines()]
         assert [e["step"] for e in log] == list(range(7))
         assert max(e["dev_p1"] for e in log) == metrics["dev_p1"]
+        # the kept step is the first with the best (dev P@1, dev MRR)
+        best = max((e["dev_p1"], e["dev_mrr"]) for e in log)
+        assert cfg["best_step"] == next(e["step"] for e in log if (e["dev_p1"], e["dev_mrr"]) == best)
     p19 = json.loads((run_dir / "P19" / "metrics.json").read_text())
     assert (p19["n_facts"], p19["n_dropped"]) == (6, 1)  # Ravenna is no candidate
 
@@ -719,7 +724,7 @@ def test_cli_eval_prompts_with_another_model_is_one_error_line(trained_runs):
 def test_interrupted_training_resumes_without_retraining(causal_backend, tmp_path, monkeypatch):
     backend = causal_backend
     lama = make_lama(tmp_path / "lama", default_splits())
-    real = probe.train.train_prompt
+    real = probe.methods.base.train_prompt
     calls = []
 
     def interrupt_second(*args, **kwargs):
@@ -728,7 +733,7 @@ def test_interrupted_training_resumes_without_retraining(causal_backend, tmp_pat
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(probe.train, "train_prompt", interrupt_second)
+    monkeypatch.setattr(probe.methods.base, "train_prompt", interrupt_second)
     out = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
         train_run(backend, lama, out)
@@ -746,7 +751,7 @@ def test_interrupted_training_resumes_without_retraining(causal_backend, tmp_pat
         calls.append(kwargs.get("desc", ""))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(probe.train, "train_prompt", count)
+    monkeypatch.setattr(probe.methods.base, "train_prompt", count)
     with pytest.raises(ProbeError, match="already exists"):
         train_run(backend, lama, out)
     assert calls == []
@@ -870,7 +875,7 @@ def test_cli_train_interrupted_then_resumed(tiny_causal_dir, tmp_path, monkeypat
     out = tmp_path / "run"
     args = ["train", "--model", str(tiny_causal_dir), "--dtype", "float32", "--data", str(lama), "--relation", "P19",
             "--relation", "P36", "--out", str(out), "--epochs", "1", "--min-steps", "0", "--batch-size", "4", "--lr", "0.05"]
-    real = probe.train.train_prompt
+    real = probe.methods.base.train_prompt
     calls = []
 
     def interrupt_second(*a, **k):
@@ -879,7 +884,7 @@ def test_cli_train_interrupted_then_resumed(tiny_causal_dir, tmp_path, monkeypat
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(probe.train, "train_prompt", interrupt_second)
+    monkeypatch.setattr(probe.methods.base, "train_prompt", interrupt_second)
     res = CliRunner().invoke(cli.app, args)
     assert res.exit_code == 130, (res.output, res.exception)
     assert f"interrupted: finished relations are saved in {out}" in res.stderr and "--resume" in res.stderr
@@ -889,7 +894,7 @@ def test_cli_train_interrupted_then_resumed(tiny_causal_dir, tmp_path, monkeypat
     stamp = (out / "P19" / "prompt.safetensors").stat().st_mtime_ns
 
     calls.clear()
-    monkeypatch.setattr(probe.train, "train_prompt", lambda *a, **k: calls.append(k["desc"]) or real(*a, **k))
+    monkeypatch.setattr(probe.methods.base, "train_prompt", lambda *a, **k: calls.append(k["desc"]) or real(*a, **k))
     res = CliRunner().invoke(cli.app, [*args, "--resume"])
     assert res.exit_code == 0, (res.output, res.exception)
     assert len(calls) == 1 and calls[0].startswith("P36")
@@ -926,11 +931,11 @@ def test_resume_with_other_training_settings_is_refused(masked_backend, tmp_path
     lama = make_lama(tmp_path / "lama", default_splits())
     data = LamaData(lama)
     cands = build_candidates(masked_backend.tokenizer, data.vocab_words("common"))
-    settings = EvalSettings(method="prompt-tuning", split="test_34k", vocab="common")
 
     def config(lr: float, init: str) -> dict:
-        return run_config(masked_backend, data, settings, cands, command="train", template_file=None, seed=13,
-                          method_config={"init": init}, train=asdict(TrainConfig(min_steps=0, lr=lr, seed=13)))
+        return RunConfig.of("train", masked_backend, data, cands, method="prompt-tuning", split="test_34k",
+                            vocab="common", batch_size=128, template_file=None, seed=13, method_config={"init": init},
+                            train=asdict(TrainConfig(min_steps=0, lr=lr, seed=13))).to_dict()
 
     RunFolder(tmp_path / "run", config(3e-3, "vocab"))
     other = config(1e-1, "vocab") if change == "lr" else config(3e-3, "random")

@@ -106,7 +106,7 @@ class AutoPrompt(PromptMethod):
     def fit(self, backend: Backend, compiled: CompiledTemplate, train: list[Fact], dev: list[Fact],
             candidates: CandidateVocab, config: TriggerSearchConfig, log_path: Path | None = None,
             desc: str = "search") -> FitResult:
-        return search_triggers(backend, self, compiled, train, dev, candidates, config, log_path, desc)
+        return search_triggers(backend, self, compiled, train, dev, candidates, config, log_path=log_path, desc=desc)
 
     def saved_info(self, compiled: CompiledTemplate) -> dict:
         """The triggers as ids, tokens, and the template filled with them: `[X] tok tok tok [Y]`."""

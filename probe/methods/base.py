@@ -105,7 +105,7 @@ class GradientPrompt(PromptMethod):
 
     def fit(self, backend: Backend, compiled: CompiledTemplate, train: list[Fact], dev: list[Fact],
             candidates: CandidateVocab, config: TrainConfig, log_path: Path | None = None, desc: str = "train") -> FitResult:
-        return train_prompt(backend, self, compiled, train, dev, candidates, config, log_path, desc)
+        return train_prompt(backend, self, compiled, train, dev, candidates, config, log_path=log_path, desc=desc)
 
 
 class FixedPrompt(PromptMethod):
