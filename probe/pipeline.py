@@ -176,9 +176,10 @@ def slug(model: str) -> str:
 
 
 def open_model(opts: Options, data: LamaData, vocab: str, control: str = "none") -> tuple[Backend, CandidateVocab]:
+    """The model asked for (a control applied with `opts.seed`) and its single-token candidates of a vocabulary."""
     words = data.vocab_words(vocab)
     backend = load_backend(opts.model or "smollm2", device=opts.device or "cpu", dtype=opts.dtype or "bfloat16",
-                           control=control, seed=opts.seed if opts.seed is not None else 13)
+                           control=control, seed=opts.seed or 0)
     return backend, build_candidates(backend.tokenizer, words)
 
 
@@ -206,9 +207,9 @@ def run_eval(opts: Options, log=print) -> Run:
     control = opts.control or "none"
     if control not in CONTROLS:
         raise ProbeError(f"unknown control {control!r}: expected one of {', '.join(CONTROLS)}")
-    if opts.method == "majority":
-        raise ProbeError("the majority-class baseline is a control: use --control majority")
     method = opts.method or "manual"
+    if method in CONTROLS:
+        raise ProbeError(f"{method} is a control, not a method: use --control {method}")
     method_cls = get_method(method)
     if method_cls.can_fit():
         raise ProbeError(f"method {method!r} is trained: use `probe train --method {method}`, then `probe eval --prompts RUN`")
@@ -217,6 +218,7 @@ def run_eval(opts: Options, log=print) -> Run:
                     "(it ranks candidates by their train counts, with no prompt)")
     if opts.seed is not None and control != "random-model":
         raise ProbeError("--seed applies to --control random-model only (a fixed prompt has nothing random)")
+    seed = (13 if opts.seed is None else opts.seed) if control == "random-model" else None
     if opts.prompts_file is None and (opts.ensemble or opts.max_prompts is not None):
         raise ProbeError("--ensemble and --max-prompts need --prompts-file")
     max_prompts = opts.max_prompts if opts.max_prompts is not None else (0 if opts.ensemble else 1)
@@ -246,7 +248,8 @@ def run_eval(opts: Options, log=print) -> Run:
                         "ensemble": bool(opts.ensemble), "prompts_per_relation": {r: len(p) for r, p in chosen.items()}}
     if control == "majority":
         method = None
-    backend, candidates = open_model(opts, data, vocab, control if control in MODEL_CONTROLS else "none")
+    backend, candidates = open_model(dataclasses.replace(opts, seed=seed), data, vocab,
+                                     control if control in MODEL_CONTROLS else "none")
     if len(ids) == 1:
         relation_facts(data, data.relation(ids[0]), split, candidates, strict=True)
     log(f"{backend.name} ({backend.kind} LM, {backend.dtype}) loaded in {time.time() - t0:.1f}s; "
@@ -254,7 +257,7 @@ def run_eval(opts: Options, log=print) -> Run:
     config = RunConfig.of(
         "eval", backend, data, candidates, method=method, split=split, vocab=vocab, batch_size=batch_size, control=control,
         template_file=str(opts.prompts_file) if opts.prompts_file is not None else None,
-        seed=opts.seed if control == "random-model" else None,
+        seed=seed,
         method_config={"ensemble": bool(opts.ensemble), "max_prompts": max_prompts} if chosen else None,
         prompts=prompts_info,
     )

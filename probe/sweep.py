@@ -154,6 +154,10 @@ def expand_settings(grid: SweepGrid, source: str | Path = "grid") -> list[dict]:
         reparams = axes.get("reparam", [None]) if "reparam" in fields else [None]
         for length, init, reparam, seed in itertools.product(axes.get("length", [0]), inits, reparams, axes.get("seed", [13])):
             config = method_config(m, init=init, reparam=reparam)  # fills in the method's defaults
+            try:
+                get_method(m).check_settings(config, grid.template is not None or bool(axes.get("length")))
+            except ProbeError as e:
+                raise ProbeError(f"{source}: {m}: {e} (a sweep's template and length axis count as a template)") from None
             options = {o: getattr(config, o) if o in fields else NOT_APPLICABLE for o in ("init", "reparam")}
             settings.append({"method": m, "length": length, **options, "seed": seed})
     return list({tuple(s.values()): s for s in settings}.values())
@@ -185,12 +189,14 @@ def run_cell(backend, data, cell: Cell, grid: SweepGrid, candidates, facts_of) -
 
     t0 = time.time()
     relation = data.relation(cell.relation)
+    config = method_config(cell.method, **{k: getattr(cell, k) for k in ("init", "reparam") if getattr(cell, k) != NOT_APPLICABLE})
+    method_cls = get_method(cell.method)
     template = load_template_spec(grid.template, cell.method).template_for(relation.id, backend.kind)
     if cell.length:
         template = spread_virtual(template, cell.length)
+    template = method_cls.relation_template(template, relation.template, backend.kind, config)
     compiled = compile_template(template, backend.tokenizer, backend.kind, manual=relation.template)
-    config = method_config(cell.method, **{k: getattr(cell, k) for k in ("init", "reparam") if getattr(cell, k) != NOT_APPLICABLE})
-    method_cls = get_method(cell.method)
+    method_cls.check_template(compiled)
     fit_config = method_cls.fit_config(**{k: v for k, v in grid.train.items() if k in config_fields(method_cls.fit_config_class)},
                                        seed=cell.seed)
     train, dev, test = facts_of(relation)

@@ -219,8 +219,8 @@ class CompiledTemplate:
     template: Template
     kind: str
     parts: list[tuple[str, list[int] | int | tuple[bool, str]]]
-    prefix: list[int]
-    suffix: list[int]
+    lead_ids: list[int]  # the special tokens a tokenizer puts before a text ([CLS], a BOS)
+    tail_ids: list[int]  # and after it ([SEP]; masked LMs only)
     placeholder_id: int
     tokenizer: object = field(repr=False)
     space_sensitive: bool = True
@@ -231,7 +231,7 @@ class CompiledTemplate:
         return sum(value for kind, value in self.parts if kind == VIRTUAL)
 
     def encode(self, sub: str) -> Encoded:
-        ids = list(self.prefix)
+        ids = list(self.lead_ids)
         virtual, target = [], -1
         for kind, value in self.parts:
             if kind == VIRTUAL:
@@ -241,7 +241,7 @@ class CompiledTemplate:
                 ids.extend(value)
             elif kind == SUB:
                 space, glued = value
-                lead = space and len(ids) > len(self.prefix)
+                lead = space and len(ids) > len(self.lead_ids)
                 ids.extend(encode_words(self.tokenizer, sub + glued, lead, self.space_sensitive))
             elif kind == OBJ:
                 if self.kind == "causal":
@@ -250,7 +250,7 @@ class CompiledTemplate:
                 target = len(ids)
                 ids.append(value)
         if self.kind == "masked":
-            ids.extend(self.suffix)
+            ids.extend(self.tail_ids)
         return Encoded(ids, virtual, target)
 
     def describe(self, sub: str = "[X]") -> str:
@@ -276,8 +276,8 @@ def is_space_sensitive(tokenizer) -> bool:
 
 def encode_words(tokenizer, text: str, lead_space: bool, space_sensitive: bool) -> list[int]:
     """Token ids of real words, with a leading space where the vocabulary marks word starts."""
-    prefix = " " if (lead_space and space_sensitive) else ""
-    return tokenizer.encode(prefix + text, add_special_tokens=False)
+    space = " " if (lead_space and space_sensitive) else ""
+    return tokenizer.encode(space + text, add_special_tokens=False)
 
 
 def special_tokens_around(tokenizer) -> tuple[list[int], list[int]]:
@@ -312,7 +312,7 @@ def compile_template(template: Template | str, tokenizer, kind: str, manual: str
     if kind == "masked" and mask_id is None:
         raise TemplateError("this tokenizer has no mask token: a masked-LM template needs one")
     space_sensitive = is_space_sensitive(tokenizer)
-    prefix, suffix = special_tokens_around(tokenizer)
+    lead_ids, tail_ids = special_tokens_around(tokenizer)
     parts: list[tuple[str, list[int] | int | tuple[bool, str]]] = []
     start_ids: list[int | None] = []
     for i, p in enumerate(template.parts):
@@ -336,7 +336,7 @@ def compile_template(template: Template | str, tokenizer, kind: str, manual: str
     placeholder = next(
         (t for t in (tokenizer.unk_token_id, tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0
     )
-    return CompiledTemplate(template, kind, parts, prefix, suffix, placeholder, tokenizer, space_sensitive, start_ids)
+    return CompiledTemplate(template, kind, parts, lead_ids, tail_ids, placeholder, tokenizer, space_sensitive, start_ids)
 
 
 # ---------------------------------------------------------------------------------------------

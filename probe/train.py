@@ -76,21 +76,31 @@ class FitResult:
     stopped_early: bool
 
 
-class DevSelection:
-    """Keeps the best-on-dev state of a fit, by (P@1, MRR), and counts dev checks without a gain (patience).
+class FitLoop:
+    """What every fit shares: the dev baseline, the log, the progress bar, the best-on-dev state and patience.
 
-    `snapshot()` returns what to keep of the method; `restore(kept)` puts it back at the end.
+    Dev is evaluated once at the start (step 0); `check(step, entry)` evaluates it again and keeps `snapshot()`
+    when (P@1, MRR) improves; `skip()` counts a step without a check against patience. Used as a context,
+    it closes the bar and the log however the fit ends.
     """
 
     def __init__(self, evaluate_dev: Callable[[], dict], snapshot: Callable[[], object], patience: int,
-                 log: JsonlLog, first_entry: dict):
+                 log_path: Path | None, first_entry: dict, total: int, desc: str, unit: str):
         self.evaluate_dev = evaluate_dev
         self.snapshot = snapshot
         self.patience = patience
         self.best = evaluate_dev()
-        self.best_state, self.best_step, self.bad = snapshot(), 0, 0
-        self.log = log
-        log.write({"step": 0, "dev_p1": self.best["p1"], "dev_mrr": self.best["mrr"], **first_entry})
+        self.best_state, self.best_step, self.bad, self.step = snapshot(), 0, 0, 0
+        self.log = JsonlLog(log_path)
+        self.log.write({"step": 0, "dev_p1": self.best["p1"], "dev_mrr": self.best["mrr"], **first_entry})
+        self.bar = tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, leave=False)
+
+    def __enter__(self) -> FitLoop:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.close()
+        self.log.close()
 
     def check(self, step: int, entry: dict) -> dict:
         """Evaluate dev at `step`, keep the state if it is the best so far, note it in the log entry."""
@@ -106,13 +116,20 @@ class DevSelection:
         """A step with no dev check counts against patience too (the trigger search's iterations)."""
         self.bad += 1
 
+    def done(self, entry: dict, **shown: str) -> None:
+        """A step is over: log its entry, move the bar, show figures next to the best dev P@1."""
+        self.step = entry["step"]
+        self.log.write(entry)
+        self.bar.update(1)
+        self.bar.set_postfix(**shown, best=f"{self.best['p1']:.1f}")
+
     @property
     def exhausted(self) -> bool:
         """Patience is used up (0: never)."""
         return bool(self.patience) and self.bad >= self.patience
 
-    def result(self, steps: int, stopped: bool) -> FitResult:
-        return FitResult(self.best, self.best_step, steps, stopped)
+    def result(self, stopped: bool) -> FitResult:
+        return FitResult(self.best, self.best_step, self.step, stopped)
 
 
 def train_prompt(
@@ -140,13 +157,12 @@ def train_prompt(
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: (s + 1) / warm if s < warm else max(0.0, (total - s) / max(1, total - warm))
     )
-    log = JsonlLog(log_path)
-    selection = DevSelection(lambda: evaluate_facts(backend, method, compiled, dev_facts, candidates).metrics,
-                             lambda: copy.deepcopy(method.state_dict()), config.patience, log, {"config": asdict(config)})
+    fit = FitLoop(lambda: evaluate_facts(backend, method, compiled, dev_facts, candidates).metrics,
+                  lambda: copy.deepcopy(method.state_dict()), config.patience, log_path, {"config": asdict(config)},
+                  total, desc, "step")
     method.train()
     step, stopped = 0, False
-    bar = tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, leave=False)
-    try:
+    with fit:
         for epoch in range(epochs):
             for batch in make_batches(compiled, train_facts, candidates, config.batch_size, backend.pad_id, generator):
                 with torch.autocast(backend.device.type, dtype=torch.bfloat16, enabled=backend.device.type == "cuda"):
@@ -157,20 +173,15 @@ def train_prompt(
                 optimizer.step()
                 schedule.step()
                 step += 1
-                bar.update(1)
                 entry = {"step": step, "epoch": epoch, "loss": round(loss.item(), 5), "lr": schedule.get_last_lr()[0]}
                 if step % config.eval_every == 0 or step == total:
-                    dev = selection.check(step, entry)
-                    bar.set_postfix(loss=f"{loss.item():.3f}", dev_p1=f"{dev['p1']:.1f}", best=f"{selection.best['p1']:.1f}")
-                log.write(entry)
-                stopped = selection.exhausted
+                    fit.check(step, entry)
+                fit.done(entry, loss=f"{loss.item():.3f}")
+                stopped = fit.exhausted
                 if stopped or step == total:
                     break
             if stopped or step == total:
                 break
-    finally:
-        bar.close()
-        log.close()
-    method.load_state_dict(selection.best_state)
+    method.load_state_dict(fit.best_state)
     method.eval()
-    return selection.result(step, stopped)
+    return fit.result(stopped)

@@ -253,7 +253,7 @@ def error_of(*args) -> str:
     (["eval", "--prompts", "RUN", "--method", "manual"], "--method does not apply to `probe eval --prompts`"),
     (["eval", "--prompts", "RUN", "--control", "random-model"], "--control does not apply to `probe eval --prompts`"),
     (["eval", "--template", "(3, sub, obj)"], "No such option: --template"),
-    (["eval", "--method", "majority", "--all"], "the majority-class baseline is a control: use --control majority"),
+    (["eval", "--method", "majority", "--all"], "majority is a control, not a method: use --control majority"),
     (["eval", "--method", "ptuning", "--all"], "method 'ptuning' is trained: use `probe train --method ptuning`"),
     (["eval", "--seed", "3", "--all"], "--seed applies to --control random-model only"),
     (["eval", "--control", "majority", "--method", "manual", "--all"], "--method does not apply to --control majority"),

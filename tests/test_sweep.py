@@ -9,11 +9,18 @@ import pytest
 from conftest import assert_user_error, run_cli
 from test_train import default_splits, make_lama
 
+import probe.pipeline
 import probe.sweep
 from probe.data import LamaData
 from probe.errors import ProbeError
+from probe.evaluate import evaluate_facts
+from probe.methods import get_method, method_config
+from probe.methods.autoprompt import TriggerSearchConfig
+from probe.methods.prompt_tuning import PromptTuning
+from probe.pipeline import fit_prompt, load_template_spec, relation_facts
 from probe.sweep import Cell, cells_of, load_grid, prepare_folder, run_sweep, summarise
-from probe.templates import parse_template, spread_virtual
+from probe.templates import compile_template, parse_template, spread_virtual
+from probe.train import TrainConfig
 from probe.vocab import build_candidates
 
 
@@ -62,8 +69,16 @@ def test_grid_expands_only_the_axes_a_method_takes(tmp_path):
     ("relations = [\"P19\"]\n[axes]\nmethod = [\"ptuning\"]\ninit = [\"vocab\"]", "applies to none of the methods"),
     ("relations = [\"P19\"]\n[axes]\nmethod = [\"ptuning\"]\nwidth = [1]", "unknown axis 'width'"),
     ("relations = [\"P19\"]\n[axes]\nmethod = [\"ptuning\"]\nlength = [0]", "axis 'length' takes whole numbers >= 1"),
-    ("relations = [\"P19\"]\n[axes]\nmethod = [\"manual\"]", "cannot be swept"),
+    ("relations = [\"P19\"]\n[axes]\nmethod = [\"manual\"]", "method 'manual' has nothing to train, so nothing to sweep"),
+    ("relations = [\"P19\"]\n[axes]\nmethod = [\"ptuning\", \"manual\"]", "method 'manual' has nothing to train"),
     ("relations = [\"P19\"]\n[axes]\nmethod = [\"ptuning\"]\n[train]\nlearning_rate = 1", "[train] takes"),
+    # [train] keys are the fit settings of the grid's methods: a trigger search has no epochs, a trainer no iterations
+    ("relations = [\"P19\"]\n[axes]\nmethod = [\"ptuning\"]\n[train]\niterations = 3", "got ['iterations']"),
+    ("relations = [\"P19\"]\n[axes]\nmethod = [\"autoprompt\"]\n[train]\nepochs = 1",
+     "[train] takes batch_size, capitals, iterations, patience, top_k for these methods; got ['epochs']"),
+    ("relations = [\"P19\"]\n[axes]\nmethod = [\"autoprompt\"]\n[train]\ntop_k = 0", "[train] for autoprompt: --top-k must be"),
+    ("relations = [\"P19\"]\n[axes]\nmethod = [\"ptuning\"]\n[train]\nepochs = 0", "[train] for ptuning: --epochs must be"),
+    ("relations = [\"P19\"]\n[axes]\nmethod = [\"ptuning\"]\n[train]\nseed = 3", "got ['seed']"),  # seeds are an axis
     ("[axes]\nmethod = [\"ptuning\"]", "needs `relations`"),
 ])
 def test_bad_grid_files_are_one_clear_error(tmp_path, text, fragment):
@@ -116,10 +131,138 @@ def test_sweep_runs_resumes_and_summarises(causal_backend, tmp_path, monkeypatch
         assert row["p1_mean"] == pytest.approx(per_seed.mean())
         assert row["p1_std"] == pytest.approx(per_seed.std(ddof=1))
         assert row["seeds"] == 2 and row["relations"] == 2
-    assert (out / "summary.md").read_text().count("±") >= 4
-    assert (out / "length.png").stat().st_size > 1000
+    md = (out / "summary.md").read_text()
+    assert md.count("±") == 1 + 2 * len(summary)  # the header, then P@1 and dev P@1 of each setting
+    for r in summary.to_dict("records"):
+        assert f"{r['p1_mean']:.2f} ± {r['p1_std']:.2f}" in md and f"{r['dev_p1_mean']:.2f} ± {r['dev_p1_std']:.2f}" in md
+    assert (out / "length.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     first = json.loads((out / "cells" / f"{cells[0].key}.json").read_text())
-    assert first["method"] == "prefix-tuning" and first["reparam"] == "none" and 0 <= first["p1"] <= 100
+    assert (first["method"], first["length"], first["reparam"], first["seed"]) == ("prefix-tuning", 2, "none", 1)
+    same = df[(df["relation"] == "P19") & (df["seed"] == 1) & (df["init"] == first["init"])]
+    assert same["p1"].tolist() == [first["p1"]]
+    # the same figures when the cell is trained and tested again by hand, with the grid's settings
+    train_settings = {"min_steps": 0, "epochs": 1, "batch_size": 4, "eval_every": 1}
+    metrics, result, template = recomputed_cell(causal_backend, lama, cells[0], train_settings, cands)
+    assert first["template"] == template == "(2, sub, obj)"
+    assert {k: first[k] for k in ("p1", "p10", "mrr")} == {k: metrics[k] for k in ("p1", "p10", "mrr")}
+    assert (first["dev_p1"], first["steps"], first["best_step"]) == (result.best_dev["p1"], result.steps, result.best_step)
+    assert first["n_facts"] == 6 and first["n_train"] == 8  # the test fact of Ravenna (not a candidate) is left out
+
+
+def recomputed_cell(backend, data, cell: Cell, train_settings: dict, candidates):
+    """A cell trained and tested again without the sweep: (test metrics, fit result, template source)."""
+    relation = data.relation(cell.relation)
+    template = spread_virtual(load_template_spec(None, cell.method).template_for(relation.id, backend.kind), cell.length)
+    compiled = compile_template(template, backend.tokenizer, backend.kind, manual=relation.template)
+    options = {k: getattr(cell, k) for k in ("init", "reparam") if getattr(cell, k) != "-"}
+    method_cls = get_method(cell.method)
+    fit_config = method_cls.fit_config(**train_settings, seed=cell.seed)
+    train, _ = relation_facts(data, relation, "train", candidates, False)
+    dev, _ = relation_facts(data, relation, "dev", candidates, False)
+    test, _ = relation_facts(data, relation, "test_34k", candidates, False)
+    prompt, result = fit_prompt(backend, cell.method, method_config(cell.method, **options), compiled, relation.template,
+                                train, dev or train, candidates, fit_config)
+    return evaluate_facts(backend, prompt, compiled, test, candidates).metrics, result, template.source
+
+
+def test_mixed_grid_gives_each_method_its_own_fit_settings(tmp_path):
+    text = """
+relations = ["P19"]
+[axes]
+method = ["autoprompt", "prompt-tuning"]
+[train]
+iterations = 3
+top_k = 2
+epochs = 1
+min_steps = 0
+batch_size = 4
+"""
+    grid = load_grid(write_grid(tmp_path / "g.toml", text))
+    assert grid.train == {"iterations": 3, "top_k": 2, "epochs": 1, "min_steps": 0, "batch_size": 4}
+    assert [c.method for c in cells_of(grid, ["P19"])] == ["autoprompt", "prompt-tuning"]
+    assert [c.init for c in cells_of(grid, ["P19"])] == ["neutral", "vocab"]  # the methods' defaults, named
+    # a shared key is checked for each method: patience 0 never stops a trigger search, but the trainer needs 1
+    with pytest.raises(ProbeError, match=r"\[train\] for prompt-tuning: --patience must be at least 1"):
+        load_grid(write_grid(tmp_path / "h.toml", text + "patience = 0\n"))
+
+
+def test_autoprompt_can_be_swept(causal_backend, tmp_path, monkeypatch):
+    lama = LamaData(make_lama(tmp_path / "lama", default_splits()))
+    grid = load_grid(write_grid(tmp_path / "g.toml", """
+relations = ["P19"]
+[axes]
+method = ["autoprompt", "prompt-tuning"]
+length = [2]
+seed = [1, 2]
+[train]
+iterations = 3
+top_k = 2
+capitals = false
+epochs = 1
+min_steps = 0
+batch_size = 4
+"""))
+    cands = build_candidates(causal_backend.tokenizer, lama.vocab_words("common"))
+    out = tmp_path / "sweep"
+    prepare_folder(out, grid, {"data": "x"})
+    fitted = []
+    real = probe.pipeline.fit_prompt
+
+    def spy(backend, method, config, compiled, manual, train, dev, candidates, fit_config, *args, **kw):
+        fitted.append((method, fit_config))
+        return real(backend, method, config, compiled, manual, train, dev, candidates, fit_config, *args, **kw)
+
+    monkeypatch.setattr(probe.pipeline, "fit_prompt", spy)
+    df = run_sweep(causal_backend, lama, grid, ["P19"], cands, out)
+    assert df["method"].tolist() == ["autoprompt", "autoprompt", "prompt-tuning", "prompt-tuning"]
+    # each method got its own settings from [train], and the cell's seed
+    assert fitted == [
+        ("autoprompt", TriggerSearchConfig(iterations=3, top_k=2, batch_size=4, capitals=False, seed=1)),
+        ("autoprompt", TriggerSearchConfig(iterations=3, top_k=2, batch_size=4, capitals=False, seed=2)),
+        ("prompt-tuning", TrainConfig(lr=PromptTuning.default_lr, epochs=1, min_steps=0, batch_size=4, seed=1)),
+        ("prompt-tuning", TrainConfig(lr=PromptTuning.default_lr, epochs=1, min_steps=0, batch_size=4, seed=2)),
+    ]
+    monkeypatch.undo()
+    for cell, row in zip(cells_of(grid, ["P19"]), df.to_dict("records"), strict=True):
+        settings = {k: v for k, v in grid.train.items() if k in TriggerSearchConfig.__dataclass_fields__} \
+            if cell.method == "autoprompt" else {"epochs": 1, "min_steps": 0, "batch_size": 4}
+        metrics, result, template = recomputed_cell(causal_backend, lama, cell, settings, cands)
+        assert row["template"] == template == "(1, sub, 1, obj)"
+        assert (row["p1"], row["mrr"], row["dev_p1"], row["steps"]) == (metrics["p1"], metrics["mrr"],
+                                                                        result.best_dev["p1"], result.steps)
+    assert df.loc[df["method"] == "autoprompt", "steps"].tolist() == [3, 3]  # patience 10 > 3 iterations: no early stop
+
+
+def test_autoprompt_init_manual_cell_starts_from_the_manual_prompt(causal_backend, tmp_path):
+    lama = LamaData(make_lama(tmp_path / "lama", default_splits()))
+    grid = load_grid(write_grid(tmp_path / "g.toml", """
+relations = ["P19"]
+[axes]
+method = ["autoprompt"]
+init = ["manual"]
+[train]
+iterations = 1
+top_k = 1
+"""))
+    cands = build_candidates(causal_backend.tokenizer, lama.vocab_words("common"))
+    prepare_folder(tmp_path / "sweep", grid, {"data": "x"})
+    (row,) = run_sweep(causal_backend, lama, grid, ["P19"], cands, tmp_path / "sweep").to_dict("records")
+    assert row["init"] == "manual"
+    assert row["template"] == '(sub, ["was born in"], obj)'  # as `probe train --method autoprompt --init manual`
+
+
+def test_autoprompt_init_manual_with_a_length_axis_is_refused(tmp_path):
+    path = write_grid(tmp_path / "g.toml", """
+relations = ["P19"]
+[axes]
+method = ["autoprompt"]
+init = ["manual"]
+length = [2]
+""")
+    with pytest.raises(ProbeError) as e:
+        load_grid(path)
+    assert str(e.value) == (f"{path}: autoprompt: --init manual builds each relation's template from its manual prompt: "
+                            "drop --template (a sweep's template and length axis count as a template)")
 
 
 def test_sweep_folder_with_other_shared_settings_is_refused(tmp_path):

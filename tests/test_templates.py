@@ -214,7 +214,7 @@ def test_causal_manual_template_ends_before_object(bpe_tokenizer):
     tok = bpe_tokenizer
     c = compile_template(P19, tok, "causal")
     assert c.space_sensitive
-    assert c.prefix == [] and c.suffix == []
+    assert c.lead_ids == [] and c.tail_ids == []
     enc = c.encode("Victor Hugo")
     assert enc.input_ids == tok.encode("Victor Hugo was born in", add_special_tokens=False)
     assert enc.target == len(enc.input_ids) - 1

@@ -229,8 +229,8 @@ def test_default_shape_causal_has_six_virtual_slots_and_targets_last(causal_back
     sub = tok.encode(" Victor Hugo", add_special_tokens=False)  # a word start after the virtual tokens
     enc = compiled.encode("Victor Hugo")
     ph = compiled.placeholder_id
-    p = len(compiled.prefix)
-    assert enc.input_ids == [*compiled.prefix, ph, ph, ph, *sub, ph, ph, ph]
+    p = len(compiled.lead_ids)
+    assert enc.input_ids == [*compiled.lead_ids, ph, ph, ph, *sub, ph, ph, ph]
     n = len(sub)
     assert enc.virtual_positions == [p, p + 1, p + 2, p + 3 + n, p + 4 + n, p + 5 + n]
     assert enc.target == len(enc.input_ids) - 1
@@ -257,7 +257,7 @@ def test_manual_part_expands_to_the_relation_words(masked_backend, causal_backen
     bwords = btok.encode(" was born in", add_special_tokens=False)
     bsub = btok.encode(" Dante", add_special_tokens=False)
     ph = ccompiled.placeholder_id
-    assert cenc.input_ids == [*ccompiled.prefix, ph, ph, ph, *bsub, *bwords, ph, ph, ph]
+    assert cenc.input_ids == [*ccompiled.lead_ids, ph, ph, ph, *bsub, *bwords, ph, ph, ph]
     assert cenc.target == len(cenc.input_ids) - 1
     with pytest.raises(TemplateError, match="no relation was given"):
         compile_template("(3, sub, manual, 3, obj, 3)", tok, "masked")

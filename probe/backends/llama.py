@@ -1,7 +1,7 @@
 """The Llama family (SmolLM2, Llama): a causal LM backend with its own faster forward.
 
 The same arithmetic as transformers' Llama, written out in plain tensors over the model's own weights:
-- attention as two batched matmuls with a causal mask (on CPU, faster than SDPA for inputs of ~10 tokens);
+- attention as two batched matmuls with a causal mask (on CPU, cheaper than SDPA for inputs of a few tokens);
 - no attention mask for padding: rows are right-padded, and a causal model never looks right;
 - in the last layer only the target row of each input goes through attention, output projection and MLP;
 - on CPU without autograd, the weights packed once for oneDNN (`probe.backends.packed`, bit-identical in bfloat16);

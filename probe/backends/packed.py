@@ -1,14 +1,17 @@
 """Linear layers with weights packed once into oneDNN's layout, for inference on CPU.
 
-`F.linear` re-lays a weight out for oneDNN on every call. Packing it once gives the same products:
-- bfloat16: bit-identical to `F.linear`, and about 7 % faster for SmolLM2's forward here;
-- float32: about 2x faster for the candidate logits, with the sums in another order (a few 1e-6, relative).
+`F.linear` re-lays a weight out for oneDNN on every call. Packing it once gives the same products, faster
+(BENCHMARKS.md has the figures):
+- bfloat16: bit-identical to `F.linear`;
+- float32: the sums in another order (a few 1e-6, relative).
 The packed copies take about as much memory again as the weights they copy.
 Only used on CPU and when no gradient flows through the call. Elsewhere, or with a torch build that lacks
 these operators, `F.linear` runs instead.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -51,11 +54,19 @@ def weight_stamp(weight: torch.Tensor) -> tuple:
     return weight._version, weight.data_ptr(), weight.dtype
 
 
+class Packed(NamedTuple):
+    """A weight, its stamp when packed, and its packed copy."""
+
+    weight: torch.Tensor
+    stamp: tuple
+    packed: torch.Tensor
+
+
 class PackedLinear:
     """`F.linear` over weights packed on first use, and packed again when a weight changes in place."""
 
     def __init__(self):
-        self._packed: dict[int, tuple[torch.Tensor, tuple, torch.Tensor]] = {}
+        self._packed: dict[int, Packed] = {}
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if not packable(x, weight):
@@ -63,9 +74,9 @@ class PackedLinear:
         stamp = weight_stamp(weight)
         entry = self._packed.get(id(weight))  # the entry holds `weight`, so no other tensor can take its id
         try:
-            if entry is None or entry[1] != stamp:
-                entry = self._packed[id(weight)] = (weight, stamp, _ops._reorder_linear_weight(weight.detach()))
-            return _ops._linear_pointwise(x, entry[2], bias, "none", [], "")
+            if entry is None or entry.stamp != stamp:
+                entry = self._packed[id(weight)] = Packed(weight, stamp, _ops._reorder_linear_weight(weight.detach()))
+            return _ops._linear_pointwise(x, entry.packed, bias, "none", [], "")
         except RuntimeError:  # something this build or CPU lacks: F.linear from now on (it raises any real error)
             disable()
             return F.linear(x, weight, bias)

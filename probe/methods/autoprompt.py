@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from probe.backends import Backend, PromptInputs
 from probe.batching import Batch, make_batches
@@ -25,9 +24,8 @@ from probe.data import Fact
 from probe.errors import ProbeError
 from probe.evaluate import evaluate_facts
 from probe.methods.base import MethodConfig, PromptMethod
-from probe.runs import JsonlLog
 from probe.templates import OBJ, SUB, TEXT, VIRTUAL, CompiledTemplate, Template, encode_words, manual_word_slots
-from probe.train import DevSelection, FitResult, check_positive
+from probe.train import FitLoop, FitResult, check_positive
 from probe.vocab import CandidateVocab
 
 INIT_WORD = "the"  # a trigger starts as this word (as a word start: ' the' for BPE vocabularies)
@@ -196,29 +194,20 @@ def _batches(compiled: CompiledTemplate, facts: list[Fact], candidates: Candidat
         yield from make_batches(compiled, facts, candidates, batch_size, pad, generator)
 
 
-def search_triggers(
-    backend: Backend,
-    method: AutoPrompt,
-    compiled: CompiledTemplate,
-    train_facts: list[Fact],
-    dev_facts: list[Fact],
-    candidates: CandidateVocab,
-    config: TriggerSearchConfig,
-    log_path: Path | None = None,
-    desc: str = "search",
-) -> FitResult:
+def search_triggers(backend: Backend, method: AutoPrompt, compiled: CompiledTemplate, train_facts: list[Fact],
+                    dev_facts: list[Fact], candidates: CandidateVocab, config: TriggerSearchConfig,
+                    log_path: Path | None = None, desc: str = "search") -> FitResult:
     """Search trigger tokens on train facts with early stopping on dev P@1; leaves the best-on-dev triggers in `method`."""
     generator = torch.Generator().manual_seed(config.seed)
     table = backend.model.get_input_embeddings().weight.detach()
     allowed = allowed_tokens(backend.tokenizer, table.shape[0], train_facts, config.capitals).to(table.device)
     stream = _batches(compiled, train_facts, candidates, config.batch_size, backend.pad_id, generator)
     ids = method.trigger_ids
-    log = JsonlLog(log_path)
-    selection = DevSelection(lambda: evaluate_facts(backend, method, compiled, dev_facts, candidates).metrics,
-                             ids.clone, config.patience, log, {"triggers": ids.tolist(), "config": asdict(config)})
-    step, stopped = 0, False
-    bar = tqdm(total=config.iterations, desc=desc, unit="it", dynamic_ncols=True, leave=False)
-    try:
+    fit = FitLoop(lambda: evaluate_facts(backend, method, compiled, dev_facts, candidates).metrics, ids.clone,
+                  config.patience, log_path, {"triggers": ids.tolist(), "config": asdict(config)}, config.iterations,
+                  desc, "it")
+    stopped = False
+    with fit:
         for step in range(1, config.iterations + 1):
             batch = next(stream).to(backend.device)
             slot = (step - 1) % method.n_virtual
@@ -233,18 +222,13 @@ def search_triggers(
             entry = {"step": step, "slot": slot, "loss": round(loss, 5), "new_loss": round(best_loss, 5),
                      "token": best_token, "flipped": best_token != current}
             if best_token != current:  # dev changes only when a trigger does
-                selection.check(step, entry)
+                fit.check(step, entry)
             else:
-                selection.skip()
-            log.write(entry)
-            bar.update(1)
-            bar.set_postfix(loss=f"{best_loss:.3f}", best=f"{selection.best['p1']:.1f}")
-            stopped = selection.exhausted
+                fit.skip()
+            fit.done(entry, loss=f"{best_loss:.3f}")
+            stopped = fit.exhausted
             if stopped:
                 break
-    finally:
-        bar.close()
-        log.close()
-    ids.copy_(selection.best_state)
+    ids.copy_(fit.best_state)
     method.eval()
-    return selection.result(step, stopped)
+    return fit.result(stopped)

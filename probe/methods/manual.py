@@ -11,6 +11,7 @@ class ManualPrompt(PromptMethod):
 
     name = "manual"
     reference = True  # what `probe compare` measures every other method against
+    continuous = False  # its prompt is real words
 
     def __init__(self, n_virtual: int, hidden_size: int, config=None):
         if n_virtual:
