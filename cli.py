@@ -40,26 +40,50 @@ def _log(message: str) -> None:
     typer.echo(message, err=True)
 
 
+FactsOpt = Annotated[Path | None, typer.Option(
+    help="A JSONL or CSV file of facts of your own (a subject and an object per row; an optional relation field), "
+         "or one of LAMA's original files (Google-RE, ConceptNet, SQuAD), instead of --data.")]
+FieldsOpt = Annotated[str | None, typer.Option(
+    help="The subject and object field names of --facts rows, e.g. company,founder (default: sub_label/obj_label or "
+         "subject/object).")]
+
+
 @data_app.command("info")
-def data_info(data: DataOpt = None) -> None:
-    """List the T-REx relations: id, label, type, manual template and facts per split."""
+def data_info(data: DataOpt = None, facts: FactsOpt = None, fields: FieldsOpt = None) -> None:
+    """List the relations: id, label, type (* inferred from the facts), manual template and facts per split."""
     import pandas as pd
 
-    from probe.data import SPLITS, LamaData
+    from probe.pipeline import Options, load_data
 
-    lama = LamaData(data)
+    lama = load_data(Options(data=data, facts=facts, fields=fields))
     df = lama.info_table()
     with pd.option_context("display.max_rows", None, "display.width", 200, "display.max_colwidth", 48):
         typer.echo(df.to_string(index=False))
-    totals = ", ".join(f"{s} {df[s].sum():,}" for s in SPLITS)
-    typer.echo(f"\n{len(df)} relations in {lama.root}; facts (deduplicated): {totals}")
+    totals = ", ".join(f"{s} {df[s].sum():,}" for s in lama.splits)
+    typer.echo(f"\n{len(df)} relations in {lama.name}; facts (deduplicated): {totals}")
+
+
+@data_app.command("import")
+def data_import(
+    source: Annotated[Path, typer.Argument(help="LAMA's data.zip, or the folder it unpacks to.")],
+    out: Annotated[Path, typer.Option(help="Where to build the facts folders (trex/, google_re/, conceptnet/, squad/).")],
+    train_dev: Annotated[Path | None, typer.Option(
+        help="AutoPrompt / P-tuning's T-REx train and dev splits (a folder of P19/train.jsonl, P19/dev.jsonl, ...).")] = None,
+) -> None:
+    """Build probe facts folders from LAMA's data.zip layout; each can then be given as --data."""
+    from probe.lama_import import import_lama
+
+    summary = import_lama(source, out, train_dev, log=_log)
+    typer.echo("\n".join(summary.lines()))
 
 
 RelationOpt = Annotated[list[str] | None, typer.Option(
     "--relation", "-r", help="Relation id, e.g. P19; repeat it or give a comma list (P19,P20).")]
 AllOpt = Annotated[bool | None, typer.Option("--all", help="Every T-REx relation.", show_default=False)]
 SplitOpt = Annotated[str | None, typer.Option(help="test_34k (default; alias test), test_29k, dev or train.")]
-VocabOpt = Annotated[str | None, typer.Option(help="Candidate vocabulary: common (default) or 29k.")]
+VocabOpt = Annotated[str | None, typer.Option(
+    help="Candidate vocabulary: common (default, LAMA's), 29k (P-tuning's), objects (every object of the facts), or a "
+         "file of your own (one word a line).")]
 OutOpt = Annotated[Path | None, typer.Option(help="Run folder (default runs/<method>-<model>-<time>).")]
 ResumeOpt = Annotated[bool | None, typer.Option("--resume", help="Continue an existing run folder, skipping finished "
                                                 "relations.", show_default=False)]
@@ -104,13 +128,23 @@ def eval_cmd(
         help="random-model: the same LM with re-drawn weights (seeded by --seed); majority: rank candidates by their "
              "train counts, without the LM.")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of --control random-model (default 13).")] = None,
+    facts: FactsOpt = None,
+    fields: FieldsOpt = None,
+    template: Annotated[str | None, typer.Option(
+        help="The relations' templates: one inline '[X] was founded by [Y] .' for all, or a template file keyed by "
+             "relation (e.g. templates/google_re.txt).")] = None,
+    from_sentences: Annotated[bool | None, typer.Option(
+        "--from-sentences", show_default=False,
+        help="Evaluate each fact's cloze sentence (LAMA's masked_sentences) instead of a template; a causal LM sees "
+             "only the text before [MASK].")] = None,
 ) -> None:
     """Evaluate fixed prompts on one or all relations with one model load; print and save the table."""
     from probe.pipeline import Options, rerun_prompts, run_eval
 
     options = Options(model=model, method=method, relation=relation, all=all_, split=split, vocab=vocab, data=data,
                       out=out, resume=resume, batch_size=batch_size, device=device, dtype=dtype, prompts=prompts,
-                      prompts_file=prompts_file, ensemble=ensemble, max_prompts=max_prompts, control=control, seed=seed)
+                      prompts_file=prompts_file, ensemble=ensemble, max_prompts=max_prompts, control=control, seed=seed,
+                      facts=facts, fields=fields, template=template, from_sentences=from_sentences)
     if prompts is None:
         return _run(run_eval, options)
     import pandas as pd
@@ -167,6 +201,15 @@ def train_cmd(
     control: Annotated[str | None, typer.Option(
         help="random-model: the same LM with re-drawn weights (seeded by --seed), a control for what is learned, "
              "not known.")] = None,
+    facts: Annotated[Path | None, typer.Option(help="Test facts of your own (JSONL or CSV), instead of --data.")] = None,
+    train_facts: Annotated[Path | None, typer.Option(help="Train facts of your own (JSONL or CSV).")] = None,
+    dev_facts: Annotated[Path | None, typer.Option(help="Dev facts of your own, for selection and early stopping.")] = None,
+    dev_split: Annotated[float | None, typer.Option(
+        help="Without --dev-facts: hold out this share of --train-facts as dev (seeded by --seed), e.g. 0.2.")] = None,
+    fields: FieldsOpt = None,
+    manual_template: Annotated[str | None, typer.Option(
+        help="Your facts' manual templates (for the manual baseline and the `manual` shape part): one inline "
+             "'[X] ... [Y] .' or a template file keyed by relation.")] = None,
 ) -> None:
     """Train a prompt per relation against the frozen LM, then test it next to the manual prompt."""
     from probe.pipeline import Options, run_train
@@ -175,7 +218,9 @@ def train_cmd(
         model=model, method=method, relation=relation, all=all_, template=template, init=init, reparam=reparam,
         split=split, vocab=vocab, data=data, out=out, resume=resume, lr=lr, epochs=epochs, min_steps=min_steps,
         batch_size=batch_size, eval_every=eval_every, patience=patience, max_train=max_train, seed=seed,
-        iterations=iterations, top_k=top_k, capitals=capitals, device=device, dtype=dtype, control=control))
+        iterations=iterations, top_k=top_k, capitals=capitals, device=device, dtype=dtype, control=control,
+        facts=facts, train_facts=train_facts, dev_facts=dev_facts, dev_split=dev_split, fields=fields,
+        manual_template=manual_template))
 
 
 @app.command("compare")
@@ -242,17 +287,17 @@ def templates_show(
 ) -> None:
     """Print what the model sees for a relation's first test fact; virtual tokens as [V1]..[Vn]."""
     from probe.backends import load_backend
-    from probe.data import LamaData
+    from probe.data import open_data
     from probe.pipeline import load_template_spec
     from probe.templates import compile_template
 
     tf = load_template_spec(str(file))
-    lama = LamaData(data)
+    lama = open_data(data)
     rel = lama.relation(relation)
     backend = load_backend(model)
     template = tf.template_for(rel.id, backend.kind)
-    compiled = compile_template(template, backend.tokenizer, backend.kind, manual=rel.template)
-    facts = lama.facts(rel.id, "test_34k")
+    compiled = compile_template(template, backend.tokenizer, backend.kind, manual=rel.template or None)
+    facts = lama.facts(rel.id)
     sub = facts[0].sub if facts else "[X]"
     typer.echo(f"{rel.id} ({rel.label}), {backend.kind} LM: {template.source}")
     typer.echo(compiled.describe(sub))

@@ -10,7 +10,7 @@ import argparse
 from probe.backends import load_backend
 from probe.batching import filter_facts, make_batches
 from probe.data import LamaData
-from probe.evaluate import by_subject
+from probe.evaluate import by_input
 from probe.templates import compile_template
 from probe.vocab import build_candidates
 
@@ -29,7 +29,7 @@ def main() -> None:
     for rid, rel in data.relations.items():
         facts, _ = filter_facts(data.facts(rid, "test_34k"), candidates)
         compiled = compile_template(rel.template, backend.tokenizer, backend.kind)
-        subjects = [group[0] for group in by_subject(facts).values()]  # the evaluator runs each subject once
+        subjects = [group[0] for group in by_input(compiled, facts).values()]  # the evaluator runs each subject once
         for batch in make_batches(compiled, subjects, candidates, args.batch_size, backend.pad_id):
             cells += batch.input_ids.numel()
             real += int(batch.attention_mask.sum())

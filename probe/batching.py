@@ -46,7 +46,7 @@ def collate(compiled: CompiledTemplate, facts: list[Fact], candidates: Candidate
             encoded: list[Encoded] | None = None) -> Batch:
     """Encode (unless `encoded` is given) and right-pad facts into one batch."""
     if encoded is None:
-        encoded = [compiled.encode(f.sub) for f in facts]
+        encoded = [compiled.encode_fact(f) for f in facts]
     length = max(len(e.input_ids) for e in encoded)
     ids = torch.full((len(facts), length), pad_id, dtype=torch.long)
     mask = torch.zeros((len(facts), length), dtype=torch.long)
@@ -74,7 +74,7 @@ def make_batches(
     With a generator (training), facts are shuffled; each pool of 8 batches is sorted by length before
     it is cut, to pad less, and the batches come out in a shuffled order.
     """
-    encoded = [compiled.encode(f.sub) for f in facts]  # once: for the lengths and the batches
+    encoded = [compiled.encode_fact(f) for f in facts]  # once: for the lengths and the batches
     lengths = [len(e.input_ids) for e in encoded]
     if generator is not None:
         order = torch.randperm(len(facts), generator=generator).tolist()

@@ -50,11 +50,11 @@ def rank_candidates(scores: torch.Tensor, gold: torch.Tensor, candidates: Candid
     return ranks_of(scores, gold).tolist(), [[candidates.words[i] for i in row] for row in top]
 
 
-def by_subject(facts: list[Fact]) -> dict[str, list[Fact]]:
-    """Facts grouped by subject: with one template, facts of the same subject share one input."""
+def by_input(compiled: CompiledTemplate, facts: list[Fact]) -> dict[str, list[Fact]]:
+    """Facts grouped by their input (with a template: their subject), so that each input runs once."""
     groups: dict[str, list[Fact]] = {}
     for f in facts:
-        groups.setdefault(f.sub, []).append(f)
+        groups.setdefault(compiled.input_key(f), []).append(f)
     return groups
 
 
@@ -75,13 +75,13 @@ def evaluate_facts(
     was_training = method.training
     method.eval()
     prompt = method.prompt_inputs()
-    groups = by_subject(facts)
+    groups = by_input(compiled, facts)
     ranks: list[int] = []
     top10: list[list[str]] = []
     ordered: list[Fact] = []
     for batch, scores in scored_batches(backend, prompt, compiled, [g[0] for g in groups.values()], candidates, batch_size):
         scores = scores.cpu()
-        same = [groups[f.sub] for f in batch.facts]
+        same = [groups[compiled.input_key(f)] for f in batch.facts]
         rows = torch.tensor([i for i, g in enumerate(same) for _ in g])
         batch_facts = [f for g in same for f in g]
         gold = torch.tensor([candidates.index[f.obj] for f in batch_facts])
@@ -109,8 +109,8 @@ def evaluate_ensemble(
     """Rank candidates by the weighted mean over prompts of their log-softmax among the candidates (LPAQA)."""
     if len(prompts) == 1:
         return evaluate_facts(backend, method, prompts[0], facts, candidates, batch_size, progress)
-    groups = by_subject(facts)
-    row_of = {sub: i for i, sub in enumerate(groups)}
+    groups = by_input(prompts[0], facts)  # the same subjects share an input under every template
+    row_of = {key: i for i, key in enumerate(groups)}
     was_training = method.training
     method.eval()
     total = sum(weights)

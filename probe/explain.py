@@ -111,8 +111,7 @@ def check_explainable(config: dict, run_dir: Path) -> None:
 def explain_run(run_dir: Path, relations: list[str] | None, k: int, data: str | None, log=print) -> Path:
     """Explain every saved prompt of a training run (or only `relations`): print each, save RUN/explain.json."""
     from probe.backends import load_backend
-    from probe.data import LamaData
-    from probe.pipeline import check_positive, saved_relations
+    from probe.pipeline import check_positive, reopen_data, saved_relations
     from probe.runs import atomic_write_json, read_json
 
     check_positive(k=k)
@@ -121,7 +120,7 @@ def explain_run(run_dir: Path, relations: list[str] | None, k: int, data: str | 
         raise ProbeError(f"{run_dir} is not a run folder (expected {run_dir / 'config.json'})")
     cfg = read_json(run_dir / "config.json")
     check_explainable(cfg, run_dir)
-    lama = LamaData(data or cfg["data"])
+    lama = reopen_data(cfg, data)
     ids = [r for r in saved_relations(run_dir) if not relations or r in relations]
     if not ids:
         raise ProbeError(f"{run_dir} holds no saved prompts{' for ' + ', '.join(relations) if relations else ''}")

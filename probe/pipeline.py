@@ -19,17 +19,17 @@ from probe import __version__
 from probe.backends import Backend, load_backend
 from probe.batching import filter_facts
 from probe.controls import CONTROLS, MODEL_CONTROLS
-from probe.data import SPLIT_ALIASES, LamaData, Relation
+from probe.data import FactData, Relation, open_data
 from probe.errors import Interrupted, ProbeError
 from probe.evaluate import evaluate_ensemble, evaluate_facts, evaluate_majority
 from probe.methods import FixedPrompt, get_method, method_config
 from probe.methods.manual import ManualPrompt
 from probe.prompt_files import DiscretePrompt, read_prompts
 from probe.runs import RunFolder, atomic_write_bytes, atomic_write_json, read_json
-from probe.templates import DEFAULT_SHAPES, TemplateFile, compile_template, parse_template, parse_template_file
+from probe.templates import DEFAULT_SHAPES, WORDS, ClozeTemplate, TemplateFile, compile_template, parse_template, parse_template_file
 from probe.vocab import CandidateVocab, build_candidates
 
-TEST_SPLITS = ("test_34k", "test_29k")
+GOOGLE_RE_TEMPLATES = Path(__file__).resolve().parents[1] / "templates" / "google_re.txt"
 
 
 @dataclass
@@ -66,6 +66,13 @@ class Options:
     iterations: int | None = None
     top_k: int | None = None
     capitals: bool | None = None
+    facts: Path | None = None
+    train_facts: Path | None = None
+    dev_facts: Path | None = None
+    fields: str | None = None
+    dev_split: float | None = None
+    from_sentences: bool | None = None
+    manual_template: str | None = None
 
     def given(self) -> set[str]:
         return {f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None and getattr(self, f.name) != []}
@@ -100,13 +107,15 @@ class RunConfig:
     method_config: dict | None = None
     train: dict | None = None
     prompts: dict = field(default_factory=dict)  # a prompts file: its path, format, ensemble, prompts per relation
+    data_spec: dict | None = None  # how to open the data again (facts files, fields, dev split)
+    from_sentences: bool | None = None  # cloze sentences instead of templates (causal LMs: the text before [MASK])
     probe_version: str = __version__
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S"))
 
     @classmethod
-    def of(cls, command: str, backend: Backend, data: LamaData, candidates: CandidateVocab, **fields) -> RunConfig:
+    def of(cls, command: str, backend: Backend, data: FactData, candidates: CandidateVocab, **fields) -> RunConfig:
         """A run config with the model, data and candidates filled in from the objects themselves."""
-        return cls(command=command, model=backend.name, model_kind=backend.kind, data=str(data.root.resolve()),
+        return cls(command=command, model=backend.name, model_kind=backend.kind, data=data.name, data_spec=data.spec(),
                    n_candidates=len(candidates), n_vocab_words=candidates.n_source,
                    dtype=str(backend.dtype).removeprefix("torch."), device=str(backend.device),
                    **{"control": backend.control, **fields})
@@ -131,7 +140,7 @@ class Run:
 # -- shared checks --------------------------------------------------------------------------------
 
 
-def relation_ids(data: LamaData, relation: list[str] | None, all_: bool | None) -> list[str]:
+def relation_ids(data: FactData, relation: list[str] | None, all_: bool | None) -> list[str]:
     """The relations asked for: --all, or --relation ids (repeatable, or a comma list), each checked."""
     if all_ and relation:
         raise ProbeError("give either --relation or --all, not both")
@@ -141,6 +150,43 @@ def relation_ids(data: LamaData, relation: list[str] | None, all_: bool | None) 
     if not ids:
         raise ProbeError("no relation given: pass --relation P19 (repeatable, or P19,P20) or --all")
     return [data.relation(rid).id for rid in dict.fromkeys(ids)]
+
+
+def relation_templates(spec: str | None) -> tuple[dict[str, str], str | None]:
+    """Manual templates from --template (eval) or --manual-template (train): a template file keyed by relation
+    (its `default` for the others), or one inline `[X] ... [Y]` template for every relation."""
+    if spec is None:
+        return {}, None
+    if Path(spec).is_file() or spec.endswith((".txt", ".tpl")):
+        entries = {k: t for k, t in parse_template_file(spec).entries.items()}
+    else:
+        entries = {"default": parse_template(spec)}
+    for key, t in entries.items():
+        if t.n_virtual or any(p.kind == WORDS for p in t.parts):
+            raise ProbeError(f"template {t.source!r} ({key}) has virtual tokens: a relation's template is real words, "
+                             "'[X] ... [Y]' (train a shape with `probe train --template`)")
+    default = entries.pop("default", None)
+    return {k: t.source for k, t in entries.items()}, default.source if default else None
+
+
+def load_data(opts: Options, templates: str | None = None, seed: int = 13) -> FactData:
+    """The facts asked for (--data, or facts files), with the relation templates given; LAMA's Google-RE files
+    get the shipped Google-RE templates."""
+    data = open_data(opts.data, opts.facts, opts.train_facts, opts.dev_facts, opts.fields, opts.dev_split, seed)
+    by_relation, default = relation_templates(templates)
+    if templates is None and data.relations and all(not r.template for r in data.relations.values()):
+        shipped = {k: t.source for k, t in parse_template_file(GOOGLE_RE_TEMPLATES).entries.items()}
+        if set(data.relations) <= set(shipped):
+            by_relation = shipped
+    return data.with_templates(by_relation, default) if by_relation or default else data
+
+
+def check_templates(data: FactData, ids: list[str], flag: str) -> None:
+    """Every relation asked for has a manual template."""
+    missing = [rid for rid in ids if not data.relation(rid).template]
+    if missing:
+        raise ProbeError(f"relation {missing[0]!r} has no template: give {flag} '[X] ... [Y] .' (one for every relation) "
+                         f"or a template file with a '{missing[0]}: [X] ... [Y]' line")
 
 
 def check_new_folder(out: Path | None, resume: bool | None) -> None:
@@ -155,7 +201,7 @@ def check_positive(**values: int) -> None:
             raise ProbeError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
 
 
-def relation_facts(data: LamaData, relation: Relation, split: str, candidates: CandidateVocab, strict: bool):
+def relation_facts(data: FactData, relation: Relation, split: str, candidates: CandidateVocab, strict: bool):
     """Facts of a split whose object is a candidate; with strict, none left is a ProbeError."""
     facts, dropped = filter_facts(data.facts(relation.id, split), candidates)
     if not facts and strict:
@@ -175,7 +221,7 @@ def slug(model: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in name.removesuffix(".gguf")) or "model"
 
 
-def open_model(opts: Options, data: LamaData, vocab: str, control: str = "none") -> tuple[Backend, CandidateVocab]:
+def open_model(opts: Options, data: FactData, vocab: str, control: str = "none") -> tuple[Backend, CandidateVocab]:
     """The model asked for (a control applied with `opts.seed`) and its single-token candidates of a vocabulary."""
     words = data.vocab_words(vocab)
     backend = load_backend(opts.model or "smollm2", device=opts.device or "cpu", dtype=opts.dtype or "bfloat16",
@@ -194,8 +240,9 @@ def _interruptible(run: RunFolder, work) -> dict:
 
 # -- probe eval -----------------------------------------------------------------------------------
 
-EVAL_FLAGS = {"model", "method", "relation", "all", "split", "vocab", "data", "out", "resume", "batch_size", "device",
-              "dtype", "control", "seed", "prompts_file", "ensemble", "max_prompts"}
+DATA_FLAGS = {"data", "facts", "fields"}
+EVAL_FLAGS = {"model", "method", "relation", "all", "split", "vocab", "out", "resume", "batch_size", "device",
+              "dtype", "control", "seed", "prompts_file", "ensemble", "max_prompts", "template", "from_sentences"} | DATA_FLAGS
 
 
 def run_eval(opts: Options, log=print) -> Run:
@@ -226,11 +273,15 @@ def run_eval(opts: Options, log=print) -> Run:
         raise ProbeError(f"--max-prompts {max_prompts}: several prompts per relation need --ensemble (0 means all)")
     batch_size = 128 if opts.batch_size is None else opts.batch_size
     check_positive(batch_size=batch_size)
+    if opts.from_sentences and (opts.prompts_file is not None or opts.template is not None or control == "majority"):
+        raise ProbeError("--from-sentences evaluates each fact's cloze sentence: it does not go with --template, "
+                         "--prompts-file or --control majority")
     check_new_folder(opts.out, opts.resume)
-    data = LamaData(opts.data)
+    data = load_data(opts, opts.template)
     ids = relation_ids(data, opts.relation, opts.all)
-    split = SPLIT_ALIASES.get(opts.split or "test_34k", opts.split or "test_34k")
-    data.facts(ids[0], split)  # checks the split name
+    split = data.split_name(opts.split)
+    if not opts.from_sentences and opts.prompts_file is None and control != "majority":
+        check_templates(data, ids, "--template")
     vocab = opts.vocab or "common"
     data.vocab_words(vocab)  # checks the vocabulary name
     chosen, prompts_info = None, {}
@@ -259,18 +310,20 @@ def run_eval(opts: Options, log=print) -> Run:
         template_file=str(opts.prompts_file) if opts.prompts_file is not None else None,
         seed=seed,
         method_config={"ensemble": bool(opts.ensemble), "max_prompts": max_prompts} if chosen else None,
-        prompts=prompts_info,
+        prompts=prompts_info, from_sentences=bool(opts.from_sentences) or None,
     )
     name = f"discrete-{slug(Path(opts.prompts_file).stem)}" if chosen else (method or control)
+    name += "-cloze" if opts.from_sentences else ""
     run = RunFolder(opts.out or default_out(name, backend.name), config.to_dict(), resume=bool(opts.resume))
     results = _interruptible(run, lambda: evaluate_relations(backend, data, ids, candidates, run, split, batch_size,
-                                                             chosen, majority=control == "majority"))
+                                                             chosen, majority=control == "majority",
+                                                             from_sentences=bool(opts.from_sentences)))
     return Run(run, results, time.time() - t0)
 
 
-def evaluate_relations(backend: Backend, data: LamaData, ids: list[str], candidates: CandidateVocab, run: RunFolder,
+def evaluate_relations(backend: Backend, data: FactData, ids: list[str], candidates: CandidateVocab, run: RunFolder,
                        split: str, batch_size: int = 128, prompts: dict[str, list[DiscretePrompt]] | None = None,
-                       majority: bool = False) -> dict:
+                       majority: bool = False, from_sentences: bool = False) -> dict:
     """Evaluate fixed prompts into a run folder, skipping finished relations; returns the results.
 
     Each relation gets its manual template, or its prompts (several are an ensemble, see evaluate_ensemble);
@@ -282,7 +335,11 @@ def evaluate_relations(backend: Backend, data: LamaData, ids: list[str], candida
         relation = data.relation(rid)
         if not run.is_done(rid):
             facts, dropped = relation_facts(data, relation, split, candidates, strict)
+            if from_sentences:
+                with_sentence = [f for f in facts if f.sentence]
+                facts, dropped = with_sentence, dropped + len(facts) - len(with_sentence)
             todo.append((relation, facts, dropped))
+    cloze = ClozeTemplate.compile(backend.tokenizer, backend.kind) if from_sentences else None
     n_prompts = {r.id: len(prompts[r.id]) if prompts else 1 for r, _, _ in todo}
     manual = ManualPrompt(0, backend.hidden_size).to(backend.device)
     with tqdm(total=sum(len(f) * n_prompts[r.id] for r, f, _ in todo), unit="fact", desc="eval", dynamic_ncols=True) as bar:
@@ -299,6 +356,11 @@ def evaluate_relations(backend: Backend, data: LamaData, ids: list[str], candida
                 run.save_relation(relation.id, {**base, "n_facts": len(facts), "n_train": len(train), **result.metrics},
                                   result.predictions())
                 continue
+            if cloze is not None:
+                result = evaluate_facts(backend, manual, cloze, facts, candidates, batch_size, bar)
+                run.save_relation(relation.id, {**base, "n_facts": len(facts), "template": "cloze sentences",
+                                                **result.metrics}, result.predictions())
+                continue
             chosen = prompts[relation.id] if prompts else [DiscretePrompt(relation.template, None, "manual")]
             compiled = [compile_template(p.template, backend.tokenizer, backend.kind) for p in chosen]
             weights = [1.0 if p.weight is None else p.weight for p in chosen]
@@ -312,8 +374,8 @@ def evaluate_relations(backend: Backend, data: LamaData, ids: list[str], candida
 
 # -- probe train ----------------------------------------------------------------------------------
 
-TRAIN_FLAGS = {"model", "method", "relation", "all", "template", "split", "vocab", "data", "out", "resume", "device",
-               "dtype", "control", "init", "reparam"}
+TRAIN_FLAGS = {"model", "method", "relation", "all", "template", "split", "vocab", "out", "resume", "device",
+               "dtype", "control", "init", "reparam", "train_facts", "dev_facts", "dev_split", "manual_template"} | DATA_FLAGS
 FIT_FLAGS = {"lr", "epochs", "min_steps", "batch_size", "eval_every", "patience", "max_train", "seed", "iterations",
              "top_k", "capitals"}
 
@@ -347,12 +409,14 @@ def run_train(opts: Options, log=print) -> Run:
     method_cls.check_settings(config_of_method, opts.template is not None)
     fit_config = method_cls.fit_config(**{k: getattr(opts, k) for k in FIT_FLAGS & fit_fields})
     templates = load_template_spec(opts.template, method)
-    split = SPLIT_ALIASES.get(opts.split or "test_34k", opts.split or "test_34k")
-    if split not in TEST_SPLITS:
-        raise ProbeError(f"--split {split!r}: a trained prompt is tested on test_34k or test_29k, never on train or dev")
     check_new_folder(opts.out, opts.resume)
-    data = LamaData(opts.data)
+    data = load_data(opts, opts.manual_template, fit_config.seed)
+    split = data.split_name(opts.split)
+    if split not in data.test_splits:
+        raise ProbeError(f"--split {split!r}: a trained prompt is tested on {' or '.join(data.test_splits)}, never on "
+                         "train or dev")
     ids = relation_ids(data, opts.relation, opts.all)
+    check_templates(data, ids, "--manual-template")
     vocab = opts.vocab or "common"
     seed = fit_config.seed
     backend, candidates = open_model(dataclasses.replace(opts, seed=seed), data, vocab, control)
@@ -381,7 +445,7 @@ def fittable_method(name: str):
     return method_cls
 
 
-def compiled_templates(backend: Backend, data: LamaData, ids: list[str], method: str, config_of_method,
+def compiled_templates(backend: Backend, data: FactData, ids: list[str], method: str, config_of_method,
                        templates: TemplateFile) -> dict:
     """(template, compiled) per relation for a method; every template is checked before any training starts."""
     method_cls = fittable_method(method)
@@ -407,7 +471,7 @@ def fit_prompt(backend: Backend, method: str, config_of_method, compiled, manual
     return prompt, result
 
 
-def train_relations(backend: Backend, data: LamaData, ids: list[str], candidates: CandidateVocab, run: RunFolder,
+def train_relations(backend: Backend, data: FactData, ids: list[str], candidates: CandidateVocab, run: RunFolder,
                     method: str, config_of_method, fit_config, templates: TemplateFile, split: str,
                     batch_size: int = 128) -> dict:
     """Train and test one prompt per relation into a run folder, skipping finished relations."""
@@ -475,7 +539,7 @@ def train_relations(backend: Backend, data: LamaData, ids: list[str], candidates
 
 # -- saved prompts --------------------------------------------------------------------------------
 
-RERUN_FLAGS = {"prompts", "relation", "all", "data", "batch_size", "device", "model"}
+RERUN_FLAGS = {"prompts", "relation", "all", "data", "batch_size", "device", "model"}  # --data: where the data moved
 
 
 def save_prompt(path: Path, method) -> None:
@@ -539,7 +603,7 @@ def rerun_prompts(opts: Options) -> list[dict]:
         raise ProbeError(f"{run_dir} is not a training run folder (its config.json says command {cfg.get('command')!r})")
     if opts.model is not None and opts.model != cfg["model"]:
         raise ProbeError(f"run folder {run_dir} was trained on model {cfg['model']!r}, not {opts.model!r}")
-    data = LamaData(opts.data or cfg["data"])
+    data = reopen_data(cfg, opts.data)
     saved = saved_relations(run_dir)
     if not saved:
         raise ProbeError(f"{run_dir} holds no saved prompts (expected RELATION/prompt.safetensors)")
@@ -558,7 +622,16 @@ def rerun_prompts(opts: Options) -> list[dict]:
     return reevaluate_run(backend, data, run_dir, candidates, batch_size, ids)
 
 
-def reevaluate_run(backend: Backend, data: LamaData, run_dir: Path, candidates: CandidateVocab, batch_size: int = 128,
+def reopen_data(cfg: dict, data: str | None = None) -> FactData:
+    """The data a run was made on: `data` if given (the folder moved), else as its config records it."""
+    if data is not None:
+        return open_data(data)
+    spec = cfg.get("data_spec") or {"data": cfg["data"]}
+    return open_data(spec.get("data"), spec.get("facts"), fields=spec.get("fields"), dev_split=spec.get("dev_split"),
+                     seed=spec.get("seed") or 13)
+
+
+def reevaluate_run(backend: Backend, data: FactData, run_dir: Path, candidates: CandidateVocab, batch_size: int = 128,
                    ids: list[str] | None = None) -> list[dict]:
     """Re-evaluate the saved prompts of a run folder (all, or `ids`); rows carry the saved and recomputed metrics."""
     rows = []
@@ -567,7 +640,8 @@ def reevaluate_run(backend: Backend, data: LamaData, run_dir: Path, candidates: 
         rel_cfg = read_json(folder / "config.json")
         metrics = read_json(folder / "metrics.json")
         relation = data.relation(rel_cfg["relation"])
-        compiled = compile_template(rel_cfg["template"], backend.tokenizer, backend.kind, manual=relation.template)
+        manual = rel_cfg.get("manual_template") or relation.template
+        compiled = compile_template(rel_cfg["template"], backend.tokenizer, backend.kind, manual=manual)
         prompt = load_prompt(folder / "prompt.safetensors").to(backend.device)
         if prompt.n_virtual != compiled.n_virtual:
             raise ProbeError(f"{folder}: {prompt.n_virtual} saved vectors for {compiled.n_virtual} virtual slots")

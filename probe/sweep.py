@@ -56,7 +56,7 @@ class SweepGrid:
     axes: dict[str, list]
     model: str = "smollm2"
     template: str | None = None
-    split: str = "test_34k"
+    split: str | None = None  # the data's test split (test_34k for LAMA)
     vocab: str = "common"
     dtype: str = "bfloat16"
     control: str = "none"
@@ -222,9 +222,10 @@ def run_sweep(backend, data, grid: SweepGrid, relation_ids: list[str], candidate
         if relation.id not in cache:
             train, _ = relation_facts(data, relation, "train", candidates, False)
             dev, _ = relation_facts(data, relation, "dev", candidates, False)
-            test, _ = relation_facts(data, relation, grid.split, candidates, False)
+            test, _ = relation_facts(data, relation, data.split_name(grid.split), candidates, False)
             if not train or not test:
-                raise ProbeError(f"relation {relation.id} has no train or {grid.split} facts left after filtering")
+                raise ProbeError(f"relation {relation.id} has no train or {data.split_name(grid.split)} facts left after "
+                                 "filtering")
             cache[relation.id] = (train, dev or train, test)
         return cache[relation.id]
 
@@ -289,14 +290,14 @@ def plot_lengths(summary: pd.DataFrame, path: Path) -> None:
 def sweep_command(grid_path: Path, out: Path | None, data: str | None, device: str, log=print) -> Path:
     """`probe sweep`: check the grid, load the model once, run the unfinished cells; returns OUT/summary.md."""
     from probe.backends import load_backend
-    from probe.data import LamaData
+    from probe.data import open_data
     from probe.errors import Interrupted
     from probe.pipeline import load_template_spec
     from probe.vocab import build_candidates
 
     t0 = time.time()
     spec = load_grid(grid_path)
-    lama = LamaData(data)
+    lama = open_data(data)
     ids = list(lama.relations) if spec.relations == "all" else [lama.relation(r).id for r in spec.relations]
     load_template_spec(spec.template)  # a bad template fails before the model loads
     out = out or Path("runs") / f"sweep-{Path(grid_path).stem}"

@@ -253,6 +253,14 @@ class CompiledTemplate:
             ids.extend(self.tail_ids)
         return Encoded(ids, virtual, target)
 
+    def encode_fact(self, fact) -> Encoded:
+        """The input of a fact: the template filled with its subject."""
+        return self.encode(fact.sub)
+
+    def input_key(self, fact) -> str:
+        """Facts with the same key have the same input (here: the same subject), so it runs once for all of them."""
+        return fact.sub
+
     def describe(self, sub: str = "[X]") -> str:
         """What the model sees for a subject, with virtual tokens as [V1]..[Vn] and the target marked."""
         enc = self.encode(sub)
@@ -265,6 +273,49 @@ class CompiledTemplate:
                 shown = f"{shown}<-target" if self.kind == "causal" else f">{shown}<"
             out.append(shown)
         return " ".join(out)
+
+
+MASK = "[MASK]"
+
+
+@dataclass
+class ClozeTemplate:
+    """Each fact's own cloze sentence (LAMA's `masked_sentences`) as the input, with [MASK] where the object goes.
+
+    A masked LM reads the sentence as written, the [MASK] being the target. A causal LM sees only the text
+    before the [MASK]: the input ends there and the target is the next-token prediction at its last token.
+    """
+
+    kind: str
+    tokenizer: object = field(repr=False)
+    lead_ids: list[int] = field(default_factory=list)
+    tail_ids: list[int] = field(default_factory=list)
+    mask_id: int | None = None
+    space_sensitive: bool = True
+    n_virtual: int = 0
+    start_ids: list[int | None] = field(default_factory=list)
+
+    @classmethod
+    def compile(cls, tokenizer, kind: str) -> ClozeTemplate:
+        if kind == "masked" and tokenizer.mask_token_id is None:
+            raise TemplateError("this tokenizer has no mask token: a masked LM's cloze sentence needs one")
+        lead, tail = special_tokens_around(tokenizer)
+        return cls(kind, tokenizer, lead, tail, tokenizer.mask_token_id, is_space_sensitive(tokenizer))
+
+    def encode_fact(self, fact) -> Encoded:
+        sentence = fact.sentence or ""
+        if sentence.count(MASK) != 1:
+            raise TemplateError(f"cloze sentence {sentence!r} of ({fact.sub}, {fact.obj}): expected exactly one {MASK}")
+        before, after = sentence.split(MASK)
+        ids = list(self.lead_ids) + self.tokenizer.encode(before.rstrip(), add_special_tokens=False)
+        if self.kind == "causal":
+            return Encoded(ids, [], len(ids) - 1)
+        target = len(ids)
+        rest = encode_words(self.tokenizer, after.strip(), after[:1].isspace(), self.space_sensitive) if after.strip() else []
+        return Encoded([*ids, self.mask_id, *rest, *self.tail_ids], [], target)
+
+    def input_key(self, fact) -> str:
+        return fact.sentence or ""
 
 
 def is_space_sensitive(tokenizer) -> bool:
@@ -348,7 +399,7 @@ def compile_template(template: Template | str, tokenizer, kind: str, manual: str
 #   P37: (3, sub, manual, 3, obj, 3)      # with the relation's manual words
 # ---------------------------------------------------------------------------------------------
 
-_KEY = re.compile(r"^(default(\.(masked|causal))?|P\d+(\.(masked|causal))?)$")
+_KEY = re.compile(r"^(default|[A-Za-z0-9_][\w\-/]*)(\.(masked|causal))?$")  # default, or any relation name
 
 
 @dataclass
@@ -381,7 +432,7 @@ def parse_template_file(path: str | Path) -> TemplateFile:
         if not sep or not _KEY.match(key):
             raise TemplateError(
                 f"{path}:{lineno}: expected 'KEY: TEMPLATE' with KEY default, default.masked, default.causal "
-                f"or a relation id like P19, got {line!r}"
+                f"or a relation name like P19 or place_of_birth, got {line!r}"
             )
         if key in entries:
             raise TemplateError(f"{path}:{lineno}: {key} is set twice")

@@ -391,8 +391,11 @@ class _Shifted:
     inner: object
     change: object
 
-    def encode(self, sub):
-        return self.change(self.inner.encode(sub), sub)
+    def encode_fact(self, fact):
+        return self.change(self.inner.encode(fact.sub), fact.sub)
+
+    def input_key(self, fact):
+        return fact.sub
 
 
 def test_the_toy_model_catches_off_by_one(next_token_backend):

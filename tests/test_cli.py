@@ -128,7 +128,8 @@ def test_eval_tiny_masked_model_writes_run(tmp_path, tiny_masked_dir, fake_lama)
 
 def test_missing_data_folder(tmp_path):
     proc = run_cli("data", "info", "--data", tmp_path / "nope")
-    assert_user_error(proc, f"error: LAMA data folder {tmp_path / 'nope'} not found", "--data", "PROBE_DATA")
+    assert_user_error(proc, f"error: data folder {tmp_path / 'nope'} not found", "--data", "PROBE_DATA",
+                      "probe data import data.zip --out DIR")
 
 
 def test_incomplete_data_folder(tmp_path):
@@ -252,7 +253,9 @@ def error_of(*args) -> str:
     (["eval", "--prompts", "RUN", "--dtype", "float32"], "--dtype does not apply to `probe eval --prompts`"),
     (["eval", "--prompts", "RUN", "--method", "manual"], "--method does not apply to `probe eval --prompts`"),
     (["eval", "--prompts", "RUN", "--control", "random-model"], "--control does not apply to `probe eval --prompts`"),
-    (["eval", "--template", "(3, sub, obj)"], "No such option: --template"),
+    (["eval", "--template", "(3, sub, obj)", "--all"], "has virtual tokens: a relation's template is real words"),
+    (["eval", "--from-sentences", "--template", "[X] is [Y] .", "--all"], "--from-sentences evaluates each fact's cloze"),
+    (["eval", "--train-facts", "x.csv", "--all"], "No such option"),
     (["eval", "--method", "majority", "--all"], "majority is a control, not a method: use --control majority"),
     (["eval", "--method", "ptuning", "--all"], "method 'ptuning' is trained: use `probe train --method ptuning`"),
     (["eval", "--seed", "3", "--all"], "--seed applies to --control random-model only"),
@@ -272,8 +275,8 @@ def error_of(*args) -> str:
 ])
 def test_a_flag_that_does_not_apply_is_refused_before_anything_loads(args, message, tmp_path, fake_lama):
     """Each of these fails on its flags alone: the model named does not exist, and no folder is made."""
-    got = error_of(*args, "--model", tmp_path / "no-model", "--data", fake_lama) if "--template" not in args[:2] else \
-        invoke(*args).output
+    got = invoke(*args).output if "--train-facts" in args else error_of(*args, "--model", tmp_path / "no-model", "--data",
+                                                                         fake_lama)
     assert message in got, got
     assert not list(tmp_path.glob("*run*")) and not (Path.cwd() / "X").exists()
 

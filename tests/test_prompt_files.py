@@ -13,9 +13,9 @@ import cli
 from probe.batching import collate
 from probe.data import Fact, LamaData
 from probe.errors import ProbeError
-from probe.evaluate import candidate_scores, evaluate_ensemble, pad_id
+from probe.evaluate import evaluate_ensemble
 from probe.methods.manual import ManualPrompt
-from probe.pipeline import EvalSettings, evaluate_relations, run_config
+from probe.pipeline import RunConfig, evaluate_relations
 from probe.prompt_files import DiscretePrompt, read_prompts
 from probe.runs import RunFolder
 from probe.templates import compile_template
@@ -144,7 +144,7 @@ def test_cli_option_errors(tmp_path, fake_lama):
     for args, message in [
         (("--ensemble",), "need --prompts-file"),
         (("--prompts-file", path, "--max-prompts", "2"), "need --ensemble"),
-        (("--prompts-file", path, "--method", "majority"), "does not go with --method majority"),
+        (("--prompts-file", path, "--control", "majority"), "--prompts-file does not apply to --control majority"),
     ]:
         res = invoke(*common, *args)
         assert isinstance(res.exception, ProbeError) and message in str(res.exception), res.output
@@ -187,7 +187,8 @@ def test_ensemble_is_the_weighted_mean_of_log_softmax(masked_backend):
     assert result.facts == FACTS  # an ensemble keeps the facts' order
     for fact, rank, top10 in zip(FACTS, result.ranks, result.top10, strict=True):
         with torch.no_grad():
-            per_prompt = [candidate_scores(b, method, collate(c, [fact], cands, pad_id(b)), cands)[0] for c in compiled]
+            per_prompt = [next(b.score([collate(c, [fact], cands, b.pad_id)], method.prompt_inputs(), cands))[0]
+                          for c in compiled]
         by_hand = sum(w / 8 * torch.log_softmax(s, dim=0) for w, s in zip(weights, per_prompt, strict=True))
         gold = cands.index[fact.obj]
         assert rank == int((by_hand > by_hand[gold]).sum()) + 1
@@ -238,8 +239,9 @@ def test_evaluate_relations_with_prompts(masked_backend, fake_lama, tmp_path):
     data = LamaData(fake_lama)
     cands = build_candidates(b.tokenizer, data.vocab_words())
     prompts = {"P36": [DiscretePrompt("[X] capital [Y] .", None, "x:1"), DiscretePrompt("[Y] of [X]", None, "x:2")]}
-    run = RunFolder(tmp_path / "run", run_config(b, data, EvalSettings(), cands))
-    results = evaluate_relations(b, data, ["P36"], cands, run, EvalSettings(), prompts)
+    config = RunConfig.of("eval", b, data, cands, method="discrete", split="test_34k", vocab="common", batch_size=128)
+    run = RunFolder(tmp_path / "run", config.to_dict())
+    results = evaluate_relations(b, data, ["P36"], cands, run, "test_34k", prompts=prompts)
     row = results["relations"][0]
     assert row["templates"] == ["[X] capital [Y] .", "[Y] of [X]"] and row["weights"] == [1.0, 1.0]
     compiled = [compile_template(p.template, b.tokenizer, "masked") for p in prompts["P36"]]

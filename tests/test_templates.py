@@ -363,7 +363,7 @@ def test_repo_template_files_parse():
     "lines, lineno, fragment",
     [
         (["default: (3, sub, 3, obj)", "P19 (3, sub, obj)"], 2, "expected 'KEY: TEMPLATE'"),
-        (["# c", "", "P19x: (3, sub, obj)"], 3, "expected 'KEY: TEMPLATE'"),
+        (["# c", "", "P 19: (3, sub, obj)"], 3, "expected 'KEY: TEMPLATE'"),
         (["default.seq2seq: (3, sub, obj)"], 1, "expected 'KEY: TEMPLATE'"),
         (["P19: (3, sub, obj)", "P19: (2, sub, obj)"], 2, "P19 is set twice"),
         (["default: (3, sub, 3)"], 1, "must hold the object exactly once"),
