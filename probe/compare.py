@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from probe.data import RELATION_TYPES
+from probe.data import RELATION_TYPES, relation_key
 from probe.errors import ProbeError
 from probe.metrics import aggregate
 from probe.plots import png_axes
@@ -135,12 +135,12 @@ def compare_runs(runs: list[Run], allow_mixed: bool = False) -> Comparison:
     if not allow_mixed:
         check_comparable(runs)
     relations = [r for r in runs[0].rows if all(r in run.rows for run in runs)]
-    relations.sort(key=lambda r: int(r[1:]))
+    relations.sort(key=relation_key)
     if not relations:
         raise ProbeError("the runs share no relation: nothing to compare")
     notes = [f"macro/micro over the {len(relations)} relations present in all {len(runs)} runs"]
     lacking: dict[str, list[str]] = {}  # runs lacking some relations -> those relations
-    for rid in sorted({r for run in runs for r in run.rows} - set(relations), key=lambda r: int(r[1:])):
+    for rid in sorted({r for run in runs for r in run.rows} - set(relations), key=relation_key):
         lacking.setdefault(", ".join(str(run.folder) for run in runs if rid not in run.rows), []).append(rid)
     notes += [f"left out: {', '.join(rids)} (not in {folders})" for folders, rids in lacking.items()]
     summary, manual_p1 = [], {}

@@ -141,10 +141,11 @@ class Run:
 
 
 def relation_ids(data: FactData, relation: list[str] | None, all_: bool | None) -> list[str]:
-    """The relations asked for: --all, or --relation ids (repeatable, or a comma list), each checked."""
+    """The relations asked for: --all, or --relation ids (repeatable, or a comma list), each checked; facts files
+    default to all of theirs."""
     if all_ and relation:
         raise ProbeError("give either --relation or --all, not both")
-    if all_:
+    if all_ or (not relation and data.kind == "files"):  # facts files: every relation in them by default
         return list(data.relations)
     ids = [r.strip() for given in relation or [] for r in given.split(",") if r.strip()]
     if not ids:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from probe.data import relation_key
 from probe.errors import ProbeError
 from probe.metrics import aggregate
 
@@ -107,8 +108,8 @@ class RunFolder:
 
     def rows(self) -> list[dict]:
         """Metrics of every finished relation, in relation-id order."""
-        found = [read_json(p) for p in self.root.glob("P*/metrics.json")]
-        return sorted(found, key=lambda r: int(r["relation"][1:]))
+        found = [read_json(p) for p in self.root.glob("*/metrics.json")]
+        return sorted(found, key=lambda r: relation_key(r["relation"]))
 
     def write_summary(self) -> dict:
         """results.json, relations.csv and summary.md from the finished relations; returns results."""
