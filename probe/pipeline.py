@@ -190,6 +190,12 @@ def check_templates(data: FactData, ids: list[str], flag: str) -> None:
                          f"or a template file with a '{missing[0]}: [X] ... [Y]' line")
 
 
+def relation_row(relation: Relation) -> dict:
+    """What a relation's metrics.json says of the relation: id, label, type (and whether it was inferred)."""
+    return {"relation": relation.id, "label": relation.label, "type": relation.type,
+            **({"type_inferred": True} if relation.type_inferred else {})}
+
+
 def check_new_folder(out: Path | None, resume: bool | None) -> None:
     """An existing run folder is refused without --resume, before anything is loaded."""
     if out is not None and not resume and (Path(out) / "config.json").exists():
@@ -346,7 +352,7 @@ def evaluate_relations(backend: Backend, data: FactData, ids: list[str], candida
     with tqdm(total=sum(len(f) * n_prompts[r.id] for r, f, _ in todo), unit="fact", desc="eval", dynamic_ncols=True) as bar:
         for relation, facts, dropped in todo:
             bar.set_postfix_str(relation.id)
-            base = {"relation": relation.id, "label": relation.label, "type": relation.type, "n_dropped": dropped}
+            base = {**relation_row(relation), "n_dropped": dropped}
             if not facts:
                 tqdm.write(f"warning: {relation.id} has no {split} facts left after filtering; skipped", file=sys.stderr)
                 continue
@@ -522,7 +528,7 @@ def train_relations(backend: Backend, data: FactData, ids: list[str], candidates
             **prompt.saved_info(compiled),
         })
         metrics = {
-            "relation": relation.id, "label": relation.label, "type": relation.type,
+            **relation_row(relation),
             "n_facts": len(test), "n_dropped": dropped, "template": template.source,
             **test_eval.metrics,
             **{f"dev_{k}": v for k, v in result.best_dev.items()},

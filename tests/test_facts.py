@@ -93,6 +93,34 @@ def test_a_folder_with_any_relation_names_and_only_a_test_split(tmp_path):
     assert "unknown split 'test_34k'" in error_of("eval", "--data", root, "-r", "place_of_birth", "--split", "test_34k")
 
 
+
+def test_everything_downstream_runs_on_a_folder_of_named_relations(tmp_path, tiny_masked_dir):
+    """eval --all and --relation, then compare, on relations not named like P19 and with only a test split."""
+    root = tmp_path / "mine"
+    write_jsonl(root / "test" / "born_in.jsonl", [{"subject": "Dante", "object": "Florence"},
+                                                  {"subject": "Victor Hugo", "object": "Paris"}])
+    write_jsonl(root / "test" / "capital_of.jsonl", [{"subject": "France", "object": "Paris"},
+                                                     {"subject": "Italy", "object": "Rome"}])
+    templates = tmp_path / "t.txt"
+    templates.write_text("born_in: [X] was born in [Y] .\ncapital_of: The capital of [X] is [Y] .\n")
+    runs = []
+    for name, args in (("all", ["--all"]), ("one", ["--relation", "capital_of"])):
+        out = tmp_path / name
+        res = invoke("eval", "--data", root, *args, "--template", templates, "--model", tiny_masked_dir, "--vocab",
+                     "objects", "--out", out)
+        assert res.exit_code == 0, res.output
+        runs.append(out)
+    rows = json.loads((runs[0] / "results.json").read_text())["relations"]
+    assert [(r["relation"], r["n_facts"], r["template"]) for r in rows] == [
+        ("born_in", 2, "[X] was born in [Y] ."), ("capital_of", 2, "The capital of [X] is [Y] .")]
+    one = json.loads((runs[1] / "results.json").read_text())["relations"]
+    assert one == [rows[1]]  # the same relation, the same figures
+    res = invoke("compare", *runs, "--out", tmp_path / "cmp")
+    assert res.exit_code == 0, res.output
+    assert "macro/micro over the 1 relations present in all 2 runs" in res.stdout
+    assert f"left out: born_in (not in {runs[1]})" in res.stdout
+
+
 # ---- evaluating ------------------------------------------------------------------------------
 
 
@@ -108,8 +136,8 @@ def test_a_five_line_csv_of_ones_own_facts_in_one_command(tmp_path, tiny_causal_
     assert cfg["data"] == str(path.resolve()) and cfg["data_spec"]["facts"] == {"test": str(path.resolve())}
     assert cfg["vocab"] == "objects" and cfg["n_candidates"] == 5 and cfg["split"] == "test"
     (row,) = results["relations"]
-    assert (row["relation"], row["n_facts"], row["template"], row["type"]) == ("capitals", 5, "The capital of [X] is [Y] .",
-                                                                               "1-1")
+    assert (row["relation"], row["n_facts"], row["template"], row["type"], row["type_inferred"]) == (
+        "capitals", 5, "The capital of [X] is [Y] .", "1-1", True)
     # the same figures as the evaluator run by hand on these facts
     from probe.backends import load_backend
 
