@@ -77,19 +77,23 @@ def resolve_data_dir(option: str | Path | None = None) -> Path:
 
 def read_jsonl(path: Path) -> list[tuple[int, dict]]:
     """(line number, object) of each line of a JSON-lines file; a malformed line is a ProbeError naming file and line."""
-    rows = []
     with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ProbeError(f"{path}:{lineno}: malformed JSON line ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ProbeError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            rows.append((lineno, row))
-    return rows
+        rows = [(lineno, json_record(line, path, lineno)) for lineno, line in enumerate(f, 1)]
+    return [(lineno, row) for lineno, row in rows if row is not None]
+
+
+def json_record(line: str, where: str | Path, lineno: int) -> dict | None:
+    """The JSON object on one line of a JSONL file (None for a blank line); anything else is a ProbeError naming
+    `where` and the line."""
+    if not line.strip():
+        return None
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ProbeError(f"{where}:{lineno}: malformed JSON line ({e.msg})") from None
+    if not isinstance(row, dict):
+        raise ProbeError(f"{where}:{lineno}: expected a JSON object, got {type(row).__name__}")
+    return row
 
 
 def read_records(path: Path) -> list[tuple[int, dict]]:

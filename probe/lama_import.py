@@ -33,6 +33,7 @@ from typing import IO
 from tqdm import tqdm
 
 import probe
+from probe.data import json_record
 from probe.errors import ProbeError
 from probe.templates import parse_template_file
 
@@ -167,15 +168,9 @@ def iter_records(stream: IO[bytes], where: str, progress: tqdm | None = None) ->
                 line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
             except UnicodeDecodeError:
                 raise ProbeError(f"{where}:{lineno}: expected UTF-8 text") from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ProbeError(f"{where}:{lineno}: malformed JSON line ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ProbeError(f"{where}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            yield lineno, row
+            row = json_record(line, where, lineno)
+            if row is not None:
+                yield lineno, row
     except (zipfile.BadZipFile, OSError) as e:  # a damaged zip member shows up while reading
         raise ProbeError(f"{where}: cannot be read ({e})") from None
 
@@ -303,34 +298,33 @@ def _import_train_dev(train_dev: Path, w: _Writer, bar: tqdm | None) -> list[str
     return skipped
 
 
-def _import_google_re(src: _Source, w: _Writer, bar: tqdm | None) -> None:
-    templates = {key: t.source for key, t in parse_template_file(GOOGLE_RE_TEMPLATES).entries.items()}
-    for rel in sorted(r for r in src.files if corpus_of(r) == "google_re"):
-        w.summary.files_read += 1
-        with src.open(rel) as f:
-            for lineno, row in iter_records(f, src.where(rel), bar):
-                check_fact(row, src.where(rel), lineno)
-                pred = _text(row, "pred")
-                if pred is None:
-                    raise ProbeError(f"{src.where(rel)}:{lineno}: expected a relation in 'pred' (like /people/person/place_of_birth)")
-                name = pred.rstrip("/").rsplit("/", 1)[-1]
-                if name not in templates:
-                    raise ProbeError(f"{src.where(rel)}:{lineno}: unknown Google-RE relation {name!r} (pred {pred!r}): expected one "
-                                     f"of {', '.join(templates)}, the relations of {GOOGLE_RE_TEMPLATES}")
-                w.write("test", name, row)
-    w.entries = [{"relation": k, "template": t, "label": k.replace("_", " "), "type": ""} for k, t in templates.items()]
-
-
-def _import_conceptnet(src: _Source, w: _Writer, bar: tqdm | None) -> None:
-    rel = "ConceptNet/test.jsonl"
+def _records_with_pred(src: _Source, rel: str, w: _Writer, bar: tqdm | None, example: str) -> Iterator[tuple[str, dict, str]]:
+    """(file:line, record, its `pred`) of one file of facts that name their relation in `pred`."""
     w.summary.files_read += 1
     with src.open(rel) as f:
         for lineno, row in iter_records(f, src.where(rel), bar):
             check_fact(row, src.where(rel), lineno)
             pred = _text(row, "pred")
             if pred is None:
-                raise ProbeError(f"{src.where(rel)}:{lineno}: expected a relation in 'pred' (like HasSubevent)")
-            w.write("test", _relation_name(pred, f"{src.where(rel)}:{lineno}"), row)
+                raise ProbeError(f"{src.where(rel)}:{lineno}: expected a relation in 'pred' (like {example})")
+            yield f"{src.where(rel)}:{lineno}", row, pred
+
+
+def _import_google_re(src: _Source, w: _Writer, bar: tqdm | None) -> None:
+    templates = {key: t.source for key, t in parse_template_file(GOOGLE_RE_TEMPLATES).entries.items()}
+    for rel in sorted(r for r in src.files if corpus_of(r) == "google_re"):
+        for where, row, pred in _records_with_pred(src, rel, w, bar, "/people/person/place_of_birth"):
+            name = pred.rstrip("/").rsplit("/", 1)[-1]
+            if name not in templates:
+                raise ProbeError(f"{where}: unknown Google-RE relation {name!r} (pred {pred!r}): expected one "
+                                 f"of {', '.join(templates)}, the relations of {GOOGLE_RE_TEMPLATES}")
+            w.write("test", name, row)
+    w.entries = [{"relation": k, "template": t, "label": k.replace("_", " "), "type": ""} for k, t in templates.items()]
+
+
+def _import_conceptnet(src: _Source, w: _Writer, bar: tqdm | None) -> None:
+    for where, row, pred in _records_with_pred(src, "ConceptNet/test.jsonl", w, bar, "HasSubevent"):
+        w.write("test", _relation_name(pred, where), row)
     w.entries = [{"relation": r, "label": r, "type": ""} for r in w.summary.relations]
 
 
