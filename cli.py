@@ -13,7 +13,7 @@ from probe.errors import ProbeError
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
                   help="Probe what facts a frozen language model knows (LAMA, manual and learned prompts).")
-data_app = typer.Typer(no_args_is_help=True, help="Inspect the LAMA data folder.")
+data_app = typer.Typer(no_args_is_help=True, help="Inspect data folders and facts files; build folders from LAMA's data.zip.")
 templates_app = typer.Typer(no_args_is_help=True, help="Inspect and validate template files.")
 app.add_typer(data_app, name="data")
 app.add_typer(templates_app, name="templates")
