@@ -34,6 +34,8 @@ def _print_results(results: dict) -> None:
     if "summary_manual" in results:
         typer.echo("\nthe manual prompt on the same facts:")
         typer.echo(summary_table(results["summary_manual"]).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    if results.get("fit_failed"):
+        typer.echo(f"\nnot trained (dev P@1 never rose above its start, after every retry): {', '.join(results['fit_failed'])}")
 
 
 def _log(message: str) -> None:

@@ -8,9 +8,17 @@ from probe.data import RELATION_TYPES
 
 
 def ranks_of(scores: torch.Tensor, gold: torch.Tensor) -> torch.Tensor:
-    """1-based rank of each row's gold candidate; ties with the gold count in its favour."""
+    """1-based rank of each row's gold candidate; ties with the gold count in its favour.
+
+    A NaN score (a diverged prompt) never helps the gold: a NaN candidate counts as above it, and a NaN gold
+    ranks last. Without this, NaN compares False with everything and every gold would rank first.
+    """
     gold_scores = scores.gather(1, gold[:, None])
-    return (scores > gold_scores).sum(dim=1) + 1
+    above = (scores > gold_scores) | scores.isnan()
+    above.scatter_(1, gold[:, None], False)  # the gold is never above itself
+    ranks = above.sum(dim=1) + 1
+    ranks[gold_scores[:, 0].isnan()] = scores.shape[1]
+    return ranks
 
 
 def precision_at_k(ranks: list[int] | torch.Tensor, k: int) -> float:

@@ -525,6 +525,7 @@ def train_relations(backend: Backend, data: FactData, ids: list[str], candidates
             "n_dev": len(dev),
             "best_step": result.best_step,
             "steps": result.steps,
+            **({"attempts": result.attempts} if result.attempts else {}),
             **prompt.saved_info(compiled),
         })
         metrics = {
@@ -534,8 +535,12 @@ def train_relations(backend: Backend, data: FactData, ids: list[str], candidates
             **{f"dev_{k}": v for k, v in result.best_dev.items()},
             **{f"manual_{k}": v for k, v in manual_test.items()},
             **{f"manual_dev_{k}": v for k, v in manual_dev.items()},
+            "fit_failed": result.failed,  # dev never rose above the untrained prompt's: not a trained prompt
         }
         run.save_relation(relation.id, metrics, test_eval.predictions())
+        if result.failed:
+            tqdm.write(f"warning: {relation.id}: dev P@1 never rose above its start in {len(result.attempts) or 1} "
+                       "attempt(s); flagged as fit_failed, not a trained prompt", file=sys.stderr)
         tqdm.write(
             f"{relation.id:>6} {relation.label[:28]:28} dev P@1 {result.best_dev['p1']:5.1f} "
             f"(manual {manual_dev['p1']:5.1f})  test P@1 {test_eval.metrics['p1']:5.1f} "

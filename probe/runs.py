@@ -115,6 +115,9 @@ class RunFolder:
         """results.json, relations.csv and summary.md from the finished relations; returns results."""
         rows = self.rows()
         results = {"config": self.config, "relations": rows, "summary": aggregate(rows)}
+        failed = [r["relation"] for r in rows if r.get("fit_failed")]
+        if failed:  # trained prompts whose dev figures never rose: flagged, never reported as trained quietly
+            results["fit_failed"] = failed
         if rows and all("manual_p1" in r for r in rows):  # training runs also test the manual prompt
             manual = [{**r, **{m: r[f"manual_{m}"] for m in ("p1", "p10", "mrr")}} for r in rows]
             results["summary_manual"] = aggregate(manual)
@@ -130,6 +133,7 @@ TABLE_COLUMNS = ["relation", "label", "type", "n_facts", "n_dropped", "p1", "p10
 
 def relations_table(rows: list[dict]) -> pd.DataFrame:
     columns = TABLE_COLUMNS + [c for c in ("dev_p1", "manual_p1") if any(c in r for r in rows)]
+    columns += ["fit_failed"] if any(r.get("fit_failed") for r in rows) else []
     return pd.DataFrame([{c: r.get(c) for c in columns} for r in rows], columns=columns)
 
 
@@ -154,6 +158,9 @@ def summary_markdown(results: dict) -> str:
     summ = markdown_table(summary_table(results["summary"]))
     if "summary_manual" in results:
         summ += "\n\nThe manual prompt on the same facts:\n\n" + markdown_table(summary_table(results["summary_manual"]))
+    if results.get("fit_failed"):
+        summ += (f"\n\n**Not trained** (dev P@1 never rose above the untrained prompt's, after every retry): "
+                 f"{', '.join(results['fit_failed'])}. Their rows are the untrained prompt.")
     return head + note + summ + "\n\n" + rel + "\n"
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -51,6 +51,8 @@ class TrainConfig:
     patience: int = 4  # dev evaluations without improvement before stopping
     max_train: int = 0  # 0: all train facts
     seed: int = 13
+    retries: int = 1  # a fit whose dev figures never rise above their start is run again, at a lower lr
+    retry_lr_factor: float = 0.1  # the lr of each retry, times the one before
 
     def check(self) -> None:
         if not self.lr > 0 or not math.isfinite(self.lr):
@@ -59,6 +61,9 @@ class TrainConfig:
             raise ProbeError(f"weight_decay must be at least 0, got {self.weight_decay}")
         if not 0 <= self.warmup < 1:
             raise ProbeError(f"warmup must be a share of the steps in [0, 1), got {self.warmup}")
+        if self.retries < 0 or not 0 < self.retry_lr_factor < 1:
+            raise ProbeError(f"retries must be at least 0 and retry_lr_factor in (0, 1), got {self.retries} and "
+                             f"{self.retry_lr_factor}")
         if self.min_steps < 0 or self.max_train < 0:
             raise ProbeError(f"--min-steps and --max-train must be at least 0, got {self.min_steps} and {self.max_train}")
         check_positive(self, "batch_size", "epochs", "eval_every", "patience")
@@ -74,6 +79,12 @@ class FitResult:
     best_step: int
     steps: int
     stopped_early: bool
+    attempts: list[dict] = field(default_factory=list)  # one per run of the fit: its lr, steps, best step and dev P@1
+
+    @property
+    def failed(self) -> bool:
+        """Dev never rose above where the prompt started, on any attempt: not a trained prompt."""
+        return self.best_step == 0
 
 
 class FitLoop:
@@ -185,3 +196,21 @@ def train_prompt(
     method.load_state_dict(fit.best_state)
     method.eval()
     return fit.result(stopped)
+
+
+def train_with_retries(backend: Backend, method: PromptMethod, compiled: CompiledTemplate, train_facts: list[Fact],
+                       dev_facts: list[Fact], candidates: CandidateVocab, config: TrainConfig,
+                       log_path: Path | None = None, desc: str = "train") -> FitResult:
+    """`train_prompt`, run again at `retry_lr_factor` times the lr (up to `retries` times) while dev never rises
+    above its start. A failed fit leaves the starting prompt in place, so each retry starts where the first did;
+    the log holds every attempt, each opened by its config."""
+    attempts = []
+    while True:
+        result = train_prompt(backend, method, compiled, train_facts, dev_facts, candidates, config, log_path=log_path,
+                              desc=desc)
+        attempts.append({"lr": config.lr, "steps": result.steps, "best_step": result.best_step,
+                         "dev_p1": result.best_dev["p1"]})
+        if not result.failed or len(attempts) > config.retries:
+            return replace(result, attempts=attempts)
+        config = replace(config, lr=config.lr * config.retry_lr_factor)
+        tqdm.write(f"{desc}: dev P@1 never rose above its start; retrying at lr {config.lr:g}")

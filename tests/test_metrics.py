@@ -74,3 +74,10 @@ def test_aggregate_empty():
         "relations": 0, "facts": 0, "macro_p1": 0.0, "micro_p1": 0.0, "macro_p10": 0.0, "micro_p10": 0.0,
         "macro_mrr": 0.0, "micro_mrr": 0.0,
     }}
+
+
+def test_nan_scores_never_help_the_gold():
+    """A diverged prompt's NaN scores rank the gold last, not first (NaN compares False with everything)."""
+    nan = float("nan")
+    scores = torch.tensor([[nan, nan, nan], [0.1, nan, 0.5], [0.9, 0.2, 0.1], [0.3, 0.3, 0.1]])
+    assert ranks_of(scores, torch.tensor([0, 0, 0, 1])).tolist() == [3, 3, 1, 1]  # finite scores: as before, ties help

@@ -13,6 +13,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -20,7 +21,7 @@ from conftest import assert_user_error, run_cli, write_jsonl
 from typer.testing import CliRunner
 
 import cli
-import probe.methods.base
+import probe.train
 from probe.batching import collate, make_batches
 from probe.data import Fact, LamaData
 from probe.errors import ProbeError
@@ -659,12 +660,21 @@ def test_train_relations_writes_a_complete_run_folder(trained_run):
         assert prompt.virtual_embeddings().shape == (cfg["n_virtual"], backend.hidden_size)
         for k in ("p1", "p10", "mrr", "dev_p1", "dev_mrr", "manual_p1", "manual_mrr", "manual_dev_p1"):
             assert k in metrics, k
-        log = [json.loads(line) for line in (folder / "train_log.jsonl").read_text().splitlines()]
-        assert [e["step"] for e in log] == list(range(7))
+        entries = [json.loads(line) for line in (folder / "train_log.jsonl").read_text().splitlines()]
+        starts = [i for i, e in enumerate(entries) if e["step"] == 0]  # one attempt per start: a retry logs again
+        attempts = [entries[i:j] for i, j in zip(starts, [*starts[1:], len(entries)], strict=True)]
+        assert [a[0]["config"]["lr"] for a in attempts] == [a["lr"] for a in cfg["attempts"]]
+        assert [a["lr"] for a in cfg["attempts"]] == pytest.approx([FAST.lr * 0.1 ** i for i in range(len(attempts))])
+        log = attempts[-1]
+        assert all([e["step"] for e in a] == list(range(7)) for a in attempts)
         assert max(e["dev_p1"] for e in log) == metrics["dev_p1"]
-        # the kept step is the first with the best (dev P@1, dev MRR)
+        # the kept step is the first with the best (dev P@1, dev MRR); a retry only follows a fit that kept step 0
         best = max((e["dev_p1"], e["dev_mrr"]) for e in log)
         assert cfg["best_step"] == next(e["step"] for e in log if (e["dev_p1"], e["dev_mrr"]) == best)
+        assert all(a["best_step"] == 0 for a in cfg["attempts"][:-1])
+        assert metrics["fit_failed"] == (cfg["best_step"] == 0) == (len(attempts) == 2)
+    failed = [r["relation"] for r in results["relations"] if r["fit_failed"]]
+    assert results.get("fit_failed", []) == failed
     p19 = json.loads((run_dir / "P19" / "metrics.json").read_text())
     assert (p19["n_facts"], p19["n_dropped"]) == (6, 1)  # Ravenna is no candidate
 
@@ -724,7 +734,7 @@ def test_cli_eval_prompts_with_another_model_is_one_error_line(trained_runs):
 def test_interrupted_training_resumes_without_retraining(causal_backend, tmp_path, monkeypatch):
     backend = causal_backend
     lama = make_lama(tmp_path / "lama", default_splits())
-    real = probe.methods.base.train_prompt
+    real = probe.train.train_prompt
     calls = []
 
     def interrupt_second(*args, **kwargs):
@@ -733,7 +743,7 @@ def test_interrupted_training_resumes_without_retraining(causal_backend, tmp_pat
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(probe.methods.base, "train_prompt", interrupt_second)
+    monkeypatch.setattr(probe.train, "train_prompt", interrupt_second)
     out = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
         train_run(backend, lama, out)
@@ -751,7 +761,7 @@ def test_interrupted_training_resumes_without_retraining(causal_backend, tmp_pat
         calls.append(kwargs.get("desc", ""))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(probe.methods.base, "train_prompt", count)
+    monkeypatch.setattr(probe.train, "train_prompt", count)
     with pytest.raises(ProbeError, match="already exists"):
         train_run(backend, lama, out)
     assert calls == []
@@ -875,7 +885,7 @@ def test_cli_train_interrupted_then_resumed(tiny_causal_dir, tmp_path, monkeypat
     out = tmp_path / "run"
     args = ["train", "--model", str(tiny_causal_dir), "--dtype", "float32", "--data", str(lama), "--relation", "P19",
             "--relation", "P36", "--out", str(out), "--epochs", "1", "--min-steps", "0", "--batch-size", "4", "--lr", "0.05"]
-    real = probe.methods.base.train_prompt
+    real = probe.train.train_prompt
     calls = []
 
     def interrupt_second(*a, **k):
@@ -884,7 +894,7 @@ def test_cli_train_interrupted_then_resumed(tiny_causal_dir, tmp_path, monkeypat
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(probe.methods.base, "train_prompt", interrupt_second)
+    monkeypatch.setattr(probe.train, "train_prompt", interrupt_second)
     res = CliRunner().invoke(cli.app, args)
     assert res.exit_code == 130, (res.output, res.exception)
     assert f"interrupted: finished relations are saved in {out}" in res.stderr and "--resume" in res.stderr
@@ -894,7 +904,7 @@ def test_cli_train_interrupted_then_resumed(tiny_causal_dir, tmp_path, monkeypat
     stamp = (out / "P19" / "prompt.safetensors").stat().st_mtime_ns
 
     calls.clear()
-    monkeypatch.setattr(probe.methods.base, "train_prompt", lambda *a, **k: calls.append(k["desc"]) or real(*a, **k))
+    monkeypatch.setattr(probe.train, "train_prompt", lambda *a, **k: calls.append(k["desc"]) or real(*a, **k))
     res = CliRunner().invoke(cli.app, [*args, "--resume"])
     assert res.exit_code == 0, (res.output, res.exception)
     assert len(calls) == 1 and calls[0].startswith("P36")
@@ -951,3 +961,47 @@ def test_cli_train_refuses_a_non_test_split(tiny_causal_dir, tmp_path, split):
                                        "--epochs", "1", "--min-steps", "0"])
     assert isinstance(res.exception, ProbeError), res.output
     assert "split" in str(res.exception)
+
+
+# ---------------------------------------------------------------------------------------------
+# No silent divergence: a fit whose dev never rises is retried at a lower lr, then flagged
+# ---------------------------------------------------------------------------------------------
+
+
+def test_an_absurd_lr_is_retried_lower_and_the_retry_learns(causal_backend, tmp_path):
+    """lr 1e20 turns the prompt into NaN (a real divergence, which once ranked every gold first); the retry at
+    lr 1e20 * 1e-21 = 0.1 learns."""
+    from probe.train import train_with_retries
+
+    backend = causal_backend
+    cands, train, dev, manual_p1 = learnable_problem(backend)
+    compiled = compile_template(shape_for(backend), backend.tokenizer, backend.kind)
+    torch.manual_seed(0)
+    method = get_method("ptuning").create(backend, compiled, MANUAL)
+    config = TrainConfig(min_steps=0, lr=1e20, batch_size=5, epochs=5, eval_every=2, patience=100, seed=1,
+                         retry_lr_factor=1e-21)
+    log = tmp_path / "log.jsonl"
+    result = train_with_retries(backend, method, compiled, train, dev, cands, config, log_path=log)
+    assert [a["lr"] for a in result.attempts] == pytest.approx([1e20, 0.1])
+    assert result.attempts[0]["best_step"] == 0  # the diverged prompt never beat the start...
+    assert not result.failed and result.best_step > 0 and result.best_dev["p1"] >= manual_p1 + 30  # ...the retry did
+    entries = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [e["config"]["lr"] for e in entries if e["step"] == 0] == pytest.approx([1e20, 0.1])
+    diverged = [e for e in entries[: entries.index(next(e for e in entries[1:] if e["step"] == 0))] if "dev_p1" in e]
+    assert [e["dev_p1"] for e in diverged[1:]] == [0.0] * (len(diverged) - 1)  # NaN scores rank every gold last
+    assert not method.virtual_embeddings().isnan().any()
+
+
+def test_a_fit_that_never_rises_is_flagged_in_the_results(masked_backend, tmp_path):
+    """lr 0 can learn nothing, at any retry: the relation is flagged, in metrics, results.json and the summary."""
+    lama = make_lama(tmp_path / "lama", default_splits())
+    config = TrainConfig(min_steps=0, lr=0.0, batch_size=4, epochs=1, eval_every=1, patience=100, seed=7, retries=2)
+    with pytest.raises(ProbeError, match="--lr must be a positive number, got 0.0"):
+        config.check()  # the CLI refuses lr 0; the pipeline below is handed it directly
+    results, run, _, _ = train_run(masked_backend, lama, tmp_path / "run", relation_ids=["P19"], config=config)
+    (row,) = results["relations"]
+    assert row["fit_failed"] is True and results["fit_failed"] == ["P19"]
+    cfg = json.loads((run.root / "P19" / "config.json").read_text())
+    assert [a["lr"] for a in cfg["attempts"]] == [0.0, 0.0, 0.0] and all(a["best_step"] == 0 for a in cfg["attempts"])
+    assert "**Not trained**" in (run.root / "summary.md").read_text() and "P19" in (run.root / "summary.md").read_text()
+    assert list(pd.read_csv(run.root / "relations.csv")["fit_failed"]) == [True]

@@ -13,7 +13,7 @@ from probe.backends import Backend, PromptInputs
 from probe.data import Fact
 from probe.errors import ProbeError
 from probe.templates import CompiledTemplate
-from probe.train import FitResult, TrainConfig, train_prompt
+from probe.train import FitResult, TrainConfig, train_with_retries
 from probe.vocab import CandidateVocab
 
 
@@ -99,13 +99,14 @@ class PromptMethod(nn.Module):
 
 
 class GradientPrompt(PromptMethod):
-    """A method fit by the one trainer (`probe.train.train_prompt`): AdamW on its parameters, the LM frozen."""
+    """A method fit by the one trainer (`probe.train.train_prompt`): AdamW on its parameters, the LM frozen; run again
+    at a lower lr when dev never rises above its start (`train_with_retries`)."""
 
     fit_config_class = TrainConfig
 
     def fit(self, backend: Backend, compiled: CompiledTemplate, train: list[Fact], dev: list[Fact],
             candidates: CandidateVocab, config: TrainConfig, log_path: Path | None = None, desc: str = "train") -> FitResult:
-        return train_prompt(backend, self, compiled, train, dev, candidates, config, log_path=log_path, desc=desc)
+        return train_with_retries(backend, self, compiled, train, dev, candidates, config, log_path=log_path, desc=desc)
 
 
 class FixedPrompt(PromptMethod):
