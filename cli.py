@@ -242,6 +242,11 @@ def compare_cmd(
         typer.echo(cmp.per_relation.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
         typer.echo("")
         typer.echo(cmp.summary.drop(columns=["model"]).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    if cmp.seeds is not None:
+        from probe.compare import seed_table
+
+        typer.echo("\nruns that differ only by seed (mean ± sample std over seeds):")
+        typer.echo(seed_table(cmp.seeds).to_string(index=False))
     typer.echo("\n".join(cmp.notes))
     out = out or Path("runs") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
     written = write_comparison(cmp, out)

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +44,7 @@ class Comparison:
     per_relation: pd.DataFrame
     manual_p1: dict[str, dict[str, float]]
     notes: list[str]
+    seeds: pd.DataFrame | None = None  # runs that differ only by seed, grouped: mean and sample std
 
 
 def find_run_folders(paths: list[Path]) -> list[Path]:
@@ -169,7 +171,70 @@ def compare_runs(runs: list[Run], allow_mixed: bool = False) -> Comparison:
     ])
     columns = ["label", "model", "relations", "facts", "macro_p1", "micro_p1", "macro_p10", "micro_p10", "macro_mrr",
                "micro_mrr", *[f"p1_{t}" for t in RELATION_TYPES], "manual_p1", "gain_p1", "manual_from"]
-    return Comparison(runs, relations, pd.DataFrame(summary).reindex(columns=columns), per_relation, manual_p1, notes)
+    table = pd.DataFrame(summary).reindex(columns=columns)
+    seeds = seed_groups(runs, table)
+    if seeds is not None:
+        notes += seed_notes(seeds)
+    return Comparison(runs, relations, table, per_relation, manual_p1, notes, seeds)
+
+
+SEED_FIGURES = ("macro_p1", "micro_p1", *[f"p1_{t}" for t in RELATION_TYPES])
+
+
+def without_seed(config: dict) -> str:
+    """A run's config with its seeds (and creation time) left out: runs alike but for the seed share it."""
+    out = {k: v for k, v in config.items() if k not in ("seed", "created", "probe_version")}
+    for key in ("train", "data_spec"):
+        if isinstance(out.get(key), dict):
+            out[key] = {k: v for k, v in out[key].items() if k != "seed"}
+    return json.dumps(out, sort_keys=True, default=str)
+
+
+def seed_groups(runs: list[Run], summary: pd.DataFrame) -> pd.DataFrame | None:
+    """Per group of runs that differ only by seed: the seeds, and mean and sample std over them of macro and micro
+    P@1 and of macro P@1 per relation type; None when no two runs differ only by seed."""
+    groups: dict[str, list[int]] = {}
+    for i, run in enumerate(runs):
+        groups.setdefault(without_seed(run.config), []).append(i)
+    if all(len(members) < 2 for members in groups.values()):
+        return None
+    rows = []
+    for members in groups.values():
+        figures = summary.iloc[members]
+        row = {"label": run_label(runs[members[0]].config), "runs": len(members),
+               "seeds": ", ".join(str(runs[i].config["seed"]) for i in members if runs[i].config.get("seed") is not None)}
+        for key in SEED_FIGURES:
+            values = figures[key].dropna().astype(float)
+            row[f"{key}_mean"] = float(values.mean()) if len(values) else None
+            row[f"{key}_std"] = float(values.std(ddof=1)) if len(values) > 1 else None
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def seed_notes(seeds: pd.DataFrame) -> list[str]:
+    """A note for each two seed groups whose mean macro P@1 differ by less than the larger seed spread."""
+    notes = []
+    groups = seeds[seeds["runs"] > 1].sort_values("macro_p1_mean", ascending=False).to_dict("records")
+    for i, a in enumerate(groups):
+        for b in groups[i + 1:]:
+            gap, spread = a["macro_p1_mean"] - b["macro_p1_mean"], max(a["macro_p1_std"], b["macro_p1_std"])
+            if gap < spread:
+                notes.append(f"{a['label']} and {b['label']}: macro P@1 {gap:.2f} apart, less than the seed spread "
+                             f"(std {spread:.2f}): these seeds do not tell them apart")
+    return notes
+
+
+def seed_table(seeds: pd.DataFrame) -> pd.DataFrame:
+    """The seed groups as printed: `mean ± std` per figure."""
+    def shown(mean, std) -> str:
+        if mean is None or pd.isna(mean):
+            return ""
+        return f"{mean:.2f}" + (f" ± {std:.2f}" if std is not None and not pd.isna(std) else "")
+
+    out = seeds[["label", "runs", "seeds"]].copy()
+    for key in SEED_FIGURES:
+        out[key] = [shown(m, s) for m, s in zip(seeds[f"{key}_mean"], seeds[f"{key}_std"], strict=True)]
+    return out
 
 
 def wide_table(cmp: Comparison) -> pd.DataFrame:
@@ -186,8 +251,10 @@ def comparison_markdown(cmp: Comparison) -> str:
     head += "\n- macro = mean over relations, micro = mean over facts; P@k in %, MRR as a fraction; " \
             "p1_<type>: macro P@1 per relation type; gain_p1 = macro_p1 - manual_p1\n"
     runs = "\n".join(f"- {run.label}: {run.folder}" for run in cmp.runs)
-    return (head + "\n" + markdown_table(cmp.summary) + "\n\nP@1 per relation:\n\n" + markdown_table(cmp.per_relation)
-            + "\n\nRun folders:\n\n" + runs + "\n")
+    seeds = "" if cmp.seeds is None else ("\n\nRuns that differ only by seed (mean ± sample std over seeds):\n\n"
+                                          + markdown_table(seed_table(cmp.seeds)))
+    return (head + "\n" + markdown_table(cmp.summary) + seeds + "\n\nP@1 per relation:\n\n"
+            + markdown_table(cmp.per_relation) + "\n\nRun folders:\n\n" + runs + "\n")
 
 
 def plot_types(cmp: Comparison, path: Path) -> None:
@@ -232,6 +299,9 @@ def write_comparison(cmp: Comparison, out: Path) -> list[Path]:
     atomic_write_text(written[0], wide_table(cmp).to_csv(index=False))
     atomic_write_text(written[1], comparison_markdown(cmp))
     plot_types(cmp, written[2])
+    if cmp.seeds is not None:
+        written.append(out / "compare_seeds.csv")
+        atomic_write_text(written[-1], cmp.seeds.to_csv(index=False))
     if plot_manual_scatter(cmp, out / "manual_vs.png"):
         written.append(out / "manual_vs.png")
     return written

@@ -10,7 +10,7 @@ from conftest import assert_user_error, make_fake_lama, run_cli, write_jsonl
 from typer.testing import CliRunner
 
 import cli
-from probe.compare import compare_runs, load_runs, run_label
+from probe.compare import compare_runs, load_runs, run_label, write_comparison
 from probe.controls import CONTROLS, majority_scores
 from probe.data import Fact
 from probe.errors import ProbeError
@@ -209,3 +209,52 @@ def test_compare_errors(tmp_path, runs):
     disjoint = make_run(tmp_path / "x", "manual", [row("P101", "N-M", 5, 10.0)])
     with pytest.raises(ProbeError, match="share no relation"):
         compare_runs(load_runs([runs[0], disjoint]))
+
+
+def _seeded_run(root, name: str, method: str, seed, p1: dict[str, float]):
+    """A run folder as `probe train` writes it, with the given test P@1 per relation."""
+    import json as _json
+
+    types = {"P19": "N-1", "P36": "1-1"}
+    config = {"command": "train", "model": "m", "vocab": "common", "split": "test_34k", "method": method, "seed": seed,
+              "train": {"lr": 0.001, "seed": seed}, "created": f"2026-12-02T10:00:0{seed}", "method_config": {}}
+    if seed is None:
+        config = {**config, "command": "eval", "train": None}
+    rows = [{"relation": r, "label": r, "type": types[r], "n_facts": 10, "p1": v, "p10": 90.0, "mrr": 0.5}
+            for r, v in p1.items()]
+    folder = root / name
+    folder.mkdir(parents=True)
+    (folder / "results.json").write_text(_json.dumps({"config": config, "relations": rows}))
+    return folder
+
+
+def test_runs_that_differ_only_by_seed_are_grouped_with_mean_and_std(tmp_path):
+    from probe.compare import seed_table
+
+    folders = [_seeded_run(tmp_path, "manual", "manual", None, {"P19": 10.0, "P36": 30.0})]
+    for seed, (a, b) in zip((1, 2, 3), ((40, 20), (42, 22), (44, 24)), strict=True):
+        folders.append(_seeded_run(tmp_path, f"pt{seed}", "ptuning", seed, {"P19": a, "P36": b}))
+    for seed, (a, b) in zip((1, 2, 3), ((41, 21), (40, 22), (45, 23)), strict=True):
+        folders.append(_seeded_run(tmp_path, f"ptt{seed}", "prompt-tuning", seed, {"P19": a, "P36": b}))
+    cmp = compare_runs(load_runs(folders))
+    seeds = cmp.seeds.set_index("label")
+    assert list(seeds.index) == ["manual", "ptuning", "prompt-tuning"]
+    assert seeds.loc["ptuning", "runs"] == 3 and seeds.loc["ptuning", "seeds"] == "1, 2, 3"
+    assert seeds.loc["ptuning", "macro_p1_mean"] == 32.0 and seeds.loc["ptuning", "macro_p1_std"] == 2.0
+    assert seeds.loc["prompt-tuning", "macro_p1_mean"] == 32.0
+    assert seeds.loc["prompt-tuning", "macro_p1_std"] == pytest.approx(3 ** 0.5)  # per seed 31, 31, 34
+    assert seeds.loc["ptuning", "p1_N-1_mean"] == 42.0 and seeds.loc["ptuning", "p1_1-1_std"] == 2.0
+    assert seeds.loc["manual", "runs"] == 1 and pd.isna(seeds.loc["manual", "macro_p1_std"])
+    assert ("ptuning and prompt-tuning: macro P@1 0.00 apart, less than the seed spread (std 2.00): these seeds do "
+            "not tell them apart") in cmp.notes
+    shown = seed_table(cmp.seeds).set_index("label")
+    assert shown.loc["ptuning", "macro_p1"] == "32.00 ± 2.00" and shown.loc["manual", "macro_p1"] == "20.00"
+    written = write_comparison(cmp, tmp_path / "out")
+    assert tmp_path / "out" / "compare_seeds.csv" in written
+    assert "32.00 ± 2.00" in (tmp_path / "out" / "compare.md").read_text()
+    # two methods further apart than their seeds spread: no note
+    far = [folders[0], *folders[1:4]] + [_seeded_run(tmp_path, f"far{s}", "prompt-tuning", s, {"P19": 60.0 + s, "P36": 40.0})
+                                         for s in (1, 2)]
+    assert not [n for n in compare_runs(load_runs(far)).notes if "seed spread" in n]
+    # runs that are all of different settings: no seed table
+    assert compare_runs(load_runs([folders[0], folders[1]])).seeds is None
