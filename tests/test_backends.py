@@ -234,7 +234,7 @@ def test_llama_fast_path_with_packed_weights(causal_backend, dtype, monkeypatch)
     assert torch.equal(fast, unpacked) if dtype == torch.bfloat16 else torch.allclose(fast, unpacked, atol=1e-5)
 
 
-def test_llama_fast_prefix_run_once_equals_the_whole_input(causal_backend):
+def test_llama_shared_start_run_once_equals_the_whole_input(causal_backend):
     """Keys and values of a start shared by every row, run once, then the rows' rest: the same hidden states."""
     b = causal_backend
     batch = collate(compile_template("The capital of [X] is [Y] .", b.tokenizer, "causal"), FACTS, build_candidates(
