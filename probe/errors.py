@@ -5,6 +5,13 @@ class ProbeError(Exception):
     """A mistake in the user's input (data folder, template, model, option) with a one-line message."""
 
 
+def check_positive(**values: int) -> None:
+    """Each named setting must be at least 1; the first that is not is a ProbeError naming its flag."""
+    for name, value in values.items():
+        if value < 1:
+            raise ProbeError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+
+
 class Interrupted(Exception):
     """Ctrl-C during a run: what finished is saved in `folder`."""
 

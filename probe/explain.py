@@ -111,7 +111,8 @@ def check_explainable(config: dict, run_dir: Path) -> None:
 def explain_run(run_dir: Path, relations: list[str] | None, k: int, data: str | None, log=print) -> Path:
     """Explain every saved prompt of a training run (or only `relations`): print each, save RUN/explain.json."""
     from probe.backends import load_backend
-    from probe.pipeline import check_positive, reopen_data, saved_relations
+    from probe.errors import check_positive
+    from probe.pipeline import reopen_data, saved_relations
     from probe.runs import atomic_write_json, read_json
 
     check_positive(k=k)

@@ -20,7 +20,7 @@ from probe.backends import Backend, load_backend
 from probe.batching import filter_facts
 from probe.controls import CONTROLS, MODEL_CONTROLS
 from probe.data import FactData, Relation, open_data
-from probe.errors import Interrupted, ProbeError
+from probe.errors import Interrupted, ProbeError, check_positive
 from probe.evaluate import evaluate_ensemble, evaluate_facts, evaluate_majority
 from probe.methods import FixedPrompt, get_method, method_config
 from probe.methods.manual import ManualPrompt
@@ -200,12 +200,6 @@ def check_new_folder(out: Path | None, resume: bool | None) -> None:
     """An existing run folder is refused without --resume, before anything is loaded."""
     if out is not None and not resume and (Path(out) / "config.json").exists():
         raise ProbeError(f"run folder {out} already exists: pass --resume to continue it, or another --out")
-
-
-def check_positive(**values: int) -> None:
-    for name, value in values.items():
-        if value < 1:
-            raise ProbeError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
 
 
 def relation_facts(data: FactData, relation: Relation, split: str, candidates: CandidateVocab, strict: bool):

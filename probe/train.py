@@ -19,7 +19,7 @@ from tqdm import tqdm
 from probe.backends import Backend
 from probe.batching import make_batches
 from probe.data import Fact
-from probe.errors import ProbeError
+from probe.errors import ProbeError, check_positive
 from probe.evaluate import evaluate_facts
 from probe.runs import JsonlLog
 from probe.templates import CompiledTemplate
@@ -27,14 +27,6 @@ from probe.vocab import CandidateVocab
 
 if TYPE_CHECKING:
     from probe.methods.base import PromptMethod
-
-
-def check_positive(config, *names: str) -> None:
-    """Each named field of a config dataclass must be at least 1."""
-    for name in names:
-        value = getattr(config, name)
-        if value < 1:
-            raise ProbeError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
 
 
 @dataclass
@@ -66,7 +58,7 @@ class TrainConfig:
                              f"{self.retry_lr_factor}")
         if self.min_steps < 0 or self.max_train < 0:
             raise ProbeError(f"--min-steps and --max-train must be at least 0, got {self.min_steps} and {self.max_train}")
-        check_positive(self, "batch_size", "epochs", "eval_every", "patience")
+        check_positive(batch_size=self.batch_size, epochs=self.epochs, eval_every=self.eval_every, patience=self.patience)
 
 
 def config_fields(config_class) -> set[str]:

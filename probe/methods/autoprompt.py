@@ -21,11 +21,11 @@ import torch.nn.functional as F
 from probe.backends import Backend, PromptInputs
 from probe.batching import Batch, make_batches
 from probe.data import Fact
-from probe.errors import ProbeError
+from probe.errors import ProbeError, check_positive
 from probe.evaluate import evaluate_facts
 from probe.methods.base import MethodConfig, PromptMethod
 from probe.templates import OBJ, SUB, TEXT, VIRTUAL, CompiledTemplate, Template, encode_words, manual_word_slots
-from probe.train import FitLoop, FitResult, check_positive
+from probe.train import FitLoop, FitResult
 from probe.vocab import CandidateVocab
 
 INIT_WORD = "the"  # a trigger starts as this word (as a word start: ' the' for BPE vocabularies)
@@ -58,7 +58,7 @@ class TriggerSearchConfig:
     seed: int = 13
 
     def check(self) -> None:
-        check_positive(self, "iterations", "top_k", "batch_size")
+        check_positive(iterations=self.iterations, top_k=self.top_k, batch_size=self.batch_size)
         if self.patience < 0:
             raise ProbeError(f"--patience must be at least 0, got {self.patience}")
 
