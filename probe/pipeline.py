@@ -158,10 +158,7 @@ def relation_templates(spec: str | None) -> tuple[dict[str, str], str | None]:
     (its `default` for the others), or one inline `[X] ... [Y]` template for every relation."""
     if spec is None:
         return {}, None
-    if Path(spec).is_file() or spec.endswith((".txt", ".tpl")):
-        entries = {k: t for k, t in parse_template_file(spec).entries.items()}
-    else:
-        entries = {"default": parse_template(spec)}
+    entries = dict(read_template_spec(spec).entries)
     for key, t in entries.items():
         if t.n_virtual or any(p.kind == WORDS for p in t.parts):
             raise ProbeError(f"template {t.source!r} ({key}) has virtual tokens: a relation's template is real words, "
@@ -387,13 +384,17 @@ def load_template_spec(spec: str | None, method: str | None = None) -> TemplateF
     The defaults are the P-tuning shapes, unless the method has its own (prefix-tuning puts its prefix first).
     """
     defaults = dict(get_method(method).default_shapes or DEFAULT_SHAPES) if method else dict(DEFAULT_SHAPES)
-    if spec is None:
-        return TemplateFile("<default>", {}, defaults)
+    tf = read_template_spec(spec) if spec is not None else TemplateFile("<default>", {})
+    tf.defaults = defaults
+    return tf
+
+
+def read_template_spec(spec: str) -> TemplateFile:
+    """A template option's value: a template file (a path, or a name ending .txt/.tpl), else one inline template
+    that applies to every relation (`default`)."""
     if Path(spec).is_file() or spec.endswith((".txt", ".tpl")):
-        tf = parse_template_file(spec)
-        tf.defaults = defaults
-        return tf
-    return TemplateFile("<inline>", {"default": parse_template(spec)}, defaults)
+        return parse_template_file(spec)
+    return TemplateFile("<inline>", {"default": parse_template(spec)})
 
 
 def run_train(opts: Options, log=print) -> Run:
