@@ -101,16 +101,21 @@ def read_records(path: Path) -> list[tuple[int, dict]]:
     path = Path(path)
     if not path.is_file():
         raise ProbeError(f"facts file {path} not found: expected a JSONL or CSV file")
-    text = path.read_text(encoding="utf-8-sig")
+    expected = f"facts file {path}: expected JSONL (one JSON object a line) or CSV with a header row"
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise ProbeError(f"{expected}, as UTF-8 text") from None
     if not text.strip():
         raise ProbeError(f"facts file {path} is empty: expected a subject and an object per row")
-    if path.suffix.lower() == ".csv" or (not text.lstrip().startswith("{") and path.suffix.lower() != ".jsonl"):
-        if path.suffix.lower() not in (".csv", ".tsv", ".txt"):
-            raise ProbeError(f"facts file {path}: expected JSONL (one JSON object a line) or CSV with a header row")
-        dialect = "excel-tab" if path.suffix.lower() == ".tsv" else "excel"
-        reader = csv.DictReader(text.splitlines(), dialect=dialect)
-        return [(i, {k.strip(): (v or "").strip() for k, v in row.items() if k}) for i, row in enumerate(reader, 2)]
-    return read_jsonl(path)
+    suffix = path.suffix.lower()
+    if suffix != ".csv" and (suffix == ".jsonl" or text.lstrip().startswith("{")):
+        rows = ((lineno, json_record(line, path, lineno)) for lineno, line in enumerate(text.split("\n"), 1))
+        return [(lineno, row) for lineno, row in rows if row is not None]
+    if suffix not in (".csv", ".tsv", ".txt"):
+        raise ProbeError(expected)
+    reader = csv.DictReader(text.splitlines(), dialect="excel-tab" if suffix == ".tsv" else "excel")
+    return [(i, {k.strip(): (v or "").strip() for k, v in row.items() if k}) for i, row in enumerate(reader, 2)]
 
 
 def _field(row: dict, key: str, path: Path, lineno: int) -> str:

@@ -230,6 +230,9 @@ def test_bad_facts_files_are_one_error_line(tmp_path, fake_lama):
     other = tmp_path / "facts.xlsx"
     other.write_bytes(b"PK\x03\x04 not a text file")
     assert_user_error(run_cli("data", "info", "--facts", other), "expected JSONL (one JSON object a line) or CSV")
+    binary = tmp_path / "sheet.xlsx"
+    binary.write_bytes(b"PK\x03\x04\x14\x00\x06\x00\x08\x00\xff\xfe\x9c")  # not UTF-8: still one line, no traceback
+    assert_user_error(run_cli("data", "info", "--facts", binary), "or CSV with a header row, as UTF-8 text")
     ok = tmp_path / "ok.csv"
     ok.write_text("subject,object\nDante,Florence\n")
     assert error_of("eval", "--facts", ok, "--template", "[X] was born in .", "--all") == (
