@@ -79,6 +79,10 @@ def data_import(
     typer.echo("\n".join(summary.lines()))
 
 
+RunModelOpt = Annotated[str | None, typer.Option(
+    "--model", "-m", help="'smollm2' (default), a hub id, a local folder or a .gguf file.")]
+RunDeviceOpt = Annotated[str | None, typer.Option("--device", help="cpu (default), cuda or cuda:N.")]
+RunDtypeOpt = Annotated[str | None, typer.Option("--dtype", help="bfloat16 (default), float32 or float16 for the LM weights.")]
 RelationOpt = Annotated[list[str] | None, typer.Option(
     "--relation", "-r", help="Relation id, e.g. P19; repeat it or give a comma list (P19,P20).")]
 AllOpt = Annotated[bool | None, typer.Option("--all", help="Every T-REx relation.", show_default=False)]
@@ -105,8 +109,7 @@ def _run(command, options) -> None:
 
 @app.command("eval")
 def eval_cmd(
-    model: Annotated[str | None, typer.Option(
-        "--model", "-m", help="'smollm2' (default), a hub id, a local folder or a .gguf file.")] = None,
+    model: RunModelOpt = None,
     method: Annotated[str | None, typer.Option(help="manual (default): the relation's manual template.")] = None,
     relation: RelationOpt = None,
     all_: AllOpt = None,
@@ -116,8 +119,8 @@ def eval_cmd(
     out: OutOpt = None,
     resume: ResumeOpt = None,
     batch_size: Annotated[int | None, typer.Option(help="Facts per batch (default 128).")] = None,
-    device: Annotated[str | None, typer.Option(help="cpu (default), cuda or cuda:N.")] = None,
-    dtype: Annotated[str | None, typer.Option(help="bfloat16 (default), float32 or float16 for the LM weights.")] = None,
+    device: RunDeviceOpt = None,
+    dtype: RunDtypeOpt = None,
     prompts: Annotated[Path | None, typer.Option(help="Run folder of `probe train`: re-evaluate its saved prompts.")] = None,
     prompts_file: Annotated[Path | None, typer.Option(
         help="Fixed [X] ... [Y] prompts: a .jsonl of {relation, template}, a 'P19<TAB>template' text file, "
@@ -163,8 +166,7 @@ def eval_cmd(
 
 @app.command("train")
 def train_cmd(
-    model: Annotated[str | None, typer.Option("--model", "-m", help="'smollm2' (default), a hub id, a local folder "
-                                              "or a .gguf file.")] = None,
+    model: RunModelOpt = None,
     method: Annotated[str | None, typer.Option(
         help="ptuning (default), ptuning-mlp, prompt-tuning, prefix-tuning or autoprompt.")] = None,
     relation: RelationOpt = None,
@@ -198,8 +200,8 @@ def train_cmd(
     top_k: Annotated[int | None, typer.Option(help="autoprompt: candidate tokens re-scored per iteration (default 10).")] = None,
     capitals: Annotated[bool | None, typer.Option(help="autoprompt: allow capitalised trigger tokens (default yes).",
                                                   show_default=False)] = None,
-    device: Annotated[str | None, typer.Option(help="cpu (default), cuda or cuda:N.")] = None,
-    dtype: Annotated[str | None, typer.Option(help="bfloat16 (default), float32 or float16 for the LM weights.")] = None,
+    device: RunDeviceOpt = None,
+    dtype: RunDtypeOpt = None,
     control: Annotated[str | None, typer.Option(
         help="random-model: the same LM with re-drawn weights (seeded by --seed), a control for what is learned, "
              "not known.")] = None,
