@@ -109,8 +109,9 @@ def evaluate_ensemble(
     """Rank candidates by the weighted mean over prompts of their log-softmax among the candidates (LPAQA)."""
     if len(prompts) == 1:
         return evaluate_facts(backend, method, prompts[0], facts, candidates, batch_size, progress)
-    groups = by_input(prompts[0], facts)  # the same subjects share an input under every template
-    row_of = {key: i for i, key in enumerate(groups)}
+    key = prompts[0].input_key  # the same subjects share an input under every template
+    groups = by_input(prompts[0], facts)
+    row_of = {k: i for i, k in enumerate(groups)}
     was_training = method.training
     method.eval()
     total = sum(weights)
@@ -119,13 +120,13 @@ def evaluate_ensemble(
     for compiled, weight in zip(prompts, weights, strict=True):
         for batch, logits in scored_batches(backend, prompt, compiled, [g[0] for g in groups.values()], candidates,
                                             batch_size):
-            rows = torch.tensor([row_of[f.sub] for f in batch.facts])
+            rows = torch.tensor([row_of[key(f)] for f in batch.facts])
             scores[rows] += (weight / total) * logits.log_softmax(dim=1).cpu()
             if progress is not None:
-                progress.update(sum(len(groups[f.sub]) for f in batch.facts))
+                progress.update(sum(len(groups[key(f)]) for f in batch.facts))
     method.train(was_training)
     gold = torch.tensor([candidates.index[f.obj] for f in facts])
-    ranks, top10 = rank_candidates(scores[[row_of[f.sub] for f in facts]], gold, candidates)
+    ranks, top10 = rank_candidates(scores[[row_of[key(f)] for f in facts]], gold, candidates)
     return RelationEval(list(facts), ranks, top10, relation_metrics(ranks))
 
 

@@ -19,7 +19,7 @@ from probe import __version__
 from probe.backends import Backend, load_backend
 from probe.batching import filter_facts
 from probe.controls import CONTROLS, MODEL_CONTROLS
-from probe.data import FactData, Relation, open_data
+from probe.data import FactData, Relation, open_data, relation_key
 from probe.errors import Interrupted, ProbeError, check_positive
 from probe.evaluate import evaluate_ensemble, evaluate_facts, evaluate_majority
 from probe.methods import FixedPrompt, get_method, method_config
@@ -219,11 +219,12 @@ def slug(model: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in name.removesuffix(".gguf")) or "model"
 
 
-def open_model(opts: Options, data: FactData, vocab: str, control: str = "none") -> tuple[Backend, CandidateVocab]:
-    """The model asked for (a control applied with `opts.seed`) and its single-token candidates of a vocabulary."""
+def open_model(opts: Options, data: FactData, vocab: str, control: str = "none",
+               seed: int | None = None) -> tuple[Backend, CandidateVocab]:
+    """The model asked for (a control applied with `seed`) and its single-token candidates of a vocabulary."""
     words = data.vocab_words(vocab)
     backend = load_backend(opts.model or "smollm2", device=opts.device or "cpu", dtype=opts.dtype or "bfloat16",
-                           control=control, seed=opts.seed or 0)
+                           control=control, seed=seed or 0)
     return backend, build_candidates(backend.tokenizer, words)
 
 
@@ -297,8 +298,7 @@ def run_eval(opts: Options, log=print) -> Run:
                         "ensemble": bool(opts.ensemble), "prompts_per_relation": {r: len(p) for r, p in chosen.items()}}
     if control == "majority":
         method = None
-    backend, candidates = open_model(dataclasses.replace(opts, seed=seed), data, vocab,
-                                     control if control in MODEL_CONTROLS else "none")
+    backend, candidates = open_model(opts, data, vocab, control if control in MODEL_CONTROLS else "none", seed)
     if len(ids) == 1:
         relation_facts(data, data.relation(ids[0]), split, candidates, strict=True)
     log(f"{backend.name} ({backend.kind} LM, {backend.dtype}) loaded in {time.time() - t0:.1f}s; "
@@ -421,7 +421,7 @@ def run_train(opts: Options, log=print) -> Run:
     check_templates(data, ids, "--manual-template")
     vocab = opts.vocab or "common"
     seed = fit_config.seed
-    backend, candidates = open_model(dataclasses.replace(opts, seed=seed), data, vocab, control)
+    backend, candidates = open_model(opts, data, vocab, control, seed)
     if len(ids) == 1:
         rel = data.relation(ids[0])
         if not relation_facts(data, rel, "train", candidates, strict=False)[0]:
@@ -593,7 +593,7 @@ def load_prompt(path) -> FixedPrompt:
 def saved_relations(run_dir: Path) -> list[str]:
     """The relations of a training run folder with a finished, saved prompt, in the folder's order."""
     found = [p.parent.name for p in Path(run_dir).glob("*/metrics.json") if (p.parent / "prompt.safetensors").is_file()]
-    return sorted(found, key=lambda r: (len(r), r))
+    return sorted(found, key=relation_key)
 
 
 def rerun_prompts(opts: Options) -> list[dict]:
@@ -635,7 +635,7 @@ def reopen_data(cfg: dict, data: str | None = None) -> FactData:
         return open_data(data)
     spec = cfg.get("data_spec") or {"data": cfg["data"]}
     return open_data(spec.get("data"), spec.get("facts"), fields=spec.get("fields"), dev_split=spec.get("dev_split"),
-                     seed=spec.get("seed") or 13)
+                     seed=spec.get("seed", 13))
 
 
 def reevaluate_run(backend: Backend, data: FactData, run_dir: Path, candidates: CandidateVocab, batch_size: int = 128,
