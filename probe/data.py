@@ -125,7 +125,8 @@ def _field(row: dict, key: str, path: Path, lineno: int) -> str:
     return value
 
 
-def _first(row: dict, keys: tuple[str, ...]) -> str | None:
+def first_text(row: dict, *keys: str) -> str | None:
+    """The first of `keys` that holds a non-blank string in a record, stripped; None if none does."""
     for key in keys:
         value = row.get(key)
         if isinstance(value, str) and value.strip():
@@ -135,8 +136,8 @@ def _first(row: dict, keys: tuple[str, ...]) -> str | None:
 
 def record_fact(row: dict, path: Path, lineno: int, fields: tuple[str, str] | None = None) -> Fact:
     """The fact of one record: LAMA's fields, subject/object, or the `fields` named; its first cloze sentence."""
-    sub = _first(row, fields[:1] if fields else SUBJECT_FIELDS)
-    obj = _first(row, fields[1:] if fields else OBJECT_FIELDS)
+    sub = first_text(row, *(fields[:1] if fields else SUBJECT_FIELDS))
+    obj = first_text(row, *(fields[1:] if fields else OBJECT_FIELDS))
     if sub is None or obj is None:
         names = f"{fields[0]} and {fields[1]}" if fields else "sub_label/subject and obj_label/object, or --fields"
         raise ProbeError(f"{path}:{lineno}: expected a subject and an object ({names})")

@@ -32,14 +32,12 @@ from typing import IO
 
 from tqdm import tqdm
 
-import probe
-from probe.data import json_record
+from probe.data import first_text, json_record
 from probe.errors import ProbeError
-from probe.templates import parse_template_file
+from probe.templates import GOOGLE_RE_TEMPLATES, template_sources
 
 CORPORA = ("trex", "google_re", "conceptnet", "squad")
 SOURCE_FOLDERS = {"trex": "TREx", "google_re": "Google_RE", "conceptnet": "ConceptNet", "squad": "Squad"}
-GOOGLE_RE_TEMPLATES = Path(probe.__file__).parents[1] / "templates" / "google_re.txt"
 SPLITS = ("train", "dev")
 LAYOUT = ("relations.jsonl with TREx/P*.jsonl, Google_RE/*_test.jsonl, ConceptNet/test.jsonl or Squad/test.jsonl, "
           "at the top or under one folder such as data/")
@@ -175,17 +173,9 @@ def iter_records(stream: IO[bytes], where: str, progress: tqdm | None = None) ->
         raise ProbeError(f"{where}: cannot be read ({e})") from None
 
 
-def _text(row: dict, *keys: str) -> str | None:
-    for key in keys:
-        value = row.get(key)
-        if isinstance(value, str) and value.strip():
-            return value
-    return None
-
-
 def check_fact(row: dict, where: str, lineno: int) -> None:
     """A record must name a subject and an object."""
-    if _text(row, "sub_label", "sub") is None or _text(row, "obj_label", "obj") is None:
+    if first_text(row, "sub_label", "sub") is None or first_text(row, "obj_label", "obj") is None:
         raise ProbeError(f"{where}:{lineno}: expected a subject (sub_label or sub) and an object (obj_label or obj)")
 
 
@@ -262,7 +252,7 @@ def _import_trex(src: _Source, w: _Writer, bar: tqdm | None) -> None:
     w.summary.files_read += 1
     with src.open("relations.jsonl") as f:
         for lineno, row in iter_records(f, src.where("relations.jsonl"), bar):
-            rid, template = _text(row, "relation"), _text(row, "template")
+            rid, template = first_text(row, "relation"), first_text(row, "template")
             if rid is None or template is None:
                 raise ProbeError(f"{src.where('relations.jsonl')}:{lineno}: expected non-empty 'relation' and 'template' fields")
             entries[rid] = {"relation": rid, "template": template, "label": row.get("label", ""), "type": row.get("type", "")}
@@ -304,14 +294,14 @@ def _records_with_pred(src: _Source, rel: str, w: _Writer, bar: tqdm | None, exa
     with src.open(rel) as f:
         for lineno, row in iter_records(f, src.where(rel), bar):
             check_fact(row, src.where(rel), lineno)
-            pred = _text(row, "pred")
+            pred = first_text(row, "pred")
             if pred is None:
                 raise ProbeError(f"{src.where(rel)}:{lineno}: expected a relation in 'pred' (like {example})")
             yield f"{src.where(rel)}:{lineno}", row, pred
 
 
 def _import_google_re(src: _Source, w: _Writer, bar: tqdm | None) -> None:
-    templates = {key: t.source for key, t in parse_template_file(GOOGLE_RE_TEMPLATES).entries.items()}
+    templates = template_sources(GOOGLE_RE_TEMPLATES)
     for rel in sorted(r for r in src.files if corpus_of(r) == "google_re"):
         for where, row, pred in _records_with_pred(src, rel, w, bar, "/people/person/place_of_birth"):
             name = pred.rstrip("/").rsplit("/", 1)[-1]

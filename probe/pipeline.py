@@ -26,10 +26,18 @@ from probe.methods import FixedPrompt, get_method, method_config
 from probe.methods.manual import ManualPrompt
 from probe.prompt_files import DiscretePrompt, read_prompts
 from probe.runs import RunFolder, atomic_write_bytes, atomic_write_json, read_json
-from probe.templates import DEFAULT_SHAPES, WORDS, ClozeTemplate, TemplateFile, compile_template, parse_template, parse_template_file
+from probe.templates import (
+    DEFAULT_SHAPES,
+    GOOGLE_RE_TEMPLATES,
+    WORDS,
+    ClozeTemplate,
+    TemplateFile,
+    compile_template,
+    parse_template,
+    parse_template_file,
+    template_sources,
+)
 from probe.vocab import CandidateVocab, build_candidates
-
-GOOGLE_RE_TEMPLATES = Path(__file__).resolve().parents[1] / "templates" / "google_re.txt"
 
 
 @dataclass
@@ -173,7 +181,7 @@ def load_data(opts: Options, templates: str | None = None, seed: int = 13) -> Fa
     data = open_data(opts.data, opts.facts, opts.train_facts, opts.dev_facts, opts.fields, opts.dev_split, seed)
     by_relation, default = relation_templates(templates)
     if templates is None and data.relations and all(not r.template for r in data.relations.values()):
-        shipped = {k: t.source for k, t in parse_template_file(GOOGLE_RE_TEMPLATES).entries.items()}
+        shipped = template_sources(GOOGLE_RE_TEMPLATES)
         if set(data.relations) <= set(shipped):
             by_relation = shipped
     return data.with_templates(by_relation, default) if by_relation or default else data

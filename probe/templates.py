@@ -25,6 +25,7 @@ from probe.errors import ProbeError
 
 VIRTUAL, SUB, OBJ, TEXT, MANUAL, WORDS = "virtual", "sub", "obj", "text", "manual", "words"
 DEFAULT_SHAPES = {"masked": "(3, sub, 3, obj, 3)", "causal": "(3, sub, 3, obj)"}
+GOOGLE_RE_TEMPLATES = Path(__file__).resolve().parents[1] / "templates" / "google_re.txt"  # LAMA's, shipped
 
 
 @dataclass(frozen=True)
@@ -441,6 +442,11 @@ def parse_template_file(path: str | Path) -> TemplateFile:
         except TemplateError as e:
             raise TemplateError(f"{path}:{lineno}: {e}") from None
     return TemplateFile(str(path), entries)
+
+
+def template_sources(path: str | Path) -> dict[str, str]:
+    """A template file's entries as their source text, by key."""
+    return {key: t.source for key, t in parse_template_file(path).entries.items()}
 
 
 def _strip_comment(line: str) -> str:
