@@ -37,6 +37,7 @@ from probe.templates import (
     parse_template_file,
     template_sources,
 )
+from probe.train import config_fields
 from probe.vocab import CandidateVocab, build_candidates
 
 
@@ -410,7 +411,7 @@ def run_train(opts: Options, log=print) -> Run:
     t0 = time.time()
     method = opts.method or "ptuning"
     method_cls = fittable_method(method)
-    fit_fields = set(method_cls.fit_config_class.__dataclass_fields__)
+    fit_fields = config_fields(method_cls.fit_config_class)
     opts.refuse(TRAIN_FLAGS | (FIT_FLAGS & fit_fields), f"method {method!r}")
     control = opts.control or "none"
     if control not in MODEL_CONTROLS:

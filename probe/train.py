@@ -62,6 +62,7 @@ class TrainConfig:
 
 
 def config_fields(config_class) -> set[str]:
+    """The option names a config dataclass takes."""
     return {f.name for f in fields(config_class)}
 
 

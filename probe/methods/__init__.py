@@ -7,8 +7,6 @@ then register it in METHODS. The pipeline, trainer and evaluator need nothing el
 
 from __future__ import annotations
 
-import dataclasses
-
 from probe.errors import ProbeError
 from probe.methods.autoprompt import AutoPrompt
 from probe.methods.base import FixedPrompt, GradientPrompt, MethodConfig, PromptMethod
@@ -16,6 +14,7 @@ from probe.methods.manual import ManualPrompt
 from probe.methods.prefix_tuning import PrefixTuning
 from probe.methods.prompt_tuning import PromptTuning
 from probe.methods.ptuning import PTuningEncoder, PTuningMLP
+from probe.train import config_fields
 
 METHODS: dict[str, type[PromptMethod]] = {
     m.name: m for m in (ManualPrompt, PTuningEncoder, PTuningMLP, PromptTuning, PrefixTuning, AutoPrompt)
@@ -29,14 +28,9 @@ def get_method(name: str) -> type[PromptMethod]:
     return METHODS[name]
 
 
-def config_fields(name: str) -> set[str]:
-    """The options method `name` takes: the fields of its config dataclass."""
-    return {f.name for f in dataclasses.fields(get_method(name).config_class)}
-
-
 def method_config(name: str, **options) -> MethodConfig:
     """The config of method `name` with the options given (None: the default); an option it lacks is a ProbeError."""
-    fields = config_fields(name)
+    fields = config_fields(get_method(name).config_class)
     given = {k: v for k, v in options.items() if v is not None}
     for key in given:
         if key not in fields:
@@ -48,5 +42,5 @@ def method_config(name: str, **options) -> MethodConfig:
     return config
 
 
-__all__ = ["METHODS", "FixedPrompt", "GradientPrompt", "MethodConfig", "PromptMethod", "config_fields", "get_method",
+__all__ = ["METHODS", "FixedPrompt", "GradientPrompt", "MethodConfig", "PromptMethod", "get_method",
            "method_config"]

@@ -13,7 +13,7 @@ from probe.backends import Backend, PromptInputs
 from probe.data import Fact
 from probe.errors import ProbeError
 from probe.templates import CompiledTemplate
-from probe.train import FitResult, TrainConfig, train_with_retries
+from probe.train import FitResult, TrainConfig, config_fields, train_with_retries
 from probe.vocab import CandidateVocab
 
 
@@ -53,7 +53,7 @@ class PromptMethod(nn.Module):
     @classmethod
     def fit_config(cls, **options) -> object:
         """The fit settings from options (None: the default), checked; the learning rate defaults to the method's."""
-        defaults = {"lr": cls.default_lr} if "lr" in cls.fit_config_class.__dataclass_fields__ else {}
+        defaults = {"lr": cls.default_lr} if "lr" in config_fields(cls.fit_config_class) else {}
         config = cls.fit_config_class(**{**defaults, **{k: v for k, v in options.items() if v is not None}})
         config.check()
         return config
