@@ -79,8 +79,15 @@ def data_import(
     typer.echo("\n".join(summary.lines()))
 
 
-RunModelOpt = Annotated[str | None, typer.Option(
+RunModelOpt = Annotated[list[str] | None, typer.Option(
     "--model", "-m", help="'smollm2' (default), a hub id, a local folder or a .gguf file.")]
+EvalModelOpt = Annotated[list[str] | None, typer.Option(
+    "--model", "-m", help="'smollm2' (default), a hub id, a local folder or a .gguf file; repeat it for several models "
+                          "(one run folder each, under --out).")]
+RayOpt = Annotated[str | None, typer.Option(
+    "--ray", metavar="[ADDRESS]", help="Run the relations on Ray: --ray alone starts a local Ray, --ray auto joins the "
+                                       "running cluster, or give HOST:PORT (needs probe[ray]).")]
+CpusOpt = Annotated[int | None, typer.Option(help="With --ray and no GPUs: CPUs (and torch threads) per worker (default 1).")]
 RunDeviceOpt = Annotated[str | None, typer.Option("--device", help="cpu (default), cuda or cuda:N.")]
 RunDtypeOpt = Annotated[str | None, typer.Option("--dtype", help="bfloat16 (default), float32 or float16 for the LM weights.")]
 RelationOpt = Annotated[list[str] | None, typer.Option(
@@ -95,21 +102,28 @@ ResumeOpt = Annotated[bool | None, typer.Option("--resume", help="Continue an ex
                                                 "relations.", show_default=False)]
 
 def _run(command, options) -> None:
-    """Run a pipeline command; Ctrl-C keeps what finished, says where, and exits 130."""
+    """Run a pipeline command; Ctrl-C keeps what finished, says where, and exits 130; failed cells exit 1."""
+    from probe.cells import CellsFailed
     from probe.errors import Interrupted
 
     try:
-        run = command(options, log=_log)
+        runs = command(options, log=_log)
     except Interrupted as e:
         typer.echo(f"interrupted: finished relations are saved in {e.folder}; rerun with --resume to continue", err=True)
         raise typer.Exit(130) from None
-    _print_results(run.results)
-    typer.echo(f"\nsaved {run.folder.root}/results.json, relations.csv, summary.md ({run.seconds:.1f}s in all)")
+    except CellsFailed as e:
+        typer.echo(f"error: {e}; the others are saved, rerun with --resume to retry these", err=True)
+        raise typer.Exit(1) from None
+    for run in runs:
+        if len(runs) > 1:
+            typer.echo(f"\n== {run.results['config']['model']}")
+        _print_results(run.results)
+        typer.echo(f"\nsaved {run.folder.root}/results.json, relations.csv, summary.md ({run.seconds:.1f}s in all)")
 
 
 @app.command("eval")
 def eval_cmd(
-    model: RunModelOpt = None,
+    model: EvalModelOpt = None,
     method: Annotated[str | None, typer.Option(help="manual (default): the relation's manual template.")] = None,
     relation: RelationOpt = None,
     all_: AllOpt = None,
@@ -142,6 +156,8 @@ def eval_cmd(
         "--from-sentences", show_default=False,
         help="Evaluate each fact's cloze sentence (LAMA's masked_sentences) instead of a template; a causal LM sees "
              "only the text before [MASK].")] = None,
+    ray: RayOpt = None,
+    cpus_per_worker: CpusOpt = None,
 ) -> None:
     """Evaluate fixed prompts on one or all relations with one model load; print and save the table."""
     from probe.pipeline import Options, rerun_prompts, run_eval
@@ -149,7 +165,8 @@ def eval_cmd(
     options = Options(model=model, method=method, relation=relation, all=all_, split=split, vocab=vocab, data=data,
                       out=out, resume=resume, batch_size=batch_size, device=device, dtype=dtype, prompts=prompts,
                       prompts_file=prompts_file, ensemble=ensemble, max_prompts=max_prompts, control=control, seed=seed,
-                      facts=facts, fields=fields, template=template, from_sentences=from_sentences)
+                      facts=facts, fields=fields, template=template, from_sentences=from_sentences, ray=ray,
+                      cpus_per_worker=cpus_per_worker)
     if prompts is None:
         return _run(run_eval, options)
     import pandas as pd
@@ -214,6 +231,8 @@ def train_cmd(
     manual_template: Annotated[str | None, typer.Option(
         help="Your facts' manual templates (for the manual baseline and the `manual` shape part): one inline "
              "'[X] ... [Y] .' or a template file keyed by relation.")] = None,
+    ray: RayOpt = None,
+    cpus_per_worker: CpusOpt = None,
 ) -> None:
     """Train a prompt per relation against the frozen LM, then test it next to the manual prompt."""
     from probe.pipeline import Options, run_train
@@ -224,7 +243,7 @@ def train_cmd(
         batch_size=batch_size, eval_every=eval_every, patience=patience, max_train=max_train, seed=seed,
         iterations=iterations, top_k=top_k, capitals=capitals, device=device, dtype=dtype, control=control,
         facts=facts, train_facts=train_facts, dev_facts=dev_facts, dev_split=dev_split, fields=fields,
-        manual_template=manual_template))
+        manual_template=manual_template, ray=ray, cpus_per_worker=cpus_per_worker))
 
 
 @app.command("compare")
@@ -318,17 +337,24 @@ def sweep_cmd(
     out: Annotated[Path | None, typer.Option(help="Sweep folder (default runs/sweep-<grid name>); "
                                                   "rerunning into it skips finished cells.")] = None,
     data: DataOpt = None,
-    device: DeviceOpt = "cpu",
+    device: RunDeviceOpt = None,
+    ray: RayOpt = None,
+    cpus_per_worker: CpusOpt = None,
 ) -> None:
-    """Train every cell of a grid (method x length x init x reparam x seed x relation); tables of mean ± std over seeds."""
+    """Train every cell of a grid (model x method x length x init x reparam x seed x relation); tables of mean ± std
+    over seeds."""
+    from probe.cells import CellsFailed
     from probe.errors import Interrupted
     from probe.sweep import sweep_command
 
     try:
-        summary = sweep_command(grid, out, data, device, log=_log)
+        summary = sweep_command(grid, out, data, device, log=_log, ray=ray, cpus_per_worker=cpus_per_worker)
     except Interrupted as e:
         typer.echo(f"interrupted: finished cells are saved in {e.folder}; rerun the same command to continue", err=True)
         raise typer.Exit(130) from None
+    except CellsFailed as e:
+        typer.echo(f"error: {e}; the others are saved, rerun the same command to retry these", err=True)
+        raise typer.Exit(1) from None
     if summary.exists():
         typer.echo(summary.read_text(encoding="utf-8"))
     typer.echo(f"saved {summary.parent}")
@@ -348,8 +374,20 @@ def _main(version: Annotated[bool, typer.Option("--version", callback=_version, 
     """Probe what facts a frozen language model knows (LAMA, manual and learned prompts)."""
 
 
+def ray_address_default(argv: list[str]) -> list[str]:
+    """`--ray` with no address means a local Ray: the next argument is its address only if it looks like one."""
+    out = []
+    for i, arg in enumerate(argv):
+        out.append(arg)
+        nxt = argv[i + 1] if i + 1 < len(argv) else None
+        if arg == "--ray" and (nxt is None or not (nxt in ("auto", "local") or ":" in nxt)):
+            out.append("local")
+    return out
+
+
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit code 2; Ctrl-C exits 130."""
+    sys.argv[1:] = ray_address_default(sys.argv[1:])
     try:
         app()
     except ProbeError as e:

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from probe.data import Fact
+from probe.data import Fact, FactData, Relation
+from probe.errors import ProbeError
 from probe.templates import CompiledTemplate, Encoded
 from probe.vocab import CandidateVocab
 
@@ -40,6 +41,17 @@ def filter_facts(facts: list[Fact], candidates: CandidateVocab) -> tuple[list[Fa
     """Keep the facts whose object is a candidate; also return how many were dropped."""
     kept = [f for f in facts if f.obj in candidates.index]
     return kept, len(facts) - len(kept)
+
+
+def relation_facts(data: FactData, relation: Relation, split: str, candidates: CandidateVocab, strict: bool):
+    """Facts of a split whose object is a candidate, and how many were dropped; with strict, none left is a ProbeError."""
+    facts, dropped = filter_facts(data.facts(relation.id, split), candidates)
+    if not facts and strict:
+        raise ProbeError(
+            f"relation {relation.id} has no {split} facts left after keeping objects that are single tokens "
+            f"of the candidate vocabulary ({dropped} dropped)"
+        )
+    return facts, dropped
 
 
 def collate(compiled: CompiledTemplate, facts: list[Fact], candidates: CandidateVocab, pad_id: int,

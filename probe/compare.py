@@ -16,12 +16,13 @@ import pandas as pd
 
 from probe.data import RELATION_TYPES, relation_key
 from probe.errors import ProbeError
-from probe.metrics import aggregate
+from probe.metrics import aggregate, relation_metrics
 from probe.plots import png_axes
-from probe.runs import atomic_write_text, markdown_table, read_json
+from probe.runs import atomic_write_text, markdown_table, read_json, slug
 
-# Settings that must agree for P@1 figures to be comparable (else --allow-mixed).
-COMPARABLE_KEYS = ("model", "vocab", "split")
+# Settings that must agree for P@1 figures to be comparable (else --allow-mixed). Runs of different models are
+# compared on the facts every run keeps (see on_common_facts).
+COMPARABLE_KEYS = ("vocab", "split")
 
 
 @dataclass
@@ -90,6 +91,9 @@ def load_runs(paths: list[Path]) -> list[Run]:
             raise ProbeError(f"{folder}/results.json: expected 'config' and 'relations' (a probe run folder)")
         rows = {r["relation"]: r for r in results["relations"]}
         runs.append(Run(folder, run_label(results["config"]), results["config"], rows))
+    if len({run.config.get("model") for run in runs}) > 1:  # several models: side by side, named by model
+        for run in runs:
+            run.label += f" @ {slug(str(run.config.get('model')))}"
     labels = [r.label for r in runs]
     for run in runs:  # the same label twice: tell them apart by folder name
         if labels.count(run.label) > 1:
@@ -130,6 +134,34 @@ def _manual_reference(run: Run, runs: list[Run], relations: list[str]) -> tuple[
     return None, ""
 
 
+def predictions_of(run: Run, rid: str) -> list[dict]:
+    path = run.folder / rid / "predictions.jsonl"
+    if not path.is_file():
+        raise ProbeError(f"{path} not found: runs of several models are compared fact by fact, from their predictions")
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def on_common_facts(runs: list[Run], relations: list[str]) -> str | None:
+    """Runs of several models keep different facts (an object must be one token of each model). Like LAMA's common
+    vocabulary, every relation's figures are recomputed on the facts that every run keeps; returns the note saying
+    how many, or None for runs of one model."""
+    if len({run.config.get("model") for run in runs}) < 2:
+        return None
+    kept = most = 0
+    for rid in relations:
+        predictions = {run.folder: predictions_of(run, rid) for run in runs}
+        common = set.intersection(*({(p["sub"], p["obj"]) for p in preds} for preds in predictions.values()))
+        kept += len(common)
+        most += max(len(preds) for preds in predictions.values())
+        for run in runs:
+            ranks = [p["rank"] for p in predictions[run.folder] if (p["sub"], p["obj"]) in common]
+            # a train run's manual figures were on its own facts, so they are left out here
+            row = {k: v for k, v in run.rows[rid].items() if not k.startswith("manual_")}
+            run.rows[rid] = {**row, "n_facts": len(common), "n_own_facts": row["n_facts"], **relation_metrics(ranks)}
+    return (f"runs of {len({run.config.get('model') for run in runs})} models: every relation is compared on the facts "
+            f"that every run keeps, {kept:,} of the {most:,} of the run that keeps most")
+
+
 def compare_runs(runs: list[Run], allow_mixed: bool = False) -> Comparison:
     """Summary figures per run over the relations every run holds, and P@1 per relation."""
     if not runs:
@@ -145,6 +177,10 @@ def compare_runs(runs: list[Run], allow_mixed: bool = False) -> Comparison:
     for rid in sorted({r for run in runs for r in run.rows} - set(relations), key=relation_key):
         lacking.setdefault(", ".join(str(run.folder) for run in runs if rid not in run.rows), []).append(rid)
     notes += [f"left out: {', '.join(rids)} (not in {folders})" for folders, rids in lacking.items()]
+    if allow_mixed:
+        notes.append("--allow-mixed: each run on the facts it kept itself")
+    elif common := on_common_facts(runs, relations):
+        notes.append(common)
     summary, manual_p1 = [], {}
     for run in runs:
         rows = [run.rows[r] for r in relations]

@@ -7,7 +7,8 @@ before any folder is created or any model is loaded, and a flag that does not ap
 from __future__ import annotations
 
 import dataclasses
-import sys
+import json
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,8 +17,9 @@ import torch
 from tqdm import tqdm
 
 from probe import __version__
-from probe.backends import Backend, load_backend
-from probe.batching import filter_facts
+from probe.backends import Backend, ModelInfo, load_backend, model_info
+from probe.batching import relation_facts
+from probe.cells import Cell, CellOutput, InProcess, ModelSpec, Worker
 from probe.controls import CONTROLS, MODEL_CONTROLS
 from probe.data import FactData, Relation, open_data, relation_key
 from probe.errors import Interrupted, ProbeError, check_positive
@@ -25,12 +27,13 @@ from probe.evaluate import evaluate_ensemble, evaluate_facts, evaluate_majority
 from probe.methods import FixedPrompt, get_method, method_config
 from probe.methods.manual import ManualPrompt
 from probe.prompt_files import DiscretePrompt, read_prompts
-from probe.runs import RunFolder, atomic_write_bytes, atomic_write_json, read_json
+from probe.runs import RunFolder, atomic_write_bytes, read_json, slug
 from probe.templates import (
     DEFAULT_SHAPES,
     GOOGLE_RE_TEMPLATES,
     WORDS,
     ClozeTemplate,
+    Template,
     TemplateFile,
     compile_template,
     parse_template,
@@ -45,7 +48,7 @@ from probe.vocab import CandidateVocab, build_candidates
 class Options:
     """The flags of `probe eval` and `probe train` as the user gave them; None: not given."""
 
-    model: str | None = None
+    model: list[str] | None = None  # several for `probe eval` (one run folder each)
     method: str | None = None
     relation: list[str] | None = None
     all: bool | None = None
@@ -82,6 +85,8 @@ class Options:
     dev_split: float | None = None
     from_sentences: bool | None = None
     manual_template: str | None = None
+    ray: str | None = None  # 'local', 'auto' or a cluster address
+    cpus_per_worker: int | None = None
 
     def given(self) -> set[str]:
         return {f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None and getattr(self, f.name) != []}
@@ -208,53 +213,139 @@ def check_new_folder(out: Path | None, resume: bool | None) -> None:
         raise ProbeError(f"run folder {out} already exists: pass --resume to continue it, or another --out")
 
 
-def relation_facts(data: FactData, relation: Relation, split: str, candidates: CandidateVocab, strict: bool):
-    """Facts of a split whose object is a candidate; with strict, none left is a ProbeError."""
-    facts, dropped = filter_facts(data.facts(relation.id, split), candidates)
-    if not facts and strict:
-        raise ProbeError(
-            f"relation {relation.id} has no {split} facts left after keeping objects that are single tokens "
-            f"of the candidate vocabulary ({dropped} dropped)"
-        )
-    return facts, dropped
-
-
 def default_out(name: str, model: str) -> Path:
     return Path("runs") / f"{name}-{slug(model)}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def slug(model: str) -> str:
-    name = Path(model).name if ("/" in model or model.endswith(".gguf")) else model
-    return "".join(c if c.isalnum() or c in "-_." else "-" for c in name.removesuffix(".gguf")) or "model"
+def model_names(opts: Options, several: bool) -> list[str]:
+    """--model, given once or (where `several`) more than once; default smollm2."""
+    names = list(dict.fromkeys(opts.model or ["smollm2"]))
+    if len(names) > 1 and not several:
+        raise ProbeError("--model is given more than once: several models go in `probe eval` or a sweep grid's model axis")
+    return names
 
 
-def open_model(opts: Options, data: FactData, vocab: str, control: str = "none",
-               seed: int | None = None) -> tuple[Backend, CandidateVocab]:
-    """The model asked for (a control applied with `seed`) and its single-token candidates of a vocabulary."""
-    words = data.vocab_words(vocab)
-    backend = load_backend(opts.model or "smollm2", device=opts.device or "cpu", dtype=opts.dtype or "bfloat16",
-                           control=control, seed=seed or 0)
-    return backend, build_candidates(backend.tokenizer, words)
+def make_executor(opts: Options, data: FactData, vocab: str, log=print) -> InProcess:
+    """Where the cells run: this process, or Ray with --ray (a local Ray, 'auto', or a cluster address)."""
+    if opts.ray is None:
+        if opts.cpus_per_worker is not None:
+            raise ProbeError("--cpus-per-worker applies to --ray only")
+        return InProcess(data, vocab, log=log)
+    from probe.ray_cells import RayExecutor
+
+    return RayExecutor(data, vocab, opts.ray, opts.cpus_per_worker or 1, log=log)
 
 
-def _interruptible(run: RunFolder, work) -> dict:
-    """Run `work()`; on Ctrl-C the finished relations are summarised and kept, and `Interrupted` names the folder."""
+def open_model(name: str, opts: Options, executor, control: str = "none", seed: int | None = None) -> tuple[ModelSpec, ModelInfo]:
+    """The spec workers load a model by (a control applied with `seed`) and, for the driver, its kind and tokenizer."""
+    device = opts.device or getattr(executor, "device", "cpu")
+    spec = ModelSpec(name, device, opts.dtype or "bfloat16", control, (seed or 0) if control != "none" else 0)
+    info = model_info(name, device, spec.dtype, control, check_device=isinstance(executor, InProcess))
+    return spec, info
+
+
+def run_folder_for(out: Path | None, name: str, model: str, several: bool, config: dict, resume: bool) -> RunFolder:
+    """A model's run folder: --out (with several models, --out/<model>), else runs/<name>-<model>-<time>."""
+    if out is None:
+        return RunFolder(default_out(name, model), config, resume=resume)
+    return RunFolder(Path(out) / slug(model) if several else out, config, resume=resume)
+
+
+def execute(executor, runs: list[RunFolder], cells: list, desc: str, log=print) -> list[dict]:
+    """Run cells, keeping each run's tables current; Ctrl-C keeps what finished and names the folder to resume."""
     try:
-        return work()
+        progress = executor.run(cells, desc=desc)
     except KeyboardInterrupt:
-        run.write_summary()
-        raise Interrupted(run.root) from None
+        for run in runs:
+            run.write_summary()
+        raise Interrupted(runs[0].root if len(runs) == 1 else runs[0].root.parent) from None
+    finally:
+        close = getattr(executor, "close", None)
+        if close:
+            close()
+    results = [run.write_summary() for run in runs]
+    progress.report(log)
+    return results
+
+
+def relation_output(rid: str, metrics: dict, predictions: list[dict] | None = None,
+                    files: tuple[tuple[str, bytes], ...] = ()) -> CellOutput:
+    """A relation's files: any extra ones, then predictions.jsonl, then metrics.json, which marks it finished."""
+    out = [(f"{rid}/{name}", blob) for name, blob in files]
+    if predictions is not None:
+        out.append((f"{rid}/predictions.jsonl", "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions).encode()))
+    out.append((f"{rid}/metrics.json", (json.dumps(metrics, indent=2, ensure_ascii=False) + "\n").encode()))
+    return CellOutput(out)
 
 
 # -- probe eval -----------------------------------------------------------------------------------
 
 DATA_FLAGS = {"data", "facts", "fields"}
+RAY_FLAGS = {"ray", "cpus_per_worker"}
 EVAL_FLAGS = {"model", "method", "relation", "all", "split", "vocab", "out", "resume", "batch_size", "device",
-              "dtype", "control", "seed", "prompts_file", "ensemble", "max_prompts", "template", "from_sentences"} | DATA_FLAGS
+              "dtype", "control", "seed", "prompts_file", "ensemble", "max_prompts", "template",
+              "from_sentences"} | DATA_FLAGS | RAY_FLAGS
 
 
-def run_eval(opts: Options, log=print) -> Run:
-    """`probe eval`: fixed prompts (manual, a prompts file) or the majority control on the relations asked for."""
+@dataclass
+class RelationCell(Cell):
+    """A cell that is one relation of a run folder: its key is the relation id, its metrics.json marks it done."""
+
+    key: str
+    model: ModelSpec
+    root: Path
+
+    @property
+    def marker(self) -> str:
+        return f"{self.key}/metrics.json"
+
+
+@dataclass
+class EvalCell(RelationCell):
+    """One relation evaluated with fixed prompts (its manual template, a prompts file, cloze sentences) or majority."""
+
+    split: str
+    batch_size: int = 128
+    strict: bool = False
+    prompts: list[DiscretePrompt] | None = None
+    majority: bool = False
+    from_sentences: bool = False
+
+    def run(self, worker: Worker) -> CellOutput:
+        backend, data, candidates = worker.backend, worker.data, worker.candidates
+        relation = data.relation(self.key)
+        facts, dropped = worker.facts(relation, self.split, self.strict)
+        if self.from_sentences:
+            with_sentence = [f for f in facts if f.sentence]
+            facts, dropped = with_sentence, dropped + len(facts) - len(with_sentence)
+        if not facts:
+            return CellOutput(warning=f"{relation.id} has no {self.split} facts left after filtering; skipped")
+        base = {**relation_row(relation), "n_dropped": dropped, "n_facts": len(facts)}
+        if self.majority:
+            train, _ = worker.facts(relation, "train")
+            result = evaluate_majority(train, facts, candidates)
+            return relation_output(relation.id, {**base, "n_train": len(train), **result.metrics}, result.predictions())
+        manual = ManualPrompt(0, backend.hidden_size).to(backend.device)
+        n_prompts = len(self.prompts) if self.prompts else 1
+        with tqdm(total=len(facts) * n_prompts, unit="fact", desc=relation.id, dynamic_ncols=True, leave=False) as bar:
+            if self.from_sentences:
+                cloze = ClozeTemplate.compile(backend.tokenizer, backend.kind)
+                result = evaluate_facts(backend, manual, cloze, facts, candidates, self.batch_size, bar)
+                return relation_output(relation.id, {**base, "template": "cloze sentences", **result.metrics},
+                                       result.predictions())
+            chosen = self.prompts or [DiscretePrompt(relation.template, None, "manual")]
+            compiled = [compile_template(p.template, backend.tokenizer, backend.kind) for p in chosen]
+            weights = [1.0 if p.weight is None else p.weight for p in chosen]
+            result = evaluate_ensemble(backend, manual, compiled, weights, facts, candidates, self.batch_size, bar)
+        metrics = {**base, "template": chosen[0].template, **result.metrics}
+        if len(chosen) > 1:
+            metrics.update(templates=[p.template for p in chosen], weights=weights)
+        return relation_output(relation.id, metrics, result.predictions())
+
+
+def run_eval(opts: Options, log=print) -> list[Run]:
+    """`probe eval`: fixed prompts (manual, a prompts file) or the majority control on the relations asked for,
+    for one model or several (one run folder each)."""
     t0 = time.time()
     if opts.prompts is not None:
         raise ProbeError("internal: saved prompts go through rerun_prompts")
@@ -284,14 +375,20 @@ def run_eval(opts: Options, log=print) -> Run:
     if opts.from_sentences and (opts.prompts_file is not None or opts.template is not None or control == "majority"):
         raise ProbeError("--from-sentences evaluates each fact's cloze sentence: it does not go with --template, "
                          "--prompts-file or --control majority")
-    check_new_folder(opts.out, opts.resume)
+    names = model_names(opts, several=True)
+    several = len(names) > 1
+    if several:
+        for name in names:
+            check_new_folder(Path(opts.out) / slug(name) if opts.out else None, opts.resume)
+    else:
+        check_new_folder(opts.out, opts.resume)
     data = load_data(opts, opts.template)
     ids = relation_ids(data, opts.relation, opts.all)
     split = data.split_name(opts.split)
     if not opts.from_sentences and opts.prompts_file is None and control != "majority":
         check_templates(data, ids, "--template")
     vocab = opts.vocab or "common"
-    data.vocab_words(vocab)  # checks the vocabulary name
+    words = data.vocab_words(vocab)  # checks the vocabulary name
     chosen, prompts_info = None, {}
     if opts.prompts_file is not None:
         prompt_set = read_prompts(opts.prompts_file)
@@ -307,82 +404,59 @@ def run_eval(opts: Options, log=print) -> Run:
                         "ensemble": bool(opts.ensemble), "prompts_per_relation": {r: len(p) for r, p in chosen.items()}}
     if control == "majority":
         method = None
-    backend, candidates = open_model(opts, data, vocab, control if control in MODEL_CONTROLS else "none", seed)
-    if len(ids) == 1:
-        relation_facts(data, data.relation(ids[0]), split, candidates, strict=True)
-    log(f"{backend.name} ({backend.kind} LM, {backend.dtype}) loaded in {time.time() - t0:.1f}s; "
-        f"{len(candidates):,} of {candidates.n_source:,} {vocab} vocab words are single tokens")
-    config = RunConfig.of(
-        "eval", backend, data, candidates, method=method, split=split, vocab=vocab, batch_size=batch_size, control=control,
-        template_file=str(opts.prompts_file) if opts.prompts_file is not None else None,
-        seed=seed,
-        method_config={"ensemble": bool(opts.ensemble), "max_prompts": max_prompts} if chosen else None,
-        prompts=prompts_info, from_sentences=bool(opts.from_sentences) or None,
-    )
+    executor = make_executor(opts, data, vocab, log)
     name = f"discrete-{slug(Path(opts.prompts_file).stem)}" if chosen else (method or control)
     name += "-cloze" if opts.from_sentences else ""
-    run = RunFolder(opts.out or default_out(name, backend.name), config.to_dict(), resume=bool(opts.resume))
-    results = _interruptible(run, lambda: evaluate_relations(backend, data, ids, candidates, run, split, batch_size,
-                                                             chosen, majority=control == "majority",
-                                                             from_sentences=bool(opts.from_sentences)))
-    return Run(run, results, time.time() - t0)
+    runs, cells = [], []
+    for model in names:
+        spec, info = open_model(model, opts, executor, control if control in MODEL_CONTROLS else "none", seed)
+        candidates = build_candidates(info.tokenizer, words)
+        if len(ids) == 1:
+            relation_facts(data, data.relation(ids[0]), split, candidates, strict=True)
+        log(f"{info.name} ({info.kind} LM, {spec.dtype}): {len(candidates):,} of {candidates.n_source:,} {vocab} vocab "
+            "words are single tokens")
+        config = RunConfig.of(
+            "eval", info, data, candidates, method=method, split=split, vocab=vocab, batch_size=batch_size, control=control,
+            template_file=str(opts.prompts_file) if opts.prompts_file is not None else None,
+            seed=seed,
+            method_config={"ensemble": bool(opts.ensemble), "max_prompts": max_prompts} if chosen else None,
+            prompts=prompts_info, from_sentences=bool(opts.from_sentences) or None,
+        )
+        run = run_folder_for(opts.out, name, info.name, several, config.to_dict(), bool(opts.resume))
+        runs.append(run)
+        cells += eval_cells(spec, run, ids, split, batch_size, chosen, control == "majority", bool(opts.from_sentences))
+    results = execute(executor, runs, cells, "eval", log)
+    return [Run(run, res, time.time() - t0) for run, res in zip(runs, results, strict=True)]
+
+
+def eval_cells(spec: ModelSpec, run: RunFolder, ids: list[str], split: str, batch_size: int = 128,
+               prompts: dict[str, list[DiscretePrompt]] | None = None, majority: bool = False,
+               from_sentences: bool = False) -> list[EvalCell]:
+    """One cell per relation of a run folder."""
+    return [EvalCell(rid, spec, run.root, split, batch_size, len(ids) == 1, prompts[rid] if prompts else None, majority,
+                     from_sentences) for rid in ids]
 
 
 def evaluate_relations(backend: Backend, data: FactData, ids: list[str], candidates: CandidateVocab, run: RunFolder,
                        split: str, batch_size: int = 128, prompts: dict[str, list[DiscretePrompt]] | None = None,
                        majority: bool = False, from_sentences: bool = False) -> dict:
-    """Evaluate fixed prompts into a run folder, skipping finished relations; returns the results.
+    """Evaluate fixed prompts on a model already loaded into a run folder, skipping finished relations; returns the
+    results.
 
     Each relation gets its manual template, or its prompts (several are an ensemble, see evaluate_ensemble);
     with `majority`, candidates are ranked by their train counts instead, without the LM.
     """
-    strict = len(ids) == 1
-    todo = []
-    for rid in ids:
-        relation = data.relation(rid)
-        if not run.is_done(rid):
-            facts, dropped = relation_facts(data, relation, split, candidates, strict)
-            if from_sentences:
-                with_sentence = [f for f in facts if f.sentence]
-                facts, dropped = with_sentence, dropped + len(facts) - len(with_sentence)
-            todo.append((relation, facts, dropped))
-    cloze = ClozeTemplate.compile(backend.tokenizer, backend.kind) if from_sentences else None
-    n_prompts = {r.id: len(prompts[r.id]) if prompts else 1 for r, _, _ in todo}
-    manual = ManualPrompt(0, backend.hidden_size).to(backend.device)
-    with tqdm(total=sum(len(f) * n_prompts[r.id] for r, f, _ in todo), unit="fact", desc="eval", dynamic_ncols=True) as bar:
-        for relation, facts, dropped in todo:
-            bar.set_postfix_str(relation.id)
-            base = {**relation_row(relation), "n_dropped": dropped}
-            if not facts:
-                tqdm.write(f"warning: {relation.id} has no {split} facts left after filtering; skipped", file=sys.stderr)
-                continue
-            if majority:
-                train, _ = relation_facts(data, relation, "train", candidates, False)
-                result = evaluate_majority(train, facts, candidates)
-                bar.update(len(facts))
-                run.save_relation(relation.id, {**base, "n_facts": len(facts), "n_train": len(train), **result.metrics},
-                                  result.predictions())
-                continue
-            if cloze is not None:
-                result = evaluate_facts(backend, manual, cloze, facts, candidates, batch_size, bar)
-                run.save_relation(relation.id, {**base, "n_facts": len(facts), "template": "cloze sentences",
-                                                **result.metrics}, result.predictions())
-                continue
-            chosen = prompts[relation.id] if prompts else [DiscretePrompt(relation.template, None, "manual")]
-            compiled = [compile_template(p.template, backend.tokenizer, backend.kind) for p in chosen]
-            weights = [1.0 if p.weight is None else p.weight for p in chosen]
-            result = evaluate_ensemble(backend, manual, compiled, weights, facts, candidates, batch_size, bar)
-            metrics = {**base, "n_facts": len(facts), "template": chosen[0].template, **result.metrics}
-            if len(chosen) > 1:
-                metrics.update(templates=[p.template for p in chosen], weights=weights)
-            run.save_relation(relation.id, metrics, result.predictions())
+    worker = Worker(backend, data, candidates)
+    cells = eval_cells(worker.spec, run, ids, split, batch_size, prompts, majority, from_sentences)
+    InProcess(data, worker=worker).run(cells, desc="eval")
     return run.write_summary()
 
 
 # -- probe train ----------------------------------------------------------------------------------
 
 TRAIN_FLAGS = {"model", "method", "relation", "all", "template", "split", "vocab", "out", "resume", "device",
-               "dtype", "control", "init", "reparam", "train_facts", "dev_facts", "dev_split", "manual_template"} | DATA_FLAGS
+               "dtype", "control", "init", "reparam", "train_facts", "dev_facts", "dev_split",
+               "manual_template"} | DATA_FLAGS | RAY_FLAGS
 FIT_FLAGS = {"lr", "epochs", "min_steps", "batch_size", "eval_every", "patience", "max_train", "seed", "iterations",
              "top_k", "capitals"}
 
@@ -406,7 +480,7 @@ def read_template_spec(spec: str) -> TemplateFile:
     return TemplateFile("<inline>", {"default": parse_template(spec)})
 
 
-def run_train(opts: Options, log=print) -> Run:
+def run_train(opts: Options, log=print) -> list[Run]:
     """`probe train`: fit one prompt per relation against the frozen LM, then test it next to the manual prompt."""
     t0 = time.time()
     method = opts.method or "ptuning"
@@ -416,6 +490,7 @@ def run_train(opts: Options, log=print) -> Run:
     control = opts.control or "none"
     if control not in MODEL_CONTROLS:
         raise ProbeError(f"--control {control!r} does not apply to `probe train`: expected one of {', '.join(MODEL_CONTROLS)}")
+    (name,) = model_names(opts, several=False)
     config_of_method = method_config(method, init=opts.init, reparam=opts.reparam)
     method_cls.check_settings(config_of_method, opts.template is not None)
     fit_config = method_cls.fit_config(**{k: getattr(opts, k) for k in FIT_FLAGS & fit_fields})
@@ -430,22 +505,24 @@ def run_train(opts: Options, log=print) -> Run:
     check_templates(data, ids, "--manual-template")
     vocab = opts.vocab or "common"
     seed = fit_config.seed
-    backend, candidates = open_model(opts, data, vocab, control, seed)
+    executor = make_executor(opts, data, vocab, log)
+    spec, info = open_model(name, opts, executor, control, seed)
+    candidates = build_candidates(info.tokenizer, data.vocab_words(vocab))
     if len(ids) == 1:
         rel = data.relation(ids[0])
         if not relation_facts(data, rel, "train", candidates, strict=False)[0]:
             raise ProbeError(f"relation {rel.id} has no train facts left after filtering by the candidate vocabulary")
         relation_facts(data, rel, split, candidates, strict=True)
-    log(f"{backend.name} ({backend.kind} LM, {backend.dtype}) loaded in {time.time() - t0:.1f}s; {len(candidates):,} candidates")
+    log(f"{info.name} ({info.kind} LM, {spec.dtype}): {len(candidates):,} candidates")
     config = RunConfig.of(
-        "train", backend, data, candidates, method=method, split=split, vocab=vocab, batch_size=128,
+        "train", info, data, candidates, method=method, split=split, vocab=vocab, batch_size=128,
         template_file=opts.template, seed=seed, method_config=dataclasses.asdict(config_of_method),
         train=dataclasses.asdict(fit_config),
     )
-    run = RunFolder(opts.out or default_out(method, backend.name), config.to_dict(), resume=bool(opts.resume))
-    results = _interruptible(run, lambda: train_relations(backend, data, ids, candidates, run, method, config_of_method,
-                                                          fit_config, templates, split))
-    return Run(run, results, time.time() - t0)
+    run = RunFolder(opts.out or default_out(method, info.name), config.to_dict(), resume=bool(opts.resume))
+    cells = train_cells(spec, info, data, ids, run, method, config_of_method, fit_config, templates, split)
+    (results,) = execute(executor, [run], cells, "train", log)
+    return [Run(run, results, time.time() - t0)]
 
 
 def fittable_method(name: str):
@@ -482,74 +559,107 @@ def fit_prompt(backend: Backend, method: str, config_of_method, compiled, manual
     return prompt, result
 
 
-def train_relations(backend: Backend, data: FactData, ids: list[str], candidates: CandidateVocab, run: RunFolder,
-                    method: str, config_of_method, fit_config, templates: TemplateFile, split: str,
-                    batch_size: int = 128) -> dict:
-    """Train and test one prompt per relation into a run folder, skipping finished relations."""
-    strict = len(ids) == 1
-    todo = [data.relation(r) for r in ids if not run.is_done(r)]
-    compiled_for = compiled_templates(backend, data, [r.id for r in todo], method, config_of_method, templates)
-    manual_prompt = ManualPrompt(0, backend.hidden_size)
-    for i, relation in enumerate(todo, 1):
-        template, compiled = compiled_for[relation.id]
-        train, _ = relation_facts(data, relation, "train", candidates, False)
+@dataclass
+class TrainCell(RelationCell):
+    """One relation's prompt: fit on train with selection on dev, then tested next to the manual prompt."""
+
+    method: str
+    config_of_method: object
+    fit_config: object
+    template: Template
+    split: str
+    run_info: dict  # what the relation's config.json repeats of the run's
+    strict: bool = False
+    position: str = ""  # "[3/41]" in the progress bar
+    batch_size: int = 128
+
+    def run(self, worker: Worker) -> CellOutput:
+        backend, data, candidates = worker.backend, worker.data, worker.candidates
+        relation = data.relation(self.key)
+        compiled = compile_template(self.template, backend.tokenizer, backend.kind, manual=relation.template)
+        train, _ = worker.facts(relation, "train")
         if not train:
             msg = f"relation {relation.id} has no train facts left after filtering by the candidate vocabulary"
-            if strict:
+            if self.strict:
                 raise ProbeError(msg)
-            tqdm.write(f"warning: {msg}; skipped", file=sys.stderr)
-            continue
-        dev, _ = relation_facts(data, relation, "dev", candidates, False)
+            return CellOutput(warning=f"{msg}; skipped")
+        dev, _ = worker.facts(relation, "dev")
         dev = dev or train
-        test, dropped = relation_facts(data, relation, split, candidates, strict)
+        test, dropped = worker.facts(relation, self.split, self.strict)
         if not test:
-            tqdm.write(f"warning: relation {relation.id} has no {split} facts left after filtering; skipped", file=sys.stderr)
-            continue
-        folder = run.relation_dir(relation.id)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "train_log.jsonl").unlink(missing_ok=True)
-        prompt, result = fit_prompt(backend, method, config_of_method, compiled, relation.template, train, dev,
-                                    candidates, fit_config, folder / "train_log.jsonl", desc=f"{relation.id} [{i}/{len(todo)}]")
-        test_eval = evaluate_facts(backend, prompt, compiled, test, candidates, batch_size)
+            return CellOutput(warning=f"relation {relation.id} has no {self.split} facts left after filtering; skipped")
+        with tempfile.TemporaryDirectory(prefix="probe-train-") as scratch:
+            # the log streams into the run folder in process (to follow it), into scratch on a Ray worker
+            log_path = Path(scratch if worker.remote else Path(self.root) / relation.id) / "train_log.jsonl"
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            log_path.unlink(missing_ok=True)
+            prompt, result = fit_prompt(backend, self.method, self.config_of_method, compiled, relation.template, train,
+                                        dev, candidates, self.fit_config, log_path, desc=f"{relation.id} {self.position}")
+            log_bytes = log_path.read_bytes()
+        test_eval = evaluate_facts(backend, prompt, compiled, test, candidates, self.batch_size)
         manual = compile_template(relation.template, backend.tokenizer, backend.kind)
-        manual_dev = evaluate_facts(backend, manual_prompt, manual, dev, candidates, batch_size).metrics
-        manual_test = evaluate_facts(backend, manual_prompt, manual, test, candidates, batch_size).metrics
-        save_prompt(folder / "prompt.safetensors", prompt)
-        atomic_write_json(folder / "config.json", {
-            **{k: run.config[k] for k in ("probe_version", "model", "model_kind", "data", "vocab", "split")},
+        manual_prompt = ManualPrompt(0, backend.hidden_size)
+        manual_dev = evaluate_facts(backend, manual_prompt, manual, dev, candidates, self.batch_size).metrics
+        manual_test = evaluate_facts(backend, manual_prompt, manual, test, candidates, self.batch_size).metrics
+        config = {
+            **self.run_info,
             "relation": relation.id,
-            "method": method,
+            "method": self.method,
             "method_config": dataclasses.asdict(prompt.config),
-            "template": template.source,
+            "template": self.template.source,
             "manual_template": relation.template,
             "n_virtual": compiled.n_virtual,
             "hidden_size": backend.hidden_size,
-            "train": dataclasses.asdict(fit_config),
+            "train": dataclasses.asdict(self.fit_config),
             "n_train": len(train),
             "n_dev": len(dev),
             "best_step": result.best_step,
             "steps": result.steps,
             **({"attempts": result.attempts} if result.attempts else {}),
             **prompt.saved_info(compiled),
-        })
+        }
         metrics = {
             **relation_row(relation),
-            "n_facts": len(test), "n_dropped": dropped, "template": template.source,
+            "n_facts": len(test), "n_dropped": dropped, "template": self.template.source,
             **test_eval.metrics,
             **{f"dev_{k}": v for k, v in result.best_dev.items()},
             **{f"manual_{k}": v for k, v in manual_test.items()},
             **{f"manual_dev_{k}": v for k, v in manual_dev.items()},
             "fit_failed": result.failed,  # dev never rose above the untrained prompt's: not a trained prompt
         }
-        run.save_relation(relation.id, metrics, test_eval.predictions())
+        output = relation_output(relation.id, metrics, test_eval.predictions(), (
+            ("train_log.jsonl", log_bytes),
+            ("prompt.safetensors", prompt_bytes(prompt)),
+            ("config.json", (json.dumps(config, indent=2, ensure_ascii=False) + "\n").encode()),
+        ))
         if result.failed:
-            tqdm.write(f"warning: {relation.id}: dev P@1 never rose above its start in {len(result.attempts) or 1} "
-                       "attempt(s); flagged as fit_failed, not a trained prompt", file=sys.stderr)
-        tqdm.write(
+            output.warning = (f"{relation.id}: dev P@1 never rose above its start in {len(result.attempts) or 1} "
+                              "attempt(s); flagged as fit_failed, not a trained prompt")
+        output.message = (
             f"{relation.id:>6} {relation.label[:28]:28} dev P@1 {result.best_dev['p1']:5.1f} "
             f"(manual {manual_dev['p1']:5.1f})  test P@1 {test_eval.metrics['p1']:5.1f} "
             f"(manual {manual_test['p1']:5.1f})  P@10 {test_eval.metrics['p10']:5.1f}  MRR {test_eval.metrics['mrr']:.3f}"
         )
+        return output
+
+
+def train_cells(spec: ModelSpec, model, data: FactData, ids: list[str], run: RunFolder, method: str, config_of_method,
+                fit_config, templates: TemplateFile, split: str) -> list[TrainCell]:
+    """One cell per unfinished relation of a run folder; every template is checked (on `model`'s tokenizer) first."""
+    todo = [r for r in ids if not run.is_done(r)]
+    templates_of = compiled_templates(model, data, todo, method, config_of_method, templates)
+    run_info = {k: run.config[k] for k in ("probe_version", "model", "model_kind", "data", "vocab", "split")}
+    return [TrainCell(rid, spec, run.root, method, config_of_method, fit_config, templates_of[rid][0], split, run_info,
+                      len(ids) == 1, f"[{i}/{len(todo)}]") for i, rid in enumerate(todo, 1)]
+
+
+def train_relations(backend: Backend, data: FactData, ids: list[str], candidates: CandidateVocab, run: RunFolder,
+                    method: str, config_of_method, fit_config, templates: TemplateFile, split: str) -> dict:
+    """Train and test one prompt per relation on a model already loaded, into a run folder, skipping finished
+    relations; returns the results."""
+    worker = Worker(backend, data, candidates)
+    cells = train_cells(worker.spec, backend, data, ids, run, method, config_of_method, fit_config, templates, split)
+    InProcess(data, worker=worker).run(cells, desc="train")
     return run.write_summary()
 
 
@@ -558,7 +668,7 @@ def train_relations(backend: Backend, data: FactData, ids: list[str], candidates
 RERUN_FLAGS = {"prompts", "relation", "all", "data", "batch_size", "device", "model"}  # --data: where the data moved
 
 
-def save_prompt(path: Path, method) -> None:
+def prompt_bytes(method) -> bytes:
     """What evaluation uses (virtual embeddings, or per-layer prefix keys and values), in one safetensors file.
 
     The method's own weights are added unless it folds them away (prefix-tuning keeps only the MLP's output).
@@ -577,7 +687,12 @@ def save_prompt(path: Path, method) -> None:
             tensors["prefix_keys"], tensors["prefix_values"] = plain(kv[0]), plain(kv[1])
     if method.save_state:
         tensors.update({f"method.{k}": v.detach().cpu().contiguous() for k, v in method.state_dict().items()})
-    atomic_write_bytes(path, save(tensors))
+    return save(tensors)
+
+
+def save_prompt(path: Path, method) -> None:
+    """A prompt file written atomically (see prompt_bytes)."""
+    atomic_write_bytes(path, prompt_bytes(method))
 
 
 def load_prompt(path) -> FixedPrompt:
@@ -617,8 +732,8 @@ def rerun_prompts(opts: Options) -> list[dict]:
     cfg = read_json(run_dir / "config.json")
     if cfg.get("command") != "train":
         raise ProbeError(f"{run_dir} is not a training run folder (its config.json says command {cfg.get('command')!r})")
-    if opts.model is not None and opts.model != cfg["model"]:
-        raise ProbeError(f"run folder {run_dir} was trained on model {cfg['model']!r}, not {opts.model!r}")
+    if opts.model and model_names(opts, several=False) != [cfg["model"]]:
+        raise ProbeError(f"run folder {run_dir} was trained on model {cfg['model']!r}, not {opts.model[0]!r}")
     data = reopen_data(cfg, opts.data)
     saved = saved_relations(run_dir)
     if not saved:

@@ -58,6 +58,12 @@ def read_json(path: Path) -> dict:
         raise ProbeError(f"{path}: malformed JSON ({e.msg} at line {e.lineno})") from None
 
 
+def slug(model: str) -> str:
+    """A model name or path as a folder name: the file or folder name, other characters as -."""
+    name = Path(model).name if ("/" in model or model.endswith(".gguf")) else model
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in name.removesuffix(".gguf")) or "model"
+
+
 class JsonlLog:
     """A training log: one JSON object a line, flushed as written; does nothing without a path."""
 

@@ -5,6 +5,7 @@ A grid file (TOML) names the axes; every combination is one cell, trained and te
     model = "smollm2"
     relations = ["P19", "P36"]          # or "all"
     [axes]
+    model = ["smollm2", "other.gguf"]   # optional: several models (replaces `model` above)
     method = ["prefix-tuning"]
     length = [1, 3, 6, 12]              # virtual tokens in all, spread over the template's slots
     init = ["random", "vocab"]          # for methods that take it (prompt-tuning, prefix-tuning)
@@ -17,6 +18,8 @@ An axis value a method does not take is left out of that method's cells ("-" in 
     OUT/grid.json         the grid as read, with the settings every cell shares
     OUT/cells/KEY.json    one finished cell: its settings and test/dev metrics (a cell is skipped once this exists,
                           so several processes can share a folder, e.g. one per grid file listing the axes in another order)
+
+`probe sweep GRID --ray` runs the cells on Ray (probe/ray_cells.py) instead of one after another here.
     OUT/cells.csv         one row per cell
     OUT/summary.csv|.md   per setting: macro P@1 over relations, mean and std over seeds
     OUT/length.png        macro P@1 against prompt length, one line per (method, init, reparam)
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import math
 import sys
 import time
@@ -36,14 +40,15 @@ from pathlib import Path
 import pandas as pd
 from tqdm import tqdm
 
+from probe.cells import Cell, CellOutput, InProcess, ModelSpec, Worker
 from probe.errors import ProbeError
 from probe.methods import get_method, method_config
 from probe.plots import png_axes
-from probe.runs import atomic_write_json, atomic_write_text, markdown_table, read_json
+from probe.runs import atomic_write_json, atomic_write_text, markdown_table, read_json, slug
 from probe.train import config_fields
 
-AXES = ("method", "length", "init", "reparam", "seed")
-SETTING = ("method", "length", "init", "reparam")  # what a summary row is; seeds and relations are averaged
+AXES = ("model", "method", "length", "init", "reparam", "seed")
+SETTING = ("model", "method", "length", "init", "reparam")  # what a summary row is; seeds and relations are averaged
 SHARED_KEYS = ("model", "template", "split", "vocab", "dtype", "control", "train")  # must agree to resume a folder
 NOT_APPLICABLE = "-"
 
@@ -66,9 +71,9 @@ class SweepGrid:
         return {k: getattr(self, k) for k in SHARED_KEYS}
 
 
-@dataclass(frozen=True)
-class Cell:
-    """One training: a setting of every axis, for one relation."""
+@dataclass
+class SweepCell(Cell):
+    """One training: a setting of every axis, for one relation and one model."""
 
     method: str
     length: int
@@ -76,10 +81,26 @@ class Cell:
     reparam: str
     seed: int
     relation: str
+    model: ModelSpec
+    root: Path
+    grid: SweepGrid
+    with_model: bool = False  # the grid has a model axis: the model is part of the key
 
     @property
     def key(self) -> str:
-        return f"{self.method}_L{self.length}_{self.init}_{self.reparam}_s{self.seed}_{self.relation}"
+        head = f"{slug(self.model.name)}_" if self.with_model else ""
+        return f"{head}{self.method}_L{self.length}_{self.init}_{self.reparam}_s{self.seed}_{self.relation}"
+
+    @property
+    def marker(self) -> str:
+        return f"cells/{self.key}.json"
+
+    def settings(self) -> dict:
+        return {"model": self.model.name, **{k: getattr(self, k) for k in (*AXES[1:], "relation")}}
+
+    def run(self, worker: Worker) -> CellOutput:
+        row = run_cell(worker, self, self.grid)
+        return CellOutput([(self.marker, (json.dumps(row, indent=2, ensure_ascii=False) + "\n").encode())])
 
 
 def load_grid(path: str | Path) -> SweepGrid:
@@ -105,6 +126,9 @@ def load_grid(path: str | Path) -> SweepGrid:
             raise ProbeError(f"{path}: unknown axis {name!r}: expected one of {', '.join(AXES)}")
         if not isinstance(values, list) or not values:
             raise ProbeError(f"{path}: axis {name!r} must be a non-empty list, got {values!r}")
+    bad = [m for m in axes.get("model", []) if not isinstance(m, str) or not m]
+    if bad:
+        raise ProbeError(f"{path}: axis 'model' takes model names or paths, got {bad[0]!r}")
     for name in ("length", "seed"):
         bad = [v for v in axes.get(name, []) if not isinstance(v, int) or isinstance(v, bool) or v < (1 if name == "length" else 0)]
         if bad:
@@ -163,8 +187,17 @@ def expand_settings(grid: SweepGrid, source: str | Path = "grid") -> list[dict]:
     return list({tuple(s.values()): s for s in settings}.values())
 
 
-def cells_of(grid: SweepGrid, relation_ids: list[str]) -> list[Cell]:
-    return [Cell(**s, relation=r) for s in expand_settings(grid) for r in relation_ids]
+def grid_models(grid: SweepGrid) -> list[str]:
+    """The models of a grid: its model axis, else its `model`."""
+    return list(dict.fromkeys(grid.axes.get("model", [grid.model])))
+
+
+def cells_of(grid: SweepGrid, relation_ids: list[str], out: Path = Path("."),
+             specs: dict[str, ModelSpec] | None = None) -> list[SweepCell]:
+    """Every cell of the grid: models x settings x relations, each model loaded as `specs` says."""
+    specs = specs or {m: ModelSpec(m, dtype=grid.dtype, control=grid.control) for m in grid_models(grid)}
+    return [SweepCell(**s, relation=r, model=specs[m], root=out, grid=grid, with_model="model" in grid.axes)
+            for m in grid_models(grid) for s in expand_settings(grid) for r in relation_ids]
 
 
 def prepare_folder(out: Path, grid: SweepGrid, extra: dict) -> None:
@@ -181,13 +214,14 @@ def prepare_folder(out: Path, grid: SweepGrid, extra: dict) -> None:
     atomic_write_json(path, record)
 
 
-def run_cell(backend, data, cell: Cell, grid: SweepGrid, candidates, facts_of) -> dict:
+def run_cell(worker: Worker, cell: SweepCell, grid: SweepGrid) -> dict:
     """Train and test one cell; returns its row (settings, test and dev metrics, steps, seconds)."""
     from probe.evaluate import evaluate_facts
     from probe.pipeline import fit_prompt, load_template_spec
     from probe.templates import compile_template, spread_virtual
 
     t0 = time.time()
+    backend, data, candidates = worker.backend, worker.data, worker.candidates
     relation = data.relation(cell.relation)
     config = method_config(cell.method, **{k: getattr(cell, k) for k in ("init", "reparam") if getattr(cell, k) != NOT_APPLICABLE})
     method_cls = get_method(cell.method)
@@ -199,46 +233,45 @@ def run_cell(backend, data, cell: Cell, grid: SweepGrid, candidates, facts_of) -
     method_cls.check_template(compiled)
     fit_config = method_cls.fit_config(**{k: v for k, v in grid.train.items() if k in config_fields(method_cls.fit_config_class)},
                                        seed=cell.seed)
-    train, dev, test = facts_of(relation)
-    method, result = fit_prompt(backend, cell.method, config, compiled, relation.template, train, dev, candidates,
+    split = data.split_name(grid.split)
+    train, dev, test = (worker.facts(relation, s)[0] for s in ("train", "dev", split))
+    if not train or not test:
+        raise ProbeError(f"relation {relation.id} has no train or {split} facts left after filtering")
+    method, result = fit_prompt(backend, cell.method, config, compiled, relation.template, train, dev or train, candidates,
                                 fit_config, desc=cell.key)
     metrics = evaluate_facts(backend, method, compiled, test, candidates).metrics
     return {
-        **dataclasses.asdict(cell), "template": template.source, "type": relation.type, "n_facts": len(test),
+        **cell.settings(), "template": template.source, "type": relation.type, "n_facts": len(test),
         "n_train": len(train), **metrics, **{f"dev_{k}": v for k, v in result.best_dev.items()},
         "steps": result.steps, "best_step": result.best_step, "seconds": round(time.time() - t0, 1),
     }
 
 
-def run_sweep(backend, data, grid: SweepGrid, relation_ids: list[str], candidates, out: Path) -> pd.DataFrame:
-    """Run every unfinished cell (one model load), then write the tables; returns the cells table."""
-    from probe.pipeline import relation_facts
-
-    cells = cells_of(grid, relation_ids)
-    todo = [c for c in cells if not (out / "cells" / f"{c.key}.json").exists()]
-    cache: dict[str, tuple] = {}
-
-    def facts_of(relation):
-        if relation.id not in cache:
-            train, _ = relation_facts(data, relation, "train", candidates, False)
-            dev, _ = relation_facts(data, relation, "dev", candidates, False)
-            test, _ = relation_facts(data, relation, data.split_name(grid.split), candidates, False)
-            if not train or not test:
-                raise ProbeError(f"relation {relation.id} has no train or {data.split_name(grid.split)} facts left after "
-                                 "filtering")
-            cache[relation.id] = (train, dev or train, test)
-        return cache[relation.id]
-
+def run_sweep(backend, data, grid: SweepGrid, relation_ids: list[str], candidates, out: Path, executor=None) -> pd.DataFrame:
+    """Run every unfinished cell, in process on `backend` (or on `executor`), then write the tables; returns the cells
+    table."""
+    if executor is None:
+        worker = Worker(backend, data, candidates)
+        executor = InProcess(data, worker=worker)
+        cells = cells_of(grid, relation_ids, out, {m: worker.spec for m in grid_models(grid)})
+    else:
+        cells = cells_of(grid, relation_ids, out, executor_specs(grid, executor))
+    todo = [c for c in cells if not c.done()]
     if len(todo) < len(cells):
         tqdm.write(f"{len(cells) - len(todo)} of {len(cells)} cells already done in {out}; running the other {len(todo)}",
                    file=sys.stderr)
-    for cell in tqdm(todo, desc="sweep", unit="cell", dynamic_ncols=True, disable=not todo):
-        path = out / "cells" / f"{cell.key}.json"
-        if path.exists():  # finished meanwhile by another process working on the same folder
-            continue
-        row = run_cell(backend, data, cell, grid, candidates, facts_of)
-        atomic_write_json(path, row)
-    return write_tables(out, cells)
+    try:
+        progress = executor.run(todo, desc="sweep")
+    finally:
+        df = write_tables(out, cells)
+    progress.report(lambda m: tqdm.write(m, file=sys.stderr))
+    return df
+
+
+def executor_specs(grid: SweepGrid, executor, device: str | None = None) -> dict[str, ModelSpec]:
+    """How the executor's workers load each model of the grid."""
+    device = device or getattr(executor, "device", "cpu")
+    return {m: ModelSpec(m, device, grid.dtype, grid.control) for m in grid_models(grid)}
 
 
 def write_tables(out: Path, cells: list[Cell]) -> pd.DataFrame:
@@ -253,7 +286,7 @@ def write_tables(out: Path, cells: list[Cell]) -> pd.DataFrame:
     shown = summary.copy()
     for m in ("p1", "dev_p1"):
         shown[m] = [f"{a:.2f} ± {b:.2f}" for a, b in zip(summary[f"{m}_mean"], summary[f"{m}_std"], strict=True)]
-    shown = shown[[*SETTING, "seeds", "relations", "p1", "dev_p1"]].rename(
+    shown = shown[[*(c for c in SETTING if c in shown), "seeds", "relations", "p1", "dev_p1"]].rename(
         columns={"p1": "macro P@1 (mean ± std over seeds)", "dev_p1": "dev macro P@1"})
     atomic_write_text(out / "summary.md", markdown_table(shown) + "\n")
     plot_lengths(summary, out / "length.png")
@@ -262,11 +295,12 @@ def write_tables(out: Path, cells: list[Cell]) -> pd.DataFrame:
 
 def summarise(df: pd.DataFrame) -> pd.DataFrame:
     """Per setting: macro P@1 (and dev P@1) over relations for each seed, then mean and std over seeds."""
-    per_seed = df.groupby([*SETTING, "seed"], as_index=False).agg(p1=("p1", "mean"), dev_p1=("dev_p1", "mean"),
+    setting = [c for c in SETTING if c in df]  # cells of older sweeps have no model column
+    per_seed = df.groupby([*setting, "seed"], as_index=False).agg(p1=("p1", "mean"), dev_p1=("dev_p1", "mean"),
                                                                    relations=("relation", "nunique"))
     rows = []
-    for key, group in per_seed.groupby(list(SETTING), sort=True):
-        row = dict(zip(SETTING, key, strict=True))
+    for key, group in per_seed.groupby(setting, sort=True):
+        row = dict(zip(setting, key, strict=True))
         row.update(seeds=len(group), relations=int(group["relations"].min()))
         for m in ("p1", "dev_p1"):
             row[f"{m}_mean"] = float(group[m].mean())
@@ -287,30 +321,42 @@ def plot_lengths(summary: pd.DataFrame, path: Path) -> None:
         ax.set_ylabel("macro P@1 (mean ± std over seeds)")
 
 
-def sweep_command(grid_path: Path, out: Path | None, data: str | None, device: str, log=print) -> Path:
-    """`probe sweep`: check the grid, load the model once, run the unfinished cells; returns OUT/summary.md."""
-    from probe.backends import load_backend
+def sweep_command(grid_path: Path, out: Path | None, data: str | None, device: str | None = None, log=print,
+                  ray: str | None = None, cpus_per_worker: int | None = None) -> Path:
+    """`probe sweep`: check the grid and its models, run the unfinished cells (here or on Ray); returns OUT/summary.md."""
+    from probe.backends import model_info
     from probe.data import open_data
     from probe.errors import Interrupted
     from probe.pipeline import load_template_spec
-    from probe.vocab import build_candidates
 
     t0 = time.time()
     spec = load_grid(grid_path)
     lama = open_data(data)
     ids = list(lama.relations) if spec.relations == "all" else [lama.relation(r).id for r in spec.relations]
-    load_template_spec(spec.template)  # a bad template fails before the model loads
+    load_template_spec(spec.template)  # a bad template fails before any model loads
     out = out or Path("runs") / f"sweep-{Path(grid_path).stem}"
-    words = lama.vocab_words(spec.vocab)
+    lama.vocab_words(spec.vocab)  # checks the vocabulary name
+    if ray is None and cpus_per_worker is not None:
+        raise ProbeError("--cpus-per-worker applies to --ray only")
+    if ray is None:
+        executor = InProcess(lama, spec.vocab, log=log)
+    else:
+        from probe.ray_cells import RayExecutor
+
+        executor = RayExecutor(lama, spec.vocab, ray, cpus_per_worker or 1, log=log)
+    specs = executor_specs(spec, executor, device)
+    for s in specs.values():  # every model's config and tokenizer can be read before any cell runs
+        model_info(s.name, s.device, s.dtype, s.control, check_device=ray is None)
     prepare_folder(out, spec, {"data": str(lama.root.resolve())})
-    backend = load_backend(spec.model, device=device, dtype=spec.dtype, control=spec.control)
-    candidates = build_candidates(backend.tokenizer, words)
-    n = len(cells_of(spec, ids))
-    log(f"{spec.model} loaded in {time.time() - t0:.1f}s; {n} cells ({n // len(ids)} settings x {len(ids)} relations)")
+    cells = cells_of(spec, ids, out, specs)
+    log(f"{len(cells)} cells ({len(specs)} model(s) x {len(cells) // len(specs) // len(ids)} settings x {len(ids)} relations)")
     try:
-        run_sweep(backend, lama, spec, ids, candidates, out)
+        run_sweep(None, lama, spec, ids, None, out, executor)
     except KeyboardInterrupt:
-        write_tables(out, cells_of(spec, ids))
         raise Interrupted(out) from None
+    finally:
+        close = getattr(executor, "close", None)
+        if close:
+            close()
     log(f"{time.time() - t0:.0f}s in all")
     return out / "summary.md"

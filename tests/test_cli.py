@@ -212,7 +212,7 @@ def test_ctrl_c_exits_130():
 def test_ctrl_c_during_eval_keeps_results_and_says_how_to_resume(tmp_path, tiny_masked_dir, fake_lama):
     code = ("import cli, probe.pipeline as p\n"
             "def stop(*a, **k): raise KeyboardInterrupt()\n"
-            "p.evaluate_relations = stop\n"
+            "p.EvalCell.run = stop\n"
             "cli.main()\n")
     out = tmp_path / "run"
     proc = subprocess.run([sys.executable, "-c", code, "eval", "--model", str(tiny_masked_dir), "--relation", "P36",

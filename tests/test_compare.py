@@ -190,14 +190,15 @@ def test_compare_refuses_mixed_models(runs, tmp_path):
     other = make_run(tmp_path / "runs2" / "e-manual", "manual", [row("P19", "N-1", 10, 30.0), row("P36", "1-1", 30, 30.0)],
                      model="bert", vocab="29k")
     proc = run_cli("compare", runs[0], runs[1], other, "--out", tmp_path / "cmp")
-    error = assert_user_error(proc, "runs differ in model", "'m' in", str(runs[0]), str(runs[1]), f"'bert' in {other}",
-                              "vocab", "--allow-mixed")
-    assert "split" not in error
+    error = assert_user_error(proc, "runs differ in vocab", "'common' in", str(runs[0]), str(runs[1]), f"'29k' in {other}",
+                              "--allow-mixed")
+    assert "split" not in error and "model" not in error  # runs of several models are compared on their common facts
     assert not (tmp_path / "cmp").exists()
     cmp = compare_runs(load_runs([runs[0], runs[1], other]), allow_mixed=True)
     s = cmp.summary.set_index("label")
-    assert list(s.index) == ["manual (a-manual)", "discrete:fact_retrieval_bert_prompts", "manual (e-manual)"]
-    assert s.loc["manual (e-manual)", "gain_p1"] == 0.0  # its own manual run, not the other model's
+    assert list(s.index) == ["manual @ m", "discrete:fact_retrieval_bert_prompts @ m", "manual @ bert"]
+    assert s.loc["manual @ bert", "gain_p1"] == 0.0  # its own manual run, not the other model's
+    assert s.loc["manual @ m", "facts"] == 40 and "each run on the facts it kept itself" in " ".join(cmp.notes)
 
 
 def test_compare_errors(tmp_path, runs):

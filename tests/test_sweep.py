@@ -18,7 +18,7 @@ from probe.methods import get_method, method_config
 from probe.methods.autoprompt import TriggerSearchConfig
 from probe.methods.prompt_tuning import PromptTuning
 from probe.pipeline import fit_prompt, load_template_spec, relation_facts
-from probe.sweep import Cell, cells_of, load_grid, prepare_folder, run_sweep, summarise
+from probe.sweep import SweepCell, cells_of, load_grid, prepare_folder, run_sweep, summarise
 from probe.templates import compile_template, parse_template, spread_virtual
 from probe.train import TrainConfig
 from probe.vocab import build_candidates
@@ -104,9 +104,9 @@ def test_sweep_runs_resumes_and_summarises(causal_backend, tmp_path, monkeypatch
     ran = []
     real = probe.sweep.run_cell
 
-    def counting(backend, data, cell, *args):
+    def counting(worker, cell, *args):
         ran.append(cell)
-        return real(backend, data, cell, *args)
+        return real(worker, cell, *args)
 
     monkeypatch.setattr(probe.sweep, "run_cell", counting)
     cells = cells_of(grid, ["P19", "P36"])
@@ -120,7 +120,7 @@ def test_sweep_runs_resumes_and_summarises(causal_backend, tmp_path, monkeypatch
     assert len(ran) == 8
     (out / "cells" / f"{cells[3].key}.json").unlink()
     df2 = run_sweep(causal_backend, lama, grid, ["P19", "P36"], cands, out)
-    assert ran[8:] == [cells[3]]
+    assert [c.key for c in ran[8:]] == [cells[3].key]
     assert df2.sort_values("seed").reset_index(drop=True).drop(columns="seconds").equals(
         df.sort_values("seed").reset_index(drop=True).drop(columns="seconds"))
     # the summary: macro over relations per seed, then mean and sample std over seeds
@@ -149,7 +149,7 @@ def test_sweep_runs_resumes_and_summarises(causal_backend, tmp_path, monkeypatch
     assert first["n_facts"] == 6 and first["n_train"] == 8  # the test fact of Ravenna (not a candidate) is left out
 
 
-def recomputed_cell(backend, data, cell: Cell, train_settings: dict, candidates):
+def recomputed_cell(backend, data, cell: SweepCell, train_settings: dict, candidates):
     """A cell trained and tested again without the sweep: (test metrics, fit result, template source)."""
     relation = data.relation(cell.relation)
     template = spread_virtual(load_template_spec(None, cell.method).template_for(relation.id, backend.kind), cell.length)
@@ -276,8 +276,8 @@ def test_sweep_folder_with_other_shared_settings_is_refused(tmp_path):
 
 
 def test_summarise_single_seed_has_no_std():
-    df = pd.DataFrame([{**Cell("ptuning", 3, "-", "-", 1, r).__dict__, "p1": p, "dev_p1": p} for r, p in
-                       (("P19", 10.0), ("P36", 30.0))])
+    df = pd.DataFrame([{"method": "ptuning", "length": 3, "init": "-", "reparam": "-", "seed": 1, "relation": r, "p1": p,
+                        "dev_p1": p} for r, p in (("P19", 10.0), ("P36", 30.0))])
     (row,) = summarise(df).to_dict("records")
     assert row["p1_mean"] == 20.0 and pd.isna(row["p1_std"])
 
@@ -309,7 +309,7 @@ batch_size = 4
     assert pd.read_csv(out / "cells.csv").drop(columns="seconds").equals(cells.drop(columns="seconds"))
 
 
-def test_a_cell_finished_by_another_process_is_skipped(tmp_path, monkeypatch):
+def test_a_cell_finished_by_another_process_is_skipped(causal_backend, tmp_path, monkeypatch):
     """Two processes can share a folder: a cell that appears while the sweep runs is not trained again."""
     lama = LamaData(make_lama(tmp_path / "lama", default_splits()))
     grid = load_grid(write_grid(tmp_path / "g.toml", 'relations = ["P19"]\n[axes]\nmethod = ["ptuning"]\nseed = [1, 2, 3]'))
@@ -318,14 +318,14 @@ def test_a_cell_finished_by_another_process_is_skipped(tmp_path, monkeypatch):
     prepare_folder(out, grid, {"data": "x"})
     ran = []
 
-    def fake_cell(backend, data, cell, *args):
+    def fake_cell(worker, cell, *args):
         ran.append(cell.seed)
         if cell.seed == 1:  # meanwhile, "another process" finishes seed 2
-            (out / "cells" / f"{cells[1].key}.json").write_text(json.dumps({**cell.__dict__, "seed": 2, "p1": 5.0,
+            (out / "cells" / f"{cells[1].key}.json").write_text(json.dumps({**cell.settings(), "seed": 2, "p1": 5.0,
                                                                               "dev_p1": 5.0}))
-        return {**cell.__dict__, "p1": 10.0 * cell.seed, "dev_p1": 0.0}
+        return {**cell.settings(), "p1": 10.0 * cell.seed, "dev_p1": 0.0}
 
     monkeypatch.setattr(probe.sweep, "run_cell", fake_cell)
-    df = run_sweep(None, lama, grid, ["P19"], None, out)
+    df = run_sweep(causal_backend, lama, grid, ["P19"], [], out)
     assert ran == [1, 3]
     assert sorted(df["p1"]) == [5.0, 10.0, 30.0]

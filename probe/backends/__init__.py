@@ -3,7 +3,8 @@
 - base.py     `Backend` (the interface and the prefix-tuning hooks) and the registry;
 - masked.py   any masked LM, causal.py any causal LM, through the plain transformers forward;
 - llama.py    the Llama family: its own forward, shared starts run once, packed weights;
-- loading.py  `load_backend`: aliases, .gguf files, hub ids and folders, then the registry's choice.
+- loading.py  `load_backend`: aliases, .gguf files, hub ids and folders, then the registry's choice;
+              `model_info`: a model's kind and tokenizer without its weights (what a driver needs).
 
 To add a model family with its own fast path, add a module here with a subclass of `MaskedLM` or
 `CausalLM`, decorated with `@register`, whose `supports(config)` names the configs it serves. Every module
@@ -14,10 +15,20 @@ import importlib
 import pkgutil
 
 from probe.backends.base import BACKENDS, Backend, PromptInputs, backend_class, register
-from probe.backends.loading import DTYPES, cache_dir, gguf_cache_folder, load_backend, model_kind, resolve_model, smollm2_gguf
+from probe.backends.loading import (
+    DTYPES,
+    ModelInfo,
+    cache_dir,
+    gguf_cache_folder,
+    load_backend,
+    model_info,
+    model_kind,
+    resolve_model,
+    smollm2_gguf,
+)
 
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = ["BACKENDS", "DTYPES", "Backend", "PromptInputs", "backend_class", "cache_dir", "gguf_cache_folder",
-           "load_backend", "model_kind", "register", "resolve_model", "smollm2_gguf"]
+           "load_backend", "ModelInfo", "model_info", "model_kind", "register", "resolve_model", "smollm2_gguf"]

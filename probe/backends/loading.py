@@ -8,6 +8,7 @@ import logging
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -106,6 +107,63 @@ def resolve_model(name: str) -> str:
     return str(Path(name).expanduser()) if looks_like_path(name) else name
 
 
+@dataclass
+class ModelInfo:
+    """What the driver needs of a model without its weights: name, kind, tokenizer, and the dtype and device asked for."""
+
+    name: str
+    kind: str
+    tokenizer: object
+    dtype: torch.dtype
+    device: torch.device
+    control: str = "none"
+
+
+def _quiet_transformers() -> None:
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+
+
+def _check_settings(dtype: str, device: str, control: str) -> None:
+    from probe.controls import MODEL_CONTROLS
+
+    if control not in MODEL_CONTROLS:
+        raise ProbeError(f"unknown model control {control!r}: expected one of {', '.join(MODEL_CONTROLS)}")
+    if dtype not in DTYPES:
+        raise ProbeError(f"unknown dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ProbeError(f"device {device!r} asked for, but CUDA is not available here")
+
+
+def _loading_error(name: str, e: Exception) -> ProbeError:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return ProbeError(f"cannot load model {name!r}: expected 'smollm2', a hub id, a local model folder or a .gguf file ({first})")
+
+
+def model_info(name: str, device: str = "cpu", dtype: str = "float32", control: str = "none",
+               check_device: bool = True) -> ModelInfo:
+    """A model's kind and tokenizer, read from its config and tokenizer files: the weights stay where they are.
+
+    `check_device=False` for a device that exists on workers elsewhere (a Ray cluster's GPUs), not here.
+    """
+    _check_settings(dtype, "cpu" if not check_device else device, control)
+    from transformers import AutoConfig, AutoTokenizer
+
+    _quiet_transformers()
+    try:
+        path = resolve_model(name)
+        kind = model_kind(AutoConfig.from_pretrained(path))
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except ProbeError:
+        raise
+    except (OSError, ValueError, KeyError) as e:
+        raise _loading_error(name, e) from None
+    return ModelInfo(name, kind, tokenizer, DTYPES[dtype], torch.device(device), control)
+
+
 def load_backend(name: str, device: str = "cpu", dtype: str = "float32", kind: str | None = None,
                  control: str = "none", seed: int = 0) -> Backend:
     """Load a frozen LM by alias (`smollm2`), hub id, local folder or `.gguf` file, behind the backend its config asks for.
@@ -113,20 +171,12 @@ def load_backend(name: str, device: str = "cpu", dtype: str = "float32", kind: s
     `control="random-model"` re-draws every weight (seeded): what a prompt reaches on it is learned from
     the training data, not known by the LM.
     """
-    from probe.controls import MODEL_CONTROLS, apply_model_control
+    from probe.controls import apply_model_control
 
-    if control not in MODEL_CONTROLS:
-        raise ProbeError(f"unknown model control {control!r}: expected one of {', '.join(MODEL_CONTROLS)}")
-    import transformers
+    _check_settings(dtype, device, control)
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
-    if dtype not in DTYPES:
-        raise ProbeError(f"unknown dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ProbeError(f"device {device!r} asked for, but CUDA is not available here")
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    logging.getLogger("transformers").setLevel(logging.ERROR)
+    _quiet_transformers()
     try:
         path = resolve_model(name)
         config = AutoConfig.from_pretrained(path)
@@ -137,10 +187,7 @@ def load_backend(name: str, device: str = "cpu", dtype: str = "float32", kind: s
     except ProbeError:
         raise
     except (OSError, ValueError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ProbeError(
-            f"cannot load model {name!r}: expected 'smollm2', a hub id, a local model folder or a .gguf file ({first})"
-        ) from None
+        raise _loading_error(name, e) from None
     apply_model_control(model, control, seed)
     model.to(device)
     return backend_class(model.config, kind)(model, tokenizer, name, device, control)

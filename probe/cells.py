@@ -1,0 +1,222 @@
+"""Cells, the unit of work of eval, train and sweep, and the executors that run them.
+
+A cell is one (model, relation, setting, seed). `cell.run(worker)` computes against a loaded model and returns
+the files it made (`CellOutput`); the driver writes them under the cell's folder with atomic writes, the marker
+file last. So a worker killed mid-cell leaves nothing behind, a finished cell is written once, and a rerun skips
+every cell whose marker exists.
+
+Two executors run cells, with the same results:
+- `InProcess`: one model at a time in this process (the default);
+- `RayExecutor` (probe/ray_cells.py): Ray actors that each load a model once, on one machine or a cluster.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+from tqdm import tqdm
+
+from probe.backends import Backend, load_backend
+from probe.batching import relation_facts
+from probe.data import Fact, FactData, Relation
+from probe.errors import ProbeError
+from probe.runs import atomic_write_bytes
+from probe.vocab import CandidateVocab, build_candidates
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How to load a model: what each worker needs to load its own copy."""
+
+    name: str
+    device: str = "cpu"
+    dtype: str = "bfloat16"
+    control: str = "none"
+    seed: int = 0
+
+    def load(self) -> Backend:
+        return load_backend(self.name, device=self.device, dtype=self.dtype, control=self.control, seed=self.seed)
+
+    @classmethod
+    def of(cls, backend: Backend, seed: int = 0) -> ModelSpec:
+        """The spec of a model already loaded."""
+        return cls(backend.name, str(backend.device), str(backend.dtype).removeprefix("torch."), backend.control, seed)
+
+
+@dataclass
+class CellOutput:
+    """What a cell made: files relative to its folder, written in order (the last marks the cell finished)."""
+
+    files: list[tuple[str, bytes]] = field(default_factory=list)
+    message: str | None = None  # a line for the user once the files are written
+    warning: str | None = None
+
+
+class Cell(ABC):
+    """One unit of work. Subclasses are plain dataclasses (they travel to Ray workers) with these attributes."""
+
+    key: str  # unique within its folder
+    model: ModelSpec
+    root: Path  # the folder its files go to
+    marker: str  # the file, relative to root, that says the cell is finished
+
+    def done(self) -> bool:
+        return (Path(self.root) / self.marker).exists()
+
+    @abstractmethod
+    def run(self, worker: Worker) -> CellOutput:
+        """Compute the cell against the worker's model; never write into the run folder."""
+
+
+class Worker:
+    """What cells run against: one loaded model, the data, the candidate words, and facts filtered once."""
+
+    def __init__(self, backend: Backend, data: FactData, candidates: CandidateVocab, spec: ModelSpec | None = None):
+        self.backend = backend
+        self.data = data
+        self.candidates = candidates
+        self.spec = spec or ModelSpec.of(backend)
+        self.remote = False  # on a Ray worker: logs go to scratch files, returned with the output
+        self._facts: dict[tuple[str, str], tuple[list[Fact], int]] = {}
+
+    @classmethod
+    def load(cls, spec: ModelSpec, data: FactData, vocab: str) -> Worker:
+        backend = spec.load()
+        return cls(backend, data, build_candidates(backend.tokenizer, data.vocab_words(vocab)), spec)
+
+    def facts(self, relation: Relation, split: str, strict: bool = False) -> tuple[list[Fact], int]:
+        """A split's facts whose object is a candidate, and how many were dropped; strict: none left is an error."""
+        key = (relation.id, split)
+        if key not in self._facts:
+            self._facts[key] = relation_facts(self.data, relation, split, self.candidates, strict)
+        facts, dropped = self._facts[key]
+        if not facts and strict:
+            relation_facts(self.data, relation, split, self.candidates, strict)  # raises the error
+        return facts, dropped
+
+
+def write_output(cell: Cell, output: CellOutput) -> None:
+    """The driver's side: write a cell's files atomically, in order, the marker last."""
+    for name, blob in output.files:
+        atomic_write_bytes(Path(cell.root) / name, blob)
+
+
+class CellsFailed(Exception):
+    """Some cells failed on every try; the others are written."""
+
+    def __init__(self, failures: list[tuple[Cell, str]]):
+        self.failures = failures
+        first, why = failures[0]
+        super().__init__(f"{len(failures)} cell(s) failed, e.g. {first.key}: {why}")
+
+
+class Progress:
+    """One progress bar over cells (done, running, failed) and a per-model summary table at the end."""
+
+    def __init__(self, cells: Sequence[Cell], desc: str = "cells"):
+        self.bar = tqdm(total=len(cells), desc=desc, unit="cell", dynamic_ncols=True, disable=not cells)
+        self.running = 0
+        self.failed: list[tuple[Cell, str]] = []
+        self.t0 = time.time()
+        self.stats: dict[str, dict] = {}
+        for c in cells:
+            self.stats.setdefault(c.model.name, {"model": c.model.name, "cells": 0, "done": 0, "failed": 0, "cell_s": 0.0})
+            self.stats[c.model.name]["cells"] += 1
+
+    def started(self, n: int = 1) -> None:
+        self.running += n
+        self._show()
+
+    def finished(self, cell: Cell, seconds: float, error: str | None = None) -> None:
+        self.running -= 1
+        row = self.stats[cell.model.name]
+        if error is None:
+            row["done"] += 1
+            row["cell_s"] += seconds
+        else:
+            row["failed"] += 1
+            self.failed.append((cell, error))
+        self.bar.update(1)
+        self._show()
+
+    def _show(self) -> None:
+        self.bar.set_postfix(running=self.running, failed=len(self.failed), refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()
+
+    def table(self) -> pd.DataFrame:
+        df = pd.DataFrame(self.stats.values())
+        if not df.empty:
+            df["cell_s"] = df["cell_s"].round(1)
+        return df
+
+    def report(self, log: Callable[[str], None]) -> None:
+        """The summary table; failures raise CellsFailed once everything else is written."""
+        if len(self.stats) > 1 or self.failed:
+            log(self.table().to_string(index=False))
+        log(f"{sum(r['done'] for r in self.stats.values())} cells in {time.time() - self.t0:.1f}s")
+        if self.failed:
+            for cell, why in self.failed:
+                log(f"failed: {cell.key} ({cell.model.name}): {why}")
+            raise CellsFailed(self.failed)
+
+
+OnDone = Callable[[Cell, CellOutput], None]
+
+
+def finish(cell: Cell, output: CellOutput, on_done: OnDone | None) -> None:
+    """Write a finished cell, tell the user, and let the caller update its tables."""
+    write_output(cell, output)
+    if output.warning:
+        tqdm.write(f"warning: {output.warning}", file=sys.stderr)
+    if output.message:
+        tqdm.write(output.message)
+    if on_done:
+        on_done(cell, output)
+
+
+class InProcess:
+    """Runs cells one after another in this process, loading each model once (or using one already loaded)."""
+
+    def __init__(self, data: FactData, vocab: str | None = None, worker: Worker | None = None, log=print):
+        self.data = data
+        self.vocab = vocab
+        self.worker = worker
+        self.log = log
+
+    def run(self, cells: Sequence[Cell], on_done: OnDone | None = None, desc: str = "cells") -> Progress:
+        todo = [c for c in cells if not c.done()]
+        progress = Progress(todo, desc)
+        try:
+            for spec in dict.fromkeys(c.model for c in todo):
+                worker = self._worker(spec)
+                for cell in (c for c in todo if c.model == spec):
+                    if cell.done():  # finished meanwhile by another process sharing the folder
+                        progress.started()
+                        progress.finished(cell, 0.0)
+                        continue
+                    t0 = time.time()
+                    progress.started()
+                    output = cell.run(worker)
+                    finish(cell, output, on_done)
+                    progress.finished(cell, time.time() - t0)
+        finally:
+            progress.close()
+        return progress
+
+    def _worker(self, spec: ModelSpec) -> Worker:
+        if self.worker is None or self.worker.spec != spec:
+            if self.vocab is None:
+                raise ProbeError(f"internal: no vocabulary to build candidates for {spec.name}")
+            self.worker = None  # free the previous model first
+            t0 = time.time()
+            self.worker = Worker.load(spec, self.data, self.vocab)
+            self.log(f"{spec.name} loaded in {time.time() - t0:.1f}s")
+        return self.worker

@@ -1,0 +1,206 @@
+"""Running cells on Ray: actors that each load one model once and take that model's cells.
+
+Imported only for `--ray`. A worker returns a cell's files; the driver writes them (probe.cells.write_output), so
+a killed worker leaves nothing half-written. A killed actor is restarted by Ray and its cell retried there
+(`max_restarts`, `max_task_retries`); the driver writes each cell once, whichever try finished it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import replace
+from urllib.parse import urlsplit
+
+from probe.cells import Cell, ModelSpec, OnDone, Progress, Worker, finish
+from probe.data import FactData
+from probe.errors import ProbeError
+
+RETRIES = 3  # restarts of a dead actor, and tries of the cell it was running
+
+
+def _ray():
+    try:
+        import ray
+    except ImportError:
+        raise ProbeError("--ray needs Ray, which is not installed: pip install 'probe[ray]'") from None
+    return ray
+
+
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """A HOST:PORT (or ray://HOST:PORT) that accepts no connection is a ProbeError, before Ray waits on it."""
+    parts = urlsplit(address if "://" in address else f"tcp://{address}")
+    try:
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        host, port = None, None
+    if not host or not port:
+        raise ProbeError(f"--ray {address!r}: expected 'auto', HOST:PORT or ray://HOST:PORT (or --ray alone for a local Ray)")
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        raise ProbeError(f"Ray cluster at {address} cannot be reached ({e.strerror or e})") from None
+
+
+def connect(address: str = "local", num_cpus: int | None = None) -> bool:
+    """Join the cluster at `address` ('auto', HOST:PORT) or start a local Ray ('local'); True if this call started it."""
+    ray = _ray()
+    if ray.is_initialized():
+        return False
+    if address not in ("local", "auto"):
+        check_reachable(address)
+    env = {"TQDM_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.update({k: os.environ[k] for k in ("PROBE_CACHE", "PROBE_DATA", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+                if k in os.environ})
+    try:
+        ray.init(address=None if address == "local" else address, num_cpus=num_cpus if address == "local" else None,
+                 include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR,
+                 runtime_env={"env_vars": env})
+    except ConnectionError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ProbeError(f"no Ray cluster at {address!r}: {first}") from None
+    return True
+
+
+class CellActor:
+    """One model, loaded once; runs the cells it is given and returns their files."""
+
+    def __init__(self, spec: ModelSpec, data: FactData, vocab: str, threads: int):
+        import torch
+
+        torch.set_num_threads(threads)
+        self.worker = Worker.load(spec, data, vocab)
+        self.worker.remote = True
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def run(self, cell: Cell):
+        t0 = time.time()
+        return cell.run(self.worker), time.time() - t0, os.getpid()
+
+
+class RayExecutor:
+    """Runs cells on Ray actors: one per GPU when the cluster has GPUs, else one per `cpus_per_worker` CPUs.
+
+    Models share the workers: each model with cells waiting gets an equal share, and a model's actors are freed
+    for the next models once its cells are done.
+    """
+
+    def __init__(self, data: FactData, vocab: str, address: str = "local", cpus_per_worker: int = 1,
+                 workers: int | None = None, log=print):
+        if cpus_per_worker < 1:
+            raise ProbeError(f"--cpus-per-worker must be at least 1, got {cpus_per_worker}")
+        self.data = data
+        self.vocab = vocab
+        self.address = address
+        self.cpus_per_worker = cpus_per_worker
+        self.log = log
+        self.started_ray = connect(address)
+        ray = _ray()
+        resources = ray.cluster_resources()
+        self.gpus = int(resources.get("GPU", 0))
+        slots = self.gpus or int(resources.get("CPU", 1)) // cpus_per_worker
+        if slots < 1:
+            raise ProbeError(f"the Ray cluster has {int(resources.get('CPU', 0))} CPUs, fewer than --cpus-per-worker "
+                             f"{cpus_per_worker}")
+        self.slots = min(slots, workers) if workers else slots
+        self.on_dispatch = None  # tests: called with (cell, actor) when a cell is sent to an actor
+        self.actor_pids: dict = {}  # actor -> pid at start (a different pid in a result means the actor restarted)
+        self.retried: list[str] = []  # keys of cells whose actor died and which ran again
+
+    @property
+    def device(self) -> str:
+        """The device the workers load models on."""
+        return "cuda" if self.gpus else "cpu"
+
+    def run(self, cells: Sequence[Cell], on_done: OnDone | None = None, desc: str = "cells") -> Progress:
+        ray = _ray()
+        todo = [c for c in cells if not c.done()]
+        progress = Progress(todo, desc)
+        queues = {spec: deque(c for c in todo if c.model == spec) for spec in dict.fromkeys(c.model for c in todo)}
+        data_ref = ray.put(self.data)
+        actor_class = ray.remote(CellActor).options(
+            num_cpus=self.cpus_per_worker, num_gpus=1 if self.gpus else 0, max_restarts=RETRIES, max_task_retries=RETRIES)
+        actors: dict = {}  # actor -> spec
+        pending: dict = {}  # result ref -> (cell, actor, start time)
+
+        def start_actors() -> None:
+            waiting = [s for s, q in queues.items() if q and s not in actors.values()]
+            free = self.slots - len(actors)
+            for i, spec in enumerate(waiting[:free]):
+                share = free // min(len(waiting), free) + (i < free % min(len(waiting), free))
+                for _ in range(min(share, len(queues[spec]))):
+                    actor = actor_class.remote(replace(spec, device=self.device), data_ref, self.vocab, self.cpus_per_worker)
+                    actors[actor] = spec
+            if actors:
+                new = [a for a in actors if a not in self.actor_pids]
+                try:
+                    self.actor_pids.update(zip(new, ray.get([a.pid.remote() for a in new]), strict=True))
+                except ray.exceptions.RayActorError as e:
+                    raise ProbeError(f"a Ray worker could not load its model: {_reason(e)}") from None
+
+        def dispatch(actor) -> None:
+            spec = actors[actor]
+            if not queues[spec]:
+                del actors[actor]
+                ray.kill(actor)
+                return
+            cell = queues[spec].popleft()
+            if self.on_dispatch:
+                self.on_dispatch(cell, actor)
+            pending[actor.run.remote(cell)] = (cell, actor, time.time())
+            progress.started()
+
+        try:
+            start_actors()
+            for actor in list(actors):
+                dispatch(actor)
+            while pending:
+                (ref,), _ = ray.wait(list(pending), num_returns=1)
+                cell, actor, t0 = pending.pop(ref)
+                try:
+                    output, _, pid = ray.get(ref)
+                except ray.exceptions.RayTaskError as e:
+                    progress.finished(cell, time.time() - t0, _reason(e))
+                except ray.exceptions.RayActorError as e:  # died more often than it may restart
+                    progress.finished(cell, time.time() - t0, f"worker died: {_reason(e)}")
+                    actors.pop(actor, None)
+                    actor = None
+                else:
+                    if pid != self.actor_pids.get(actor):
+                        self.retried.append(cell.key)
+                        self.actor_pids[actor] = pid
+                    finish(cell, output, on_done)
+                    progress.finished(cell, time.time() - t0)
+                if actor is not None:
+                    dispatch(actor)
+                if len(actors) < self.slots and any(queues.values()):
+                    start_actors()
+                    for a in [a for a in actors if not any(v[1] is a for v in pending.values())]:
+                        dispatch(a)
+        finally:
+            progress.close()
+            for actor in actors:
+                ray.kill(actor)
+            if self.retried:
+                self.log(f"{len(self.retried)} cell(s) ran again after their worker died: {', '.join(self.retried)}")
+        return progress
+
+    def close(self) -> None:
+        """Shut down the local Ray this executor started (a joined cluster keeps running)."""
+        if self.started_ray:
+            _ray().shutdown()
+
+
+def _reason(error: Exception) -> str:
+    """The last line of a Ray error: the cell's own exception, without Ray's traceback."""
+    cause = getattr(error, "cause", None)
+    if cause is not None and str(cause).strip():
+        return f"{type(cause).__name__}: {str(cause).strip().splitlines()[-1]}"
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
