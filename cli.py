@@ -185,7 +185,8 @@ def eval_cmd(
 def train_cmd(
     model: RunModelOpt = None,
     method: Annotated[str | None, typer.Option(
-        help="ptuning (default), ptuning-mlp, prompt-tuning, prefix-tuning or autoprompt.")] = None,
+        help="ptuning (default), ptuning-mlp, prompt-tuning, prefix-tuning, autoprompt, or finetune (every LM weight "
+             "trains, on the manual template: the ceiling).")] = None,
     relation: RelationOpt = None,
     all_: AllOpt = None,
     template: Annotated[str | None, typer.Option(
@@ -231,6 +232,9 @@ def train_cmd(
     manual_template: Annotated[str | None, typer.Option(
         help="Your facts' manual templates (for the manual baseline and the `manual` shape part): one inline "
              "'[X] ... [Y] .' or a template file keyed by relation.")] = None,
+    save_model: Annotated[bool | None, typer.Option(
+        "--save-model", show_default=False,
+        help="finetune: also save each relation's fine-tuned LM weights (RELATION/model.safetensors).")] = None,
     ray: RayOpt = None,
     cpus_per_worker: CpusOpt = None,
 ) -> None:
@@ -243,7 +247,7 @@ def train_cmd(
         batch_size=batch_size, eval_every=eval_every, patience=patience, max_train=max_train, seed=seed,
         iterations=iterations, top_k=top_k, capitals=capitals, device=device, dtype=dtype, control=control,
         facts=facts, train_facts=train_facts, dev_facts=dev_facts, dev_split=dev_split, fields=fields,
-        manual_template=manual_template, ray=ray, cpus_per_worker=cpus_per_worker))
+        manual_template=manual_template, save_model=save_model, ray=ray, cpus_per_worker=cpus_per_worker))
 
 
 @app.command("compare")

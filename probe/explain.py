@@ -104,8 +104,11 @@ def check_explainable(config: dict, run_dir: Path) -> None:
 
     method = config.get("method")
     if config.get("command") != "train" or method not in METHODS or not METHODS[method].continuous:
-        raise ProbeError(f"{run_dir} is a run of the discrete method {method!r}: its prompt is real tokens, "
-                         "nothing to explain (explain reads runs of ptuning, ptuning-mlp, prompt-tuning or prefix-tuning)")
+        readable = ", ".join(n for n, c in METHODS.items() if c.continuous)
+        what = ("learns the LM's weights, no prompt vectors" if method in METHODS and METHODS[method].trains_lm
+                else "its prompt is real tokens")
+        raise ProbeError(f"{run_dir} is a run of the method {method!r}: {what}, nothing to explain (explain reads runs of "
+                         f"{readable})")
 
 
 def explain_run(run_dir: Path, relations: list[str] | None, k: int, data: str | None, log=print) -> Path:

@@ -86,6 +86,7 @@ class Options:
     from_sentences: bool | None = None
     manual_template: str | None = None
     ray: str | None = None  # 'local', 'auto' or a cluster address
+    save_model: bool | None = None
     cpus_per_worker: int | None = None
 
     def given(self) -> set[str]:
@@ -456,7 +457,7 @@ def evaluate_relations(backend: Backend, data: FactData, ids: list[str], candida
 
 TRAIN_FLAGS = {"model", "method", "relation", "all", "template", "split", "vocab", "out", "resume", "device",
                "dtype", "control", "init", "reparam", "train_facts", "dev_facts", "dev_split",
-               "manual_template"} | DATA_FLAGS | RAY_FLAGS
+               "manual_template", "save_model"} | DATA_FLAGS | RAY_FLAGS
 FIT_FLAGS = {"lr", "epochs", "min_steps", "batch_size", "eval_every", "patience", "max_train", "seed", "iterations",
              "top_k", "capitals"}
 
@@ -493,6 +494,13 @@ def run_train(opts: Options, log=print) -> list[Run]:
     (name,) = model_names(opts, several=False)
     config_of_method = method_config(method, init=opts.init, reparam=opts.reparam)
     method_cls.check_settings(config_of_method, opts.template is not None)
+    if opts.save_model and not method_cls.trains_lm:
+        raise ProbeError(f"--save-model applies to methods that train the LM's weights; {method!r} trains a prompt, "
+                         "which every run saves")
+    if method_cls.trains_lm:  # AdamW on the weights themselves: float32 master weights
+        if opts.dtype not in (None, "float32"):
+            raise ProbeError(f"method {method!r} trains the LM's weights in float32: --dtype {opts.dtype} does not apply")
+        opts = dataclasses.replace(opts, dtype="float32")
     fit_config = method_cls.fit_config(**{k: getattr(opts, k) for k in FIT_FLAGS & fit_fields})
     templates = load_template_spec(opts.template, method)
     check_new_folder(opts.out, opts.resume)
@@ -520,7 +528,8 @@ def run_train(opts: Options, log=print) -> list[Run]:
         train=dataclasses.asdict(fit_config),
     )
     run = RunFolder(opts.out or default_out(method, info.name), config.to_dict(), resume=bool(opts.resume))
-    cells = train_cells(spec, info, data, ids, run, method, config_of_method, fit_config, templates, split)
+    cells = train_cells(spec, info, data, ids, run, method, config_of_method, fit_config, templates, split,
+                        bool(opts.save_model))
     (results,) = execute(executor, [run], cells, "train", log)
     return [Run(run, results, time.time() - t0)]
 
@@ -543,8 +552,6 @@ def compiled_templates(backend: Backend, data: FactData, ids: list[str], method:
         template = method_cls.relation_template(templates.template_for(rid, backend.kind), relation.template,
                                                 backend.kind, config_of_method)
         compiled = compile_template(template, backend.tokenizer, backend.kind, manual=relation.template)
-        if compiled.n_virtual == 0:
-            raise ProbeError(f"template {template.source!r} has no virtual tokens: method {method!r} needs some")
         method_cls.check_template(compiled)
         out[rid] = (template, compiled)
     return out
@@ -555,7 +562,11 @@ def fit_prompt(backend: Backend, method: str, config_of_method, compiled, manual
     """Create a method (seeded by the fit config) and fit it on train with selection on dev: (method, result)."""
     torch.manual_seed(fit_config.seed)
     prompt = get_method(method).create(backend, compiled, manual_template, config_of_method).to(backend.device)
-    result = prompt.fit(backend, compiled, train, dev, candidates, fit_config, log_path, desc)
+    try:
+        result = prompt.fit(backend, compiled, train, dev, candidates, fit_config, log_path, desc)
+    except BaseException:
+        prompt.release()  # a method that trained the LM puts it back
+        raise
     return prompt, result
 
 
@@ -572,6 +583,7 @@ class TrainCell(RelationCell):
     strict: bool = False
     position: str = ""  # "[3/41]" in the progress bar
     batch_size: int = 128
+    save_model: bool = False  # methods that train the LM: its weights in model.safetensors
 
     def run(self, worker: Worker) -> CellOutput:
         backend, data, candidates = worker.backend, worker.data, worker.candidates
@@ -596,7 +608,15 @@ class TrainCell(RelationCell):
             prompt, result = fit_prompt(backend, self.method, self.config_of_method, compiled, relation.template, train,
                                         dev, candidates, self.fit_config, log_path, desc=f"{relation.id} {self.position}")
             log_bytes = log_path.read_bytes()
-        test_eval = evaluate_facts(backend, prompt, compiled, test, candidates, self.batch_size)
+        try:
+            test_eval = evaluate_facts(backend, prompt, compiled, test, candidates, self.batch_size)
+            files = [("train_log.jsonl", log_bytes)]
+            if not prompt.trains_lm:
+                files.append(("prompt.safetensors", prompt_bytes(prompt)))
+            elif self.save_model:
+                files.append(("model.safetensors", safetensors_bytes(prompt.lm_state())))
+        finally:
+            prompt.release()  # the next relation starts from the LM as it was
         manual = compile_template(relation.template, backend.tokenizer, backend.kind)
         manual_prompt = ManualPrompt(0, backend.hidden_size)
         manual_dev = evaluate_facts(backend, manual_prompt, manual, dev, candidates, self.batch_size).metrics
@@ -627,11 +647,8 @@ class TrainCell(RelationCell):
             **{f"manual_dev_{k}": v for k, v in manual_dev.items()},
             "fit_failed": result.failed,  # dev never rose above the untrained prompt's: not a trained prompt
         }
-        output = relation_output(relation.id, metrics, test_eval.predictions(), (
-            ("train_log.jsonl", log_bytes),
-            ("prompt.safetensors", prompt_bytes(prompt)),
-            ("config.json", (json.dumps(config, indent=2, ensure_ascii=False) + "\n").encode()),
-        ))
+        files.append(("config.json", (json.dumps(config, indent=2, ensure_ascii=False) + "\n").encode()))
+        output = relation_output(relation.id, metrics, test_eval.predictions(), tuple(files))
         if result.failed:
             output.warning = (f"{relation.id}: dev P@1 never rose above its start in {len(result.attempts) or 1} "
                               "attempt(s); flagged as fit_failed, not a trained prompt")
@@ -644,13 +661,13 @@ class TrainCell(RelationCell):
 
 
 def train_cells(spec: ModelSpec, model, data: FactData, ids: list[str], run: RunFolder, method: str, config_of_method,
-                fit_config, templates: TemplateFile, split: str) -> list[TrainCell]:
+                fit_config, templates: TemplateFile, split: str, save_model: bool = False) -> list[TrainCell]:
     """One cell per unfinished relation of a run folder; every template is checked (on `model`'s tokenizer) first."""
     todo = [r for r in ids if not run.is_done(r)]
     templates_of = compiled_templates(model, data, todo, method, config_of_method, templates)
     run_info = {k: run.config[k] for k in ("probe_version", "model", "model_kind", "data", "vocab", "split")}
     return [TrainCell(rid, spec, run.root, method, config_of_method, fit_config, templates_of[rid][0], split, run_info,
-                      len(ids) == 1, f"[{i}/{len(todo)}]") for i, rid in enumerate(todo, 1)]
+                      len(ids) == 1, f"[{i}/{len(todo)}]", save_model=save_model) for i, rid in enumerate(todo, 1)]
 
 
 def train_relations(backend: Backend, data: FactData, ids: list[str], candidates: CandidateVocab, run: RunFolder,
@@ -666,6 +683,12 @@ def train_relations(backend: Backend, data: FactData, ids: list[str], candidates
 # -- saved prompts --------------------------------------------------------------------------------
 
 RERUN_FLAGS = {"prompts", "relation", "all", "data", "batch_size", "device", "model"}  # --data: where the data moved
+
+
+def safetensors_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
+    from safetensors.torch import save
+
+    return save({k: v.contiguous() for k, v in tensors.items()})
 
 
 def prompt_bytes(method) -> bytes:

@@ -10,11 +10,14 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import replace
 from urllib.parse import urlsplit
+
+from tqdm import tqdm
 
 from probe.cells import Cell, ModelSpec, OnDone, Progress, Worker, finish
 from probe.data import FactData
@@ -87,8 +90,8 @@ class CellActor:
 class RayExecutor:
     """Runs cells on Ray actors: one per GPU when the cluster has GPUs, else one per `cpus_per_worker` CPUs.
 
-    Models share the workers: each model with cells waiting gets an equal share, and a model's actors are freed
-    for the next models once its cells are done.
+    Models share the workers: each model with cells waiting gets an equal share; once a model's cells are done,
+    its workers are freed for the models with the most cells left.
     """
 
     def __init__(self, data: FactData, vocab: str, address: str = "local", cpus_per_worker: int = 1,
@@ -100,6 +103,7 @@ class RayExecutor:
         self.address = address
         self.cpus_per_worker = cpus_per_worker
         self.log = log
+        t0 = time.time()
         self.started_ray = connect(address)
         ray = _ray()
         resources = ray.cluster_resources()
@@ -109,6 +113,8 @@ class RayExecutor:
             raise ProbeError(f"the Ray cluster has {int(resources.get('CPU', 0))} CPUs, fewer than --cpus-per-worker "
                              f"{cpus_per_worker}")
         self.slots = min(slots, workers) if workers else slots
+        kind = "GPU" if self.gpus else f"{cpus_per_worker} CPU"
+        log(f"Ray {'started' if self.started_ray else 'joined'} in {time.time() - t0:.1f}s: {self.slots} worker(s) of {kind}")
         self.on_dispatch = None  # tests: called with (cell, actor) when a cell is sent to an actor
         self.actor_pids: dict = {}  # actor -> pid at start (a different pid in a result means the actor restarted)
         self.retried: list[str] = []  # keys of cells whose actor died and which ran again
@@ -130,19 +136,31 @@ class RayExecutor:
         pending: dict = {}  # result ref -> (cell, actor, start time)
 
         def start_actors() -> None:
+            def add(spec: ModelSpec) -> None:
+                actor = actor_class.remote(replace(spec, device=self.device), data_ref, self.vocab, self.cpus_per_worker)
+                actors[actor] = spec
+
             waiting = [s for s, q in queues.items() if q and s not in actors.values()]
             free = self.slots - len(actors)
-            for i, spec in enumerate(waiting[:free]):
+            for i, spec in enumerate(waiting[:free]):  # models without a worker: an equal share of the free slots
                 share = free // min(len(waiting), free) + (i < free % min(len(waiting), free))
                 for _ in range(min(share, len(queues[spec]))):
-                    actor = actor_class.remote(replace(spec, device=self.device), data_ref, self.vocab, self.cpus_per_worker)
-                    actors[actor] = spec
-            if actors:
-                new = [a for a in actors if a not in self.actor_pids]
+                    add(spec)
+            while len(actors) < self.slots:  # slots still free: to the models with the most cells left per worker
+                workers = {s: list(actors.values()).count(s) for s in queues}
+                left = {s: len(q) / (1 + workers[s]) for s, q in queues.items() if len(q) > workers[s]}
+                if not left:
+                    break
+                add(max(left, key=left.get))
+            new = [a for a in actors if a not in self.actor_pids]
+            if new:
+                t0 = time.time()
                 try:
                     self.actor_pids.update(zip(new, ray.get([a.pid.remote() for a in new]), strict=True))
                 except ray.exceptions.RayActorError as e:
                     raise ProbeError(f"a Ray worker could not load its model: {_reason(e)}") from None
+                names = ", ".join(sorted({actors[a].name for a in new}))
+                tqdm.write(f"{len(new)} worker(s) loaded {names} in {time.time() - t0:.1f}s", file=sys.stderr)
 
         def dispatch(actor) -> None:
             spec = actors[actor]

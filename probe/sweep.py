@@ -239,7 +239,10 @@ def run_cell(worker: Worker, cell: SweepCell, grid: SweepGrid) -> dict:
         raise ProbeError(f"relation {relation.id} has no train or {split} facts left after filtering")
     method, result = fit_prompt(backend, cell.method, config, compiled, relation.template, train, dev or train, candidates,
                                 fit_config, desc=cell.key)
-    metrics = evaluate_facts(backend, method, compiled, test, candidates).metrics
+    try:
+        metrics = evaluate_facts(backend, method, compiled, test, candidates).metrics
+    finally:
+        method.release()
     return {
         **cell.settings(), "template": template.source, "type": relation.type, "n_facts": len(test),
         "n_train": len(train), **metrics, **{f"dev_{k}": v for k, v in result.best_dev.items()},

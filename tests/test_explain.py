@@ -74,10 +74,10 @@ def test_cli_explain_prints_the_planted_neighbour(tmp_path, tiny_causal_dir, cau
 
 def test_cli_explain_refuses_a_discrete_run(tmp_path, tiny_causal_dir):
     run = _run_folder(tmp_path, tiny_causal_dir, "autoprompt", None)
-    assert_user_error(run_cli("explain", run), "discrete method 'autoprompt'", "nothing to explain")
+    assert_user_error(run_cli("explain", run), "the method 'autoprompt': its prompt is real tokens", "nothing to explain")
     assert_user_error(run_cli("explain", tmp_path / "nowhere"), "not a run folder")
     manual = _run_folder(tmp_path / "eval", tiny_causal_dir, "manual", None, command="eval")
-    assert_user_error(run_cli("explain", manual), "discrete method 'manual'", "nothing to explain")
+    assert_user_error(run_cli("explain", manual), "the method 'manual': its prompt is real tokens", "nothing to explain")
 
 
 def test_only_training_runs_of_continuous_methods_are_explainable(tmp_path, monkeypatch):
@@ -87,11 +87,11 @@ def test_only_training_runs_of_continuous_methods_are_explainable(tmp_path, monk
         if cls.continuous:
             check_explainable(config, tmp_path)
         else:
-            with pytest.raises(ProbeError, match=f"discrete method {name!r}"):
+            with pytest.raises(ProbeError, match=f"the method {name!r}: (its prompt is real tokens|learns the LM's weights)"):
                 check_explainable(config, tmp_path)
-    assert [n for n, c in trained.items() if not c.continuous] == ["autoprompt"]
+    assert [n for n, c in trained.items() if not c.continuous] == ["autoprompt", "finetune"]
     monkeypatch.setattr(METHODS["prompt-tuning"], "continuous", False)  # a discrete method of another name
-    with pytest.raises(ProbeError, match="discrete method 'prompt-tuning'"):
+    with pytest.raises(ProbeError, match="the method 'prompt-tuning': its prompt is real tokens"):
         check_explainable({"command": "train", "method": "prompt-tuning"}, tmp_path)
     for config in ({"command": "eval", "method": "ptuning"},  # an eval run holds no learned vectors
                    {"command": "eval", "method": None, "control": "majority"},

@@ -39,7 +39,7 @@ def table_of(backend) -> torch.Tensor:
 
 
 def test_registry_names_and_how_each_method_is_fit():
-    assert set(METHODS) == {"manual", "ptuning", "ptuning-mlp", "prompt-tuning", "prefix-tuning", "autoprompt"}
+    assert set(METHODS) == {"manual", "ptuning", "ptuning-mlp", "prompt-tuning", "prefix-tuning", "autoprompt", "finetune"}
     assert METHODS["manual"] is ManualPrompt and not ManualPrompt.can_fit() and ManualPrompt.fit_config_class is None
     for name, cls in [("ptuning", PTuningEncoder), ("ptuning-mlp", PTuningMLP), ("prompt-tuning", PromptTuning),
                       ("prefix-tuning", PrefixTuning)]:
@@ -48,6 +48,10 @@ def test_registry_names_and_how_each_method_is_fit():
         assert cls.continuous
     assert get_method("autoprompt") is AutoPrompt and AutoPrompt.can_fit() and not AutoPrompt.continuous
     assert AutoPrompt.fit_config_class is TriggerSearchConfig and not issubclass(AutoPrompt, GradientPrompt)
+    finetune = get_method("finetune")  # the one trainer, on the LM's own weights
+    assert issubclass(finetune, GradientPrompt) and finetune.fit_config_class is TrainConfig
+    assert finetune.trains_lm and not finetune.continuous
+    assert [n for n, c in METHODS.items() if c.trains_lm] == ["finetune"]
 
 
 def test_manual_method_has_nothing_to_fit():

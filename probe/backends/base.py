@@ -34,13 +34,19 @@ class PromptInputs(NamedTuple):
     prefix: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
+def weight_stamp(weight: torch.Tensor) -> tuple:
+    """Changes when `weight` is changed in place, has its .data replaced, or changes dtype."""
+    return weight._version, weight.data_ptr(), weight.dtype
+
+
 @dataclass
 class CandidateRows:
-    """The output-layer rows of a candidate set, in float32 (kept while the candidates stay the same)."""
+    """The output-layer rows of a candidate set, in float32 (kept while the candidates and the weights stay the same)."""
 
     token_ids: torch.Tensor
     weight: torch.Tensor
     bias: torch.Tensor | None
+    stamp: tuple = ()
 
 
 class _StopForward(Exception):
@@ -120,13 +126,22 @@ class Backend:
         return F.linear(hidden.float(), rows.weight, rows.bias)
 
     def candidate_rows(self, candidate_ids: torch.Tensor) -> CandidateRows:
-        rows = self._candidate_rows
-        if rows is None or not torch.equal(rows.token_ids, candidate_ids):
-            out = self.output_layer()
-            ids = candidate_ids.to(out.weight.device)
-            bias = out.bias[ids].float() if getattr(out, "bias", None) is not None else None
-            rows = self._candidate_rows = CandidateRows(candidate_ids.clone(), out.weight[ids].float(), bias)
+        """The candidates' output rows: kept while neither they nor the weights change; while the output layer
+        itself trains (fine-tuning), taken afresh each time so that gradients reach it."""
+        out = self.output_layer()
+        if out.weight.requires_grad and torch.is_grad_enabled():
+            return self._rows_of(out, candidate_ids)
+        rows, stamp = self._candidate_rows, weight_stamp(out.weight)
+        if rows is None or rows.stamp != stamp or not torch.equal(rows.token_ids, candidate_ids):
+            with torch.no_grad():
+                rows = self._candidate_rows = self._rows_of(out, candidate_ids)
         return rows
+
+    @staticmethod
+    def _rows_of(out: nn.Module, candidate_ids: torch.Tensor) -> CandidateRows:
+        ids = candidate_ids.to(out.weight.device)
+        bias = out.bias[ids].float() if getattr(out, "bias", None) is not None else None
+        return CandidateRows(candidate_ids.clone(), out.weight[ids].float(), bias, weight_stamp(out.weight))
 
     # -- prefix-tuning: keys and values at the virtual positions of every layer -----------------------
 

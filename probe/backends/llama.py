@@ -20,9 +20,9 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from probe.backends.base import PromptInputs, register
+from probe.backends.base import PromptInputs, register, weight_stamp
 from probe.backends.causal import CausalLM
-from probe.backends.packed import PackedLinear, weight_stamp
+from probe.backends.packed import PackedLinear
 from probe.batching import Batch
 from probe.vocab import CandidateVocab
 

@@ -16,6 +16,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from probe.backends.base import weight_stamp
+
 _ops = getattr(torch.ops, "mkldnn", None)
 _enabled = (
     torch.backends.mkldnn.is_available()
@@ -47,11 +49,6 @@ def packable(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and x.dtype in _DTYPES
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
     )
-
-
-def weight_stamp(weight: torch.Tensor) -> tuple:
-    """Changes when `weight` is changed in place, has its .data replaced, or changes dtype."""
-    return weight._version, weight.data_ptr(), weight.dtype
 
 
 class Packed(NamedTuple):

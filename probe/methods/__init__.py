@@ -10,6 +10,7 @@ from __future__ import annotations
 from probe.errors import ProbeError
 from probe.methods.autoprompt import AutoPrompt
 from probe.methods.base import FixedPrompt, GradientPrompt, MethodConfig, PromptMethod
+from probe.methods.finetune import FineTune
 from probe.methods.manual import ManualPrompt
 from probe.methods.prefix_tuning import PrefixTuning
 from probe.methods.prompt_tuning import PromptTuning
@@ -17,7 +18,7 @@ from probe.methods.ptuning import PTuningEncoder, PTuningMLP
 from probe.train import config_fields
 
 METHODS: dict[str, type[PromptMethod]] = {
-    m.name: m for m in (ManualPrompt, PTuningEncoder, PTuningMLP, PromptTuning, PrefixTuning, AutoPrompt)
+    m.name: m for m in (ManualPrompt, PTuningEncoder, PTuningMLP, PromptTuning, PrefixTuning, AutoPrompt, FineTune)
 }
 
 

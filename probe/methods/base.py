@@ -39,6 +39,7 @@ class PromptMethod(nn.Module):
     default_lr: ClassVar[float] = 1e-3  # AdamW learning rate when --lr is not given (chosen on dev)
     save_state: ClassVar[bool] = True  # save the method's own weights next to what evaluation uses
     default_shapes: ClassVar[dict[str, str] | None] = None  # per model kind, when not the P-tuning shapes
+    trains_lm: ClassVar[bool] = False  # the LM's own weights train (float32, put back by release(), --save-model)
 
     def __init__(self, n_virtual: int, hidden_size: int, config: MethodConfig | None = None):
         super().__init__()
@@ -65,6 +66,8 @@ class PromptMethod(nn.Module):
     @classmethod
     def check_template(cls, compiled) -> None:
         """Raise a ProbeError if the method cannot work with this compiled template (checked before any training)."""
+        if cls.can_fit() and compiled.n_virtual == 0:
+            raise ProbeError(f"template {compiled.template.source!r} has no virtual tokens: method {cls.name!r} needs some")
 
     @classmethod
     def relation_template(cls, template, manual_template: str, kind: str, config: MethodConfig | None = None):
@@ -96,6 +99,13 @@ class PromptMethod(nn.Module):
     def saved_info(self, compiled) -> dict:
         """Extra readable facts about a trained prompt, saved in the relation's config.json."""
         return {}
+
+    def lm_state(self) -> dict[str, torch.Tensor] | None:
+        """The LM weights this method trained (methods that train the LM), for --save-model."""
+        return None
+
+    def release(self) -> None:
+        """Undo what the method did to the shared LM, once its relation is tested (nothing for a prompt)."""
 
 
 class GradientPrompt(PromptMethod):

@@ -67,6 +67,7 @@ class PrefixTuning(GradientPrompt):
 
     @classmethod
     def check_template(cls, compiled) -> None:
+        super().check_template(compiled)
         probe_input = compiled.encode("x")
         if probe_input.target in probe_input.virtual_positions:
             raise ProbeError(
