@@ -44,9 +44,10 @@ def lama(tmp_path) -> Path:
     return make_fake_lama(tmp_path / "lama", FACTS, VOCAB)
 
 
-def grid_file(path: Path, model: Path, steps: int = 4, relations=("P19", "P36"), **axes) -> Path:
-    """A grid of ptuning x 2 seeds x the relations; `steps` steps each (no early stop before)."""
-    lines = [f'model = "{model}"', f"relations = {json.dumps(list(relations))}", 'dtype = "float32"', "[axes]", 'method = ["ptuning"]',
+def grid_file(path: Path, grid_model: Path, steps: int = 4, relations=("P19", "P36"), **axes) -> Path:
+    """A grid of ptuning x 2 seeds x the relations (x any other `axes`); `steps` steps each (no early stop before)."""
+    lines = [f'model = "{grid_model}"', f"relations = {json.dumps(list(relations))}", 'dtype = "float32"', "[axes]",
+             'method = ["ptuning"]',
              "seed = [1, 2]", *(f"{k} = {json.dumps(v)}" for k, v in axes.items()),
              "[train]", f"min_steps = {steps}", "epochs = 1", "batch_size = 2", "eval_every = 2", f"patience = {steps}"]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -241,3 +242,25 @@ def test_interrupted_eval_names_the_parent_folder_of_several_models(tmp_path, ti
                          dtype="float32"), log=lambda m: None)
     assert e.value.folder == tmp_path / "o"
     assert (tmp_path / "o" / Path(tiny_causal_dir).name / "results.json").exists()
+
+
+def test_a_model_axis_in_a_sweep(local_ray, tiny_causal_dir, second_model, lama, tmp_path):
+    """`model = [...]` under [axes]: every cell once per model, keyed by it; in process one model after the other,
+    on Ray side by side, with the same cells."""
+    import pandas as pd
+
+    grid = grid_file(tmp_path / "g.toml", tiny_causal_dir, relations=["P36"], model=[str(tiny_causal_dir),
+                                                                                      str(second_model)])
+    sweep_command(grid, tmp_path / "here", str(lama), log=lambda m: None)
+    sweep_command(grid, tmp_path / "ray", str(lama), log=lambda m: None, ray="local")
+    here = cell_rows(tmp_path / "here")
+    assert sorted(here) == sorted(f"{Path(m).name}_ptuning_L0_-_-_s{s}_P36" for m in (tiny_causal_dir, second_model)
+                                  for s in (1, 2))
+    assert here == cell_rows(tmp_path / "ray")
+    summary = pd.read_csv(tmp_path / "here" / "summary.csv")
+    assert sorted(summary["model"]) == sorted([str(tiny_causal_dir), str(second_model)])
+    assert list(summary["seeds"]) == [2, 2]
+    rows = {(r["model"], r["seed"]): r["p1"] for r in here.values()}
+    for model in (str(tiny_causal_dir), str(second_model)):
+        mean = summary.set_index("model").loc[model, "p1_mean"]
+        assert mean == pytest.approx((rows[(model, 1)] + rows[(model, 2)]) / 2)
