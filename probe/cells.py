@@ -207,6 +207,7 @@ class InProcess:
                     output = cell.run(worker)
                     finish(cell, output, on_done)
                     progress.finished(cell, time.time() - t0)
+                worker = None  # the next model loads once this one is freed
         finally:
             progress.close()
         return progress
@@ -215,7 +216,7 @@ class InProcess:
         if self.worker is None or self.worker.spec != spec:
             if self.vocab is None:
                 raise ProbeError(f"internal: no vocabulary to build candidates for {spec.name}")
-            self.worker = None  # free the previous model first
+            self.worker = None  # free the previous model first (the caller holds no other reference)
             t0 = time.time()
             self.worker = Worker.load(spec, self.data, self.vocab)
             self.log(f"{spec.name} loaded in {time.time() - t0:.1f}s")

@@ -181,6 +181,12 @@ def compare_runs(runs: list[Run], allow_mixed: bool = False) -> Comparison:
         notes.append("--allow-mixed: each run on the facts it kept itself")
     elif common := on_common_facts(runs, relations):
         notes.append(common)
+        empty = [r for r in relations if runs[0].rows[r]["n_facts"] == 0]
+        if empty:
+            notes.append(f"left out: {', '.join(empty)} (no fact kept by every run)")
+            relations = [r for r in relations if r not in empty]
+        if not relations:
+            raise ProbeError("the runs share no fact: nothing to compare")
     summary, manual_p1 = [], {}
     for run in runs:
         rows = [run.rows[r] for r in relations]

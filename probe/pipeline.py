@@ -240,13 +240,26 @@ def make_executor(opts: Options, data: FactData, vocab: str, log=print) -> InPro
 def open_model(name: str, opts: Options, executor, control: str = "none", seed: int | None = None) -> tuple[ModelSpec, ModelInfo]:
     """The spec workers load a model by (a control applied with `seed`) and, for the driver, its kind and tokenizer."""
     device = opts.device or getattr(executor, "device", "cpu")
+    if hasattr(executor, "check_device"):
+        executor.check_device(device)
     spec = ModelSpec(name, device, opts.dtype or "bfloat16", control, (seed or 0) if control != "none" else 0)
     info = model_info(name, device, spec.dtype, control, check_device=isinstance(executor, InProcess))
     return spec, info
 
 
+def check_model_slugs(names: list[str], where: str) -> None:
+    """Several models get a folder (or a cell key) each, named by `slug`: two that would share one are refused."""
+    seen: dict[str, str] = {}
+    for name in names:
+        if slug(name) in seen:
+            raise ProbeError(f"models {seen[slug(name)]!r} and {name!r} {where} would share the folder name "
+                             f"{slug(name)!r}: copy or link one under another name")
+        seen[slug(name)] = name
+
+
 def run_folder_for(out: Path | None, name: str, model: str, several: bool, config: dict, resume: bool) -> RunFolder:
-    """A model's run folder: --out (with several models, --out/<model>), else runs/<name>-<model>-<time>."""
+    """A model's run folder: --out, else runs/<name>-<model>-<time>; with several models, `out` is their parent
+    and each has <out>/<model>."""
     if out is None:
         return RunFolder(default_out(name, model), config, resume=resume)
     return RunFolder(Path(out) / slug(model) if several else out, config, resume=resume)
@@ -378,11 +391,14 @@ def run_eval(opts: Options, log=print) -> list[Run]:
                          "--prompts-file or --control majority")
     names = model_names(opts, several=True)
     several = len(names) > 1
-    if several:
+    out = opts.out
+    if several:  # one parent folder, a run folder per model in it
+        check_model_slugs(names, "given with --model")
+        out = out or default_out(opts.method or opts.control or "manual", "models")
         for name in names:
-            check_new_folder(Path(opts.out) / slug(name) if opts.out else None, opts.resume)
+            check_new_folder(Path(out) / slug(name), opts.resume)
     else:
-        check_new_folder(opts.out, opts.resume)
+        check_new_folder(out, opts.resume)
     data = load_data(opts, opts.template)
     ids = relation_ids(data, opts.relation, opts.all)
     split = data.split_name(opts.split)
@@ -423,7 +439,7 @@ def run_eval(opts: Options, log=print) -> list[Run]:
             method_config={"ensemble": bool(opts.ensemble), "max_prompts": max_prompts} if chosen else None,
             prompts=prompts_info, from_sentences=bool(opts.from_sentences) or None,
         )
-        run = run_folder_for(opts.out, name, info.name, several, config.to_dict(), bool(opts.resume))
+        run = run_folder_for(out, name, info.name, several, config.to_dict(), bool(opts.resume))
         runs.append(run)
         cells += eval_cells(spec, run, ids, split, batch_size, chosen, control == "majority", bool(opts.from_sentences))
     results = execute(executor, runs, cells, "eval", log)
@@ -607,16 +623,15 @@ class TrainCell(RelationCell):
             log_path.unlink(missing_ok=True)
             prompt, result = fit_prompt(backend, self.method, self.config_of_method, compiled, relation.template, train,
                                         dev, candidates, self.fit_config, log_path, desc=f"{relation.id} {self.position}")
-            log_bytes = log_path.read_bytes()
-        try:
-            test_eval = evaluate_facts(backend, prompt, compiled, test, candidates, self.batch_size)
-            files = [("train_log.jsonl", log_bytes)]
-            if not prompt.trains_lm:
-                files.append(("prompt.safetensors", prompt_bytes(prompt)))
-            elif self.save_model:
-                files.append(("model.safetensors", safetensors_bytes(prompt.lm_state())))
-        finally:
-            prompt.release()  # the next relation starts from the LM as it was
+            try:
+                files = [("train_log.jsonl", log_path.read_bytes())]
+                test_eval = evaluate_facts(backend, prompt, compiled, test, candidates, self.batch_size)
+                if not prompt.trains_lm:
+                    files.append(("prompt.safetensors", prompt_bytes(prompt)))
+                elif self.save_model:
+                    files.append(("model.safetensors", safetensors_bytes(prompt.lm_state())))
+            finally:
+                prompt.release()  # the next relation starts from the LM as it was
         manual = compile_template(relation.template, backend.tokenizer, backend.kind)
         manual_prompt = ManualPrompt(0, backend.hidden_size)
         manual_dev = evaluate_facts(backend, manual_prompt, manual, dev, candidates, self.batch_size).metrics

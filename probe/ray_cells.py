@@ -14,7 +14,6 @@ import sys
 import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import replace
 from urllib.parse import urlsplit
 
 from tqdm import tqdm
@@ -24,6 +23,7 @@ from probe.data import FactData
 from probe.errors import ProbeError
 
 RETRIES = 3  # restarts of a dead actor, and tries of the cell it was running
+LOAD_TIMEOUT = 1800.0  # seconds for new workers to be placed and load their model
 
 
 def _ray():
@@ -106,12 +106,12 @@ class RayExecutor:
         t0 = time.time()
         self.started_ray = connect(address)
         ray = _ray()
-        resources = ray.cluster_resources()
-        self.gpus = int(resources.get("GPU", 0))
-        slots = self.gpus or int(resources.get("CPU", 1)) // cpus_per_worker
+        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+        self.gpus = sum(int(n.get("GPU", 0)) for n in nodes)
+        slots = self.gpus or sum(int(n.get("CPU", 0)) // cpus_per_worker for n in nodes)  # a worker fits on one node
         if slots < 1:
-            raise ProbeError(f"the Ray cluster has {int(resources.get('CPU', 0))} CPUs, fewer than --cpus-per-worker "
-                             f"{cpus_per_worker}")
+            raise ProbeError(f"no node of the Ray cluster has --cpus-per-worker {cpus_per_worker} CPUs (the largest has "
+                             f"{max((int(n.get('CPU', 0)) for n in nodes), default=0)})")
         self.slots = min(slots, workers) if workers else slots
         kind = "GPU" if self.gpus else f"{cpus_per_worker} CPU"
         log(f"Ray {'started' if self.started_ray else 'joined'} in {time.time() - t0:.1f}s: {self.slots} worker(s) of {kind}")
@@ -124,20 +124,27 @@ class RayExecutor:
         """The device the workers load models on."""
         return "cuda" if self.gpus else "cpu"
 
+    def check_device(self, device: str) -> None:
+        """A CUDA device on a cluster without GPUs is a ProbeError (its workers could never be placed)."""
+        if device.startswith("cuda") and not self.gpus:
+            raise ProbeError(f"--device {device}: the Ray cluster has no GPU")
+
     def run(self, cells: Sequence[Cell], on_done: OnDone | None = None, desc: str = "cells") -> Progress:
         ray = _ray()
         todo = [c for c in cells if not c.done()]
         progress = Progress(todo, desc)
         queues = {spec: deque(c for c in todo if c.model == spec) for spec in dict.fromkeys(c.model for c in todo)}
         data_ref = ray.put(self.data)
-        actor_class = ray.remote(CellActor).options(
-            num_cpus=self.cpus_per_worker, num_gpus=1 if self.gpus else 0, max_restarts=RETRIES, max_task_retries=RETRIES)
+        actor_class = ray.remote(CellActor)
         actors: dict = {}  # actor -> spec
         pending: dict = {}  # result ref -> (cell, actor, start time)
 
         def start_actors() -> None:
-            def add(spec: ModelSpec) -> None:
-                actor = actor_class.remote(replace(spec, device=self.device), data_ref, self.vocab, self.cpus_per_worker)
+            def add(spec: ModelSpec) -> None:  # a worker on the spec's device: a GPU of its own for CUDA
+                gpu = spec.device.startswith("cuda")
+                actor = actor_class.options(num_cpus=0 if gpu else self.cpus_per_worker, num_gpus=1 if gpu else 0,
+                                            max_restarts=RETRIES, max_task_retries=RETRIES).remote(
+                    spec, data_ref, self.vocab, self.cpus_per_worker)
                 actors[actor] = spec
 
             waiting = [s for s, q in queues.items() if q and s not in actors.values()]
@@ -156,19 +163,29 @@ class RayExecutor:
             if new:
                 t0 = time.time()
                 try:
-                    self.actor_pids.update(zip(new, ray.get([a.pid.remote() for a in new]), strict=True))
-                except ray.exceptions.RayActorError as e:
+                    self.actor_pids.update(zip(new, ray.get([a.pid.remote() for a in new], timeout=LOAD_TIMEOUT),
+                                               strict=True))
+                except ray.exceptions.GetTimeoutError:
+                    raise ProbeError(f"Ray workers were not up {LOAD_TIMEOUT:.0f}s after they were asked for: the cluster "
+                                     "cannot place them, or their model loads too slowly") from None
+                except ray.exceptions.RayError as e:
                     raise ProbeError(f"a Ray worker could not load its model: {_reason(e)}") from None
                 names = ", ".join(sorted({actors[a].name for a in new}))
                 tqdm.write(f"{len(new)} worker(s) loaded {names} in {time.time() - t0:.1f}s", file=sys.stderr)
 
         def dispatch(actor) -> None:
-            spec = actors[actor]
-            if not queues[spec]:
+            """Send the actor its model's next unfinished cell; with none left, free the actor."""
+            spec, cell = actors[actor], None
+            while queues[spec] and cell is None:
+                cell = queues[spec].popleft()
+                if cell.done():  # finished meanwhile by another process sharing the folder
+                    progress.started()
+                    progress.finished(cell, 0.0)
+                    cell = None
+            if cell is None:
                 del actors[actor]
                 ray.kill(actor)
                 return
-            cell = queues[spec].popleft()
             if self.on_dispatch:
                 self.on_dispatch(cell, actor)
             pending[actor.run.remote(cell)] = (cell, actor, time.time())
@@ -183,11 +200,13 @@ class RayExecutor:
                 cell, actor, t0 = pending.pop(ref)
                 try:
                     output, _, pid = ray.get(ref)
-                except ray.exceptions.RayTaskError as e:
+                except ray.exceptions.RayTaskError as e:  # the cell itself raised
                     progress.finished(cell, time.time() - t0, _reason(e))
-                except ray.exceptions.RayActorError as e:  # died more often than it may restart
-                    progress.finished(cell, time.time() - t0, f"worker died: {_reason(e)}")
+                except ray.exceptions.RayError as e:  # the worker died more often than it may restart, or Ray failed
+                    progress.finished(cell, time.time() - t0, f"worker lost: {_reason(e)}")
                     actors.pop(actor, None)
+                    self.actor_pids.pop(actor, None)
+                    ray.kill(actor)
                     actor = None
                 else:
                     if pid != self.actor_pids.get(actor):

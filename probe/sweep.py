@@ -129,6 +129,10 @@ def load_grid(path: str | Path) -> SweepGrid:
     bad = [m for m in axes.get("model", []) if not isinstance(m, str) or not m]
     if bad:
         raise ProbeError(f"{path}: axis 'model' takes model names or paths, got {bad[0]!r}")
+    keys = [slug(m) for m in axes.get("model", [])]
+    if len(set(keys)) < len(keys):
+        raise ProbeError(f"{path}: axis 'model' has two models named {next(k for k in keys if keys.count(k) > 1)!r}: "
+                         "their cells would share keys; copy or link one under another name")
     for name in ("length", "seed"):
         bad = [v for v in axes.get(name, []) if not isinstance(v, int) or isinstance(v, bool) or v < (1 if name == "length" else 0)]
         if bad:
@@ -138,6 +142,9 @@ def load_grid(path: str | Path) -> SweepGrid:
         raise ProbeError(f"{path}: relations must be \"all\" or a non-empty list of ids, got {grid.relations!r}")
     expand_settings(grid, path)  # every axis value must exist for some method
     methods = [get_method(m) for m in grid.axes["method"]]
+    if grid.dtype != "float32" and any(m.trains_lm for m in methods):
+        raise ProbeError(f"{path}: {', '.join(m.name for m in methods if m.trains_lm)} trains the LM's weights, in float32: "
+                         f"set dtype = \"float32\" (the grid has {grid.dtype!r})")
     fields = set().union(*(config_fields(m.fit_config_class) for m in methods)) - {"seed"}
     if not isinstance(grid.train, dict) or set(grid.train) - fields:
         bad = sorted(set(grid.train) - fields) if isinstance(grid.train, dict) else grid.train
@@ -250,15 +257,15 @@ def run_cell(worker: Worker, cell: SweepCell, grid: SweepGrid) -> dict:
     }
 
 
-def run_sweep(backend, data, grid: SweepGrid, relation_ids: list[str], candidates, out: Path, executor=None) -> pd.DataFrame:
-    """Run every unfinished cell, in process on `backend` (or on `executor`), then write the tables; returns the cells
-    table."""
+def run_sweep(backend, data, grid: SweepGrid, relation_ids: list[str], candidates, out: Path, executor=None,
+              specs: dict[str, ModelSpec] | None = None) -> pd.DataFrame:
+    """Run every unfinished cell, in process on `backend` (or on `executor`, loading models as `specs` say), then
+    write the tables; returns the cells table."""
     if executor is None:
         worker = Worker(backend, data, candidates)
         executor = InProcess(data, worker=worker)
-        cells = cells_of(grid, relation_ids, out, {m: worker.spec for m in grid_models(grid)})
-    else:
-        cells = cells_of(grid, relation_ids, out, executor_specs(grid, executor))
+        specs = {m: worker.spec for m in grid_models(grid)}
+    cells = cells_of(grid, relation_ids, out, specs or executor_specs(grid, executor))
     todo = [c for c in cells if not c.done()]
     if len(todo) < len(cells):
         tqdm.write(f"{len(cells) - len(todo)} of {len(cells)} cells already done in {out}; running the other {len(todo)}",
@@ -348,13 +355,15 @@ def sweep_command(grid_path: Path, out: Path | None, data: str | None, device: s
 
         executor = RayExecutor(lama, spec.vocab, ray, cpus_per_worker or 1, log=log)
     specs = executor_specs(spec, executor, device)
+    if hasattr(executor, "check_device"):
+        executor.check_device(device or executor.device)
     for s in specs.values():  # every model's config and tokenizer can be read before any cell runs
         model_info(s.name, s.device, s.dtype, s.control, check_device=ray is None)
     prepare_folder(out, spec, {"data": str(lama.root.resolve())})
     cells = cells_of(spec, ids, out, specs)
     log(f"{len(cells)} cells ({len(specs)} model(s) x {len(cells) // len(specs) // len(ids)} settings x {len(ids)} relations)")
     try:
-        run_sweep(None, lama, spec, ids, None, out, executor)
+        run_sweep(None, lama, spec, ids, None, out, executor, specs)
     except KeyboardInterrupt:
         raise Interrupted(out) from None
     finally:

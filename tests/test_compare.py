@@ -259,3 +259,18 @@ def test_runs_that_differ_only_by_seed_are_grouped_with_mean_and_std(tmp_path):
     assert not [n for n in compare_runs(load_runs(far)).notes if "seed spread" in n]
     # runs that are all of different settings: no seed table
     assert compare_runs(load_runs([folders[0], folders[1]])).seeds is None
+
+
+def test_a_relation_no_fact_of_which_every_model_keeps_is_left_out(tmp_path):
+    from probe.metrics import relation_metrics
+
+    for model, kept in (("a", {"P19": ["Paris"], "P36": ["Rome"]}), ("b", {"P19": ["Berlin"], "P36": ["Rome"]})):
+        run = RunFolder(tmp_path / model, {"command": "eval", "model": model, "method": "manual", "vocab": "common",
+                                           "split": "test_34k"})
+        for rid, objects in kept.items():
+            preds = [{"sub": "X", "obj": o, "rank": 1, "top10": []} for o in objects]
+            run.save_relation(rid, {"relation": rid, "type": "N-1", "n_facts": 1, **relation_metrics([1])}, preds)
+        run.write_summary()
+    cmp = compare_runs(load_runs([tmp_path / "a", tmp_path / "b"]))
+    assert cmp.relations == ["P36"] and "left out: P19 (no fact kept by every run)" in cmp.notes
+    assert list(cmp.summary["macro_p1"]) == [100.0, 100.0]

@@ -264,3 +264,33 @@ def test_a_model_axis_in_a_sweep(local_ray, tiny_causal_dir, second_model, lama,
     for model in (str(tiny_causal_dir), str(second_model)):
         mean = summary.set_index("model").loc[model, "p1_mean"]
         assert mean == pytest.approx((rows[(model, 1)] + rows[(model, 2)]) / 2)
+
+
+def test_models_that_would_share_a_folder_are_refused(tmp_path, lama):
+    with pytest.raises(ProbeError, match="would share the folder name 'gpt2'"):
+        run_eval(Options(model=["org1/gpt2", "org2/gpt2"], all=True, data=str(lama), out=tmp_path / "o"))
+    assert not (tmp_path / "o").exists()
+    grid = tmp_path / "g.toml"
+    grid.write_text('relations = ["P36"]\n[axes]\nmodel = ["a/m.gguf", "b/m.gguf"]\nmethod = ["ptuning"]\n')
+    with pytest.raises(ProbeError, match="two models named 'm'"):
+        load_grid(grid)
+    grid.write_text('relations = ["P36"]\n[axes]\nmethod = ["ptuning", "finetune"]\n')
+    with pytest.raises(ProbeError, match='finetune trains the LM\'s weights, in float32: set dtype = "float32"'):
+        load_grid(grid)
+
+
+def test_several_models_without_out_share_one_parent_folder(tiny_causal_dir, second_model, lama, tmp_path,
+                                                            monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    runs = run_eval(Options(model=[str(tiny_causal_dir), str(second_model)], relation=["P36"], data=str(lama),
+                            dtype="float32"), log=lambda m: None)
+    (parent,) = {r.folder.root.parent for r in runs}
+    assert parent.parent == Path("runs") and parent.name.startswith("manual-models-")
+    assert [r.folder.root.name for r in runs] == [Path(tiny_causal_dir).name, Path(second_model).name]
+
+
+def test_cuda_on_a_ray_cluster_without_gpus_is_refused(local_ray, tiny_causal_dir, lama, tmp_path):
+    with pytest.raises(ProbeError, match="--device cuda: the Ray cluster has no GPU"):
+        run_eval(Options(model=[str(tiny_causal_dir)], all=True, data=str(lama), out=tmp_path / "o", device="cuda",
+                         ray="local"), log=lambda m: None)
+    assert not (tmp_path / "o").exists()

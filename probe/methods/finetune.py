@@ -60,6 +60,8 @@ class FineTune(GradientPrompt):
         """Put the LM's weights back as they were before training, frozen again."""
         with torch.no_grad():
             self.lm.load_state_dict(self._original)
+        for p in self.lm.parameters():
+            p.grad = None
         self.lm.requires_grad_(False)
         self.lm.eval()
 
