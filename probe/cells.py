@@ -94,10 +94,10 @@ class Worker:
         """A split's facts whose object is a candidate, and how many were dropped; strict: none left is an error."""
         key = (relation.id, split)
         if key not in self._facts:
-            self._facts[key] = relation_facts(self.data, relation, split, self.candidates, strict)
+            self._facts[key] = relation_facts(self.data, relation, split, self.candidates, False)
         facts, dropped = self._facts[key]
         if not facts and strict:
-            relation_facts(self.data, relation, split, self.candidates, strict)  # raises the error
+            relation_facts(self.data, relation, split, self.candidates, True)  # raises the error
         return facts, dropped
 
 
@@ -145,6 +145,11 @@ class Progress:
         self.bar.update(1)
         self._show()
 
+    def skipped(self, cell: Cell) -> None:
+        """A cell another process finished meanwhile: counted as done, with no time of its own."""
+        self.started()
+        self.finished(cell, 0.0)
+
     def _show(self) -> None:
         self.bar.set_postfix(running=self.running, failed=len(self.failed), refresh=False)
 
@@ -185,6 +190,14 @@ def finish(cell: Cell, output: CellOutput, on_done: OnDone | None) -> None:
 class InProcess:
     """Runs cells one after another in this process, loading each model once (or using one already loaded)."""
 
+    device = "cpu"  # the default device of the models it loads
+
+    def check_device(self, device: str) -> None:
+        """Nothing to check ahead: loading the model says whether the device exists here."""
+
+    def close(self) -> None:
+        """Nothing to shut down."""
+
     def __init__(self, data: FactData, vocab: str | None = None, worker: Worker | None = None, log=print):
         self.data = data
         self.vocab = vocab
@@ -199,8 +212,7 @@ class InProcess:
                 worker = self._worker(spec)
                 for cell in (c for c in todo if c.model == spec):
                     if cell.done():  # finished meanwhile by another process sharing the folder
-                        progress.started()
-                        progress.finished(cell, 0.0)
+                        progress.skipped(cell)
                         continue
                     t0 = time.time()
                     progress.started()

@@ -239,9 +239,8 @@ def make_executor(opts: Options, data: FactData, vocab: str, log=print) -> InPro
 
 def open_model(name: str, opts: Options, executor, control: str = "none", seed: int | None = None) -> tuple[ModelSpec, ModelInfo]:
     """The spec workers load a model by (a control applied with `seed`) and, for the driver, its kind and tokenizer."""
-    device = opts.device or getattr(executor, "device", "cpu")
-    if hasattr(executor, "check_device"):
-        executor.check_device(device)
+    device = opts.device or executor.device
+    executor.check_device(device)
     spec = ModelSpec(name, device, opts.dtype or "bfloat16", control, (seed or 0) if control != "none" else 0)
     info = model_info(name, device, spec.dtype, control, check_device=isinstance(executor, InProcess))
     return spec, info
@@ -274,9 +273,7 @@ def execute(executor, runs: list[RunFolder], cells: list, desc: str, log=print) 
             run.write_summary()
         raise Interrupted(runs[0].root if len(runs) == 1 else runs[0].root.parent) from None
     finally:
-        close = getattr(executor, "close", None)
-        if close:
-            close()
+        executor.close()
     results = [run.write_summary() for run in runs]
     progress.report(log)
     return results

@@ -179,8 +179,7 @@ class RayExecutor:
             while queues[spec] and cell is None:
                 cell = queues[spec].popleft()
                 if cell.done():  # finished meanwhile by another process sharing the folder
-                    progress.started()
-                    progress.finished(cell, 0.0)
+                    progress.skipped(cell)
                     cell = None
             if cell is None:
                 del actors[actor]

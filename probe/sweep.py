@@ -280,7 +280,7 @@ def run_sweep(backend, data, grid: SweepGrid, relation_ids: list[str], candidate
 
 def executor_specs(grid: SweepGrid, executor, device: str | None = None) -> dict[str, ModelSpec]:
     """How the executor's workers load each model of the grid."""
-    device = device or getattr(executor, "device", "cpu")
+    device = device or executor.device
     return {m: ModelSpec(m, device, grid.dtype, grid.control) for m in grid_models(grid)}
 
 
@@ -355,8 +355,7 @@ def sweep_command(grid_path: Path, out: Path | None, data: str | None, device: s
 
         executor = RayExecutor(lama, spec.vocab, ray, cpus_per_worker or 1, log=log)
     specs = executor_specs(spec, executor, device)
-    if hasattr(executor, "check_device"):
-        executor.check_device(device or executor.device)
+    executor.check_device(device or executor.device)
     for s in specs.values():  # every model's config and tokenizer can be read before any cell runs
         model_info(s.name, s.device, s.dtype, s.control, check_device=ray is None)
     prepare_folder(out, spec, {"data": str(lama.root.resolve())})
@@ -367,8 +366,6 @@ def sweep_command(grid_path: Path, out: Path | None, data: str | None, device: s
     except KeyboardInterrupt:
         raise Interrupted(out) from None
     finally:
-        close = getattr(executor, "close", None)
-        if close:
-            close()
+        executor.close()
     log(f"{time.time() - t0:.0f}s in all")
     return out / "summary.md"
