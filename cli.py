@@ -34,6 +34,11 @@ def _print_results(results: dict) -> None:
     if "summary_manual" in results:
         typer.echo("\nthe manual prompt on the same facts:")
         typer.echo(summary_table(results["summary_manual"]).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    if "by_length" in results:
+        from probe.runs import length_table
+
+        typer.echo("\nby the gold object's token count (facts, micro P@1):")
+        typer.echo(length_table(results).to_string(index=False, float_format=lambda v: f"{v:.2f}"))
     if results.get("fit_failed"):
         typer.echo(f"\nnot trained (dev P@1 never rose above its start, after every retry): {', '.join(results['fit_failed'])}")
 
@@ -100,6 +105,14 @@ VocabOpt = Annotated[str | None, typer.Option(
 OutOpt = Annotated[Path | None, typer.Option(help="Run folder (default runs/<method>-<model>-<time>).")]
 ResumeOpt = Annotated[bool | None, typer.Option("--resume", help="Continue an existing run folder, skipping finished "
                                                 "relations.", show_default=False)]
+ObjectsOpt = Annotated[str | None, typer.Option(
+    "--objects", help="single (default): LAMA's protocol, objects that are one token of --vocab; any: every fact, ranking "
+                      "the relation's candidate objects of any length by their log-likelihood.")]
+CandidatesOpt = Annotated[Path | None, typer.Option(
+    "--candidates", help="With --objects any: candidate objects, one a line (for every relation) or JSONL with relation "
+                         "and object (default: each relation's objects across train, dev and test).")]
+LengthNormOpt = Annotated[bool | None, typer.Option(
+    "--length-norm", show_default=False, help="With --objects any: divide a candidate's log-likelihood by its token count.")]
 
 def _run(command, options) -> None:
     """Run a pipeline command; Ctrl-C keeps what finished, says where, and exits 130; failed cells exit 1."""
@@ -156,6 +169,9 @@ def eval_cmd(
         "--from-sentences", show_default=False,
         help="Evaluate each fact's cloze sentence (LAMA's masked_sentences) instead of a template; a causal LM sees "
              "only the text before [MASK].")] = None,
+    objects: ObjectsOpt = None,
+    candidates: CandidatesOpt = None,
+    length_norm: LengthNormOpt = None,
     ray: RayOpt = None,
     cpus_per_worker: CpusOpt = None,
 ) -> None:
@@ -166,7 +182,7 @@ def eval_cmd(
                       out=out, resume=resume, batch_size=batch_size, device=device, dtype=dtype, prompts=prompts,
                       prompts_file=prompts_file, ensemble=ensemble, max_prompts=max_prompts, control=control, seed=seed,
                       facts=facts, fields=fields, template=template, from_sentences=from_sentences, ray=ray,
-                      cpus_per_worker=cpus_per_worker)
+                      cpus_per_worker=cpus_per_worker, objects=objects, candidates=candidates, length_norm=length_norm)
     if prompts is None:
         return _run(run_eval, options)
     import pandas as pd
@@ -235,6 +251,9 @@ def train_cmd(
     save_model: Annotated[bool | None, typer.Option(
         "--save-model", show_default=False,
         help="finetune: also save each relation's fine-tuned LM weights (RELATION/model.safetensors).")] = None,
+    objects: ObjectsOpt = None,
+    candidates: CandidatesOpt = None,
+    length_norm: LengthNormOpt = None,
     ray: RayOpt = None,
     cpus_per_worker: CpusOpt = None,
 ) -> None:
@@ -247,7 +266,8 @@ def train_cmd(
         batch_size=batch_size, eval_every=eval_every, patience=patience, max_train=max_train, seed=seed,
         iterations=iterations, top_k=top_k, capitals=capitals, device=device, dtype=dtype, control=control,
         facts=facts, train_facts=train_facts, dev_facts=dev_facts, dev_split=dev_split, fields=fields,
-        manual_template=manual_template, save_model=save_model, ray=ray, cpus_per_worker=cpus_per_worker))
+        manual_template=manual_template, save_model=save_model, ray=ray, cpus_per_worker=cpus_per_worker,
+        objects=objects, candidates=candidates, length_norm=length_norm))
 
 
 @app.command("compare")

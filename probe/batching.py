@@ -30,6 +30,37 @@ class Batch:
             self.target.repeat(n), self.gold.repeat(n), self.facts * n,
         )
 
+    def select(self, rows: torch.Tensor | list[int]) -> Batch:
+        """These rows of the batch, in this order."""
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        index = rows.to(self.input_ids.device)
+        return Batch(self.input_ids[index], self.attention_mask[index], self.virtual_mask[index], self.target[index],
+                     self.gold[index], [self.facts[i] for i in rows.tolist()])
+
+    def splice(self, rows: list[int], fills: list[list[int]], replace: bool, pad_id: int) -> Batch:
+        """New rows, the r-th a copy of row `rows[r]` with the tokens `fills[r]` at its target position (replacing the
+        token there) or, without `replace`, right after it; text after the target moves along. Targets stay put."""
+        ids, virtual = self.input_ids.tolist(), self.virtual_mask.tolist()
+        lengths, targets = self.attention_mask.sum(dim=1).tolist(), self.target.tolist()
+        new_ids, new_virtual = [], []
+        for r, fill in zip(rows, fills, strict=True):
+            at, n = targets[r] + (0 if replace else 1), lengths[r]
+            skip = at + 1 if replace else at
+            new_ids.append(ids[r][:at] + list(fill) + ids[r][skip:n])
+            new_virtual.append(virtual[r][:at] + [False] * len(fill) + virtual[r][skip:n])
+        width = max(len(x) for x in new_ids)
+        out_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        out_virtual = torch.zeros((len(rows), width), dtype=torch.bool)
+        for i, (x, v) in enumerate(zip(new_ids, new_virtual, strict=True)):
+            out_ids[i, : len(x)] = torch.tensor(x)
+            mask[i, : len(x)] = 1
+            out_virtual[i, : len(v)] = torch.tensor(v, dtype=torch.bool)
+        index = torch.tensor(rows, dtype=torch.long)
+        device = self.input_ids.device
+        return Batch(out_ids.to(device), mask.to(device), out_virtual.to(device), self.target[index.to(self.target.device)],
+                     self.gold[index.to(self.gold.device)], [self.facts[i] for i in rows])
+
     def to(self, device: torch.device) -> Batch:
         return Batch(
             self.input_ids.to(device), self.attention_mask.to(device), self.virtual_mask.to(device),
@@ -37,19 +68,20 @@ class Batch:
         )
 
 
-def filter_facts(facts: list[Fact], candidates: CandidateVocab) -> tuple[list[Fact], int]:
+def filter_facts(facts: list[Fact], candidates) -> tuple[list[Fact], int]:
     """Keep the facts whose object is a candidate; also return how many were dropped."""
     kept = [f for f in facts if f.obj in candidates.index]
     return kept, len(facts) - len(kept)
 
 
-def relation_facts(data: FactData, relation: Relation, split: str, candidates: CandidateVocab, strict: bool):
-    """Facts of a split whose object is a candidate, and how many were dropped; with strict, none left is a ProbeError."""
-    facts, dropped = filter_facts(data.facts(relation.id, split), candidates)
+def relation_facts(data: FactData, relation: Relation, split: str, candidates, strict: bool):
+    """Facts of a split whose object is a candidate of the relation, and how many were dropped; with strict, none left
+    is a ProbeError."""
+    facts, dropped = filter_facts(data.facts(relation.id, split), candidates.for_relation(relation.id))
     if not facts and strict:
         raise ProbeError(
-            f"relation {relation.id} has no {split} facts left after keeping objects that are single tokens "
-            f"of the candidate vocabulary ({dropped} dropped)"
+            f"relation {relation.id} has no {split} facts left after dropping "
+            f"{candidates.for_relation(relation.id).dropped_reason} ({dropped} dropped)"
         )
     return facts, dropped
 

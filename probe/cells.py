@@ -26,8 +26,9 @@ from probe.backends import Backend, load_backend
 from probe.batching import relation_facts
 from probe.data import Fact, FactData, Relation
 from probe.errors import ProbeError
+from probe.objects import RelationCandidates
 from probe.runs import atomic_write_bytes
-from probe.vocab import CandidateVocab, build_candidates
+from probe.vocab import CandidateChoice, CandidateVocab
 
 
 @dataclass(frozen=True)
@@ -75,9 +76,11 @@ class Cell(ABC):
 
 
 class Worker:
-    """What cells run against: one loaded model, the data, the candidate words, and facts filtered once."""
+    """What cells run against: one loaded model, the data, the candidates (`candidates.for_relation(rid)`), and facts
+    filtered once."""
 
-    def __init__(self, backend: Backend, data: FactData, candidates: CandidateVocab, spec: ModelSpec | None = None):
+    def __init__(self, backend: Backend, data: FactData, candidates: CandidateVocab | RelationCandidates,
+                 spec: ModelSpec | None = None):
         self.backend = backend
         self.data = data
         self.candidates = candidates
@@ -86,9 +89,9 @@ class Worker:
         self._facts: dict[tuple[str, str], tuple[list[Fact], int]] = {}
 
     @classmethod
-    def load(cls, spec: ModelSpec, data: FactData, vocab: str) -> Worker:
+    def load(cls, spec: ModelSpec, data: FactData, candidates: CandidateChoice | str) -> Worker:
         backend = spec.load()
-        return cls(backend, data, build_candidates(backend.tokenizer, data.vocab_words(vocab)), spec)
+        return cls(backend, data, CandidateChoice.of(candidates).build(backend.tokenizer, data), spec)
 
     def facts(self, relation: Relation, split: str, strict: bool = False) -> tuple[list[Fact], int]:
         """A split's facts whose object is a candidate, and how many were dropped; strict: none left is an error."""
@@ -198,9 +201,10 @@ class InProcess:
     def close(self) -> None:
         """Nothing to shut down."""
 
-    def __init__(self, data: FactData, vocab: str | None = None, worker: Worker | None = None, log=print):
+    def __init__(self, data: FactData, candidates: CandidateChoice | str | None = None, worker: Worker | None = None,
+                 log=print):
         self.data = data
-        self.vocab = vocab
+        self.candidates = candidates
         self.worker = worker
         self.log = log
 
@@ -226,10 +230,10 @@ class InProcess:
 
     def _worker(self, spec: ModelSpec) -> Worker:
         if self.worker is None or self.worker.spec != spec:
-            if self.vocab is None:
-                raise ProbeError(f"internal: no vocabulary to build candidates for {spec.name}")
+            if self.candidates is None:
+                raise ProbeError(f"internal: no candidates to build for {spec.name}")
             self.worker = None  # free the previous model first (the caller holds no other reference)
             t0 = time.time()
-            self.worker = Worker.load(spec, self.data, self.vocab)
+            self.worker = Worker.load(spec, self.data, self.candidates)
             self.log(f"{spec.name} loaded in {time.time() - t0:.1f}s")
         return self.worker

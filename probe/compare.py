@@ -22,7 +22,8 @@ from probe.runs import atomic_write_text, markdown_table, read_json, slug
 
 # Settings that must agree for P@1 figures to be comparable (else --allow-mixed). Runs of different models are
 # compared on the facts every run keeps (see on_common_facts).
-COMPARABLE_KEYS = ("vocab", "split")
+COMPARABLE_KEYS = ("vocab", "split", "objects")
+DEFAULTS = {"objects": "single"}  # what a config without the key means
 
 
 @dataclass
@@ -66,7 +67,7 @@ def find_run_folders(paths: list[Path]) -> list[Path]:
 
 def run_label(config: dict) -> str:
     """The method name, with any init or reparam other than the method's default (`autoprompt+init=manual`);
-    runs of a prompts file add the file's stem (and +ens for an ensemble)."""
+    runs of a prompts file add the file's stem (and +ens for an ensemble), runs of objects of any length +any."""
     from probe.methods import METHODS
 
     label = config.get("method") or config.get("control") or "?"
@@ -80,6 +81,8 @@ def run_label(config: dict) -> str:
         label += f":{Path(config['prompts_file']).stem}" + ("+ens" if config.get("ensemble") else "")
     if config.get("method") and config.get("control", "none") != "none":
         label += f"+{config['control']}"
+    if config.get("objects") == "any":
+        label += "+any"
     return label
 
 
@@ -102,12 +105,13 @@ def load_runs(paths: list[Path]) -> list[Run]:
 
 
 def check_comparable(runs: list[Run]) -> None:
-    """Runs of different models, vocabularies or splits are a ProbeError naming what differs and where."""
+    """Runs of different vocabularies, splits or object protocols (--objects single/any) are a ProbeError naming
+    what differs and where."""
     differences = []
     for key in COMPARABLE_KEYS:
         values: dict[str, list[str]] = {}
         for run in runs:
-            values.setdefault(str(run.config.get(key)), []).append(str(run.folder))
+            values.setdefault(str(run.config.get(key, DEFAULTS.get(key))), []).append(str(run.folder))
         if len(values) > 1:
             differences.append(f"{key} " + "; ".join(f"{v!r} in {', '.join(folders)}" for v, folders in values.items()))
     if differences:
@@ -128,7 +132,8 @@ def _manual_reference(run: Run, runs: list[Run], relations: list[str]) -> tuple[
         return {r: run.rows[r]["p1"] for r in relations}, run.label
     if all("manual_p1" in run.rows[r] for r in relations):
         return {r: run.rows[r]["manual_p1"] for r in relations}, "own manual_p1"
-    manual = [m for m in runs if is_reference(m.config) and m.config.get("model") == run.config.get("model")]
+    same = ("model", "objects")
+    manual = [m for m in runs if is_reference(m.config) and all(m.config.get(k) == run.config.get(k) for k in same)]
     if manual:
         return {r: manual[0].rows[r]["p1"] for r in relations}, manual[0].label
     return None, ""

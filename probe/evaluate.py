@@ -13,7 +13,8 @@ from probe.backends import Backend, PromptInputs
 from probe.batching import Batch, make_batches
 from probe.controls import majority_scores
 from probe.data import Fact
-from probe.metrics import ranks_of, relation_metrics
+from probe.metrics import length_breakdown, ranks_of, relation_metrics
+from probe.objects import ObjectCandidates
 from probe.templates import CompiledTemplate
 from probe.vocab import CandidateVocab
 
@@ -30,18 +31,31 @@ def scored_batches(backend: Backend, prompt: PromptInputs, compiled: CompiledTem
 
 @dataclass
 class RelationEval:
-    """Ranks and top-10 predictions for the facts of one relation."""
+    """Ranks and top-10 predictions for the facts of one relation; with objects of any length, each gold's token
+    count and the metrics by it."""
 
     facts: list[Fact]
     ranks: list[int]
     top10: list[list[str]]
-    metrics: dict[str, float] = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+    lengths: list[int] | None = None
+
+    @classmethod
+    def of(cls, facts: list[Fact], ranks: list[int], top10: list[list[str]], candidates) -> RelationEval:
+        """Ranks with their metrics; for objects of any length, the breakdown by the gold's token count too."""
+        metrics: dict = relation_metrics(ranks)
+        lengths = None
+        if isinstance(candidates, ObjectCandidates):
+            lengths = [len(candidates.sequences[candidates.index[f.obj]]) for f in facts]
+            metrics["by_length"] = length_breakdown(ranks, lengths)
+        return cls(list(facts), ranks, top10, metrics, lengths)
 
     def predictions(self) -> list[dict]:
-        return [
-            {"sub": f.sub, "obj": f.obj, "rank": r, "top10": t}
-            for f, r, t in zip(self.facts, self.ranks, self.top10, strict=True)
-        ]
+        rows = [{"sub": f.sub, "obj": f.obj, "rank": r, "top10": t}
+                for f, r, t in zip(self.facts, self.ranks, self.top10, strict=True)]
+        for row, n in zip(rows, self.lengths or [], strict=False):
+            row["n_tokens"] = n
+        return rows
 
 
 def rank_candidates(scores: torch.Tensor, gold: torch.Tensor, candidates: CandidateVocab) -> tuple[list[int], list[list[str]]]:
@@ -92,7 +106,7 @@ def evaluate_facts(
         if progress is not None:
             progress.update(len(batch_facts))
     method.train(was_training)
-    return RelationEval(ordered, ranks, top10, relation_metrics(ranks))
+    return RelationEval.of(ordered, ranks, top10, candidates)
 
 
 @torch.no_grad()
@@ -116,7 +130,8 @@ def evaluate_ensemble(
     method.eval()
     total = sum(weights)
     prompt = method.prompt_inputs()
-    scores = torch.zeros(len(groups), len(candidates))
+    dtype = torch.float64 if isinstance(candidates, ObjectCandidates) else torch.float32  # as the scores come
+    scores = torch.zeros(len(groups), len(candidates), dtype=dtype)
     for compiled, weight in zip(prompts, weights, strict=True):
         for batch, logits in scored_batches(backend, prompt, compiled, [g[0] for g in groups.values()], candidates,
                                             batch_size):
@@ -127,7 +142,7 @@ def evaluate_ensemble(
     method.train(was_training)
     gold = torch.tensor([candidates.index[f.obj] for f in facts])
     ranks, top10 = rank_candidates(scores[[row_of[key(f)] for f in facts]], gold, candidates)
-    return RelationEval(list(facts), ranks, top10, relation_metrics(ranks))
+    return RelationEval.of(facts, ranks, top10, candidates)
 
 
 def evaluate_majority(train: list[Fact], facts: list[Fact], candidates: CandidateVocab) -> RelationEval:
@@ -135,4 +150,4 @@ def evaluate_majority(train: list[Fact], facts: list[Fact], candidates: Candidat
     scores = majority_scores(train, candidates).expand(len(facts), -1)
     gold = torch.tensor([candidates.index[f.obj] for f in facts])
     ranks, top10 = rank_candidates(scores, gold, candidates)
-    return RelationEval(list(facts), ranks, top10, relation_metrics(ranks))
+    return RelationEval.of(facts, ranks, top10, candidates)

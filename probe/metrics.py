@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from probe.data import RELATION_TYPES
+from probe.objects import length_bucket
 
 
 def ranks_of(scores: torch.Tensor, gold: torch.Tensor) -> torch.Tensor:
@@ -40,6 +41,26 @@ def relation_metrics(ranks: list[int]) -> dict[str, float]:
         "p10": 100 * precision_at_k(ranks, 10),
         "mrr": mean_reciprocal_rank(ranks),
     }
+
+
+def length_breakdown(ranks: list[int], lengths: list[int]) -> dict[str, dict]:
+    """Facts and P@1 by the gold object's token count: '1', '2', '3+'."""
+    buckets: dict[str, list[int]] = {}
+    for rank, n in zip(ranks, lengths, strict=True):
+        buckets.setdefault(length_bucket(n), []).append(rank)
+    return {b: {"facts": len(r), "p1": 100 * precision_at_k(r, 1)} for b, r in sorted(buckets.items())}
+
+
+def pooled_breakdown(rows: list[dict], key: str = "by_length") -> dict[str, dict]:
+    """Relations' by-length breakdowns pooled over their facts: facts and micro P@1 per bucket."""
+    pooled: dict[str, dict] = {}
+    for row in rows:
+        for bucket, b in (row.get(key) or {}).items():
+            acc = pooled.setdefault(bucket, {"facts": 0, "hits": 0.0})
+            acc["facts"] += b["facts"]
+            acc["hits"] += b["p1"] * b["facts"] / 100
+    return {b: {"facts": a["facts"], "p1": 100 * a["hits"] / a["facts"] if a["facts"] else 0.0}
+            for b, a in sorted(pooled.items())}
 
 
 METRICS = ("p1", "p10", "mrr")

@@ -26,6 +26,7 @@ from probe.errors import Interrupted, ProbeError, check_positive
 from probe.evaluate import evaluate_ensemble, evaluate_facts, evaluate_majority
 from probe.methods import FixedPrompt, get_method, method_config
 from probe.methods.manual import ManualPrompt
+from probe.objects import MASKED_SCORING, ObjectsSpec, read_candidates_file
 from probe.prompt_files import DiscretePrompt, read_prompts
 from probe.runs import RunFolder, atomic_write_bytes, read_json, slug
 from probe.templates import (
@@ -41,7 +42,7 @@ from probe.templates import (
     template_sources,
 )
 from probe.train import config_fields
-from probe.vocab import CandidateVocab, build_candidates
+from probe.vocab import CandidateChoice, CandidateVocab
 
 
 @dataclass
@@ -88,6 +89,9 @@ class Options:
     ray: str | None = None  # 'local', 'auto' or a cluster address
     save_model: bool | None = None
     cpus_per_worker: int | None = None
+    objects: str | None = None  # 'single' (LAMA's protocol) or 'any'
+    candidates: Path | None = None  # --objects any: a candidates file
+    length_norm: bool | None = None
 
     def given(self) -> set[str]:
         return {f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None and getattr(self, f.name) != []}
@@ -123,21 +127,25 @@ class RunConfig:
     train: dict | None = None
     prompts: dict = field(default_factory=dict)  # a prompts file: its path, format, ensemble, prompts per relation
     data_spec: dict | None = None  # how to open the data again (facts files, fields, dev split)
+    objects: dict | None = None  # --objects any: the candidates, their count per relation, the scoring
     from_sentences: bool | None = None  # cloze sentences instead of templates (causal LMs: the text before [MASK])
     probe_version: str = __version__
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S"))
 
     @classmethod
-    def of(cls, command: str, backend: Backend, data: FactData, candidates: CandidateVocab, **fields) -> RunConfig:
-        """A run config with the model, data and candidates filled in from the objects themselves."""
+    def of(cls, command: str, backend: Backend, data: FactData, candidates: CandidateVocab | None = None,
+           **fields) -> RunConfig:
+        """A run config with the model, data and candidates (or the counts given) filled in from the objects themselves."""
+        counts = {"n_candidates": len(candidates), "n_vocab_words": candidates.n_source} if candidates is not None else {}
         return cls(command=command, model=backend.name, model_kind=backend.kind, data=data.name, data_spec=data.spec(),
-                   n_candidates=len(candidates), n_vocab_words=candidates.n_source,
+                   **counts,
                    dtype=str(backend.dtype).removeprefix("torch."), device=str(backend.device),
                    **{"control": backend.control, **fields})
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
         out.update(out.pop("prompts"))
+        out.update(out.pop("objects") or {})
         if self.control == "none":
             del out["control"]  # absent for the real LM
         return {k: v for k, v in out.items() if v is not None or k in ("template_file", "seed", "method")}
@@ -226,15 +234,59 @@ def model_names(opts: Options, several: bool) -> list[str]:
     return names
 
 
-def make_executor(opts: Options, data: FactData, vocab: str, log=print) -> InProcess:
+def make_executor(opts: Options, data: FactData, candidates: CandidateChoice, log=print) -> InProcess:
     """Where the cells run: this process, or Ray with --ray (a local Ray, 'auto', or a cluster address)."""
     if opts.ray is None:
         if opts.cpus_per_worker is not None:
             raise ProbeError("--cpus-per-worker applies to --ray only")
-        return InProcess(data, vocab, log=log)
+        return InProcess(data, candidates, log=log)
     from probe.ray_cells import RayExecutor
 
-    return RayExecutor(data, vocab, opts.ray, opts.cpus_per_worker or 1, log=log)
+    return RayExecutor(data, candidates, opts.ray, opts.cpus_per_worker or 1, log=log)
+
+
+def candidate_choice(opts: Options) -> CandidateChoice:
+    """--objects single (LAMA's single-token candidates of --vocab) or any (each relation's objects of any length,
+    or those of --candidates), checked before any model loads."""
+    objects = opts.objects or "single"
+    if objects not in ("single", "any"):
+        raise ProbeError(f"--objects {objects!r}: expected single (LAMA's one-token objects) or any")
+    if objects == "single":
+        if opts.candidates is not None or opts.length_norm:
+            raise ProbeError("--candidates and --length-norm apply to --objects any")
+        return CandidateChoice(opts.vocab or "common")
+    if opts.vocab is not None:
+        raise ProbeError("--vocab applies to --objects single: with --objects any the candidates are each relation's "
+                         "objects, or --candidates FILE")
+    if opts.candidates is not None:
+        read_candidates_file(opts.candidates)  # an empty or unreadable file fails here, before any model loads
+    spec = ObjectsSpec(str(Path(opts.candidates).resolve()) if opts.candidates is not None else None, bool(opts.length_norm))
+    return CandidateChoice("objects", spec)
+
+
+def describe_candidates(choice: CandidateChoice, candidates, kind: str, ids: list[str]) -> tuple[dict, int, int]:
+    """What a run config records of its candidates: (the objects entry, candidate count, source word count).
+
+    --objects any builds each relation's candidates here, so that a candidate that tokenises to nothing stops the
+    run before it starts."""
+    if choice.objects is None:
+        return {}, len(candidates), candidates.n_source
+    per_relation = {rid: candidates.for_relation(rid) for rid in ids}
+    words = {w for c in per_relation.values() for w in c.words}
+    info = {**choice.objects.describe(), "candidates_per_relation": {rid: len(c) for rid, c in per_relation.items()}}
+    if kind == "masked":
+        info["masked_scoring"] = MASKED_SCORING
+    return info, len(words), sum(c.n_source for c in per_relation.values())
+
+
+def candidates_line(info: ModelInfo, dtype: str, choice: CandidateChoice, objects: dict, n: int, n_source: int) -> str:
+    """The line that tells the user what the facts are ranked against."""
+    head = f"{info.name} ({info.kind} LM, {dtype})"
+    if choice.objects is None:
+        return f"{head}: {n:,} of {n_source:,} {choice.vocab} vocab words are single tokens"
+    sizes = objects["candidates_per_relation"].values()
+    return (f"{head}: objects of any length, {n:,} distinct candidates ({objects['candidates']}), "
+            f"{min(sizes):,} to {max(sizes):,} per relation")
 
 
 def open_model(name: str, opts: Options, executor, control: str = "none", seed: int | None = None) -> tuple[ModelSpec, ModelInfo]:
@@ -279,6 +331,11 @@ def execute(executor, runs: list[RunFolder], cells: list, desc: str, log=print) 
     return results
 
 
+def candidate_counts(candidates, dropped: int) -> dict:
+    """What a relation's metrics say of its candidates: how many, and why facts were dropped, if any were."""
+    return {"n_candidates": len(candidates), **({"dropped_reason": candidates.dropped_reason} if dropped else {})}
+
+
 def relation_output(rid: str, metrics: dict, predictions: list[dict] | None = None,
                     files: tuple[tuple[str, bytes], ...] = ()) -> CellOutput:
     """A relation's files: any extra ones, then predictions.jsonl, then metrics.json, which marks it finished."""
@@ -293,9 +350,10 @@ def relation_output(rid: str, metrics: dict, predictions: list[dict] | None = No
 
 DATA_FLAGS = {"data", "facts", "fields"}
 RAY_FLAGS = {"ray", "cpus_per_worker"}
+OBJECT_FLAGS = {"objects", "candidates", "length_norm"}
 EVAL_FLAGS = {"model", "method", "relation", "all", "split", "vocab", "out", "resume", "batch_size", "device",
               "dtype", "control", "seed", "prompts_file", "ensemble", "max_prompts", "template",
-              "from_sentences"} | DATA_FLAGS | RAY_FLAGS
+              "from_sentences"} | DATA_FLAGS | RAY_FLAGS | OBJECT_FLAGS
 
 
 @dataclass
@@ -323,15 +381,16 @@ class EvalCell(RelationCell):
     from_sentences: bool = False
 
     def run(self, worker: Worker) -> CellOutput:
-        backend, data, candidates = worker.backend, worker.data, worker.candidates
+        backend, data = worker.backend, worker.data
         relation = data.relation(self.key)
+        candidates = worker.candidates.for_relation(relation.id)
         facts, dropped = worker.facts(relation, self.split, self.strict)
         if self.from_sentences:
             with_sentence = [f for f in facts if f.sentence]
             facts, dropped = with_sentence, dropped + len(facts) - len(with_sentence)
         if not facts:
             return CellOutput(warning=f"{relation.id} has no {self.split} facts left after filtering; skipped")
-        base = {**relation_row(relation), "n_dropped": dropped, "n_facts": len(facts)}
+        base = {**relation_row(relation), "n_dropped": dropped, "n_facts": len(facts), **candidate_counts(candidates, dropped)}
         if self.majority:
             train, _ = worker.facts(relation, "train")
             result = evaluate_majority(train, facts, candidates)
@@ -401,8 +460,10 @@ def run_eval(opts: Options, log=print) -> list[Run]:
     split = data.split_name(opts.split)
     if not opts.from_sentences and opts.prompts_file is None and control != "majority":
         check_templates(data, ids, "--template")
-    vocab = opts.vocab or "common"
-    words = data.vocab_words(vocab)  # checks the vocabulary name
+    choice = candidate_choice(opts)
+    vocab = choice.vocab
+    if choice.objects is None:
+        data.vocab_words(vocab)  # checks the vocabulary name
     chosen, prompts_info = None, {}
     if opts.prompts_file is not None:
         prompt_set = read_prompts(opts.prompts_file)
@@ -418,19 +479,21 @@ def run_eval(opts: Options, log=print) -> list[Run]:
                         "ensemble": bool(opts.ensemble), "prompts_per_relation": {r: len(p) for r, p in chosen.items()}}
     if control == "majority":
         method = None
-    executor = make_executor(opts, data, vocab, log)
+    executor = make_executor(opts, data, choice, log)
     name = f"discrete-{slug(Path(opts.prompts_file).stem)}" if chosen else (method or control)
     name += "-cloze" if opts.from_sentences else ""
+    name += "-any" if choice.objects else ""
     runs, cells = [], []
     for model in names:
         spec, info = open_model(model, opts, executor, control if control in MODEL_CONTROLS else "none", seed)
-        candidates = build_candidates(info.tokenizer, words)
+        candidates = choice.build(info.tokenizer, data)
+        objects, n_candidates, n_source = describe_candidates(choice, candidates, info.kind, ids)
         if len(ids) == 1:
             relation_facts(data, data.relation(ids[0]), split, candidates, strict=True)
-        log(f"{info.name} ({info.kind} LM, {spec.dtype}): {len(candidates):,} of {candidates.n_source:,} {vocab} vocab "
-            "words are single tokens")
+        log(candidates_line(info, spec.dtype, choice, objects, n_candidates, n_source))
         config = RunConfig.of(
-            "eval", info, data, candidates, method=method, split=split, vocab=vocab, batch_size=batch_size, control=control,
+            "eval", info, data, n_candidates=n_candidates, n_vocab_words=n_source, objects=objects or None,
+            method=method, split=split, vocab=vocab, batch_size=batch_size, control=control,
             template_file=str(opts.prompts_file) if opts.prompts_file is not None else None,
             seed=seed,
             method_config={"ensemble": bool(opts.ensemble), "max_prompts": max_prompts} if chosen else None,
@@ -470,7 +533,7 @@ def evaluate_relations(backend: Backend, data: FactData, ids: list[str], candida
 
 TRAIN_FLAGS = {"model", "method", "relation", "all", "template", "split", "vocab", "out", "resume", "device",
                "dtype", "control", "init", "reparam", "train_facts", "dev_facts", "dev_split",
-               "manual_template", "save_model"} | DATA_FLAGS | RAY_FLAGS
+               "manual_template", "save_model"} | DATA_FLAGS | RAY_FLAGS | OBJECT_FLAGS
 FIT_FLAGS = {"lr", "epochs", "min_steps", "batch_size", "eval_every", "patience", "max_train", "seed", "iterations",
              "top_k", "capitals"}
 
@@ -524,23 +587,27 @@ def run_train(opts: Options, log=print) -> list[Run]:
                          "train or dev")
     ids = relation_ids(data, opts.relation, opts.all)
     check_templates(data, ids, "--manual-template")
-    vocab = opts.vocab or "common"
+    choice = candidate_choice(opts)
+    vocab = choice.vocab
     seed = fit_config.seed
-    executor = make_executor(opts, data, vocab, log)
+    executor = make_executor(opts, data, choice, log)
     spec, info = open_model(name, opts, executor, control, seed)
-    candidates = build_candidates(info.tokenizer, data.vocab_words(vocab))
+    candidates = choice.build(info.tokenizer, data)
+    objects, n_candidates, n_source = describe_candidates(choice, candidates, info.kind, ids)
     if len(ids) == 1:
         rel = data.relation(ids[0])
         if not relation_facts(data, rel, "train", candidates, strict=False)[0]:
             raise ProbeError(f"relation {rel.id} has no train facts left after filtering by the candidate vocabulary")
         relation_facts(data, rel, split, candidates, strict=True)
-    log(f"{info.name} ({info.kind} LM, {spec.dtype}): {len(candidates):,} candidates")
+    log(candidates_line(info, spec.dtype, choice, objects, n_candidates, n_source))
     config = RunConfig.of(
-        "train", info, data, candidates, method=method, split=split, vocab=vocab, batch_size=128,
+        "train", info, data, n_candidates=n_candidates, n_vocab_words=n_source, objects=objects or None,
+        method=method, split=split, vocab=vocab, batch_size=128,
         template_file=opts.template, seed=seed, method_config=dataclasses.asdict(config_of_method),
         train=dataclasses.asdict(fit_config),
     )
-    run = RunFolder(opts.out or default_out(method, info.name), config.to_dict(), resume=bool(opts.resume))
+    run = RunFolder(opts.out or default_out(method + ("-any" if choice.objects else ""), info.name), config.to_dict(),
+                    resume=bool(opts.resume))
     cells = train_cells(spec, info, data, ids, run, method, config_of_method, fit_config, templates, split,
                         bool(opts.save_model))
     (results,) = execute(executor, [run], cells, "train", log)
@@ -599,8 +666,9 @@ class TrainCell(RelationCell):
     save_model: bool = False  # methods that train the LM: its weights in model.safetensors
 
     def run(self, worker: Worker) -> CellOutput:
-        backend, data, candidates = worker.backend, worker.data, worker.candidates
+        backend, data = worker.backend, worker.data
         relation = data.relation(self.key)
+        candidates = worker.candidates.for_relation(relation.id)
         compiled = compile_template(self.template, backend.tokenizer, backend.kind, manual=relation.template)
         train, _ = worker.facts(relation, "train")
         if not train:
@@ -652,7 +720,8 @@ class TrainCell(RelationCell):
         }
         metrics = {
             **relation_row(relation),
-            "n_facts": len(test), "n_dropped": dropped, "template": self.template.source,
+            "n_facts": len(test), "n_dropped": dropped, **candidate_counts(candidates, dropped),
+            "template": self.template.source,
             **test_eval.metrics,
             **{f"dev_{k}": v for k, v in result.best_dev.items()},
             **{f"manual_{k}": v for k, v in manual_test.items()},
@@ -784,8 +853,17 @@ def rerun_prompts(opts: Options) -> list[dict]:
                            control=cfg.get("control", "none"), seed=cfg.get("seed") or 0)
     if backend.kind != cfg["model_kind"]:
         raise ProbeError(f"run folder {run_dir} was trained on a {cfg['model_kind']} LM, {cfg['model']!r} is {backend.kind}")
-    candidates = build_candidates(backend.tokenizer, data.vocab_words(cfg["vocab"]))
+    candidates = run_candidates(cfg).build(backend.tokenizer, data)
     return reevaluate_run(backend, data, run_dir, candidates, batch_size, ids)
+
+
+def run_candidates(cfg: dict) -> CandidateChoice:
+    """The candidates a run's config records: single tokens of its vocabulary, or objects of any length."""
+    if cfg.get("objects") != "any":
+        return CandidateChoice(cfg["vocab"])
+    source = cfg.get("candidates")
+    return CandidateChoice("objects", ObjectsSpec(None if source == "relation objects" else source,
+                                                  bool(cfg.get("length_norm"))))
 
 
 def reopen_data(cfg: dict, data: str | None = None) -> FactData:
@@ -797,7 +875,7 @@ def reopen_data(cfg: dict, data: str | None = None) -> FactData:
                      seed=spec.get("seed", 13))
 
 
-def reevaluate_run(backend: Backend, data: FactData, run_dir: Path, candidates: CandidateVocab, batch_size: int = 128,
+def reevaluate_run(backend: Backend, data: FactData, run_dir: Path, candidates, batch_size: int = 128,
                    ids: list[str] | None = None) -> list[dict]:
     """Re-evaluate the saved prompts of a run folder (all, or `ids`); rows carry the saved and recomputed metrics."""
     rows = []
@@ -812,7 +890,7 @@ def reevaluate_run(backend: Backend, data: FactData, run_dir: Path, candidates: 
         if prompt.n_virtual != compiled.n_virtual:
             raise ProbeError(f"{folder}: {prompt.n_virtual} saved vectors for {compiled.n_virtual} virtual slots")
         facts, _ = relation_facts(data, relation, rel_cfg["split"], candidates, True)
-        result = evaluate_facts(backend, prompt, compiled, facts, candidates, batch_size)
+        result = evaluate_facts(backend, prompt, compiled, facts, candidates.for_relation(relation.id), batch_size)
         rows.append({**metrics, **{f"saved_{k}": metrics[k] for k in ("p1", "p10", "mrr")}, **result.metrics,
                      "n_facts": len(facts)})
     if not rows:

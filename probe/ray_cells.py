@@ -21,6 +21,7 @@ from tqdm import tqdm
 from probe.cells import Cell, ModelSpec, OnDone, Progress, Worker, finish
 from probe.data import FactData
 from probe.errors import ProbeError
+from probe.vocab import CandidateChoice
 
 RETRIES = 3  # restarts of a dead actor, and tries of the cell it was running
 LOAD_TIMEOUT = 1800.0  # seconds for new workers to be placed and load their model
@@ -72,11 +73,11 @@ def connect(address: str = "local", num_cpus: int | None = None) -> bool:
 class CellActor:
     """One model, loaded once; runs the cells it is given and returns their files."""
 
-    def __init__(self, spec: ModelSpec, data: FactData, vocab: str, threads: int):
+    def __init__(self, spec: ModelSpec, data: FactData, candidates: CandidateChoice | str, threads: int):
         import torch
 
         torch.set_num_threads(threads)
-        self.worker = Worker.load(spec, data, vocab)
+        self.worker = Worker.load(spec, data, candidates)
         self.worker.remote = True
 
     def pid(self) -> int:
@@ -94,12 +95,12 @@ class RayExecutor:
     its workers are freed for the models with the most cells left.
     """
 
-    def __init__(self, data: FactData, vocab: str, address: str = "local", cpus_per_worker: int = 1,
+    def __init__(self, data: FactData, candidates: CandidateChoice | str, address: str = "local", cpus_per_worker: int = 1,
                  workers: int | None = None, log=print):
         if cpus_per_worker < 1:
             raise ProbeError(f"--cpus-per-worker must be at least 1, got {cpus_per_worker}")
         self.data = data
-        self.vocab = vocab
+        self.candidates = candidates
         self.address = address
         self.cpus_per_worker = cpus_per_worker
         self.log = log
@@ -144,7 +145,7 @@ class RayExecutor:
                 gpu = spec.device.startswith("cuda")
                 actor = actor_class.options(num_cpus=0 if gpu else self.cpus_per_worker, num_gpus=1 if gpu else 0,
                                             max_restarts=RETRIES, max_task_retries=RETRIES).remote(
-                    spec, data_ref, self.vocab, self.cpus_per_worker)
+                    spec, data_ref, self.candidates, self.cpus_per_worker)
                 actors[actor] = spec
 
             waiting = [s for s, q in queues.items() if q and s not in actors.values()]

@@ -19,11 +19,11 @@ import pandas as pd
 
 from probe.data import relation_key
 from probe.errors import ProbeError
-from probe.metrics import aggregate
+from probe.metrics import aggregate, pooled_breakdown
 
 # Keys of a run config that must agree for --resume to reuse a folder.
 IDENTITY_KEYS = ("command", "model", "method", "split", "vocab", "data", "template_file", "seed", "dtype",
-                 "method_config", "train", "control")
+                 "method_config", "train", "control", "objects", "candidates", "length_norm")
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -127,6 +127,10 @@ class RunFolder:
         if rows and all("manual_p1" in r for r in rows):  # training runs also test the manual prompt
             manual = [{**r, **{m: r[f"manual_{m}"] for m in ("p1", "p10", "mrr")}} for r in rows]
             results["summary_manual"] = aggregate(manual)
+        if any("by_length" in r for r in rows):  # objects of any length: facts and P@1 by the gold's token count
+            results["by_length"] = pooled_breakdown(rows)
+            if any("manual_by_length" in r for r in rows):
+                results["by_length_manual"] = pooled_breakdown(rows, "manual_by_length")
         atomic_write_json(self.root / "results.json", results)
         table = relations_table(rows)
         atomic_write_text(self.root / "relations.csv", table.to_csv(index=False))
@@ -164,10 +168,23 @@ def summary_markdown(results: dict) -> str:
     summ = markdown_table(summary_table(results["summary"]))
     if "summary_manual" in results:
         summ += "\n\nThe manual prompt on the same facts:\n\n" + markdown_table(summary_table(results["summary_manual"]))
+    if "by_length" in results:
+        summ += "\n\nBy the gold object's token count (facts, micro P@1):\n\n" + markdown_table(length_table(results))
     if results.get("fit_failed"):
         summ += (f"\n\n**Not trained** (dev P@1 never rose above the untrained prompt's, after every retry): "
                  f"{', '.join(results['fit_failed'])}. Their rows are the untrained prompt.")
     return head + note + summ + "\n\n" + rel + "\n"
+
+
+def length_table(results: dict) -> pd.DataFrame:
+    """Facts and micro P@1 by the gold's token count; the manual prompt's next to a trained one's."""
+    rows = []
+    for bucket, b in results["by_length"].items():
+        row = {"tokens": bucket, "facts": b["facts"], "p1": b["p1"]}
+        if "by_length_manual" in results:
+            row["manual_p1"] = results["by_length_manual"].get(bucket, {}).get("p1")
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def markdown_table(df: pd.DataFrame) -> str:

@@ -228,8 +228,9 @@ def run_cell(worker: Worker, cell: SweepCell, grid: SweepGrid) -> dict:
     from probe.templates import compile_template, spread_virtual
 
     t0 = time.time()
-    backend, data, candidates = worker.backend, worker.data, worker.candidates
+    backend, data = worker.backend, worker.data
     relation = data.relation(cell.relation)
+    candidates = worker.candidates.for_relation(relation.id)
     config = method_config(cell.method, **{k: getattr(cell, k) for k in ("init", "reparam") if getattr(cell, k) != NOT_APPLICABLE})
     method_cls = get_method(cell.method)
     template = load_template_spec(grid.template, cell.method).template_for(relation.id, backend.kind)

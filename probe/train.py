@@ -1,6 +1,7 @@
 """The one trainer for gradient methods, and the dev selection that every fit shares.
 
-The LM stays frozen; only the method's parameters are optimised, on the cross-entropy of the gold candidate.
+The LM stays frozen; only the method's parameters are optimised, on the backend's loss of the gold
+(`Backend.gold_loss`: cross-entropy among single-token candidates, or the gold object's negative log-likelihood).
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from probe.backends import Backend
@@ -170,8 +170,7 @@ def train_prompt(
         for epoch in range(epochs):
             for batch in make_batches(compiled, train_facts, candidates, config.batch_size, backend.pad_id, generator):
                 with torch.autocast(backend.device.type, dtype=torch.bfloat16, enabled=backend.device.type == "cuda"):
-                    (scores,) = backend.score([batch], method.prompt_inputs(), candidates)
-                loss = F.cross_entropy(scores.float(), batch.gold.to(scores.device))
+                    loss = backend.gold_loss(batch, method.prompt_inputs(), candidates).mean()
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

@@ -1,4 +1,5 @@
-"""Candidate vocabulary: the words of a LAMA vocab that are a single token for a model's tokenizer."""
+"""Candidates: the words of a LAMA vocab that are a single token for a model's tokenizer, or (`--objects any`,
+probe/objects.py) each relation's objects of any length; `CandidateChoice` says which."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from probe.objects import ObjectsSpec, RelationCandidates
 from probe.templates import is_space_sensitive
 
 
@@ -17,9 +19,14 @@ class CandidateVocab:
     token_ids: torch.Tensor
     index: dict[str, int]
     n_source: int
+    dropped_reason: str = "objects that are not single tokens of the candidate vocabulary"
 
     def __len__(self) -> int:
         return len(self.words)
+
+    def for_relation(self, rid: str) -> CandidateVocab:
+        """The candidates of a relation: the same words for every relation."""
+        return self
 
 
 def build_candidates(tokenizer, words: list[str]) -> CandidateVocab:
@@ -33,3 +40,22 @@ def build_candidates(tokenizer, words: list[str]) -> CandidateVocab:
             kept.append(word)
             ids.append(tok[0])
     return CandidateVocab(kept, torch.tensor(ids, dtype=torch.long), {w: i for i, w in enumerate(kept)}, len(words))
+
+
+@dataclass(frozen=True)
+class CandidateChoice:
+    """What each relation's facts are ranked against: the single tokens of a vocabulary, or with `objects` each
+    relation's objects of any length. Small, so that it travels to workers, which build it for their tokenizer."""
+
+    vocab: str = "common"
+    objects: ObjectsSpec | None = None
+
+    @classmethod
+    def of(cls, choice: CandidateChoice | str) -> CandidateChoice:
+        return choice if isinstance(choice, CandidateChoice) else cls(choice)
+
+    def build(self, tokenizer, data) -> CandidateVocab | RelationCandidates:
+        """The candidates for a tokenizer: `for_relation(rid)` gives a relation's."""
+        if self.objects is not None:
+            return RelationCandidates(tokenizer, data, self.objects)
+        return build_candidates(tokenizer, data.vocab_words(self.vocab))

@@ -176,7 +176,7 @@ def test_relation_empty_after_filtering(tmp_path, tiny_masked_dir):
     proc = run_cli("eval", "--model", tiny_masked_dir, "--relation", "P19", "--data", root, "--out", tmp_path / "run")
     # checked before the run folder is made, so the error is the only line and no folder is left behind
     line = assert_user_error(proc)
-    assert line == ("error: relation P19 has no test_34k facts left after keeping objects that are single tokens "
+    assert line == ("error: relation P19 has no test_34k facts left after dropping objects that are not single tokens "
                     "of the candidate vocabulary (2 dropped)")
     assert not (tmp_path / "run").exists()
 

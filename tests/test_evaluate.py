@@ -334,7 +334,7 @@ def test_relation_facts_strict_and_not(masked_backend, tmp_path):
     assert relation_facts(data, data.relation("P19"), "test_34k", cands, strict=False) == ([], 2)
     with pytest.raises(ProbeError) as e:
         relation_facts(data, data.relation("P19"), "test_34k", cands, strict=True)
-    assert str(e.value) == ("relation P19 has no test_34k facts left after keeping objects that are single tokens "
+    assert str(e.value) == ("relation P19 has no test_34k facts left after dropping objects that are not single tokens "
                             "of the candidate vocabulary (2 dropped)")
 
 

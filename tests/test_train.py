@@ -188,14 +188,14 @@ def train_run(backend, lama_root: Path, out: Path, relation_ids=("P19", "P36"), 
 
 def spy_training_steps(monkeypatch, backend, fn) -> None:
     """Hand each training step's (batch, scores) to fn, which returns the scores to use; dev evaluations (without
-    gradients) pass untouched."""
-    real = backend.score
+    gradients) pass untouched. Training reaches the scores through `gold_loss`, which calls `score_tokens`."""
+    real = backend.score_tokens
 
     def score(batches, prompt, candidates):
         for batch, scores in zip(batches, real(batches, prompt, candidates), strict=True):
             yield fn(batch.to(backend.device), scores) if torch.is_grad_enabled() else scores
 
-    monkeypatch.setattr(backend, "score", score)
+    monkeypatch.setattr(backend, "score_tokens", score)
 
 
 def leftovers(folder: Path) -> list[str]:

@@ -1,9 +1,13 @@
 """The interface every backend implements, and the registry that picks one for a model.
 
-A backend wraps one frozen LM. Its one scoring call, `score(batches, prompt, candidates)`, yields the
-float32 scores (B, C) of every candidate at each input's target position; evaluation, training and the
-trigger search all go through it. A subclass says how to reach the target hidden state (`target_hidden`)
-and may override `score` wholesale to run faster (see llama.py).
+A backend wraps one frozen LM. Evaluation, training and the trigger search go through two calls:
+- `score(batches, prompt, candidates)` yields the scores (B, C) of every candidate for each input: single
+  tokens' float32 logits at the target position (`score_tokens`), or, for objects of any length, the float64
+  log-likelihoods of their tokens (`score_objects`, see probe/objects.py);
+- `gold_loss(batch, prompt, candidates)`: each row's loss, the cross-entropy of the gold among single-token
+  candidates or the negative log-likelihood of the gold object's tokens.
+A subclass says how to reach the target hidden state (`target_hidden`) and the hidden states of objects'
+contexts (`context_hidden`, `gold_loglik`), and may override `score_tokens` wholesale to run faster (llama.py).
 """
 
 from __future__ import annotations
@@ -19,7 +23,10 @@ from torch import nn
 
 from probe.batching import Batch
 from probe.errors import ProbeError
+from probe.objects import Contexts, ObjectCandidates
 from probe.vocab import CandidateVocab
+
+LOGIT_ROWS = 128  # rows of full-vocabulary logits computed at once (objects of any length)
 
 
 class PromptInputs(NamedTuple):
@@ -67,6 +74,7 @@ class Backend:
         self.body = model.base_model
         self.control = control  # "random-model" when the weights were re-drawn (see probe.controls)
         self._candidate_rows: CandidateRows | None = None
+        self._vocab_rows: CandidateRows | None = None  # every output row in float32 (objects of any length)
         self._kv_cache: list | None = None  # key/value projections, found on first use (prefix-tuning)
 
     @classmethod
@@ -101,16 +109,90 @@ class Backend:
             embeds = embeds.masked_scatter(batch.virtual_mask[..., None], rows.to(embeds.dtype))
         return embeds
 
-    # -- the scoring call ---------------------------------------------------------------------------
+    # -- the scoring calls ----------------------------------------------------------------------------
 
-    def score(self, batches: Sequence[Batch], prompt: PromptInputs, candidates: CandidateVocab) -> Iterator[torch.Tensor]:
-        """Float32 scores (B, C) of every candidate at each row's target position, one tensor per batch, in order."""
+    def score(self, batches: Sequence[Batch], prompt: PromptInputs, candidates: CandidateVocab | ObjectCandidates
+              ) -> Iterator[torch.Tensor]:
+        """Scores (B, C) of every candidate for each row, one tensor per batch, in order."""
+        if isinstance(candidates, ObjectCandidates):
+            return self.score_objects(batches, prompt, candidates)
+        return self.score_tokens(batches, prompt, candidates)
+
+    def score_tokens(self, batches: Sequence[Batch], prompt: PromptInputs, candidates: CandidateVocab) -> Iterator[torch.Tensor]:
+        """Float32 scores (B, C) of every candidate token at each row's target position."""
         for batch in batches:
             batch = batch.to(self.device)
             embeds = self.input_embeddings(batch, prompt)
             with self.prefix_tuning(prompt.prefix, batch.virtual_mask):
                 hidden = self.target_hidden(embeds, batch.attention_mask, batch.target)
             yield self.candidate_logits(hidden, candidates.token_ids)
+
+    def score_objects(self, batches: Sequence[Batch], prompt: PromptInputs, candidates: ObjectCandidates) -> Iterator[torch.Tensor]:
+        """Float64 log-likelihoods (B, C) of every candidate object's tokens after each row's prompt."""
+        contexts = candidates.contexts(self.kind)
+        for batch in batches:
+            hidden = self.context_hidden(batch.to(self.device), prompt, contexts)
+            yield candidates.normalise(contexts.sum_edges(self.edge_logprobs(hidden, contexts)))
+
+    def gold_loss(self, batch: Batch, prompt: PromptInputs, candidates: CandidateVocab | ObjectCandidates) -> torch.Tensor:
+        """Each row's loss (B,): cross-entropy of the gold among single-token candidates, or the negative
+        log-likelihood of the gold object's tokens (divided by their count under --length-norm)."""
+        if isinstance(candidates, ObjectCandidates):
+            batch = batch.to(self.device)
+            gold = [candidates.sequences[g] for g in batch.gold.tolist()]
+            loglik = self.gold_loglik(batch, prompt, gold)
+            if candidates.length_norm:
+                loglik = loglik / candidates.lengths.to(loglik.device)[batch.gold]
+            return -loglik
+        (scores,) = self.score_tokens([batch], prompt, candidates)
+        return F.cross_entropy(scores.float(), batch.gold.to(scores.device), reduction="none")
+
+    def context_hidden(self, batch: Batch, prompt: PromptInputs, contexts: Contexts) -> torch.Tensor:
+        """Hidden states (B, X, H), ready for the output layer, that predict the next object token in each context."""
+        raise NotImplementedError
+
+    def gold_loglik(self, batch: Batch, prompt: PromptInputs, gold: list[tuple[int, ...]]) -> torch.Tensor:
+        """log p of each row's gold object tokens (B,), float32, with gradients when they are on."""
+        raise NotImplementedError
+
+    def edge_logprobs(self, hidden: torch.Tensor, contexts: Contexts) -> torch.Tensor:
+        """log p(token | context) (B, E) in float64 of every edge, from the contexts' hidden states (B, X, H).
+
+        The first context's tokens go through `candidate_logits` as single-token candidates do, so that single-token
+        objects rank exactly as in the single-token path; the normaliser is the full vocabulary's.
+        """
+        B, X, H = hidden.shape
+        edge_context, edge_token = contexts.edge_context.to(hidden.device), contexts.edge_token.to(hidden.device)
+        logits = hidden.new_empty(B, len(edge_token), dtype=torch.float32)
+        lse = hidden.new_empty(B, X, dtype=torch.float32)
+        step = max(1, LOGIT_ROWS // B)
+        for x0 in range(0, X, step):
+            x1 = min(X, x0 + step)
+            full = self.vocab_logits(hidden[:, x0:x1].reshape(-1, H)).view(B, x1 - x0, -1)
+            lse[:, x0:x1] = full.logsumexp(dim=-1)
+            here = ((edge_context >= x0) & (edge_context < x1)).nonzero()[:, 0]
+            logits[:, here] = full[:, edge_context[here] - x0, edge_token[here]]
+        first = (edge_context == 0).nonzero()[:, 0]
+        logits[:, first] = self.candidate_logits(hidden[:, 0], edge_token[first])
+        return logits.double() - lse.double()[:, edge_context]
+
+    def vocab_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Float32 logits of every token of the vocabulary, (R, H) -> (R, V)."""
+        rows = self.vocab_rows()
+        return F.linear(hidden.float(), rows.weight, rows.bias)
+
+    def vocab_rows(self) -> CandidateRows:
+        """Every output row in float32: kept while the weights stay the same; taken afresh while the output layer
+        trains, so that gradients reach it."""
+        out = self.output_layer()
+        if out.weight.requires_grad and torch.is_grad_enabled():
+            return CandidateRows(torch.empty(0), out.weight.float(), out.bias.float() if getattr(out, "bias", None) is not None
+                                 else None)
+        rows, stamp = self._vocab_rows, weight_stamp(out.weight)
+        if rows is None or rows.stamp != stamp:
+            with torch.no_grad():
+                rows = self._vocab_rows = self._rows_of(out, torch.arange(out.weight.shape[0]))
+        return rows
 
     def target_hidden(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """The final hidden state at each row's target position, (B, H), ready for the output layer."""

@@ -7,7 +7,8 @@ The same arithmetic as transformers' Llama, written out in plain tensors over th
 - on CPU without autograd, the weights packed once for oneDNN (`probe.backends.packed`, bit-identical in bfloat16);
 - when scoring without gradients, a start that inputs share (a template's leading words or virtual tokens, then
   a subject's first tokens) runs once, and the rows continue its keys and values (`Start`); a first token sees
-  no other, so its keys and values are kept across relations.
+  no other, so its keys and values are kept across relations;
+- objects of any length: the candidates' trie nodes continue each prompt's keys and values, with a tree mask.
 `supports(config)` says for which configs this is exactly what transformers computes; others get `CausalLM`.
 """
 
@@ -21,12 +22,14 @@ import torch
 import torch.nn.functional as F
 
 from probe.backends.base import PromptInputs, register, weight_stamp
-from probe.backends.causal import CausalLM
+from probe.backends.causal import CausalLM, tree_attention
 from probe.backends.packed import PackedLinear
 from probe.batching import Batch
+from probe.objects import ObjectCandidates
 from probe.vocab import CandidateVocab
 
 FIRST_TOKENS_MAX = 8192  # first tokens whose keys and values a backend keeps across relations
+TREE_TOKENS = 8192  # trie-node positions run at once (objects of any length)
 
 
 def plain_llama(config) -> bool:
@@ -102,24 +105,46 @@ class LlamaForward:
         probs = (probs / probs.sum(dim=-1, keepdim=True)).to(q.dtype).view(B, n_kv, -1, k.shape[2])
         return probs @ v  # (B, kv, rep*Lq, d)
 
-    def __call__(self, inputs_embeds: torch.Tensor, target: torch.Tensor, start: Start | None = None) -> torch.Tensor:
-        """Hidden states (B, H) at `target` of inputs (B, L, H) that continue `start` (one for all, or one per row);
-        `target` counts from after the start."""
-        return self._run(inputs_embeds, target, start)
+    def _attention(self, q, k, v, mask, scale, fused: bool) -> torch.Tensor:
+        """q (B, heads, Lq, d), k and v (B, kv, K, d), an additive mask (1 or B, Lq, K) -> (B, heads, Lq, d);
+        `fused`: torch's scaled-dot-product attention, cheaper for many queries (a trie after a prompt)."""
+        B, _, Lq, d = q.shape
+        if fused:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None].to(q.dtype), scale=scale, enable_gqa=True)
+        out = self._attend(q.reshape(B, self.n_kv, -1, d), k, v, mask.view(-1, 1, 1, Lq, k.shape[2]), scale)
+        return out.view(B, self.n_heads, Lq, d)
+
+    def __call__(self, inputs_embeds: torch.Tensor, target: torch.Tensor, start: Start | None = None,
+                 positions: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden states at `target` of inputs (B, L, H) that continue `start` (one for all, or one per row):
+        (B, H) for targets (B,), (B, T, H) for (B, T). `target` counts from after the start. By default the
+        inputs follow the start and each other causally; else `positions` (B, L) and an additive `mask`
+        (B, L, P + L) over the start's and the inputs' keys say where each input is and what it sees."""
+        return self._run(inputs_embeds, target, start, positions, mask)[0]
+
+    def with_kv(self, inputs_embeds: torch.Tensor, target: torch.Tensor, start: Start | None = None) -> tuple[torch.Tensor, Start]:
+        """As calling it, and the keys and values of every position at every layer, with `start`'s in front."""
+        return self._run(inputs_embeds, target, start, keep=True)
 
     def start_kv(self, inputs_embeds: torch.Tensor, start: Start | None = None) -> Start:
         """Keys and values at every layer of starts (B, P, H) that continue `start`, with `start`'s in front."""
-        return self._run(inputs_embeds, None, start)
+        return self._run(inputs_embeds, None, start, keep=True)[1]
 
-    def _run(self, x: torch.Tensor, target: torch.Tensor | None, start: Start | None):
+    def _run(self, x: torch.Tensor, target: torch.Tensor | None, start: Start | None, positions: torch.Tensor | None = None,
+             mask: torch.Tensor | None = None, keep: bool = False) -> tuple[torch.Tensor | None, Start]:
         B, L, _ = x.shape
-        rep, d = self.n_heads // self.n_kv, self.head_dim
+        d = self.head_dim
         P = start.length if start is not None else 0
-        positions = torch.arange(P, P + L, device=x.device)
-        cos, sin = self.body.rotary_emb(x, positions[None])
-        cos, sin = cos[:, None], sin[:, None]  # (1, 1, L, d)
-        causal = torch.full((L, P + L), float("-inf"), device=x.device).triu(P + 1)
+        if positions is None:
+            positions = torch.arange(P, P + L, device=x.device)[None]
+        cos, sin = self.body.rotary_emb(x, positions)
+        cos, sin = cos[:, None], sin[:, None]  # (1 or B, 1, L, d)
+        fused = mask is not None
+        if mask is None:
+            mask = torch.full((L, P + L), float("-inf"), device=x.device).triu(P + 1)[None]  # (1 or B, L, P + L)
         rows = torch.arange(B, device=x.device)
+        single = target is not None and target.dim() == 1
+        targets = target[:, None] if single else target  # (B, T)
         layers = self.body.layers[: self.body.config.num_hidden_layers]
         kept = Start([], [])
         for i, layer in enumerate(layers):
@@ -130,28 +155,28 @@ class LlamaForward:
             if start is not None:
                 k = torch.cat([start.keys[i].expand(B, -1, -1, -1), k], dim=2)
                 v = torch.cat([start.values[i].expand(B, -1, -1, -1), v], dim=2)
-            if target is None:  # a start: only its keys and values are wanted
+            if keep:
                 kept.keys.append(k)
                 kept.values.append(v)
-                if i == len(layers) - 1:
-                    return kept
+            if targets is None and i == len(layers) - 1:  # a start: only its keys and values are wanted
+                return None, kept
             if i < len(layers) - 1:
                 q = _rotate(self._linear(attn.q_proj, h).view(B, L, self.n_heads, d).transpose(1, 2), cos, sin)
-                out = self._attend(q.reshape(B, self.n_kv, rep * L, d), k, v, causal.view(1, 1, 1, L, P + L), attn.scaling)
-                out = out.view(B, self.n_heads, L, d).transpose(1, 2).reshape(B, L, -1)
+                out = self._attention(q, k, v, mask, attn.scaling, fused).transpose(1, 2).reshape(B, L, -1)
             else:  # the last layer: only the target rows are read
-                x = x[rows, target][:, None]  # (B, 1, H)
-                ht = h[rows, target][:, None]
-                q = self._linear(attn.q_proj, ht).view(B, 1, self.n_heads, d).transpose(1, 2)
-                q = _rotate(q, cos[0, 0, target][:, None, None], sin[0, 0, target][:, None, None])
-                mask = causal[target]  # (B, P + L)
-                out = self._attend(q.reshape(B, self.n_kv, rep, d), k, v, mask.view(B, 1, 1, 1, P + L), attn.scaling)
-                out = out.reshape(B, 1, -1)
+                T = targets.shape[1]
+                at = (rows[:, None], targets)
+                x, ht = x[at], h[at]  # (B, T, H)
+                q = self._linear(attn.q_proj, ht).view(B, T, self.n_heads, d).transpose(1, 2)
+                q = _rotate(q, cos[:, 0].expand(B, -1, -1)[at][:, None], sin[:, 0].expand(B, -1, -1)[at][:, None])
+                seen = mask.expand(B, -1, -1)[at]  # (B, T, P + L)
+                out = self._attention(q, k, v, seen, attn.scaling, fused).transpose(1, 2).reshape(B, T, -1)
             x = x + self._linear(attn.o_proj, out)
             h = self._norm(x, layer.post_attention_layernorm)
             gated = F.silu(self._linear(mlp.gate_proj, h)) * self._linear(mlp.up_proj, h)
             x = x + self._linear(mlp.down_proj, gated)
-        return self._norm(x[:, 0], self.body.norm)
+        x = self._norm(x, self.body.norm)
+        return (x[:, 0] if single else x), kept
 
 
 @dataclass
@@ -191,6 +216,7 @@ class LlamaCausalLM(CausalLM):
         self.forward = LlamaForward(model)
         self._candidate_linear = PackedLinear()  # the candidate rows, packed on CPU for float32 products
         self._packed_rows: object | None = None  # the CandidateRows packed in _candidate_linear
+        self._vocab_linear = PackedLinear()  # every output row, packed (objects of any length)
         self._first_tokens: FirstTokens | None = None
 
     @classmethod
@@ -207,23 +233,58 @@ class LlamaCausalLM(CausalLM):
             self._packed_rows = rows
         return self._candidate_linear(hidden.float(), rows.weight, rows.bias)
 
-    def score(self, batches: Sequence[Batch], prompt: PromptInputs, candidates: CandidateVocab) -> Iterator[torch.Tensor]:
-        """As `Backend.score`; without gradients, and with the same prompt in every row, each distinct start runs once."""
+    def vocab_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        rows = self.vocab_rows()
+        return self._vocab_linear(hidden.float(), rows.weight, rows.bias)
+
+    def hidden_at(self, inputs_embeds: torch.Tensor, reads: torch.Tensor) -> torch.Tensor:
+        return self.forward(inputs_embeds, reads)
+
+    def score_tokens(self, batches: Sequence[Batch], prompt: PromptInputs, candidates: CandidateVocab) -> Iterator[torch.Tensor]:
+        """As `Backend.score_tokens`; without gradients, and with the same prompt in every row, each distinct start runs once."""
+        for _, hidden, _ in self._prompt_passes(batches, prompt):
+            yield self.candidate_logits(hidden, candidates.token_ids)
+
+    def score_objects(self, batches: Sequence[Batch], prompt: PromptInputs, candidates: ObjectCandidates) -> Iterator[torch.Tensor]:
+        """As `Backend.score_objects`: the prompt passes of `score_tokens` keep their keys and values, and the trie's
+        inner nodes continue them, TREE_TOKENS node positions at a time."""
+        contexts = candidates.contexts(self.kind)
+        tokens, sees, depth = contexts.tree
+        for batch, root, kv in self._prompt_passes(batches, prompt, keep_kv=len(tokens) > 0):
+            hidden = root[:, None]
+            if len(tokens):
+                tree = self.embed(tokens.to(self.device))
+                step = max(1, TREE_TOKENS // len(tokens))
+                parts = [hidden]
+                for r0 in range(0, len(batch.facts), step):
+                    rows = torch.arange(r0, min(len(batch.facts), r0 + step), device=self.device)
+                    start = kv.select(rows)
+                    mask, positions = tree_attention(batch.target[rows], start.length, sees, depth, torch.float32,
+                                                     float("-inf"))
+                    reads = torch.arange(len(tokens), device=self.device).expand(len(rows), -1)
+                    parts.append(self.forward(tree.expand(len(rows), -1, -1), reads, start, positions, mask))
+                hidden = torch.cat([parts[0], torch.cat(parts[1:])], dim=1)
+            yield candidates.normalise(contexts.sum_edges(self.edge_logprobs(hidden, contexts)))
+
+    def _prompt_passes(self, batches: Sequence[Batch], prompt: PromptInputs, keep_kv: bool = False
+                       ) -> Iterator[tuple[Batch, torch.Tensor, Start | None]]:
+        """(batch on the device, hidden states (B, H) at its targets, and with `keep_kv` the keys and values of its
+        positions, every row's whole input). Without gradients, and with the same prompt in every row, each
+        distinct start runs once."""
         shareable = not torch.is_grad_enabled() and prompt.prefix is None and (
             prompt.embeddings is None or prompt.embeddings.dim() == 2)
         starts = self.shared_starts(batches, prompt) if shareable else None
-        if starts is None:
-            yield from super().score(batches, prompt, candidates)
-            return
         done = 0
         for batch in batches:
-            start = starts.for_rows(done, len(batch.facts))
+            start = starts.for_rows(done, len(batch.facts)) if starts is not None else None
             done += len(batch.facts)
             batch = batch.to(self.device)
-            n = start.length
+            n = start.length if start is not None else 0
             embeds = self.input_embeddings(batch, prompt)[:, n:]
-            hidden = self.forward(embeds, batch.target - n, start)
-            yield self.candidate_logits(hidden, candidates.token_ids)
+            with self.prefix_tuning(prompt.prefix, batch.virtual_mask):
+                hidden, kv = self.forward.with_kv(embeds, batch.target - n, start) if keep_kv else (
+                    self.forward(embeds, batch.target - n, start), None)
+            yield batch, hidden, kv
 
     def shared_starts(self, batches: Sequence[Batch], prompt: PromptInputs) -> SharedStarts | None:
         """The starts of the inputs of `batches`, each distinct one run once (see `SharedStarts`); None if no

@@ -16,7 +16,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from probe.backends import Backend, PromptInputs
 from probe.batching import Batch, make_batches
@@ -146,9 +145,8 @@ def allowed_tokens(tokenizer, n_rows: int, train_facts: list[Fact], capitals: bo
 
 
 def batch_loss(backend: Backend, prompt: PromptInputs, batch: Batch, candidates: CandidateVocab) -> torch.Tensor:
-    """Cross-entropy of the gold candidate at the target, as the gradient trainer computes it."""
-    (scores,) = backend.score([batch], prompt, candidates)
-    return F.cross_entropy(scores.float(), batch.gold.to(scores.device))
+    """The mean loss of the gold (`Backend.gold_loss`), as the gradient trainer computes it."""
+    return backend.gold_loss(batch, prompt, candidates).mean()
 
 
 def trigger_gradient(backend: Backend, method: PromptMethod, batch: Batch,
@@ -181,8 +179,7 @@ def flip_losses(backend: Backend, method: AutoPrompt, batch: Batch, candidates: 
         trials[:, slot] = chunk
         virtual = backend.embed(trials).repeat_interleave(len(batch.facts), dim=0)  # (k * B, n_virtual, H)
         big = batch.repeat(len(chunk))
-        (scores,) = backend.score([big], PromptInputs(virtual), candidates)
-        loss = F.cross_entropy(scores.float(), big.gold.to(scores.device), reduction="none").view(len(chunk), -1).mean(dim=1)
+        loss = backend.gold_loss(big, PromptInputs(virtual), candidates).view(len(chunk), -1).mean(dim=1)
         losses.extend(loss.tolist())
     return losses
 
