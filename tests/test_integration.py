@@ -140,3 +140,40 @@ def test_train_then_reload_reproduces_on_smollm2(tmp_path, lama_dir, smollm2_dir
     proc = run_cli("eval", "--prompts", out, "--data", lama_dir, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "1 of 1 relations reproduce the saved test figures exactly" in proc.stdout
+
+
+def test_objects_any_on_smollm2_p19(lama_dir):
+    """--objects any on SmolLM2 and real P19 facts: every fact kept, the scores of a forward per candidate, and
+    the exact ranks of the single-token path on one-token objects with the single-token candidates."""
+    import torch
+
+    from probe.backends import load_backend
+    from probe.batching import collate
+    from probe.evaluate import evaluate_facts
+    from probe.methods.manual import ManualPrompt
+    from probe.objects import ObjectsSpec, RelationCandidates, object_candidates
+    from probe.templates import compile_template
+
+    backend = load_backend("smollm2")
+    data = LamaData(lama_dir)
+    relation = data.relation("P19")
+    per = RelationCandidates(backend.tokenizer, data, ObjectsSpec()).for_relation("P19")
+    assert len(per) == 474 and filter_facts(data.facts("P19"), per) == (data.facts("P19"), 0)
+    compiled = compile_template(relation.template, backend.tokenizer, "causal")
+    facts = [f for f in data.facts("P19") if len(per.sequences[per.index[f.obj]]) >= 3][:2]
+    batch = collate(compiled, facts, per, backend.pad_id)
+    with torch.no_grad():
+        (scores,) = backend.score([batch], ManualPrompt(0, backend.hidden_size).prompt_inputs(), per)
+        for i, fact in enumerate(batch.facts):
+            enc = compiled.encode_fact(fact)
+            seq = per.sequences[per.index[fact.obj]]
+            ids = torch.tensor([enc.input_ids[: enc.target + 1] + list(seq)])
+            logp = backend.model(input_ids=ids).logits[0].float().log_softmax(-1)
+            want = sum(float(logp[enc.target + k, t]) for k, t in enumerate(seq))
+            assert scores[i, per.index[fact.obj]].item() == pytest.approx(want, abs=0.15)  # bfloat16 forwards
+    single = build_candidates(backend.tokenizer, data.vocab_words("common"))
+    kept, _ = filter_facts(data.facts("P19"), single)
+    manual = ManualPrompt(0, backend.hidden_size)
+    one = evaluate_facts(backend, manual, compiled, kept[:128], single)
+    other = evaluate_facts(backend, manual, compiled, kept[:128], object_candidates(backend.tokenizer, single.words))
+    assert other.ranks == one.ranks

@@ -336,3 +336,24 @@ def test_candidates_file_errors_on_the_command_line(tmp_path, fake_lama, tiny_ma
                    "--candidates", nothing, "--out", tmp_path / "run")
     assert_user_error(proc, "tokenises to nothing")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("kind", ["causal", "masked"])
+def test_gold_loss_with_one_prompt_per_row(kind, causal_backend, masked_backend):
+    """AutoPrompt's search scores one trigger set per row: the loss of each row is the one of its own prompt."""
+    from probe.backends import PromptInputs
+
+    b = causal_backend if kind == "causal" else masked_backend
+    oc = object_candidates(b.tokenizer, CITIES if kind == "causal" else ["Paris", "Parisville", "Lyonvilleton", "Florence"])
+    facts = [Fact("Dante", "Florence"), Fact("Victor Hugo", "Paris")]
+    if kind == "masked":
+        facts[0] = Fact("Dante", "Lyonvilleton")
+    compiled = compile_template("(2, sub, obj)" if kind == "causal" else "(2, sub, obj, 1)", b.tokenizer, kind)
+    batch = collate(compiled, facts, oc, b.pad_id)
+    torch.manual_seed(2)
+    n = compiled.n_virtual
+    a, c = torch.randn(n, b.hidden_size) * 0.05, torch.randn(n, b.hidden_size) * 0.05
+    with torch.no_grad():
+        per_row = b.gold_loss(batch, PromptInputs(torch.stack([a, c])), oc)
+        alone = [b.gold_loss(batch, PromptInputs(v), oc)[i].item() for i, v in enumerate((a, c))]
+    assert per_row.tolist() == pytest.approx(alone, abs=1e-5)

@@ -70,8 +70,12 @@ class MaskedLM(Backend):
         """Hidden states (R, H) at the target + `shifts[r]` of batch rows `rows` whose [MASK] is replaced by `fills`."""
         out = []
         for r0 in range(0, len(rows), MASKED_ROWS):
-            part = batch.splice(rows[r0:r0 + MASKED_ROWS], fills[r0:r0 + MASKED_ROWS], replace=True, pad_id=self.pad_id)
-            embeds = self.input_embeddings(part, prompt)
+            chunk = rows[r0:r0 + MASKED_ROWS]
+            part = batch.splice(chunk, fills[r0:r0 + MASKED_ROWS], replace=True, pad_id=self.pad_id)
+            vectors = prompt.embeddings
+            if vectors is not None and vectors.dim() == 3:  # one set per row (the trigger search): follow the rows
+                vectors = vectors[torch.tensor(chunk, device=vectors.device)]
+            embeds = self.input_embeddings(part, PromptInputs(vectors, prompt.prefix))
             with self.prefix_tuning(prompt.prefix, part.virtual_mask):
                 out.append(self.target_hidden(embeds, part.attention_mask, part.target + shifts[r0:r0 + MASKED_ROWS]))
         return torch.cat(out)
