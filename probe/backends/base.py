@@ -27,6 +27,7 @@ from probe.objects import Contexts, ObjectCandidates
 from probe.vocab import CandidateVocab
 
 LOGIT_ROWS = 128  # rows of full-vocabulary logits computed at once (objects of any length)
+CONTEXT_POSITIONS = 8192  # (row, context) pairs whose hidden states are computed at once (objects of any length)
 
 
 class PromptInputs(NamedTuple):
@@ -130,8 +131,11 @@ class Backend:
     def score_objects(self, batches: Sequence[Batch], prompt: PromptInputs, candidates: ObjectCandidates) -> Iterator[torch.Tensor]:
         """Float64 log-likelihoods (B, C) of every candidate object's tokens after each row's prompt."""
         contexts = candidates.contexts(self.kind)
+        step = max(1, CONTEXT_POSITIONS // len(contexts.keys))  # rows whose contexts run at once
         for batch in batches:
-            hidden = self.context_hidden(batch.to(self.device), prompt, contexts)
+            batch = batch.to(self.device)
+            hidden = torch.cat([self.context_hidden(batch.select(range(r0, min(len(batch.facts), r0 + step))), prompt,
+                                                    contexts) for r0 in range(0, len(batch.facts), step)])
             yield candidates.normalise(contexts.sum_edges(self.edge_logprobs(hidden, contexts)))
 
     def gold_loss(self, batch: Batch, prompt: PromptInputs, candidates: CandidateVocab | ObjectCandidates) -> torch.Tensor:

@@ -21,7 +21,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from probe.backends.base import PromptInputs, register, weight_stamp
+from probe.backends.base import CONTEXT_POSITIONS, PromptInputs, register, weight_stamp
 from probe.backends.causal import CausalLM, tree_attention
 from probe.backends.packed import PackedLinear
 from probe.batching import Batch
@@ -29,7 +29,6 @@ from probe.objects import ObjectCandidates
 from probe.vocab import CandidateVocab
 
 FIRST_TOKENS_MAX = 8192  # first tokens whose keys and values a backend keeps across relations
-TREE_TOKENS = 8192  # trie-node positions run at once (objects of any length)
 
 
 def plain_llama(config) -> bool:
@@ -247,14 +246,14 @@ class LlamaCausalLM(CausalLM):
 
     def score_objects(self, batches: Sequence[Batch], prompt: PromptInputs, candidates: ObjectCandidates) -> Iterator[torch.Tensor]:
         """As `Backend.score_objects`: the prompt passes of `score_tokens` keep their keys and values, and the trie's
-        inner nodes continue them, TREE_TOKENS node positions at a time."""
+        inner nodes continue them, CONTEXT_POSITIONS node positions at a time."""
         contexts = candidates.contexts(self.kind)
         tokens, sees, depth = contexts.tree
         for batch, root, kv in self._prompt_passes(batches, prompt, keep_kv=len(tokens) > 0):
             hidden = root[:, None]
             if len(tokens):
                 tree = self.embed(tokens.to(self.device))
-                step = max(1, TREE_TOKENS // len(tokens))
+                step = max(1, CONTEXT_POSITIONS // len(tokens))
                 parts = [hidden]
                 for r0 in range(0, len(batch.facts), step):
                     rows = torch.arange(r0, min(len(batch.facts), r0 + step), device=self.device)
