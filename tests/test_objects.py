@@ -357,3 +357,18 @@ def test_gold_loss_with_one_prompt_per_row(kind, causal_backend, masked_backend)
         per_row = b.gold_loss(batch, PromptInputs(torch.stack([a, c])), oc)
         alone = [b.gold_loss(batch, PromptInputs(v), oc)[i].item() for i, v in enumerate((a, c))]
     assert per_row.tolist() == pytest.approx(alone, abs=1e-5)
+
+
+@pytest.mark.parametrize("which", ["tiny_masked_dir", "tiny_causal_dir"])
+def test_cloze_sentences_with_objects_of_any_length(request, which, tmp_path):
+    """--from-sentences goes with --objects any: each fact's own sentence, its [MASK] the object's place."""
+    from pathlib import Path
+
+    facts = Path(__file__).parent / "fixtures" / "google_re" / "place_of_birth_test.jsonl"
+    out = tmp_path / "run"
+    proc = run_cli("eval", "--facts", facts, "--from-sentences", "--objects", "any", "--model",
+                   request.getfixturevalue(which), "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["from_sentences"] is True and results["config"]["objects"] == "any"
+    assert results["summary"]["all"]["facts"] == 4 and "by_length" in results

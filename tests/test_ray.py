@@ -176,6 +176,16 @@ def test_several_models_in_one_eval_then_compare(local_ray, tiny_causal_dir, sec
     assert f"runs of 2 models: every relation is compared on the facts that every run keeps, {n_facts:,} of the {n_facts:,}" in md
 
 
+def test_objects_of_any_length_on_ray_give_the_same_run(local_ray, tiny_causal_dir, lama, tmp_path):
+    """--objects any travels to the workers (each builds the relations' candidates for its tokenizer)."""
+    opts = {"model": [str(tiny_causal_dir)], "all": True, "data": str(lama), "dtype": "float32", "objects": "any"}
+    here = run_eval(Options(**opts, out=tmp_path / "here"), log=lambda m: None)[0]
+    on_ray = run_eval(Options(**opts, out=tmp_path / "ray", ray="local"), log=lambda m: None)[0]
+    assert here.results["relations"] == on_ray.results["relations"]
+    assert here.results["by_length"] == on_ray.results["by_length"]
+    assert on_ray.results["config"]["candidates_per_relation"] == {"P19": 5, "P36": 6}  # Paris twice
+
+
 def test_compare_of_two_models_uses_only_the_facts_both_keep(tmp_path):
     """A fact one model drops is left out of the other's figures too."""
     from probe.compare import compare_runs, load_runs
