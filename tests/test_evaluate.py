@@ -220,6 +220,40 @@ def test_no_shared_start_where_inputs_differ_from_the_first_token(causal_backend
     assert shared.common == shared.start.length == int(batches[0].target[0]) == 4 and shared.row_start is None
 
 
+@pytest.mark.parametrize(("template", "common"), [("(3, sub, 3, obj)", 3), ("(2, 'The capital of', sub, obj)", 5),
+                                                  (P19, 0)])
+def test_in_training_a_batch_runs_as_one_sequence_with_the_padded_loss_and_gradient(causal_backend, monkeypatch,
+                                                                                     template, common):
+    """While gradients flow, a batch's rows run as one sequence: the leading tokens they share (virtual ones too)
+    once, then each row's tokens up to its target; the loss and the prompt's gradient are the padded batch's."""
+    b = causal_backend
+    cands = build_candidates(b.tokenizer, WORDS)
+    facts, _ = filter_facts(FACTS, cands)
+    compiled = compile_template(template, b.tokenizer, "causal")
+    torch.manual_seed(0)
+    method = get_method("ptuning" if template.startswith("(") else "manual").create(b, compiled, P19)
+    (batch,) = make_batches(compiled, facts, cands, 8, b.pad_id, max_padding=10.0)  # one padded batch
+    assert len(set(batch.target.tolist())) > 1  # rows of different lengths
+    lengths = []
+    run = b.forward._run
+    monkeypatch.setattr(b.forward, "_run", lambda x, *a, **k: lengths.append(x.shape[:2]) or run(x, *a, **k))
+
+    def loss_and_grad(score):
+        params = [p for p in method.parameters() if p.requires_grad]
+        (scores,) = score([batch], method.prompt_inputs(), cands)
+        loss = torch.nn.functional.cross_entropy(scores.float(), batch.gold, reduction="sum")
+        return loss.detach(), torch.autograd.grad(loss, params) if params else ()
+
+    loss, grads = loss_and_grad(b.score_tokens)
+    assert lengths == [(1, common + int((batch.target + 1 - common).sum()))]
+    padded_loss, padded_grads = loss_and_grad(super(type(b), b).score_tokens)  # every row whole, padded
+    assert lengths[1] == tuple(batch.input_ids.shape)
+    torch.testing.assert_close(loss, padded_loss, rtol=1e-5, atol=1e-5)
+    for g, w in zip(grads, padded_grads, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+    assert not grads or max(g.abs().max() for g in grads) > 0
+
+
 @pytest.mark.parametrize("template", [P19, P36, "(3, sub, 3, obj)"])
 def test_a_first_token_that_inputs_share_runs_once_per_distinct_token(causal_backend, monkeypatch, template):
     """Subjects that begin alike ("Dante", "Dante Alighieri") run their first token once, across batches;
@@ -247,7 +281,7 @@ def test_a_first_token_that_inputs_share_runs_once_per_distinct_token(causal_bac
     # the same scores; rows handed another row's start score differently
     def scores(start):
         monkeypatch.setattr(b, "shared_starts", lambda *a: start)
-        with torch.no_grad():  # with gradients, starts are never shared
+        with torch.no_grad():  # with gradients, only the start all of a batch's rows share
             return torch.cat([s for _, s in ev.scored_batches(b, method.prompt_inputs(), compiled, facts, cands, 2)])
     torch.testing.assert_close(scores(shared), scores(None), rtol=1e-4, atol=1e-4)
     swapped = scores(shared._replace(row_start=shared.row_start.roll(1)))

@@ -1,4 +1,5 @@
-"""probe.backends.packed: packed weights give F.linear's products, follow weight changes, and stay out of autograd."""
+"""probe.backends.packed: packed weights give F.linear's products and input gradients, follow weight changes, and leave
+weights that train to F.linear."""
 
 from __future__ import annotations
 
@@ -56,21 +57,47 @@ def test_a_weight_changed_in_place_or_converted_is_packed_again():
         assert got.dtype == torch.bfloat16 and torch.equal(got, F.linear(xb, layer.weight))
 
 
-def test_no_packing_where_a_gradient_flows_or_off_the_cpu_path(monkeypatch):
+def test_no_packing_for_a_weight_that_trains_or_off_the_cpu_path(monkeypatch):
     x, w = operands(torch.float32)
-    xg = x.clone().requires_grad_(True)
-    assert not packable(xg, w)  # autograd needs F.linear's backward
+    wg = w.clone().requires_grad_(True)
+    assert not packable(x, wg)  # a weight that trains needs F.linear's backward
     with torch.no_grad():
-        assert packable(xg, w) == packed._enabled
+        assert packable(x, wg) == packed._enabled
     assert not packable(x.to(torch.float64), w.to(torch.float64))
     assert not packable(x, w.to(torch.bfloat16))
-    out = PackedLinear()(xg, w)
-    (grad,) = torch.autograd.grad(out.sum(), xg)
-    torch.testing.assert_close(grad, w.sum(0).expand(37, -1))
+    out = PackedLinear()(x, wg)
+    (grad,) = torch.autograd.grad(out.sum(), wg)
+    torch.testing.assert_close(grad, x.sum(0).expand(80, -1))
     monkeypatch.setattr(packed, "_enabled", False)
     with torch.no_grad():
         assert not packable(x, w)
         assert torch.equal(PackedLinear()(x, w), F.linear(x, w))
+
+
+@needs_packing
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_gradient_to_the_input_goes_back_through_the_packed_transpose(dtype):
+    """A frozen weight stays packed while the input takes a gradient (a prompt in front of a frozen LM): the
+    products and the input's gradient are F.linear's (bfloat16: the same forward bits), the weight gets none."""
+    if dtype not in packed._DTYPES:
+        pytest.skip("this CPU has no oneDNN bfloat16")
+    x, w = operands(dtype)
+    x3 = x.view(1, 37, 48).expand(2, -1, -1).clone().requires_grad_(True)
+    upstream = torch.randn(2, 37, 80, generator=torch.Generator().manual_seed(1)).to(dtype)
+    linear = PackedLinear()
+    out = linear(x3, w)
+    (grad,) = torch.autograd.grad(out, x3, upstream)
+    assert packable(x3, w) and len(linear._packed[id(w)].transposed) == 1  # packed once for the backward pass
+    ref_x = x3.detach().clone().requires_grad_(True)
+    ref = F.linear(ref_x, w)
+    (ref_grad,) = torch.autograd.grad(ref, ref_x, upstream)
+    if dtype == torch.bfloat16:
+        assert torch.equal(out, ref)
+        torch.testing.assert_close(grad, ref_grad, rtol=2e-2, atol=5e-2)
+    else:
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-5)
+    assert grad.abs().max() > 1 and not w.requires_grad
 
 
 def test_an_operator_that_fails_turns_packing_off(monkeypatch):

@@ -8,6 +8,8 @@ The same arithmetic as transformers' Llama, written out in plain tensors over th
 - when scoring without gradients, a start that inputs share (a template's leading words or virtual tokens, then
   a subject's first tokens) runs once, and the rows continue its keys and values (`Start`); a first token sees
   no other, so its keys and values are kept across relations;
+- in training (gradients on, the same prompt in every row), a batch runs as one sequence: the start its rows
+  share once, then each row's tokens up to its target, no padding, with a mask that keeps rows apart;
 - objects of any length: the candidates' trie nodes continue each prompt's keys and values, with a tree mask.
 `supports(config)` says for which configs this is exactly what transformers computes; others get `CausalLM`.
 """
@@ -100,13 +102,18 @@ class LlamaForward:
         scores = (q @ k.transpose(-1, -2)).to(torch.promote_types(q.dtype, torch.float32))
         scores = scores.view(B, n_kv, self.n_heads // n_kv, -1, k.shape[2])
         scores = scores * scale + mask
-        probs = (scores - scores.amax(dim=-1, keepdim=True)).exp()  # softmax written out: cheaper over a few keys
-        probs = (probs / probs.sum(dim=-1, keepdim=True)).to(q.dtype).view(B, n_kv, -1, k.shape[2])
+        if torch.is_grad_enabled():  # one kernel forward and one backward
+            probs = torch.softmax(scores, dim=-1)
+        else:  # written out: cheaper over a few keys
+            probs = (scores - scores.amax(dim=-1, keepdim=True)).exp()
+            probs = probs / probs.sum(dim=-1, keepdim=True)
+        probs = probs.to(q.dtype).view(B, n_kv, -1, k.shape[2])
         return probs @ v  # (B, kv, rep*Lq, d)
 
     def _attention(self, q, k, v, mask, scale, fused: bool) -> torch.Tensor:
         """q (B, heads, Lq, d), k and v (B, kv, K, d), an additive mask (1 or B, Lq, K) -> (B, heads, Lq, d);
-        `fused`: torch's scaled-dot-product attention, cheaper for many queries (a trie after a prompt)."""
+        `fused`: torch's scaled-dot-product attention, cheaper for many queries (a trie after a prompt) when no
+        gradient flows (its backward on CPU is slower than the eager one's)."""
         B, _, Lq, d = q.shape
         if fused:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None].to(q.dtype), scale=scale, enable_gqa=True)
@@ -138,7 +145,7 @@ class LlamaForward:
             positions = torch.arange(P, P + L, device=x.device)[None]
         cos, sin = self.body.rotary_emb(x, positions)
         cos, sin = cos[:, None], sin[:, None]  # (1 or B, 1, L, d)
-        fused = mask is not None
+        fused = mask is not None and not torch.is_grad_enabled()
         if mask is None:
             mask = torch.full((L, P + L), float("-inf"), device=x.device).triu(P + 1)[None]  # (1 or B, L, P + L)
         rows = torch.arange(B, device=x.device)
@@ -208,7 +215,7 @@ class SharedStarts(NamedTuple):
 
 @register
 class LlamaCausalLM(CausalLM):
-    """A Llama-architecture causal LM through `LlamaForward`; without gradients, shared starts run once."""
+    """A Llama-architecture causal LM through `LlamaForward`; shared starts run once."""
 
     def __init__(self, model, tokenizer, name: str, device: str = "cpu", control: str = "none"):
         super().__init__(model, tokenizer, name, device, control)
@@ -240,7 +247,7 @@ class LlamaCausalLM(CausalLM):
         return self.forward(inputs_embeds, reads)
 
     def score_tokens(self, batches: Sequence[Batch], prompt: PromptInputs, candidates: CandidateVocab) -> Iterator[torch.Tensor]:
-        """As `Backend.score_tokens`; without gradients, and with the same prompt in every row, each distinct start runs once."""
+        """As `Backend.score_tokens`, through `_prompt_passes`."""
         for _, hidden, _ in self._prompt_passes(batches, prompt):
             yield self.candidate_logits(hidden, candidates.token_ids)
 
@@ -268,13 +275,17 @@ class LlamaCausalLM(CausalLM):
     def _prompt_passes(self, batches: Sequence[Batch], prompt: PromptInputs, keep_kv: bool = False
                        ) -> Iterator[tuple[Batch, torch.Tensor, Start | None]]:
         """(batch on the device, hidden states (B, H) at its targets, and with `keep_kv` the keys and values of its
-        positions, every row's whole input). Without gradients, and with the same prompt in every row, each
-        distinct start runs once."""
-        shareable = not torch.is_grad_enabled() and prompt.prefix is None and (
-            prompt.embeddings is None or prompt.embeddings.dim() == 2)
-        starts = self.shared_starts(batches, prompt) if shareable else None
+        positions, every row's whole input). With the same prompt in every row: without gradients, each distinct
+        start runs once; with them, each batch runs as one sequence (`_one_sequence`)."""
+        same_prompt = prompt.prefix is None and (prompt.embeddings is None or prompt.embeddings.dim() == 2)
+        grad = torch.is_grad_enabled()
+        starts = self.shared_starts(batches, prompt) if same_prompt and not grad else None
         done = 0
         for batch in batches:
+            if same_prompt and grad and not keep_kv:
+                batch = batch.to(self.device)
+                yield batch, self._one_sequence(batch, prompt), None
+                continue
             start = starts.for_rows(done, len(batch.facts)) if starts is not None else None
             done += len(batch.facts)
             batch = batch.to(self.device)
@@ -284,6 +295,28 @@ class LlamaCausalLM(CausalLM):
                 hidden, kv = self.forward.with_kv(embeds, batch.target - n, start) if keep_kv else (
                     self.forward(embeds, batch.target - n, start), None)
             yield batch, hidden, kv
+
+    def _one_sequence(self, batch: Batch, prompt: PromptInputs) -> torch.Tensor:
+        """Hidden states (B, H) at a batch's targets, its rows run as one sequence: first the tokens that every row
+        begins with (leading virtual tokens or template words), once, then each row's own tokens up to its target.
+        Each token sees the shared start and its own row's earlier tokens, at its position in its row; the weights'
+        products skip the repeated start and the padding."""
+        embeds = self.input_embeddings(batch, prompt)  # (B, L, H)
+        B, L, _ = embeds.shape
+        first = int(batch.target.min())
+        ids, virtual = batch.input_ids[:, :first], batch.virtual_mask[:, :first]
+        differ = ((ids != ids[0]) | (virtual != virtual[0])).any(dim=0).nonzero()
+        n = int(differ[0]) if len(differ) else first  # every row keeps at least its target
+        place = torch.arange(n, L, device=self.device)
+        own = place[None] <= batch.target[:, None]  # (B, L - n): each row's tokens after the start
+        row = torch.arange(B, device=self.device)[:, None].expand(-1, L - n)[own]
+        x = torch.cat([embeds[0, :n], embeds[:, n:][own]])[None]  # (1, n + own tokens, H)
+        positions = torch.cat([torch.arange(n, device=self.device), place.expand(B, -1)[own]])
+        rows = torch.cat([row.new_full((n,), -1), row])  # -1: the shared start
+        sees = (positions[None] <= positions[:, None]) & ((rows[None] == -1) | (rows[None] == rows[:, None]))
+        mask = torch.zeros(sees.shape, device=self.device).masked_fill(~sees, float("-inf"))
+        targets = n + own.sum(dim=1).cumsum(dim=0) - 1  # each row's last token
+        return self.forward(x, targets[None], None, positions[None], mask[None])[0]
 
     def shared_starts(self, batches: Sequence[Batch], prompt: PromptInputs) -> SharedStarts | None:
         """The starts of the inputs of `batches`, each distinct one run once (see `SharedStarts`); None if no

@@ -5,8 +5,9 @@
 - bfloat16: bit-identical to `F.linear`;
 - float32: the sums in another order (a few 1e-6, relative).
 The packed copies take about as much memory again as the weights they copy.
-Only used on CPU and when no gradient flows through the call. Elsewhere, or with a torch build that lacks
-these operators, `F.linear` runs instead.
+Used on CPU when the weight takes no gradient: a gradient that flows to the input (a prompt trained in front of
+the frozen LM) goes back through the transposed weight, packed too. Elsewhere (a weight that trains, another
+device), or with a torch build that lacks these operators, `F.linear` runs instead.
 """
 
 from __future__ import annotations
@@ -47,16 +48,42 @@ def packable(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and x.device.type == "cpu"
         and x.dtype == weight.dtype
         and x.dtype in _DTYPES
-        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+        and not (torch.is_grad_enabled() and weight.requires_grad)
     )
 
 
+def _product(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    return _ops._linear_pointwise(x, packed, bias, "none", [], "")
+
+
 class Packed(NamedTuple):
-    """A weight, its stamp when packed, and its packed copy."""
+    """A weight, its stamp when packed, its packed copy, and (once a gradient has needed it) its transpose's."""
 
     weight: torch.Tensor
     stamp: tuple
     packed: torch.Tensor
+    transposed: list[torch.Tensor]  # empty until a backward pass asks for it
+
+    def backward_weight(self) -> torch.Tensor:
+        if not self.transposed:
+            self.transposed.append(_ops._reorder_linear_weight(self.weight.detach().t().contiguous()))
+        return self.transposed[0]
+
+
+class _FrozenLinear(torch.autograd.Function):
+    """x @ W.T + b through the packed W; the input's gradient through the packed W.T (W and b take none)."""
+
+    @staticmethod
+    def forward(x: torch.Tensor, entry: Packed, bias: torch.Tensor | None) -> torch.Tensor:
+        return _product(x, entry.packed, bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.entry = inputs[1]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _product(grad.contiguous(), ctx.entry.backward_weight()), None, None
 
 
 class PackedLinear:
@@ -66,14 +93,16 @@ class PackedLinear:
         self._packed: dict[int, Packed] = {}
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        if not packable(x, weight):
+        if not packable(x, weight) or (bias is not None and bias.requires_grad and torch.is_grad_enabled()):
             return F.linear(x, weight, bias)
         stamp = weight_stamp(weight)
         entry = self._packed.get(id(weight))  # the entry holds `weight`, so no other tensor can take its id
         try:
             if entry is None or entry.stamp != stamp:
-                entry = self._packed[id(weight)] = Packed(weight, stamp, _ops._reorder_linear_weight(weight.detach()))
-            return _ops._linear_pointwise(x, entry.packed, bias, "none", [], "")
+                entry = self._packed[id(weight)] = Packed(weight, stamp, _ops._reorder_linear_weight(weight.detach()), [])
+            if torch.is_grad_enabled() and x.requires_grad:
+                return _FrozenLinear.apply(x, entry, bias)
+            return _product(x, entry.packed, bias)
         except RuntimeError:  # something this build or CPU lacks: F.linear from now on (it raises any real error)
             disable()
             return F.linear(x, weight, bias)
