@@ -76,7 +76,7 @@ class FitResult:
 
     @property
     def failed(self) -> bool:
-        """Dev never rose above where the prompt started, on any attempt: not a trained prompt."""
+        """Dev P@1 never rose above where the prompt started: not a trained prompt."""
         return self.best_step == 0
 
 
@@ -93,8 +93,9 @@ class FitLoop:
         self.evaluate_dev = evaluate_dev
         self.snapshot = snapshot
         self.patience = patience
-        self.best = evaluate_dev()
+        self.best = self.start = evaluate_dev()
         self.best_state, self.best_step, self.bad, self.step = snapshot(), 0, 0, 0
+        self.start_state = self.best_state
         self.log = JsonlLog(log_path)
         self.log.write({"step": 0, "dev_p1": self.best["p1"], "dev_mrr": self.best["mrr"], **first_entry})
         self.bar = tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, leave=False)
@@ -107,7 +108,8 @@ class FitLoop:
         self.log.close()
 
     def check(self, step: int, entry: dict) -> dict:
-        """Evaluate dev at `step`, keep the state if it is the best so far, note it in the log entry."""
+        """Evaluate dev at `step`, keep the state if it is the best so far by (P@1, MRR), note it in the log entry.
+        A best whose P@1 is not above the start's does not count as trained: see `best_state`."""
         dev = self.evaluate_dev()
         entry.update(dev_p1=dev["p1"], dev_mrr=dev["mrr"])
         if (dev["p1"], dev["mrr"]) > (self.best["p1"], self.best["mrr"]):
@@ -132,7 +134,19 @@ class FitLoop:
         """Patience is used up (0: never)."""
         return bool(self.patience) and self.bad >= self.patience
 
+    @property
+    def rose(self) -> bool:
+        """Whether dev P@1 rose above the start's (a gain in MRR alone is not a trained prompt)."""
+        return self.best["p1"] > self.start["p1"]
+
+    @property
+    def kept_state(self) -> object:
+        """The state to keep: the best on dev, or the starting one where dev P@1 never rose."""
+        return self.best_state if self.rose else self.start_state
+
     def result(self, stopped: bool) -> FitResult:
+        if not self.rose:  # a failed fit: the untrained prompt's figures, best step 0
+            return FitResult(self.start, 0, self.step, stopped)
         return FitResult(self.best, self.best_step, self.step, stopped)
 
 
@@ -185,7 +199,7 @@ def train_prompt(
                     break
             if stopped or step == total:
                 break
-    method.load_state_dict(fit.best_state)
+    method.load_state_dict(fit.kept_state)
     method.eval()
     return fit.result(stopped)
 

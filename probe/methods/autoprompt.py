@@ -226,6 +226,6 @@ def search_triggers(backend: Backend, method: AutoPrompt, compiled: CompiledTemp
             stopped = fit.exhausted
             if stopped:
                 break
-    ids.copy_(fit.best_state)
+    ids.copy_(fit.kept_state)
     method.eval()
     return fit.result(stopped)
