@@ -109,7 +109,7 @@ class FitLoop:
 
     def check(self, step: int, entry: dict) -> dict:
         """Evaluate dev at `step`, keep the state if it is the best so far by (P@1, MRR), note it in the log entry.
-        A best whose P@1 is not above the start's does not count as trained: see `best_state`."""
+        A best whose P@1 is not above the start's does not count as trained: see `kept_state`."""
         dev = self.evaluate_dev()
         entry.update(dev_p1=dev["p1"], dev_mrr=dev["mrr"])
         if (dev["p1"], dev["mrr"]) > (self.best["p1"], self.best["mrr"]):
