@@ -304,9 +304,7 @@ class LlamaCausalLM(CausalLM):
         embeds = self.input_embeddings(batch, prompt)  # (B, L, H)
         B, L, _ = embeds.shape
         first = int(batch.target.min())
-        ids, virtual = batch.input_ids[:, :first], batch.virtual_mask[:, :first]
-        differ = ((ids != ids[0]) | (virtual != virtual[0])).any(dim=0).nonzero()
-        n = int(differ[0]) if len(differ) else first  # every row keeps at least its target
+        n = _common_start(batch.input_ids[:, :first], batch.virtual_mask[:, :first])  # every row keeps its target
         place = torch.arange(n, L, device=self.device)
         own = place[None] <= batch.target[:, None]  # (B, L - n): each row's tokens after the start
         row = torch.arange(B, device=self.device)[:, None].expand(-1, L - n)[own]
@@ -326,8 +324,7 @@ class LlamaCausalLM(CausalLM):
         longest = min(int(b.target.min()) for b in batches)
         ids = torch.cat([b.input_ids[:, :longest] for b in batches])  # every input's tokens before the first target
         virtual = torch.cat([b.virtual_mask[:, :longest] for b in batches])
-        differ = ((ids != ids[0]) | (virtual != virtual[0])).any(dim=0).nonzero()
-        n = int(differ[0]) if len(differ) else longest
+        n = _common_start(ids, virtual)
         start = None
         if n:
             embeds = self.input_embeddings(batches[0].to(self.device), prompt)
@@ -359,6 +356,12 @@ class LlamaCausalLM(CausalLM):
             kept.start = run if kept.start is None else kept.start.cat(run)
             kept.row.update({t: len(kept.row) + i for i, t in enumerate(new)})
         return kept.start.select(torch.tensor([kept.row[t] for t in ids.tolist()], device=self.device))
+
+
+def _common_start(ids: torch.Tensor, virtual: torch.Tensor) -> int:
+    """How many leading positions every row of `ids` (and of its virtual-slot mask) has alike."""
+    differ = ((ids != ids[0]) | (virtual != virtual[0])).any(dim=0).nonzero()
+    return int(differ[0]) if len(differ) else ids.shape[1]
 
 
 def _distinct_tokens_after(ids: torch.Tensor, virtual: torch.Tensor) -> int:
