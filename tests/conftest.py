@@ -8,6 +8,7 @@ Environment set at import, before anything loads a model:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -182,6 +183,19 @@ FAKE_FACTS = {
     "P37": [("France", "French"), ("Italy", "Italian"), ("Germany", "German"), ("England", "English")],
 }
 FAKE_VOCAB = ["Paris", "Rome", "Berlin", "Florence", "French", "Italian", "German", "English", "Paris"]
+
+
+@contextlib.contextmanager
+def model_in_dtype(model: torch.nn.Module, dtype: torch.dtype):
+    """The shared tiny `model` cast to `dtype` inside the block, then its float32 weights restored bit for bit
+    (a cast to bfloat16 and back would leave them rounded for every later test)."""
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    model.to(dtype)
+    try:
+        yield model
+    finally:
+        model.to(torch.float32)
+        model.load_state_dict(weights)
 
 
 def write_jsonl(path: Path, rows: list) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import save_tiny_llama
+from conftest import model_in_dtype, save_tiny_llama
 from transformers import BertConfig, GPT2Config, LlamaConfig, ViTConfig
 
 from probe.backends import BACKENDS, backend_class, cache_dir, load_backend, model_kind, resolve_model
@@ -217,20 +217,14 @@ def test_llama_fast_path_with_packed_weights(causal_backend, dtype, monkeypatch)
 
     b = causal_backend
     batch = collate(compile_template(P19, b.tokenizer, "causal"), FACTS, build_candidates(b.tokenizer, WORDS), b.pad_id)
-    weights = {k: v.clone() for k, v in b.model.state_dict().items()}  # bfloat16 and back would round them
-    b.model.to(dtype)
-    b.forward.linear.clear()
-    try:
-        with torch.no_grad():
-            embeds = b.embed(batch.input_ids)
-            fast = b.forward(embeds, batch.target)
-            assert bool(b.forward.linear._packed) == (packed._enabled and dtype in packed._DTYPES)
-            out = b.body(inputs_embeds=embeds, attention_mask=batch.attention_mask).last_hidden_state
-            monkeypatch.setattr(packed, "_enabled", False)
-            unpacked = b.forward(embeds, batch.target)
-    finally:
-        b.model.to(torch.float32)
-        b.model.load_state_dict(weights)
+    with model_in_dtype(b.model, dtype), torch.no_grad():
+        b.forward.linear.clear()
+        embeds = b.embed(batch.input_ids)
+        fast = b.forward(embeds, batch.target)
+        assert bool(b.forward.linear._packed) == (packed._enabled and dtype in packed._DTYPES)
+        out = b.body(inputs_embeds=embeds, attention_mask=batch.attention_mask).last_hidden_state
+        monkeypatch.setattr(packed, "_enabled", False)
+        unpacked = b.forward(embeds, batch.target)
     if dtype == torch.float32:
         torch.testing.assert_close(fast, out[torch.arange(4), batch.target], rtol=1e-5, atol=1e-5)
     assert torch.equal(fast, unpacked) if dtype == torch.bfloat16 else torch.allclose(fast, unpacked, atol=1e-5)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import model_in_dtype
 
 from probe.backends.causal import CausalLM
 from probe.batching import collate
@@ -139,13 +140,9 @@ def test_folding_the_mlp_gives_identical_scores(request, which, dtype, tmp_path)
     assert sorted(saved) == ["prefix_keys", "prefix_values"]  # only the per-layer prefixes: no MLP
     reloaded = load_prompt(path)
     assert reloaded.n_virtual == compiled.n_virtual and reloaded.virtual_embeddings() is None
-    backend.model.to(dtype)
-    try:
-        with torch.no_grad():
-            before = candidate_scores(backend, method, batch, cands)
-            after = candidate_scores(backend, reloaded, batch, cands)
-    finally:
-        backend.model.to(torch.float32)
+    with model_in_dtype(backend.model, dtype), torch.no_grad():
+        before = candidate_scores(backend, method, batch, cands)
+        after = candidate_scores(backend, reloaded, batch, cands)
     assert torch.equal(before, after)
 
 
