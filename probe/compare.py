@@ -259,8 +259,15 @@ def seed_groups(runs: list[Run], summary: pd.DataFrame) -> pd.DataFrame | None:
 
 
 def seed_notes(seeds: pd.DataFrame) -> list[str]:
-    """A note for each two seed groups whose mean macro P@1 differ by less than the larger seed spread."""
+    """A note for each group that repeats a seed, and for each two seed groups whose mean macro P@1 differ by less
+    than the larger seed spread."""
     notes = []
+    for group in seeds.to_dict("records"):
+        listed = [s for s in group["seeds"].split(", ") if s]
+        repeated = sorted({s for s in listed if listed.count(s) > 1}, key=listed.index)
+        if repeated:
+            notes.append(f"{group['label']}: seed {', '.join(repeated)} appears in more than one run (reruns, e.g. "
+                         "of other code): its std is not only a seed spread")
     groups = seeds[seeds["runs"] > 1].sort_values("macro_p1_mean", ascending=False).to_dict("records")
     for i, a in enumerate(groups):
         for b in groups[i + 1:]:

@@ -257,6 +257,13 @@ def test_runs_that_differ_only_by_seed_are_grouped_with_mean_and_std(tmp_path):
     far = [folders[0], *folders[1:4]] + [_seeded_run(tmp_path, f"far{s}", "prompt-tuning", s, {"P19": 60.0 + s, "P36": 40.0})
                                          for s in (1, 2)]
     assert not [n for n in compare_runs(load_runs(far)).notes if "seed spread" in n]
+    # a seed run twice is a rerun, not a second seed: said in a note
+    rerun = [*folders[1:4], _seeded_run(tmp_path, "pt1-again", "ptuning", 1, {"P19": 41.0, "P36": 20.0})]
+    cmp_rerun = compare_runs(load_runs(rerun))
+    assert cmp_rerun.seeds.set_index("label").loc["ptuning", "seeds"] == "1, 2, 3, 1"
+    assert ("ptuning: seed 1 appears in more than one run (reruns, e.g. of other code): its std is not only a seed "
+            "spread") in cmp_rerun.notes
+    assert not [n for n in cmp.notes if "appears in more than one run" in n]
     # runs that are all of different settings: no seed table
     assert compare_runs(load_runs([folders[0], folders[1]])).seeds is None
 
