@@ -209,6 +209,11 @@ def compare_runs(runs: list[Run], allow_mixed: bool = False) -> Comparison:
             entry["manual_p1"] = sum(reference.values()) / len(reference)
             entry["gain_p1"] = entry["macro_p1"] - entry["manual_p1"]
         entry["manual_from"] = source
+        failed = [r for r in relations if run.rows[r].get("fit_failed")]
+        entry["fit_failed"] = len(failed)
+        if failed:
+            notes.append(f"{run.label} ({run.folder}): {', '.join(failed)} flagged fit_failed (dev P@1 never rose "
+                         "above the start): their figures are the untrained prompt's")
         summary.append(entry)
     first = runs[0].rows
     per_relation = pd.DataFrame([
@@ -218,6 +223,7 @@ def compare_runs(runs: list[Run], allow_mixed: bool = False) -> Comparison:
     ])
     columns = ["label", "model", "relations", "facts", "macro_p1", "micro_p1", "macro_p10", "micro_p10", "macro_mrr",
                "micro_mrr", *[f"p1_{t}" for t in RELATION_TYPES], "manual_p1", "gain_p1", "manual_from"]
+    columns += ["fit_failed"] if any(entry["fit_failed"] for entry in summary) else []
     table = pd.DataFrame(summary).reindex(columns=columns)
     seeds = seed_groups(runs, table)
     if seeds is not None:
@@ -254,6 +260,8 @@ def seed_groups(runs: list[Run], summary: pd.DataFrame) -> pd.DataFrame | None:
             values = figures[key].dropna().astype(float)
             row[f"{key}_mean"] = float(values.mean()) if len(values) else None
             row[f"{key}_std"] = float(values.std(ddof=1)) if len(values) > 1 else None
+        if "fit_failed" in summary:
+            row["fit_failed"] = int(figures["fit_failed"].sum())  # flagged relations, over the group's runs
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -288,6 +296,8 @@ def seed_table(seeds: pd.DataFrame) -> pd.DataFrame:
     out = seeds[["label", "runs", "seeds"]].copy()
     for key in SEED_FIGURES:
         out[key] = [shown(m, s) for m, s in zip(seeds[f"{key}_mean"], seeds[f"{key}_std"], strict=True)]
+    if "fit_failed" in seeds:
+        out["fit_failed"] = seeds["fit_failed"]
     return out
 
 

@@ -212,8 +212,8 @@ def test_compare_errors(tmp_path, runs):
         compare_runs(load_runs([runs[0], disjoint]))
 
 
-def _seeded_run(root, name: str, method: str, seed, p1: dict[str, float]):
-    """A run folder as `probe train` writes it, with the given test P@1 per relation."""
+def _seeded_run(root, name: str, method: str, seed, p1: dict[str, float], failed: tuple[str, ...] = ()):
+    """A run folder as `probe train` writes it, with the given test P@1 per relation (`failed`: flagged)."""
     import json as _json
 
     types = {"P19": "N-1", "P36": "1-1"}
@@ -221,8 +221,8 @@ def _seeded_run(root, name: str, method: str, seed, p1: dict[str, float]):
               "train": {"lr": 0.001, "seed": seed}, "created": f"2026-12-02T10:00:0{seed}", "method_config": {}}
     if seed is None:
         config = {**config, "command": "eval", "train": None}
-    rows = [{"relation": r, "label": r, "type": types[r], "n_facts": 10, "p1": v, "p10": 90.0, "mrr": 0.5}
-            for r, v in p1.items()]
+    rows = [{"relation": r, "label": r, "type": types[r], "n_facts": 10, "p1": v, "p10": 90.0, "mrr": 0.5,
+             "fit_failed": r in failed} for r, v in p1.items()]
     folder = root / name
     folder.mkdir(parents=True)
     (folder / "results.json").write_text(_json.dumps({"config": config, "relations": rows}))
@@ -281,3 +281,17 @@ def test_a_relation_no_fact_of_which_every_model_keeps_is_left_out(tmp_path):
     cmp = compare_runs(load_runs([tmp_path / "a", tmp_path / "b"]))
     assert cmp.relations == ["P36"] and "left out: P19 (no fact kept by every run)" in cmp.notes
     assert list(cmp.summary["macro_p1"]) == [100.0, 100.0]
+
+
+def test_relations_flagged_fit_failed_are_counted_and_named(tmp_path):
+    ok = _seeded_run(tmp_path, "ok", "ptuning", 1, {"P19": 40.0, "P36": 20.0})
+    flagged = _seeded_run(tmp_path, "flagged", "prompt-tuning", 1, {"P19": 40.0, "P36": 0.0}, failed=("P36",))
+    cmp = compare_runs(load_runs([ok, flagged]))
+    assert cmp.summary.set_index("label")["fit_failed"].to_dict() == {"ptuning": 0, "prompt-tuning": 1}
+    assert [n for n in cmp.notes if "fit_failed" in n] == [
+        f"prompt-tuning ({flagged}): P36 flagged fit_failed (dev P@1 never rose above the start): their figures are "
+        "the untrained prompt's"]
+    assert "fit_failed" not in compare_runs(load_runs([ok])).summary.columns
+    again = _seeded_run(tmp_path, "again", "prompt-tuning", 2, {"P19": 41.0, "P36": 0.0}, failed=("P19", "P36"))
+    seeds = compare_runs(load_runs([ok, flagged, again])).seeds.set_index("label")
+    assert seeds["fit_failed"].to_dict() == {"ptuning": 0, "prompt-tuning": 3}
