@@ -212,7 +212,8 @@ def compare_runs(runs: list[Run], allow_mixed: bool = False) -> Comparison:
         failed = [r for r in relations if run.rows[r].get("fit_failed")]
         entry["fit_failed"] = len(failed)
         if failed:
-            notes.append(f"{run.label} ({run.folder}): {', '.join(failed)} flagged fit_failed (dev P@1 never rose "
+            named = run.label if run.folder.name in run.label else f"{run.label} ({run.folder})"
+            notes.append(f"{named}: {', '.join(failed)} flagged fit_failed (dev P@1 never rose "
                          "above the start): their figures are the untrained prompt's")
         summary.append(entry)
     first = runs[0].rows
