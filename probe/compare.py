@@ -212,7 +212,7 @@ def compare_runs(runs: list[Run], allow_mixed: bool = False) -> Comparison:
         failed = [r for r in relations if run.rows[r].get("fit_failed")]
         entry["fit_failed"] = len(failed)
         if failed:
-            named = run.label if run.folder.name in run.label else f"{run.label} ({run.folder})"
+            named = run.label if run.label.endswith(f"({run.folder.name})") else f"{run.label} ({run.folder})"
             notes.append(f"{named}: {', '.join(failed)} flagged fit_failed (dev P@1 never rose "
                          "above the start): their figures are the untrained prompt's")
         summary.append(entry)
@@ -273,7 +273,7 @@ def seed_notes(seeds: pd.DataFrame) -> list[str]:
     notes = []
     for group in seeds.to_dict("records"):
         listed = [s for s in group["seeds"].split(", ") if s]
-        repeated = sorted({s for s in listed if listed.count(s) > 1}, key=listed.index)
+        repeated = list(dict.fromkeys(s for s in listed if listed.count(s) > 1))
         if repeated:
             notes.append(f"{group['label']}: seed {', '.join(repeated)} appears in more than one run (reruns, e.g. "
                          "of other code): its std is not only a seed spread")
