@@ -10,6 +10,8 @@ The same arithmetic as transformers' Llama, written out in plain tensors over th
   no other, so its keys and values are kept across relations;
 - in training (gradients on, the same prompt in every row), a batch runs as one sequence: the start its rows
   share once, then each row's tokens up to its target, no padding, with a mask that keeps rows apart;
+- under autograd with frozen weights, each layer but the last runs as scoring runs it, and its input's gradient
+  is written out (`_FrozenLayer`: a few dozen kernels instead of autograd's graph of every step);
 - objects of any length: the candidates' trie nodes continue each prompt's keys and values, with a tree mask.
 `supports(config)` says for which configs this is exactly what transformers computes; others get `CausalLM`.
 """
@@ -45,12 +47,66 @@ def plain_llama(config) -> bool:
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x * cos + rotate_half(x) * sin, with the same roundings, without building rotate_half(x)."""
+    """x * cos + rotate_half(x) * sin, with the same roundings; without building rotate_half(x) when no gradient
+    flows (under autograd, updating slices in place costs more in the backward pass than the copy saves)."""
     half = x.shape[-1] // 2
+    if torch.is_grad_enabled():
+        return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
     out = x * cos
     out[..., :half] -= x[..., half:] * sin[..., :half]
     out[..., half:] += x[..., :half] * sin[..., half:]
     return out
+
+
+class _FrozenRMSNorm(torch.autograd.Function):
+    """`LlamaForward._norm` with a frozen weight; its input's gradient written out in float32, a few kernels instead
+    of autograd's graph of the norm's steps."""
+
+    @staticmethod
+    def forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        return weight * F.rms_norm(x.float(), x.shape[-1:], eps=eps).to(x.dtype)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(inputs[0], inputs[1])
+        ctx.eps = inputs[2]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        return _rms_norm_input_grad(x, weight, ctx.eps, grad), None, None
+
+
+def _rms_norm_input_grad(x: torch.Tensor, weight: torch.Tensor, eps: float, grad: torch.Tensor) -> torch.Tensor:
+    """The gradient to x of `_FrozenRMSNorm.forward(x, weight, eps)`, given the gradient to its output."""
+    h = x.float()
+    rstd = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    y, g = h * rstd, (grad * weight).float()
+    return (rstd * (g - y * (g * y).mean(-1, keepdim=True))).to(x.dtype)
+
+
+def _unrotate(grad: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The gradient to x of `_rotate(x, cos, sin)`, given the gradient to its output."""
+    half = grad.shape[-1] // 2
+    turned = grad * sin
+    return grad * cos + torch.cat((turned[..., half:], -turned[..., :half]), dim=-1)
+
+
+class _FrozenLayer(torch.autograd.Function):
+    """A decoder layer with frozen weights, run as scoring runs it, with its input's gradient written out: a few
+    dozen kernels in the backward pass instead of autograd's graph of every step (`LlamaForward._layer_input_grad`)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, forward: LlamaForward, layer, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor) -> torch.Tensor:
+        out, saved = forward._layer_saving(x, layer, cos, sin, mask)
+        ctx.forward, ctx.layer = forward, layer
+        ctx.save_for_backward(*saved)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return ctx.forward._layer_input_grad(ctx.layer, grad, *ctx.saved_tensors), None, None, None, None, None
 
 
 class Start(NamedTuple):
@@ -87,8 +143,9 @@ class LlamaForward:
 
     def _norm(self, x: torch.Tensor, norm) -> torch.Tensor:
         """LlamaRMSNorm's arithmetic: float32, then the weight in the input dtype (F.rms_norm in bfloat16 rounds differently)."""
-        h = F.rms_norm(x.float(), x.shape[-1:], eps=norm.variance_epsilon)
-        return norm.weight * h.to(x.dtype)
+        if torch.is_grad_enabled() and x.requires_grad and not norm.weight.requires_grad:
+            return _FrozenRMSNorm.apply(x, norm.weight, norm.variance_epsilon)
+        return _FrozenRMSNorm.forward(x, norm.weight, norm.variance_epsilon)
 
     def _linear(self, module, x: torch.Tensor) -> torch.Tensor:
         """module(x); through its packed weight unless hooks watch the module (prefix-tuning sets keys and values so)."""
@@ -98,6 +155,10 @@ class LlamaForward:
 
     def _attend(self, q, k, v, mask, scale) -> torch.Tensor:
         """q (B, kv, rep*Lq, d), k and v (B, kv, L, d), additive float mask broadcast to (B, 1, 1, Lq, L)."""
+        return self._probs(q, k, mask, scale).to(q.dtype).view(*q.shape[:2], -1, k.shape[2]) @ v  # (B, kv, rep*Lq, d)
+
+    def _probs(self, q, k, mask, scale) -> torch.Tensor:
+        """The attention weights (B, kv, rep, Lq, L) of `_attend`, in float32 (or wider)."""
         B, n_kv, _, d = q.shape
         scores = (q @ k.transpose(-1, -2)).to(torch.promote_types(q.dtype, torch.float32))
         scores = scores.view(B, n_kv, self.n_heads // n_kv, -1, k.shape[2])
@@ -107,8 +168,7 @@ class LlamaForward:
         else:  # written out: cheaper over a few keys
             probs = (scores - scores.amax(dim=-1, keepdim=True)).exp()
             probs = probs / probs.sum(dim=-1, keepdim=True)
-        probs = probs.to(q.dtype).view(B, n_kv, -1, k.shape[2])
-        return probs @ v  # (B, kv, rep*Lq, d)
+        return probs
 
     def _attention(self, q, k, v, mask, scale, fused: bool) -> torch.Tensor:
         """q (B, heads, Lq, d), k and v (B, kv, K, d), an additive mask (1 or B, Lq, K) -> (B, heads, Lq, d);
@@ -119,6 +179,51 @@ class LlamaForward:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None].to(q.dtype), scale=scale, enable_gqa=True)
         out = self._attend(q.reshape(B, self.n_kv, -1, d), k, v, mask.view(-1, 1, 1, Lq, k.shape[2]), scale)
         return out.view(B, self.n_heads, Lq, d)
+
+    def _layer_saving(self, x, layer, cos, sin, mask) -> tuple[torch.Tensor, tuple]:
+        """A layer's output for inputs (B, L, H) with no start, as `_run` computes it, and what
+        `_layer_input_grad` needs: the layer's input, q, k, v, attention weights, mid-layer state, gate and up."""
+        attn, mlp = layer.self_attn, layer.mlp
+        B, L, _ = x.shape
+        d = self.head_dim
+        h = self._norm(x, layer.input_layernorm)
+        q = _rotate(self._linear(attn.q_proj, h).view(B, L, self.n_heads, d).transpose(1, 2), cos, sin)
+        k = _rotate(self._linear(attn.k_proj, h).view(B, L, self.n_kv, d).transpose(1, 2), cos, sin)
+        v = self._linear(attn.v_proj, h).view(B, L, self.n_kv, d).transpose(1, 2)
+        probs = self._probs(q.reshape(B, self.n_kv, -1, d), k, mask.view(-1, 1, 1, L, L), attn.scaling)
+        out = probs.to(v.dtype).view(B, self.n_kv, -1, L) @ v
+        mid = x + self._linear(attn.o_proj, out.view(B, self.n_heads, L, d).transpose(1, 2).reshape(B, L, -1))
+        h = self._norm(mid, layer.post_attention_layernorm)
+        gate, up = self._linear(mlp.gate_proj, h), self._linear(mlp.up_proj, h)
+        return mid + self._linear(mlp.down_proj, F.silu(gate) * up), (x, q, k, v, probs, mid, gate, up, cos, sin)
+
+    def _layer_input_grad(self, layer, grad, x, q, k, v, probs, mid, gate, up, cos, sin) -> torch.Tensor:
+        """The gradient to a layer's input (B, L, H), given the gradient to its output and `_layer_saving`'s tensors."""
+        attn, mlp = layer.self_attn, layer.mlp
+        B, L, _ = grad.shape
+        d, n_kv = self.head_dim, self.n_kv
+        through = self.linear.input_grad
+        act = through(grad, mlp.down_proj.weight)
+        h = (through(torch.ops.aten.silu_backward(act * up, gate), mlp.gate_proj.weight)
+             + through(act * F.silu(gate), mlp.up_proj.weight))
+        grad = grad + _rms_norm_input_grad(mid, layer.post_attention_layernorm.weight,
+                                           layer.post_attention_layernorm.variance_epsilon, h)
+        out = through(grad, attn.o_proj.weight).view(B, L, self.n_heads, d).transpose(1, 2).reshape(B, n_kv, -1, d)
+        p = probs.view(B, n_kv, -1, L)
+        dp = (out @ v.transpose(-1, -2)).to(p.dtype)
+        dv = p.to(v.dtype).transpose(-1, -2) @ out
+        ds = (p * (dp - (dp * p).sum(-1, keepdim=True)) * attn.scaling).to(q.dtype)
+        dq = _unrotate((ds @ k).view(B, self.n_heads, L, d), cos, sin)
+        dk = _unrotate(ds.transpose(-1, -2) @ q.reshape(B, n_kv, -1, d), cos, sin)
+        h = sum(through(t.transpose(1, 2).reshape(B, L, -1), proj.weight)
+                for t, proj in ((dq, attn.q_proj), (dk, attn.k_proj), (dv, attn.v_proj)))
+        norm = layer.input_layernorm
+        return grad + _rms_norm_input_grad(x, norm.weight, norm.variance_epsilon, h)
+
+    def _frozen(self, layer) -> bool:
+        """Whether a layer's weights are all frozen and unwatched by hooks (then `_FrozenLayer` may run it)."""
+        return not any(p.requires_grad for p in layer.parameters()) and not any(
+            m._forward_hooks or m._forward_pre_hooks for m in layer.modules())
 
     def __call__(self, inputs_embeds: torch.Tensor, target: torch.Tensor, start: Start | None = None,
                  positions: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -153,7 +258,11 @@ class LlamaForward:
         targets = target[:, None] if single else target  # (B, T)
         layers = self.body.layers[: self.body.config.num_hidden_layers]
         kept = Start([], [])
+        whole = torch.is_grad_enabled() and start is None and not keep  # layers but the last may run as one Function
         for i, layer in enumerate(layers):
+            if whole and i < len(layers) - 1 and x.requires_grad and self._frozen(layer):
+                x = _FrozenLayer.apply(x, self, layer, cos, sin, mask)
+                continue
             attn, mlp = layer.self_attn, layer.mlp
             h = self._norm(x, layer.input_layernorm)
             k = _rotate(self._linear(attn.k_proj, h).view(B, L, self.n_kv, d).transpose(1, 2), cos, sin)

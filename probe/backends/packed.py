@@ -95,17 +95,30 @@ class PackedLinear:
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if not packable(x, weight) or (bias is not None and bias.requires_grad and torch.is_grad_enabled()):
             return F.linear(x, weight, bias)
-        stamp = weight_stamp(weight)
-        entry = self._packed.get(id(weight))  # the entry holds `weight`, so no other tensor can take its id
         try:
-            if entry is None or entry.stamp != stamp:
-                entry = self._packed[id(weight)] = Packed(weight, stamp, _ops._reorder_linear_weight(weight.detach()), [])
+            entry = self._entry(weight)
             if torch.is_grad_enabled() and x.requires_grad:
                 return _FrozenLinear.apply(x, entry, bias)
             return _product(x, entry.packed, bias)
         except RuntimeError:  # something this build or CPU lacks: F.linear from now on (it raises any real error)
             disable()
             return F.linear(x, weight, bias)
+
+    def input_grad(self, grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """grad @ weight: the gradient to the input of `self(x, weight)`, through the packed transpose where it can."""
+        if packable(grad, weight):
+            try:
+                return _product(grad.contiguous(), self._entry(weight).backward_weight())
+            except RuntimeError:
+                disable()
+        return grad @ weight
+
+    def _entry(self, weight: torch.Tensor) -> Packed:
+        stamp = weight_stamp(weight)
+        entry = self._packed.get(id(weight))  # the entry holds `weight`, so no other tensor can take its id
+        if entry is None or entry.stamp != stamp:
+            entry = self._packed[id(weight)] = Packed(weight, stamp, _ops._reorder_linear_weight(weight.detach()), [])
+        return entry
 
     def clear(self) -> None:
         self._packed.clear()
