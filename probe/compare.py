@@ -255,8 +255,9 @@ def seed_groups(runs: list[Run], summary: pd.DataFrame) -> pd.DataFrame | None:
     rows = []
     for members in groups.values():
         figures = summary.iloc[members]
-        row = {"label": run_label(runs[members[0]].config), "runs": len(members),
-               "seeds": ", ".join(str(runs[i].config["seed"]) for i in members if runs[i].config.get("seed") is not None)}
+        seeds = [str(runs[i].config["seed"]) for i in members if runs[i].config.get("seed") is not None]
+        row = {"label": run_label(runs[members[0]].config), "runs": len(members), "seeds": ", ".join(seeds),
+               "repeated_seeds": ", ".join(dict.fromkeys(s for s in seeds if seeds.count(s) > 1))}
         for key in SEED_FIGURES:
             values = figures[key].dropna().astype(float)
             row[f"{key}_mean"] = float(values.mean()) if len(values) else None
@@ -272,10 +273,8 @@ def seed_notes(seeds: pd.DataFrame) -> list[str]:
     than the larger seed spread."""
     notes = []
     for group in seeds.to_dict("records"):
-        listed = [s for s in group["seeds"].split(", ") if s]
-        repeated = list(dict.fromkeys(s for s in listed if listed.count(s) > 1))
-        if repeated:
-            notes.append(f"{group['label']}: seed {', '.join(repeated)} appears in more than one run (reruns, e.g. "
+        if group["repeated_seeds"]:
+            notes.append(f"{group['label']}: seed {group['repeated_seeds']} appears in more than one run (reruns, e.g. "
                          "of other code): its std is not only a seed spread")
     groups = seeds[seeds["runs"] > 1].sort_values("macro_p1_mean", ascending=False).to_dict("records")
     for i, a in enumerate(groups):
