@@ -10,8 +10,8 @@ The same arithmetic as transformers' Llama, written out in plain tensors over th
   no other, so its keys and values are kept across relations;
 - in training (gradients on, the same prompt in every row), a batch runs as one sequence: the start its rows
   share once, then each row's tokens up to its target, no padding, with a mask that keeps rows apart;
-- under autograd with frozen weights, each layer but the last runs as scoring runs it, and its input's gradient
-  is written out (`_FrozenLayer`: a few dozen kernels instead of autograd's graph of every step);
+- under autograd on CPU with frozen weights, each layer but the last runs as scoring runs it, and its input's
+  gradient is written out (`_FrozenLayer`: a few dozen kernels instead of autograd's graph of every step);
 - objects of any length: the candidates' trie nodes continue each prompt's keys and values, with a tree mask.
 `supports(config)` says for which configs this is exactly what transformers computes; others get `CausalLM`.
 """
@@ -258,7 +258,8 @@ class LlamaForward:
         targets = target[:, None] if single else target  # (B, T)
         layers = self.body.layers[: self.body.config.num_hidden_layers]
         kept = Start([], [])
-        whole = torch.is_grad_enabled() and start is None and not keep  # layers but the last may run as one Function
+        # on CPU, layers but the last may run as one Function (on CUDA, autocast would leave its backward's dtypes mixed)
+        whole = torch.is_grad_enabled() and start is None and not keep and x.device.type == "cpu"
         for i, layer in enumerate(layers):
             if whole and i < len(layers) - 1 and x.requires_grad and self._frozen(layer):
                 x = _FrozenLayer.apply(x, self, layer, cos, sin, mask)
