@@ -167,7 +167,7 @@ def train_prompt(
         keep = torch.randperm(len(train_facts), generator=generator)[: config.max_train].tolist()
         train_facts = [train_facts[i] for i in sorted(keep)]
     params = [p for p in method.parameters() if p.requires_grad]
-    # foreach: a few kernels over all parameters per step, the same updates bit for bit as one tensor at a time
+    # foreach: fewer calls a step than one tensor at a time, the same updates bit for bit
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, foreach=True)
     steps_per_epoch = math.ceil(len(train_facts) / config.batch_size)
     total = max(1, steps_per_epoch * config.epochs, config.min_steps)

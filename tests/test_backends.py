@@ -210,6 +210,65 @@ def test_llama_fast_path_equals_transformers_at_any_target(causal_backend):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_written_out_layer_backward_equals_autograds(causal_backend, dtype):
+    """In training, layers before the last run as `_FrozenLayer`: the loss and the prompt's gradient on a batch run
+    as one sequence are autograd's through the same layers (a hook on each layer turns the Function off)."""
+    from probe.backends import llama
+    from probe.batching import make_batches
+    from probe.methods import get_method
+
+    b = causal_backend
+    cands = build_candidates(b.tokenizer, WORDS)
+    compiled = compile_template("(3, sub, 3, obj)", b.tokenizer, "causal")
+    torch.manual_seed(0)
+    method = get_method("ptuning").create(b, compiled, P19)
+    (batch,) = make_batches(compiled, [f for f in FACTS if f.obj in cands.index], cands, 8, b.pad_id, max_padding=10.0)
+    ran = []
+    apply = llama._FrozenLayer.apply
+
+    def loss_and_grad():
+        loss = b.gold_loss(batch, method.prompt_inputs(), cands).sum()
+        return loss.detach(), torch.autograd.grad(loss, [p for p in method.parameters() if p.requires_grad])
+
+    with model_in_dtype(b.model, dtype), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(llama._FrozenLayer, "apply", lambda *a: ran.append(1) or apply(*a))
+        loss, grads = loss_and_grad()
+        assert len(ran) == b.model.config.num_hidden_layers - 1
+        hooks = [layer.register_forward_hook(lambda *a: None) for layer in b.model.model.layers]
+        try:
+            ref_loss, ref_grads = loss_and_grad()
+        finally:
+            for hook in hooks:
+                hook.remove()
+        assert len(ran) == b.model.config.num_hidden_layers - 1  # the autograd path
+    if dtype == torch.float32:
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
+        for g, r in zip(grads, ref_grads, strict=True):
+            torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+    else:  # bfloat16 rounds elsewhere along the way: close, not equal
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-3, atol=0)
+        for g, r in zip(grads, ref_grads, strict=True):
+            assert (g - r).norm() < 1e-2 * r.norm()
+    assert max(g.abs().max() for g in grads) > 0
+
+
+def test_rms_norm_and_rotary_gradients_written_out():
+    """`_rms_norm_input_grad` and `_unrotate` are autograd's gradients of `_rms_norm` and `_rotate`."""
+    from probe.backends.llama import _rms_norm, _rms_norm_input_grad, _rotate, _unrotate
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 8, generator=gen, requires_grad=True)
+    weight, grad = torch.randn(8, generator=gen), torch.randn(2, 5, 8, generator=gen)
+    (ref,) = torch.autograd.grad(_rms_norm(x, weight, 1e-5), x, grad)
+    torch.testing.assert_close(_rms_norm_input_grad(x.detach(), weight, 1e-5, grad), ref, rtol=1e-5, atol=1e-6)
+    q = torch.randn(2, 3, 5, 8, generator=gen, requires_grad=True)
+    cos, sin = torch.randn(2, 1, 5, 8, generator=gen), torch.randn(2, 1, 5, 8, generator=gen)
+    grad = torch.randn(2, 3, 5, 8, generator=gen)
+    (ref,) = torch.autograd.grad(_rotate(q, cos, sin), q, grad)
+    torch.testing.assert_close(_unrotate(grad, cos, sin), ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_llama_fast_path_with_packed_weights(causal_backend, dtype, monkeypatch):
     """Without autograd the fast forward packs its weights: transformers' hidden states in float32, and in
     bfloat16 the very same bits as the forward through F.linear."""

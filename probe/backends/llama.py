@@ -58,13 +58,26 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return out
 
 
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """LlamaRMSNorm's arithmetic: float32, then the weight in the input dtype (F.rms_norm in bfloat16 rounds differently)."""
+    return weight * F.rms_norm(x.float(), x.shape[-1:], eps=eps).to(x.dtype)
+
+
+def _rms_norm_input_grad(x: torch.Tensor, weight: torch.Tensor, eps: float, grad: torch.Tensor) -> torch.Tensor:
+    """The gradient to x of `_rms_norm(x, weight, eps)`, given the gradient to its output."""
+    h = x.float()
+    rstd = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    y, g = h * rstd, (grad * weight).float()
+    return (rstd * (g - y * (g * y).mean(-1, keepdim=True))).to(x.dtype)
+
+
 class _FrozenRMSNorm(torch.autograd.Function):
-    """`LlamaForward._norm` with a frozen weight; its input's gradient written out in float32, a few kernels instead
-    of autograd's graph of the norm's steps."""
+    """`_rms_norm` with a frozen weight, its input's gradient written out in float32: a few kernels instead of
+    autograd's graph of the norm's steps."""
 
     @staticmethod
     def forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        return weight * F.rms_norm(x.float(), x.shape[-1:], eps=eps).to(x.dtype)
+        return _rms_norm(x, weight, eps)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
@@ -77,14 +90,6 @@ class _FrozenRMSNorm(torch.autograd.Function):
         return _rms_norm_input_grad(x, weight, ctx.eps, grad), None, None
 
 
-def _rms_norm_input_grad(x: torch.Tensor, weight: torch.Tensor, eps: float, grad: torch.Tensor) -> torch.Tensor:
-    """The gradient to x of `_FrozenRMSNorm.forward(x, weight, eps)`, given the gradient to its output."""
-    h = x.float()
-    rstd = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    y, g = h * rstd, (grad * weight).float()
-    return (rstd * (g - y * (g * y).mean(-1, keepdim=True))).to(x.dtype)
-
-
 def _unrotate(grad: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """The gradient to x of `_rotate(x, cos, sin)`, given the gradient to its output."""
     half = grad.shape[-1] // 2
@@ -94,19 +99,21 @@ def _unrotate(grad: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 class _FrozenLayer(torch.autograd.Function):
     """A decoder layer with frozen weights, run as scoring runs it, with its input's gradient written out: a few
-    dozen kernels in the backward pass instead of autograd's graph of every step (`LlamaForward._layer_input_grad`)."""
+    dozen kernels in the backward pass instead of autograd's graph of every step (`LlamaForward._layer_input_grad`).
+    Its forward takes `ctx` because it saves tensors computed inside it; its backward is not differentiable again."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, forward: LlamaForward, layer, cos: torch.Tensor, sin: torch.Tensor,
+    def forward(ctx, x: torch.Tensor, run: LlamaForward, layer, cos: torch.Tensor, sin: torch.Tensor,
                 mask: torch.Tensor) -> torch.Tensor:
-        out, saved = forward._layer_saving(x, layer, cos, sin, mask)
-        ctx.forward, ctx.layer = forward, layer
+        out, saved = run._layer_forward_saved(x, layer, cos, sin, mask)
+        ctx.run, ctx.layer = run, layer
         ctx.save_for_backward(*saved)
         return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
-        return ctx.forward._layer_input_grad(ctx.layer, grad, *ctx.saved_tensors), None, None, None, None, None
+        return ctx.run._layer_input_grad(ctx.layer, grad, *ctx.saved_tensors), None, None, None, None, None
 
 
 class Start(NamedTuple):
@@ -142,10 +149,10 @@ class LlamaForward:
         self.linear = PackedLinear()
 
     def _norm(self, x: torch.Tensor, norm) -> torch.Tensor:
-        """LlamaRMSNorm's arithmetic: float32, then the weight in the input dtype (F.rms_norm in bfloat16 rounds differently)."""
+        """`norm(x)` as `_rms_norm` computes it."""
         if torch.is_grad_enabled() and x.requires_grad and not norm.weight.requires_grad:
             return _FrozenRMSNorm.apply(x, norm.weight, norm.variance_epsilon)
-        return _FrozenRMSNorm.forward(x, norm.weight, norm.variance_epsilon)
+        return _rms_norm(x, norm.weight, norm.variance_epsilon)
 
     def _linear(self, module, x: torch.Tensor) -> torch.Tensor:
         """module(x); through its packed weight unless hooks watch the module (prefix-tuning sets keys and values so)."""
@@ -180,7 +187,7 @@ class LlamaForward:
         out = self._attend(q.reshape(B, self.n_kv, -1, d), k, v, mask.view(-1, 1, 1, Lq, k.shape[2]), scale)
         return out.view(B, self.n_heads, Lq, d)
 
-    def _layer_saving(self, x, layer, cos, sin, mask) -> tuple[torch.Tensor, tuple]:
+    def _layer_forward_saved(self, x, layer, cos, sin, mask) -> tuple[torch.Tensor, tuple]:
         """A layer's output for inputs (B, L, H) with no start, as `_run` computes it, and what
         `_layer_input_grad` needs: the layer's input, q, k, v, attention weights, mid-layer state, gate and up."""
         attn, mlp = layer.self_attn, layer.mlp
@@ -198,27 +205,32 @@ class LlamaForward:
         return mid + self._linear(mlp.down_proj, F.silu(gate) * up), (x, q, k, v, probs, mid, gate, up, cos, sin)
 
     def _layer_input_grad(self, layer, grad, x, q, k, v, probs, mid, gate, up, cos, sin) -> torch.Tensor:
-        """The gradient to a layer's input (B, L, H), given the gradient to its output and `_layer_saving`'s tensors."""
+        """The gradient to a layer's input (B, L, H), given the gradient to its output and the tensors
+        `_layer_forward_saved` keeps."""
         attn, mlp = layer.self_attn, layer.mlp
         B, L, _ = grad.shape
         d, n_kv = self.head_dim, self.n_kv
         through = self.linear.input_grad
-        act = through(grad, mlp.down_proj.weight)
-        h = (through(torch.ops.aten.silu_backward(act * up, gate), mlp.gate_proj.weight)
-             + through(act * F.silu(gate), mlp.up_proj.weight))
-        grad = grad + _rms_norm_input_grad(mid, layer.post_attention_layernorm.weight,
-                                           layer.post_attention_layernorm.variance_epsilon, h)
-        out = through(grad, attn.o_proj.weight).view(B, L, self.n_heads, d).transpose(1, 2).reshape(B, n_kv, -1, d)
+        dact = through(grad, mlp.down_proj.weight)
+        dh = (through(torch.ops.aten.silu_backward(dact * up, gate), mlp.gate_proj.weight)
+              + through(dact * F.silu(gate), mlp.up_proj.weight))
+        norm = layer.post_attention_layernorm
+        dmid = grad + _rms_norm_input_grad(mid, norm.weight, norm.variance_epsilon, dh)
+        dout = through(dmid, attn.o_proj.weight).view(B, L, self.n_heads, d).transpose(1, 2).reshape(B, n_kv, -1, d)
         p = probs.view(B, n_kv, -1, L)
-        dp = (out @ v.transpose(-1, -2)).to(p.dtype)
-        dv = p.to(v.dtype).transpose(-1, -2) @ out
+        dp = (dout @ v.transpose(-1, -2)).to(p.dtype)
+        dv = p.to(v.dtype).transpose(-1, -2) @ dout
         ds = (p * (dp - (dp * p).sum(-1, keepdim=True)) * attn.scaling).to(q.dtype)
         dq = _unrotate((ds @ k).view(B, self.n_heads, L, d), cos, sin)
         dk = _unrotate(ds.transpose(-1, -2) @ q.reshape(B, n_kv, -1, d), cos, sin)
-        h = sum(through(t.transpose(1, 2).reshape(B, L, -1), proj.weight)
-                for t, proj in ((dq, attn.q_proj), (dk, attn.k_proj), (dv, attn.v_proj)))
+
+        def flat(t: torch.Tensor) -> torch.Tensor:  # (B, heads, L, d) -> (B, L, heads * d)
+            return t.transpose(1, 2).reshape(B, L, -1)
+
+        dh = (through(flat(dq), attn.q_proj.weight) + through(flat(dk), attn.k_proj.weight)
+              + through(flat(dv), attn.v_proj.weight))
         norm = layer.input_layernorm
-        return grad + _rms_norm_input_grad(x, norm.weight, norm.variance_epsilon, h)
+        return dmid + _rms_norm_input_grad(x, norm.weight, norm.variance_epsilon, dh)
 
     def _frozen(self, layer) -> bool:
         """Whether a layer's weights are all frozen and unwatched by hooks (then `_FrozenLayer` may run it)."""
