@@ -33,6 +33,7 @@ from probe.objects import ObjectCandidates
 from probe.vocab import CandidateVocab
 
 FIRST_TOKENS_MAX = 8192  # first tokens whose keys and values a backend keeps across relations
+FUSED_SOFTMAX_KEYS = 64  # from this many keys on, torch's softmax is cheaper than the written-out one
 
 
 def plain_llama(config) -> bool:
@@ -170,7 +171,7 @@ class LlamaForward:
         scores = (q @ k.transpose(-1, -2)).to(torch.promote_types(q.dtype, torch.float32))
         scores = scores.view(B, n_kv, self.n_heads // n_kv, -1, k.shape[2])
         scores = scores * scale + mask
-        if torch.is_grad_enabled():  # one kernel forward and one backward
+        if torch.is_grad_enabled() or k.shape[2] >= FUSED_SOFTMAX_KEYS:  # one kernel (forward and backward)
             probs = torch.softmax(scores, dim=-1)
         else:  # written out: cheaper over a few keys
             probs = (scores - scores.amax(dim=-1, keepdim=True)).exp()
