@@ -191,7 +191,7 @@ class LlamaForward:
     def _layer_forward_saved(self, x, layer, cos, sin, mask) -> tuple[torch.Tensor, tuple]:
         """A layer's output for inputs (B, L, H) with no start, as `_run` computes it, and what
         `_layer_input_grad` needs: the layer's input, q, k, v, attention weights, mid-layer state, gate and up."""
-        attn, mlp = layer.self_attn, layer.mlp
+        attn = layer.self_attn
         B, L, _ = x.shape
         d = self.head_dim
         h = self._norm(x, layer.input_layernorm)
@@ -201,9 +201,14 @@ class LlamaForward:
         probs = self._probs(q.reshape(B, self.n_kv, -1, d), k, mask.view(-1, 1, 1, L, L), attn.scaling)
         out = probs.to(v.dtype).view(B, self.n_kv, -1, L) @ v
         mid = x + self._linear(attn.o_proj, out.view(B, self.n_heads, L, d).transpose(1, 2).reshape(B, L, -1))
+        y, gate, up = self._mlp(mid, layer)
+        return y, (x, q, k, v, probs, mid, gate, up, cos, sin)
+
+    def _mlp(self, mid: torch.Tensor, layer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A layer's second half on its mid-layer state: the layer's output, and the MLP's gate and up projections."""
         h = self._norm(mid, layer.post_attention_layernorm)
-        gate, up = self._linear(mlp.gate_proj, h), self._linear(mlp.up_proj, h)
-        return mid + self._linear(mlp.down_proj, F.silu(gate) * up), (x, q, k, v, probs, mid, gate, up, cos, sin)
+        gate, up = self._linear(layer.mlp.gate_proj, h), self._linear(layer.mlp.up_proj, h)
+        return mid + self._linear(layer.mlp.down_proj, F.silu(gate) * up), gate, up
 
     def _layer_input_grad(self, layer, grad, x, q, k, v, probs, mid, gate, up, cos, sin) -> torch.Tensor:
         """The gradient to a layer's input (B, L, H), given the gradient to its output and the tensors
@@ -277,7 +282,7 @@ class LlamaForward:
             if whole and i < len(layers) - 1 and x.requires_grad and self._frozen(layer):
                 x = _FrozenLayer.apply(x, self, layer, cos, sin, mask)
                 continue
-            attn, mlp = layer.self_attn, layer.mlp
+            attn = layer.self_attn
             h = self._norm(x, layer.input_layernorm)
             k = _rotate(self._linear(attn.k_proj, h).view(B, L, self.n_kv, d).transpose(1, 2), cos, sin)
             v = self._linear(attn.v_proj, h).view(B, L, self.n_kv, d).transpose(1, 2)
@@ -300,10 +305,7 @@ class LlamaForward:
                 q = _rotate(q, cos[:, 0].expand(B, -1, -1)[at][:, None], sin[:, 0].expand(B, -1, -1)[at][:, None])
                 seen = mask.expand(B, -1, -1)[at]  # (B, T, P + L)
                 out = self._attention(q, k, v, seen, attn.scaling, fused).transpose(1, 2).reshape(B, T, -1)
-            x = x + self._linear(attn.o_proj, out)
-            h = self._norm(x, layer.post_attention_layernorm)
-            gated = F.silu(self._linear(mlp.gate_proj, h)) * self._linear(mlp.up_proj, h)
-            x = x + self._linear(mlp.down_proj, gated)
+            x = self._mlp(x + self._linear(attn.o_proj, out), layer)[0]
         x = self._norm(x, self.body.norm)
         return (x[:, 0] if single else x), kept
 
