@@ -14,12 +14,13 @@ from probe.vocab import build_candidates
 
 pytestmark = pytest.mark.integration
 
-# Pinned figures of deterministic runs (bfloat16 on CPU, seeded), the same over repeated runs:
-# SmolLM2-135M's manual prompt on P19 test_34k: facts ranked first, facts in the top 10, MRR
-P19_TOP1, P19_TOP10, P19_MRR = 64, 243, 0.158598
-# the P-tuning prompt of test_train_then_reload_reproduces_on_smollm2 on P1376 (3 steps of 16 facts: it stays far
-# below the manual prompt, 42 of 193 first): test facts ranked first, test MRR, the best dev step
-P1376_TOP1, P1376_MRR, P1376_BEST_STEP = 4, 0.0366577, 3
+# Pinned figures of deterministic runs, the same over repeated runs. They are float32 figures: bfloat16 kernels
+# round differently from one CPU to another (AMX or not), and one rounding moves a fact across rank 1.
+# SmolLM2-135M's manual prompt on P19 test_34k in float32: facts ranked first, facts in the top 10, MRR
+P19_TOP1, P19_TOP10, P19_MRR = 60, 240, 0.156605
+# the P-tuning prompt of test_train_then_reload_reproduces_on_smollm2 on P1376 in float32 (3 steps of 16 facts: it
+# stays far below the manual prompt, 41 of 193 first): test facts ranked first, test MRR, the best dev step
+P1376_TOP1, P1376_MRR, P1376_BEST_STEP = 2, 0.0199604, 2
 
 
 def test_smollm2_common_vocab_invariant(lama_dir, bpe_tokenizer):
@@ -33,13 +34,44 @@ def test_smollm2_common_vocab_invariant(lama_dir, bpe_tokenizer):
     assert (len(kept), dropped) == (758, 186)
 
 
-@pytest.fixture(scope="module")
-def p19_run(tmp_path_factory, lama_dir, smollm2_dir):
-    out = tmp_path_factory.mktemp("integration") / "run"
+def _eval_p19(out, lama_dir, *args: str):
     proc = run_cli("eval", "--method", "manual", "--model", "smollm2", "--relation", "P19", "--out", out,
-                   "--data", lama_dir, timeout=600)
+                   "--data", lama_dir, *args, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return out, proc
+
+
+@pytest.fixture(scope="module")
+def p19_run(tmp_path_factory, lama_dir, smollm2_dir):
+    """The manual prompt on P19 with the CLI's defaults (bfloat16)."""
+    return _eval_p19(tmp_path_factory.mktemp("integration") / "run", lama_dir)
+
+
+@pytest.fixture(scope="module")
+def p19_float32_run(tmp_path_factory, lama_dir, smollm2_dir):
+    """The same in float32, whose figures are pinned."""
+    return _eval_p19(tmp_path_factory.mktemp("integration") / "run-f32", lama_dir, "--dtype", "float32")
+
+
+def _p19_row_and_ranks(out):
+    """P19's row of results.json, checked against its saved predictions, and the saved ranks."""
+    results = json.loads((out / "results.json").read_text())
+    (row,) = results["relations"]
+    assert row["relation"] == "P19" and row["type"] == "N-1" and row["template"] == "[X] was born in [Y] ."
+    assert row["n_facts"] == 758
+    assert row["n_dropped"] == 186
+    preds = [json.loads(x) for x in (out / "P19" / "predictions.jsonl").read_text().splitlines()]
+    assert len(preds) == 758
+    ranks = [p["rank"] for p in preds]
+    assert row["p1"] == pytest.approx(100 * sum(r == 1 for r in ranks) / 758, rel=1e-6)
+    assert row["p10"] == pytest.approx(100 * sum(r <= 10 for r in ranks) / 758, rel=1e-6)
+    assert row["mrr"] == pytest.approx(sum(1 / r for r in ranks) / 758, rel=1e-6)
+    assert all((p["rank"] == 1) == (p["top10"][0] == p["obj"]) for p in preds)
+    assert all(len(p["top10"]) == 10 for p in preds)
+    s = results["summary"]
+    assert list(s) == ["all", "N-1"]
+    assert s["all"]["macro_p1"] == s["all"]["micro_p1"] == pytest.approx(row["p1"])
+    return row, ranks
 
 
 def test_p19_run_config(p19_run, lama_dir):
@@ -59,27 +91,27 @@ def test_p19_run_config(p19_run, lama_dir):
     assert "Traceback" not in proc.stderr
 
 
-def test_p19_facts_and_scores(p19_run):
-    out, _ = p19_run
-    results = json.loads((out / "results.json").read_text())
-    (row,) = results["relations"]
-    assert row["relation"] == "P19" and row["type"] == "N-1" and row["template"] == "[X] was born in [Y] ."
-    assert row["n_facts"] == 758
-    assert row["n_dropped"] == 186
-    preds = [json.loads(x) for x in (out / "P19" / "predictions.jsonl").read_text().splitlines()]
-    assert len(preds) == 758
-    # the figures are those of the saved ranks, which are pinned: the eval is deterministic (bfloat16 on CPU)
-    ranks = [p["rank"] for p in preds]
+def _first(out) -> set[tuple[str, str]]:
+    rows = map(json.loads, (out / "P19" / "predictions.jsonl").read_text().splitlines())
+    return {(p["sub"], p["obj"]) for p in rows if p["rank"] == 1}
+
+
+def test_p19_facts_and_scores(p19_run, p19_float32_run):
+    """With the default bfloat16 the figures are those of the saved ranks; which facts come first depends on the
+    CPU's bfloat16 kernels, but differs from float32 by a handful of the 758 (3 to 4 on the CPUs measured)."""
+    _p19_row_and_ranks(p19_run[0])
+    assert len(_first(p19_run[0]) ^ _first(p19_float32_run[0])) <= 8
+
+
+def test_p19_float32_figures_are_pinned(p19_float32_run):
+    """In float32 the eval is deterministic: the pinned ranks, so P@1 7.92, P@10 31.66, MRR 0.157."""
+    out, _ = p19_float32_run
+    row, ranks = _p19_row_and_ranks(out)
+    assert json.loads((out / "results.json").read_text())["config"]["dtype"] == "float32"
     assert (sum(r == 1 for r in ranks), sum(r <= 10 for r in ranks)) == (P19_TOP1, P19_TOP10)
-    assert row["p1"] == pytest.approx(100 * P19_TOP1 / 758, rel=1e-6)  # 8.44 (7.92 in float32)
+    assert row["p1"] == pytest.approx(100 * P19_TOP1 / 758, rel=1e-6)
     assert row["p10"] == pytest.approx(100 * P19_TOP10 / 758, rel=1e-6)
-    assert row["mrr"] == pytest.approx(sum(1 / r for r in ranks) / 758, rel=1e-6)
     assert row["mrr"] == pytest.approx(P19_MRR, abs=1e-6)
-    assert all((p["rank"] == 1) == (p["top10"][0] == p["obj"]) for p in preds)
-    assert all(len(p["top10"]) == 10 for p in preds)
-    s = results["summary"]
-    assert list(s) == ["all", "N-1"]
-    assert s["all"]["macro_p1"] == s["all"]["micro_p1"] == pytest.approx(row["p1"])
 
 
 def test_p19_results_json_matches_relations_csv(p19_run):
@@ -117,7 +149,7 @@ def test_train_then_reload_reproduces_on_smollm2(tmp_path, lama_dir, smollm2_dir
     """A short P-tuning run on the real P1376 files beats nothing silently: saved prompts re-evaluate exactly."""
     out = tmp_path / "run"
     proc = run_cli("train", "--model", "smollm2", "--relation", "P1376", "--max-train", "48", "--epochs", "1", "--min-steps", "0",
-                   "--eval-every", "1", "--out", out, "--data", lama_dir, timeout=600)
+                   "--eval-every", "1", "--dtype", "float32", "--out", out, "--data", lama_dir, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     metrics = json.loads((out / "P1376" / "metrics.json").read_text())
     assert metrics["n_facts"] == 193
@@ -125,10 +157,10 @@ def test_train_then_reload_reproduces_on_smollm2(tmp_path, lama_dir, smollm2_dir
     assert len(preds) == 193
     assert metrics["p1"] == pytest.approx(100 * sum(p["rank"] == 1 for p in preds) / 193, rel=1e-6)
     assert metrics["mrr"] == pytest.approx(sum(1 / p["rank"] for p in preds) / 193, rel=1e-6)
-    # seeded training on CPU: the same prompt, so the same figures, every run
+    # seeded training on CPU in float32: the same prompt, so the same figures, every run
     assert sum(p["rank"] == 1 for p in preds) == P1376_TOP1
     assert metrics["mrr"] == pytest.approx(P1376_MRR, abs=1e-7)
-    assert metrics["manual_p1"] == pytest.approx(100 * 42 / 193, rel=1e-6)  # 21.76, as `probe eval` in bfloat16
+    assert metrics["manual_p1"] == pytest.approx(100 * 41 / 193, rel=1e-6)  # 21.24, as `probe eval` in float32
     # the prompt kept is the best on dev by (P@1, MRR) among the training log's dev checks, step 0 included
     cfg = json.loads((out / "P1376" / "config.json").read_text())
     log = [json.loads(x) for x in (out / "P1376" / "train_log.jsonl").read_text().splitlines()]
