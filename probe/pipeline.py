@@ -715,6 +715,7 @@ class TrainCell(RelationCell):
             "n_dev": len(dev),
             "best_step": result.best_step,
             "steps": result.steps,
+            "torch_threads": torch.get_num_threads(),  # CPU sums, so a fit's path, depend on it (in process or on Ray)
             **({"attempts": result.attempts} if result.attempts else {}),
             **prompt.saved_info(compiled),
         }
