@@ -10,6 +10,8 @@ import dataclasses
 import json
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -876,6 +878,18 @@ def reopen_data(cfg: dict, data: str | None = None) -> FactData:
                      seed=spec.get("seed", 13))
 
 
+@contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """torch's CPU thread count set to `n` inside the block (None: left as it is), then put back."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def reevaluate_run(backend: Backend, data: FactData, run_dir: Path, candidates, batch_size: int = 128,
                    ids: list[str] | None = None) -> list[dict]:
     """Re-evaluate the saved prompts of a run folder (all, or `ids`); rows carry the saved and recomputed metrics."""
@@ -891,7 +905,9 @@ def reevaluate_run(backend: Backend, data: FactData, run_dir: Path, candidates, 
         if prompt.n_virtual != compiled.n_virtual:
             raise ProbeError(f"{folder}: {prompt.n_virtual} saved vectors for {compiled.n_virtual} virtual slots")
         facts, _ = relation_facts(data, relation, rel_cfg["split"], candidates, True)
-        result = evaluate_facts(backend, prompt, compiled, facts, candidates.for_relation(relation.id), batch_size)
+        # as many CPU threads as the fit had: bfloat16 sums, so a few ranks, depend on it
+        with torch_threads(rel_cfg.get("torch_threads") if backend.device.type == "cpu" else None):
+            result = evaluate_facts(backend, prompt, compiled, facts, candidates.for_relation(relation.id), batch_size)
         rows.append({**metrics, **{f"saved_{k}": metrics[k] for k in ("p1", "p10", "mrr")}, **result.metrics,
                      "n_facts": len(facts)})
     if not rows:

@@ -36,6 +36,7 @@ from probe.pipeline import (
     load_template_spec,
     reevaluate_run,
     save_prompt,
+    torch_threads,
     train_relations,
 )
 from probe.runs import RunFolder
@@ -690,6 +691,20 @@ def test_reevaluate_run_reproduces_saved_metrics_exactly(trained_run):
         for k in ("p1", "p10", "mrr"):
             assert row[k] == saved[k] == row[f"saved_{k}"], (row["relation"], k)
         assert row["n_facts"] == saved["n_facts"]
+        config = json.loads((run_dir / row["relation"] / "config.json").read_text())
+        assert config["torch_threads"] == torch.get_num_threads()  # what the re-evaluation sets again
+
+
+def test_torch_threads_sets_the_count_inside_and_puts_it_back():
+    before = torch.get_num_threads()
+    with torch_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with pytest.raises(KeyboardInterrupt), torch_threads(1):
+        raise KeyboardInterrupt
+    assert torch.get_num_threads() == before
+    with torch_threads(None):  # a run that did not record it: left as it is
+        assert torch.get_num_threads() == before
 
 
 def test_saved_prompt_gives_the_saved_predictions(trained_run):
