@@ -521,7 +521,10 @@ def test_random_model_runs_are_labelled_and_recorded(tmp_path, tiny_causal_dir):
 
 def test_first_token_keys_and_values_run_once_per_token_and_kept(causal_backend, monkeypatch):
     """Inputs' first tokens see nothing else: their keys and values are kept across calls, and re-run when
-    the weights change."""
+    the weights change. New tokens run in passes of FIRST_TOKENS_CHUNK rows, so a token's keys and values do not
+    depend on the tokens run with it."""
+    import probe.backends.llama as llama
+
     b = causal_backend
     ids = torch.tensor(b.tokenizer.encode("Rome Paris Dante", add_special_tokens=False))
     assert len(ids) == 3
@@ -533,7 +536,7 @@ def test_first_token_keys_and_values_run_once_per_token_and_kept(causal_backend,
     with torch.no_grad():
         first = b.first_token_starts(ids[:2])
         again = b.first_token_starts(ids.flip(0))  # one new token, rows in the order asked for
-    assert runs[-1] == 1
+    assert runs == [llama.FIRST_TOKENS_CHUNK] * 2
     for got, want in ((first, expected.select(torch.tensor([0, 1]))), (again, expected.select(torch.tensor([2, 1, 0])))):
         assert got.length == 1
         for a, e in zip(got.keys + got.values, want.keys + want.values, strict=True):
@@ -544,9 +547,17 @@ def test_first_token_keys_and_values_run_once_per_token_and_kept(causal_backend,
         weight.mul_(2.0)
         changed = b.first_token_starts(ids)
         weight.copy_(saved)
-    assert runs[-1] == 3 and not torch.allclose(changed.keys[0], expected.keys[0])
+    assert runs[-1] == llama.FIRST_TOKENS_CHUNK and not torch.allclose(changed.keys[0], expected.keys[0])
+    # more new tokens than a pass holds: several passes, the rows still in the order asked for
+    monkeypatch.setattr(llama, "FIRST_TOKENS_CHUNK", 2)
+    b._first_tokens = None
+    runs.clear()
+    with torch.no_grad():
+        three = b.first_token_starts(ids)
+    assert runs == [2, 2]
+    for a, e in zip(three.keys + three.values, expected.keys + expected.values, strict=True):
+        torch.testing.assert_close(a, e)
     # past the cap the kept tokens are dropped: a new token starts over
-    import probe.backends.llama as llama
     monkeypatch.setattr(llama, "FIRST_TOKENS_MAX", 3)
     other = torch.tensor(b.tokenizer.encode("Berlin", add_special_tokens=False)[:1])
     assert other[0] not in ids
@@ -555,4 +566,4 @@ def test_first_token_keys_and_values_run_once_per_token_and_kept(causal_backend,
         runs.clear()
         b.first_token_starts(ids[:1])  # kept: nothing runs
         b.first_token_starts(other)
-    assert runs == [1] and len(b._first_tokens.row) == 1
+    assert runs == [2] and len(b._first_tokens.row) == 1

@@ -33,6 +33,7 @@ from probe.objects import ObjectCandidates
 from probe.vocab import CandidateVocab
 
 FIRST_TOKENS_MAX = 8192  # first tokens whose keys and values a backend keeps across relations
+FIRST_TOKENS_CHUNK = 64  # first tokens run in passes of exactly this many rows (see `first_token_starts`)
 FUSED_SOFTMAX_KEYS = 64  # from this many keys on, torch's softmax is cheaper than the written-out one
 
 
@@ -131,10 +132,11 @@ class Start(NamedTuple):
         """The starts of `rows` (indices into this start's batch), in that order."""
         return Start([k[rows] for k in self.keys], [v[rows] for v in self.values])
 
-    def cat(self, other: Start) -> Start:
-        """This start's rows, then `other`'s."""
-        return Start([torch.cat(p) for p in zip(self.keys, other.keys, strict=True)],
-                     [torch.cat(p) for p in zip(self.values, other.values, strict=True)])
+    @staticmethod
+    def cat(parts: Sequence[Start]) -> Start:
+        """The rows of `parts`, in order."""
+        return Start([torch.cat(k) for k in zip(*(p.keys for p in parts), strict=True)],
+                     [torch.cat(v) for v in zip(*(p.values for p in parts), strict=True)])
 
 
 class LlamaForward:
@@ -467,7 +469,9 @@ class LlamaCausalLM(CausalLM):
     def first_token_starts(self, ids: torch.Tensor) -> Start:
         """`start_kv` of inputs that begin with the tokens `ids` (U,), one row each. A first token sees no
         other, so its keys and values are run once per token and kept for later relations (run again if the
-        weights change; at most FIRST_TOKENS_MAX tokens are kept)."""
+        weights change; at most FIRST_TOKENS_MAX tokens are kept). New tokens run in passes of FIRST_TOKENS_CHUNK
+        rows, the last padded: a CPU's bfloat16 products round by how many rows they multiply, so a token's keys
+        and values, and a relation's figures, would otherwise depend on the relations run before it."""
         stamp = tuple(weight_stamp(p) for p in self.model.parameters())
         kept = self._first_tokens
         if kept is None or kept.stamp != stamp:
@@ -476,10 +480,15 @@ class LlamaCausalLM(CausalLM):
         if len(kept.row) + len(new) > FIRST_TOKENS_MAX:  # start over with only these tokens
             kept = self._first_tokens = FirstTokens(stamp)
             new = list(dict.fromkeys(ids.tolist()))
+        parts = [] if kept.start is None else [kept.start]
+        for i in range(0, len(new), FIRST_TOKENS_CHUNK):
+            chunk = new[i : i + FIRST_TOKENS_CHUNK]
+            padded = chunk + chunk[-1:] * (FIRST_TOKENS_CHUNK - len(chunk))
+            run = self.forward.start_kv(self.embed(torch.tensor(padded, device=self.device)[:, None]))
+            parts.append(Start([k[: len(chunk)] for k in run.keys], [v[: len(chunk)] for v in run.values]))
         if new:
-            run = self.forward.start_kv(self.embed(torch.tensor(new, device=self.device)[:, None]))
-            kept.start = run if kept.start is None else kept.start.cat(run)
-            kept.row.update({t: len(kept.row) + i for i, t in enumerate(new)})
+            kept.start = Start.cat(parts)
+            kept.row.update({t: len(kept.row) + j for j, t in enumerate(new)})
         return kept.start.select(torch.tensor([kept.row[t] for t in ids.tolist()], device=self.device))
 
 
