@@ -71,21 +71,30 @@ def connect(address: str = "local", num_cpus: int | None = None) -> bool:
 
 
 class CellActor:
-    """One model, loaded once; runs the cells it is given and returns their files."""
+    """One model, loaded once; runs the cells it is given and returns their files.
 
-    def __init__(self, spec: ModelSpec, data: FactData, candidates: CandidateChoice | str, threads: int):
+    The data reaches it with each call, not through its constructor: Ray cannot promise a restarted actor the
+    object-store arguments of its constructor (ray#53727). A restarted actor loads again on its next cell.
+    """
+
+    def __init__(self, spec: ModelSpec, candidates: CandidateChoice | str, threads: int):
         import torch
 
         torch.set_num_threads(threads)
-        self.worker = Worker.load(spec, data, candidates)
-        self.worker.remote = True
+        self.spec, self.candidates = spec, candidates
+        self.worker: Worker | None = None
 
-    def pid(self) -> int:
+    def load(self, data: list) -> int:
+        """Load the model unless loaded; `data` is [the FactData's object ref], fetched only then. Returns the pid."""
+        if self.worker is None:
+            self.worker = Worker.load(self.spec, _ray().get(data[0]), self.candidates)
+            self.worker.remote = True
         return os.getpid()
 
-    def run(self, cell: Cell):
+    def run(self, cell: Cell, data: list):
         t0 = time.time()
-        return cell.run(self.worker), time.time() - t0, os.getpid()
+        pid = self.load(data)
+        return cell.run(self.worker), time.time() - t0, pid
 
 
 class RayExecutor:
@@ -135,7 +144,7 @@ class RayExecutor:
         todo = [c for c in cells if not c.done()]
         progress = Progress(todo, desc)
         queues = {spec: deque(c for c in todo if c.model == spec) for spec in dict.fromkeys(c.model for c in todo)}
-        data_ref = ray.put(self.data)
+        data = [ray.put(self.data)]  # a ref in a list: actors fetch it only when they load
         actor_class = ray.remote(CellActor)
         actors: dict = {}  # actor -> spec
         pending: dict = {}  # result ref -> (cell, actor, start time)
@@ -145,7 +154,7 @@ class RayExecutor:
                 gpu = spec.device.startswith("cuda")
                 actor = actor_class.options(num_cpus=0 if gpu else self.cpus_per_worker, num_gpus=1 if gpu else 0,
                                             max_restarts=RETRIES, max_task_retries=RETRIES).remote(
-                    spec, data_ref, self.candidates, self.cpus_per_worker)
+                    spec, self.candidates, self.cpus_per_worker)
                 actors[actor] = spec
 
             waiting = [s for s, q in queues.items() if q and s not in actors.values()]
@@ -164,7 +173,7 @@ class RayExecutor:
             if new:
                 t0 = time.time()
                 try:
-                    self.actor_pids.update(zip(new, ray.get([a.pid.remote() for a in new], timeout=LOAD_TIMEOUT),
+                    self.actor_pids.update(zip(new, ray.get([a.load.remote(data) for a in new], timeout=LOAD_TIMEOUT),
                                                strict=True))
                 except ray.exceptions.GetTimeoutError:
                     raise ProbeError(f"Ray workers were not up {LOAD_TIMEOUT:.0f}s after they were asked for: the cluster "
@@ -188,7 +197,7 @@ class RayExecutor:
                 return
             if self.on_dispatch:
                 self.on_dispatch(cell, actor)
-            pending[actor.run.remote(cell)] = (cell, actor, time.time())
+            pending[actor.run.remote(cell, data)] = (cell, actor, time.time())
             progress.started()
 
         try:

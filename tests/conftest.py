@@ -31,7 +31,7 @@ TEST_WORDS = [
     "was", "born", "in", "is", "the", "of", "a", "capital", "city", "language", "official", "died",
     "Paris", "France", "Rome", "Italy", "Berlin", "Germany", "Madrid", "Spain", "London", "England",
     "Tokyo", "Japan", "Lyon", "Milan", "Dante", "Alighieri", "Florence", "Victor", "Hugo", "Besancon",
-    "French", "Italian", "German", "English", ".", ",", "'", "s",
+    "French", "Italian", "German", "English", "Aaron", "Abbey", "Abraham", "Abel", "Abigail", ".", ",", "'", "s",
 ]
 WORDPIECES = ["##s", "##ing", "##ed", "##ville", "##ton", "##er"]
 
@@ -57,19 +57,27 @@ def lama_dir() -> Path:
 # ---------------------------------------------------------------------------------------------
 
 
-def _common_words(n: int) -> list[str]:
+COMMON_SLOTS = 300  # rows of the tiny vocabulary for LAMA's common words, whether the data is there or not
+
+
+def _common_words(taken: list[str]) -> list[str]:
+    """LAMA's first common words not already taken, padded with `[unusedN]` to `COMMON_SLOTS` words.
+
+    The test words come first and the size is fixed, so the tiny models' ids and weights do not depend on
+    whether the real data is present; only tests that need the data see real words in the other slots.
+    """
     path = lama_root() / "vocab" / "common_vocab_cased.txt"
-    if not path.exists():
-        return []
-    words = [w.strip() for w in path.read_text(encoding="utf-8").split("\n")]
-    return [w for w in words if w.isalpha()][:n]
+    words = path.read_text(encoding="utf-8").split("\n") if path.exists() else []
+    common = [w for w in dict.fromkeys(w.strip() for w in words) if w.isalpha() and w not in taken][:COMMON_SLOTS]
+    return common + [f"[unused{i}]" for i in range(COMMON_SLOTS - len(common))]
 
 
 @pytest.fixture(scope="session")
 def wordpiece_vocab_file(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("wordpiece")
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    words = list(dict.fromkeys([*_common_words(300), *TEST_WORDS, *WORDPIECES]))
+    fixed = list(dict.fromkeys([*TEST_WORDS, *WORDPIECES]))
+    words = fixed + _common_words(fixed)
     path = folder / "vocab.txt"
     path.write_text("\n".join(specials + words) + "\n", encoding="utf-8")
     return path

@@ -55,10 +55,12 @@ def setup(backend):
     return cands, compiled, AutoPrompt.create(backend, compiled, MANUAL)
 
 
-def constant_object_problem(backend, cands):
+def constant_object_problem(backend, cands, config: AutoPromptConfig | None = None, manual: str = MANUAL):
     """Every fact's object is the candidate of median rank under the starting triggers: learnable, P@1 ~ 0 at start."""
-    compiled = compile_template(DEFAULT_SHAPES[backend.kind], backend.tokenizer, backend.kind)
-    ev = evaluate_facts(backend, AutoPrompt.create(backend, compiled, MANUAL), compiled,
+    default = compile_template(DEFAULT_SHAPES[backend.kind], backend.tokenizer, backend.kind).template
+    template = AutoPrompt.relation_template(default, manual, backend.kind, config or AutoPromptConfig())
+    compiled = compile_template(template, backend.tokenizer, backend.kind)
+    ev = evaluate_facts(backend, AutoPrompt.create(backend, compiled, manual, config), compiled,
                         [Fact(s, w) for s in SUBJECTS for w in CANDIDATES], cands)
     mean_rank = {w: 0 for w in CANDIDATES}
     for f, r in zip(ev.facts, ev.ranks, strict=True):
@@ -359,17 +361,18 @@ def test_word_slots_start_as_their_words_and_the_rest_as_the(causal_backend):
 
 def test_init_manual_starts_the_search_exactly_at_the_manual_prompt(backend, tmp_path):
     cands = build_candidates(backend.tokenizer, CANDIDATES)
-    train, dev = constant_object_problem(backend, cands)
-    default = compile_template(DEFAULT_SHAPES[backend.kind], backend.tokenizer, backend.kind).template
     config = AutoPromptConfig(init="manual")
-    assert AutoPrompt.relation_template(default, MANUAL, backend.kind, AutoPromptConfig()) is default
-    template = AutoPrompt.relation_template(default, MANUAL, backend.kind, config)
-    assert template.source == ('(sub, ["was born in"], obj, ".")' if backend.kind == "masked"
-                               else '(sub, ["was born in"], obj)')
+    manual_text = "[X] was born in the city of [Y] ."  # six words to search from
+    train, dev = constant_object_problem(backend, cands, config, manual_text)
+    default = compile_template(DEFAULT_SHAPES[backend.kind], backend.tokenizer, backend.kind).template
+    assert AutoPrompt.relation_template(default, manual_text, backend.kind, AutoPromptConfig()) is default
+    template = AutoPrompt.relation_template(default, manual_text, backend.kind, config)
+    assert template.source == ('(sub, ["was born in the city of"], obj, ".")' if backend.kind == "masked"
+                               else '(sub, ["was born in the city of"], obj)')
     compiled = compile_template(template, backend.tokenizer, backend.kind)
-    method = AutoPrompt.create(backend, compiled, MANUAL, config)
+    method = AutoPrompt.create(backend, compiled, manual_text, config)
     manual = evaluate_facts(backend, get_method("manual")(0, backend.hidden_size),
-                            compile_template(MANUAL, backend.tokenizer, backend.kind), dev, cands)
+                            compile_template(manual_text, backend.tokenizer, backend.kind), dev, cands)
     start = evaluate_facts(backend, method, compiled, dev, cands)
     assert start.ranks == manual.ranks  # the same prompt, now as triggers
     start_loss = full_loss(backend, method, compiled, train, cands)

@@ -23,7 +23,7 @@ from probe.vocab import build_candidates
 SUBJECTS = ["Dante", "Victor", "Hugo", "Alighieri", "Besancon", "Aaron", "Abbey", "Abraham", "Abel", "Abigail"]
 FACTS = {"P36": [(s, "Tokyo") for s in SUBJECTS], "P19": [(s, "Milan") for s in SUBJECTS]}  # one answer each: learnable
 VOCAB = ["Paris", "Rome", "Berlin", "Tokyo", "London", "Milan", "Madrid", "Florence"]
-FIT = TrainConfig(lr=1e-3, min_steps=30, batch_size=4, epochs=1, eval_every=5, patience=100, seed=3)
+FIT = TrainConfig(lr=1e-3, min_steps=60, batch_size=4, epochs=1, eval_every=5, patience=100, seed=3)
 
 
 @pytest.fixture(scope="module", params=["tiny_causal_dir", "tiny_masked_dir"])
