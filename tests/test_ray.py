@@ -152,7 +152,7 @@ def test_an_interrupted_driver_resumes_without_rerunning_finished_cells(local_ra
     proc = run_cli("sweep", grid_path, "--out", out, "--data", lama, "--ray")  # the driver again, on a Ray of its own
     assert proc.returncode == 0, proc.stderr
     assert "1 of 4 cells already done" in proc.stderr
-    assert "in the object store" not in proc.stderr  # Ray's restart warning (ray#53727): the data goes as a nested ref
+    assert "in the object store" not in proc.stderr  # Ray's restart warning (ray#53727): the data goes with each call
     assert (out / "cells" / f"{sent[0]}.json").read_bytes() == before
     assert len(cell_rows(out)) == 4
 
