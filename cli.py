@@ -9,18 +9,19 @@ from typing import Annotated
 
 import typer
 
-from probe.errors import ProbeError
+from probe.errors import CellsFailed, Interrupted, ProbeError
 
-app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
+# rich_markup_mode=None: help texts are plain text, so `probe[ray]` and `[X] ... [Y]` print as written
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False, rich_markup_mode=None,
                   help="Probe what facts a frozen language model knows (LAMA, manual and learned prompts).")
-data_app = typer.Typer(no_args_is_help=True, help="Inspect data folders and facts files; build folders from LAMA's data.zip.")
-templates_app = typer.Typer(no_args_is_help=True, help="Inspect and validate template files.")
+data_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
+                       help="Inspect data folders and facts files; build folders from LAMA's data.zip.")
+templates_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Inspect and validate template files.")
 app.add_typer(data_app, name="data")
 app.add_typer(templates_app, name="templates")
 
 DataOpt = Annotated[str | None, typer.Option("--data", help="LAMA folder (default: $PROBE_DATA, else data/lama).")]
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="'smollm2', a hub id, a local folder or a .gguf file.")]
-DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")]
 
 
 def _print_results(results: dict) -> None:
@@ -60,7 +61,7 @@ def data_info(data: DataOpt = None, facts: FactsOpt = None, fields: FieldsOpt = 
     """List the relations: id, label, type (* inferred from the facts), manual template and facts per split."""
     import pandas as pd
 
-    from probe.pipeline import Options, load_data
+    from probe.options import Options, load_data
 
     lama = load_data(Options(data=data, facts=facts, fields=fields))
     df = lama.info_table()
@@ -93,18 +94,22 @@ RayOpt = Annotated[str | None, typer.Option(
     "--ray", metavar="[ADDRESS]", help="Run the relations on Ray: --ray alone starts a local Ray, --ray auto joins the "
                                        "running cluster, or give HOST:PORT (needs probe[ray]).")]
 CpusOpt = Annotated[int | None, typer.Option(help="With --ray and no GPUs: CPUs (and torch threads) per worker (default 1).")]
-RunDeviceOpt = Annotated[str | None, typer.Option("--device", help="cpu (default), cuda or cuda:N.")]
+ThreadsOpt = Annotated[int | None, typer.Option(
+    help="torch's CPU threads per process that computes (default: torch's own in process, --cpus-per-worker on Ray). "
+         "CPU sums, so bfloat16 figures and a training run's path, depend on it; the run records it.")]
+RunDeviceOpt = Annotated[str | None, typer.Option(
+    "--device", help="auto (default: a GPU when there is one, else the CPU), cpu, cuda or cuda:N.")]
 RunDtypeOpt = Annotated[str | None, typer.Option("--dtype", help="bfloat16 (default), float32 or float16 for the LM weights.")]
 RelationOpt = Annotated[list[str] | None, typer.Option(
     "--relation", "-r", help="Relation id, e.g. P19; repeat it or give a comma list (P19,P20).")]
-AllOpt = Annotated[bool | None, typer.Option("--all", help="Every T-REx relation.", show_default=False)]
+AllOpt = Annotated[bool | None, typer.Option("--all", help="Every T-REx relation.", show_default=False, metavar="")]
 SplitOpt = Annotated[str | None, typer.Option(help="test_34k (default; alias test), test_29k, dev or train.")]
 VocabOpt = Annotated[str | None, typer.Option(
     help="Candidate vocabulary: common (default, LAMA's), 29k (P-tuning's), objects (every object of the facts), or a "
          "file of your own (one word a line).")]
 OutOpt = Annotated[Path | None, typer.Option(help="Run folder (default runs/<method>-<model>-<time>).")]
 ResumeOpt = Annotated[bool | None, typer.Option("--resume", help="Continue an existing run folder, skipping finished "
-                                                "relations.", show_default=False)]
+                                                "relations.", show_default=False, metavar="")]
 ObjectsOpt = Annotated[str | None, typer.Option(
     "--objects", help="single (default): LAMA's protocol, objects that are one token of --vocab; any: every fact, ranking "
                       "the relation's candidate objects of any length by their log-likelihood.")]
@@ -112,13 +117,11 @@ CandidatesOpt = Annotated[Path | None, typer.Option(
     "--candidates", help="With --objects any: candidate objects, one a line (for every relation) or JSONL with relation "
                          "and object (default: each relation's objects across train, dev and test).")]
 LengthNormOpt = Annotated[bool | None, typer.Option(
-    "--length-norm", show_default=False, help="With --objects any: divide a candidate's log-likelihood by its token count.")]
+    "--length-norm", show_default=False, metavar="",
+    help="With --objects any: divide a candidate's log-likelihood by its token count.")]
 
 def _run(command, options) -> None:
-    """Run a pipeline command; Ctrl-C keeps what finished, says where, and exits 130; failed cells exit 1."""
-    from probe.cells import CellsFailed
-    from probe.errors import Interrupted
-
+    """Run a command (eval or train); Ctrl-C keeps what finished, says where, and exits 130; failed cells exit 1."""
     try:
         runs = command(options, log=_log)
     except Interrupted as e:
@@ -152,7 +155,7 @@ def eval_cmd(
     prompts_file: Annotated[Path | None, typer.Option(
         help="Fixed [X] ... [Y] prompts: a .jsonl of {relation, template}, a 'P19<TAB>template' text file, "
              "or a folder of P*.jsonl / P*.txt (LPAQA, ParaRel).")] = None,
-    ensemble: Annotated[bool | None, typer.Option("--ensemble", show_default=False,
+    ensemble: Annotated[bool | None, typer.Option("--ensemble", show_default=False, metavar="",
         help="With --prompts-file: combine a relation's prompts (weighted mean of candidate log-softmax).")] = None,
     max_prompts: Annotated[int | None, typer.Option(
         help="Prompts per relation from --prompts-file (default: 1, all with --ensemble; 0: all).")] = None,
@@ -166,7 +169,7 @@ def eval_cmd(
         help="The relations' templates: one inline '[X] was founded by [Y] .' for all, or a template file keyed by "
              "relation (e.g. templates/google_re.txt).")] = None,
     from_sentences: Annotated[bool | None, typer.Option(
-        "--from-sentences", show_default=False,
+        "--from-sentences", show_default=False, metavar="",
         help="Evaluate each fact's cloze sentence (LAMA's masked_sentences) instead of a template; a causal LM sees "
              "only the text before [MASK].")] = None,
     objects: ObjectsOpt = None,
@@ -174,20 +177,24 @@ def eval_cmd(
     length_norm: LengthNormOpt = None,
     ray: RayOpt = None,
     cpus_per_worker: CpusOpt = None,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Evaluate fixed prompts on one or all relations with one model load; print and save the table."""
-    from probe.pipeline import Options, rerun_prompts, run_eval
+    from probe.commands.eval import run_eval
+    from probe.commands.rerun import rerun_prompts
+    from probe.options import Options
 
     options = Options(model=model, method=method, relation=relation, all=all_, split=split, vocab=vocab, data=data,
                       out=out, resume=resume, batch_size=batch_size, device=device, dtype=dtype, prompts=prompts,
                       prompts_file=prompts_file, ensemble=ensemble, max_prompts=max_prompts, control=control, seed=seed,
                       facts=facts, fields=fields, template=template, from_sentences=from_sentences, ray=ray,
-                      cpus_per_worker=cpus_per_worker, objects=objects, candidates=candidates, length_norm=length_norm)
+                      cpus_per_worker=cpus_per_worker, threads=threads, objects=objects, candidates=candidates,
+                      length_norm=length_norm)
     if prompts is None:
         return _run(run_eval, options)
     import pandas as pd
 
-    rows = rerun_prompts(options)
+    rows = rerun_prompts(options, log=_log)
     df = pd.DataFrame(rows)[["relation", "type", "n_facts", "saved_p1", "p1", "saved_p10", "p10", "saved_mrr", "mrr"]]
     df["same"] = [all(r[k] == r[f"saved_{k}"] for k in ("p1", "p10", "mrr")) for r in rows]
     typer.echo(df.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
@@ -202,7 +209,7 @@ def train_cmd(
     model: RunModelOpt = None,
     method: Annotated[str | None, typer.Option(
         help="ptuning (default), ptuning-mlp, prompt-tuning, prefix-tuning, autoprompt, or finetune (every LM weight "
-             "trains, on the manual template: the ceiling).")] = None,
+             "trains, on the manual template: the ceiling). The README lists each with its options.")] = None,
     relation: RelationOpt = None,
     all_: AllOpt = None,
     template: Annotated[str | None, typer.Option(
@@ -213,6 +220,9 @@ def train_cmd(
              "manual (start the search from the manual prompt's words; default neutral).")] = None,
     reparam: Annotated[str | None, typer.Option(
         help="prefix-tuning: mlp (train an MLP over a small embedding, folded away at save) or none.")] = None,
+    option: Annotated[list[str] | None, typer.Option(
+        "--option", "-o", help="A method option as NAME=VALUE (repeatable), e.g. -o init=template: any option the "
+                               "method declares (--init and --reparam are two of them).")] = None,
     split: Annotated[str | None, typer.Option(help="Test split: test_34k (default; alias test) or test_29k.")] = None,
     vocab: VocabOpt = None,
     data: DataOpt = None,
@@ -233,7 +243,7 @@ def train_cmd(
     iterations: Annotated[int | None, typer.Option(help="autoprompt: search iterations, one trigger slot each (default 30).")] = None,
     top_k: Annotated[int | None, typer.Option(help="autoprompt: candidate tokens re-scored per iteration (default 10).")] = None,
     capitals: Annotated[bool | None, typer.Option(help="autoprompt: allow capitalised trigger tokens (default yes).",
-                                                  show_default=False)] = None,
+                                                  show_default=False, metavar="")] = None,
     device: RunDeviceOpt = None,
     dtype: RunDtypeOpt = None,
     control: Annotated[str | None, typer.Option(
@@ -249,19 +259,22 @@ def train_cmd(
         help="Your facts' manual templates (for the manual baseline and the `manual` shape part): one inline "
              "'[X] ... [Y] .' or a template file keyed by relation.")] = None,
     save_model: Annotated[bool | None, typer.Option(
-        "--save-model", show_default=False,
+        "--save-model", show_default=False, metavar="",
         help="finetune: also save each relation's fine-tuned LM weights (RELATION/model.safetensors).")] = None,
     objects: ObjectsOpt = None,
     candidates: CandidatesOpt = None,
     length_norm: LengthNormOpt = None,
     ray: RayOpt = None,
     cpus_per_worker: CpusOpt = None,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Train a prompt per relation against the frozen LM, then test it next to the manual prompt."""
-    from probe.pipeline import Options, run_train
+    from probe.commands.train import run_train
+    from probe.options import Options
 
     _run(run_train, Options(
         model=model, method=method, relation=relation, all=all_, template=template, init=init, reparam=reparam,
+        option=option, threads=threads,
         split=split, vocab=vocab, data=data, out=out, resume=resume, lr=lr, epochs=epochs, min_steps=min_steps,
         batch_size=batch_size, eval_every=eval_every, patience=patience, max_train=max_train, seed=seed,
         iterations=iterations, top_k=top_k, capitals=capitals, device=device, dtype=dtype, control=control,
@@ -276,13 +289,19 @@ def compare_cmd(
     out: Annotated[Path | None, typer.Option(help="Where to save compare.csv, compare.md and the plots "
                                                   "(default runs/compare-<time>).")] = None,
     allow_mixed: Annotated[bool, typer.Option(help="Compare runs of different models, vocabularies or splits.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite the comparison in an existing --out.")] = False,
 ) -> None:
     """One table of methods against relations (P@1), macro/micro on the shared relations, gain over manual, plots."""
     import pandas as pd
 
-    from probe.compare import compare_runs, load_runs, write_comparison
+    from probe.compare import check_compare_out, compare_runs, load_runs, write_comparison
 
-    cmp = compare_runs(load_runs(runs), allow_mixed=allow_mixed)
+    if out is not None:
+        check_compare_out(out, force)
+    skipped: list[str] = []
+    cmp = compare_runs(load_runs(runs, skipped), allow_mixed=allow_mixed)
+    for folder in skipped:
+        _log(f"skipped {folder}")
     with pd.option_context("display.max_rows", None, "display.width", 200, "display.max_columns", None):
         typer.echo(cmp.per_relation.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
         typer.echo("")
@@ -321,9 +340,17 @@ def templates_check(
     file: Annotated[Path, typer.Argument(help="A template file (see templates/).")],
 ) -> None:
     """Validate a template file; print its entries."""
-    from probe.templates import WORDS, parse_template_file
+    from probe.template_files import parse_template_file
+    from probe.templates import WORDS, TemplateError
 
-    tf = parse_template_file(file)
+    try:
+        tf = parse_template_file(file)
+    except TemplateError as e:
+        if len(e.problems) > 1:  # every bad line, then the one error line
+            for problem in e.problems:
+                typer.echo(f"  {problem}", err=True)
+            raise ProbeError(f"{file}: {len(e.problems)} lines are not valid templates (listed above)") from None
+        raise
     for key, t in tf.entries.items():
         slots = sum(p.kind == WORDS for p in t.parts)
         typer.echo(f"{key}: {t.source}  ({t.n_virtual} virtual tokens" + (f", {slots} word slots)" if slots else ")"))
@@ -340,7 +367,7 @@ def templates_show(
     """Print what the model sees for a relation's first test fact; virtual tokens as [V1]..[Vn]."""
     from probe.backends import load_backend
     from probe.data import open_data
-    from probe.pipeline import load_template_spec
+    from probe.options import load_template_spec
     from probe.templates import compile_template
 
     tf = load_template_spec(str(file))
@@ -364,15 +391,15 @@ def sweep_cmd(
     device: RunDeviceOpt = None,
     ray: RayOpt = None,
     cpus_per_worker: CpusOpt = None,
+    threads: ThreadsOpt = None,
 ) -> None:
-    """Train every cell of a grid (model x method x length x init x reparam x seed x relation); tables of mean ± std
+    """Train every cell of a grid (model x method x length x method options x seed x relation); tables of mean ± std
     over seeds."""
-    from probe.cells import CellsFailed
-    from probe.errors import Interrupted
     from probe.sweep import sweep_command
 
     try:
-        summary = sweep_command(grid, out, data, device, log=_log, ray=ray, cpus_per_worker=cpus_per_worker)
+        summary = sweep_command(grid, out, data, device, log=_log, ray=ray, cpus_per_worker=cpus_per_worker,
+                                threads=threads)
     except Interrupted as e:
         typer.echo(f"interrupted: finished cells are saved in {e.folder}; rerun the same command to continue", err=True)
         raise typer.Exit(130) from None

@@ -11,6 +11,8 @@ from probe.errors import ProbeError
 from probe.templates import CompiledTemplate, Encoded
 from probe.vocab import CandidateVocab
 
+MAX_BATCH_TOKENS = 16384  # positions in an evaluation batch at most (128 rows of LAMA's ~12 tokens are ~1,500)
+
 
 @dataclass
 class Batch:
@@ -86,6 +88,24 @@ def relation_facts(data: FactData, relation: Relation, split: str, candidates, s
     return facts, dropped
 
 
+def fit_context(compiled, facts: list[Fact], limit: int | None, candidates=None) -> tuple[list[Fact], list[tuple[Fact, int]]]:
+    """The facts whose input fits in `limit` positions (the model's context; None: no limit), and the others with the
+    positions they would take. Objects of any length count the longest candidate's tokens too."""
+    if not limit:
+        return list(facts), []
+    extra = 0
+    if hasattr(candidates, "sequences"):  # objects of any length: the candidate's tokens follow (or fill) the target
+        extra = max(len(s) for s in candidates.sequences) - (1 if compiled.kind == "masked" else 0)
+    kept, long = [], []
+    for fact in facts:
+        n = len(compiled.encode_fact(fact).input_ids) + extra
+        if n <= limit:
+            kept.append(fact)
+        else:
+            long.append((fact, n))
+    return kept, long
+
+
 def collate(compiled: CompiledTemplate, facts: list[Fact], candidates: CandidateVocab, pad_id: int,
             encoded: list[Encoded] | None = None) -> Batch:
     """Encode (unless `encoded` is given) and right-pad facts into one batch."""
@@ -112,8 +132,10 @@ def make_batches(
     pad_id: int,
     generator: torch.Generator | None = None,
     max_padding: float = 0.1,
+    max_tokens: int = MAX_BATCH_TOKENS,
 ) -> list[Batch]:
-    """Batches of facts sorted by input length, each padded by at most `max_padding` of its tokens.
+    """Batches of facts sorted by input length, each padded by at most `max_padding` of its tokens and holding at most
+    `max_tokens` positions (so that long inputs come in fewer rows, and memory stays bounded).
 
     With a generator (training), facts are shuffled; each pool of 8 batches is sorted by length before
     it is cut, to pad less, and the batches come out in a shuffled order.
@@ -132,7 +154,8 @@ def make_batches(
         chunks, tokens = [], 0
         for i in sorted(range(len(facts)), key=lambda i: (lengths[i], i)):
             rows = len(chunks[-1]) + 1 if chunks else 0
-            if not chunks or rows > batch_size or lengths[i] * rows > (1 + max_padding) * (tokens + lengths[i]):
+            if (not chunks or rows > batch_size or lengths[i] * rows > (1 + max_padding) * (tokens + lengths[i])
+                    or lengths[i] * rows > max_tokens):
                 chunks.append([])
                 tokens = 0
             chunks[-1].append(i)

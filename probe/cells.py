@@ -5,7 +5,7 @@ the files it made (`CellOutput`); the driver writes them under the cell's folder
 file last. So a worker killed mid-cell leaves nothing behind, a finished cell is written once, and a rerun skips
 every cell whose marker exists.
 
-Two executors run cells, with the same results:
+Two executors run cells behind one interface (`Executor`), with the same results:
 - `InProcess`: one model at a time in this process (the default);
 - `RayExecutor` (probe/ray_cells.py): Ray actors that each load a model once, on one machine or a cluster.
 """
@@ -15,19 +15,22 @@ from __future__ import annotations
 import sys
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
+import torch
 from tqdm import tqdm
 
 from probe.backends import Backend, load_backend
+from probe.backends.loading import resolve_device
 from probe.batching import relation_facts
 from probe.data import Fact, FactData, Relation
-from probe.errors import ProbeError
+from probe.errors import CellsFailed, ProbeError
+from probe.files import atomic_write_bytes
 from probe.objects import RelationCandidates
-from probe.runs import atomic_write_bytes
 from probe.vocab import CandidateChoice, CandidateVocab
 
 
@@ -36,7 +39,7 @@ class ModelSpec:
     """How to load a model: what each worker needs to load its own copy."""
 
     name: str
-    device: str = "cpu"
+    device: str = "cpu"  # resolved: cpu, cuda or cuda:N
     dtype: str = "bfloat16"
     control: str = "none"
     seed: int = 0
@@ -56,7 +59,7 @@ class CellOutput:
 
     files: list[tuple[str, bytes]] = field(default_factory=list)
     message: str | None = None  # a line for the user once the files are written
-    warning: str | None = None
+    warnings: list[str] = field(default_factory=list)
 
 
 class Cell(ABC):
@@ -71,13 +74,13 @@ class Cell(ABC):
         return (Path(self.root) / self.marker).exists()
 
     @abstractmethod
-    def run(self, worker: Worker) -> CellOutput:
-        """Compute the cell against the worker's model; never write into the run folder."""
+    def run(self, loaded: LoadedModel) -> CellOutput:
+        """Compute the cell against a loaded model; never write into the run folder."""
 
 
-class Worker:
-    """What cells run against: one loaded model, the data, the candidates (`candidates.for_relation(rid)`), and facts
-    filtered once."""
+class LoadedModel:
+    """What cells run against: one loaded model (its backend), the data, the candidates
+    (`candidates.for_relation(rid)`), and facts filtered once."""
 
     def __init__(self, backend: Backend, data: FactData, candidates: CandidateVocab | RelationCandidates,
                  spec: ModelSpec | None = None):
@@ -89,7 +92,7 @@ class Worker:
         self._facts: dict[tuple[str, str], tuple[list[Fact], int]] = {}
 
     @classmethod
-    def load(cls, spec: ModelSpec, data: FactData, candidates: CandidateChoice | str) -> Worker:
+    def load(cls, spec: ModelSpec, data: FactData, candidates: CandidateChoice | str) -> LoadedModel:
         backend = spec.load()
         return cls(backend, data, CandidateChoice.of(candidates).build(backend.tokenizer, data), spec)
 
@@ -108,15 +111,6 @@ def write_output(cell: Cell, output: CellOutput) -> None:
     """The driver's side: write a cell's files atomically, in order, the marker last."""
     for name, blob in output.files:
         atomic_write_bytes(Path(cell.root) / name, blob)
-
-
-class CellsFailed(Exception):
-    """Some cells failed on every try; the others are written."""
-
-    def __init__(self, failures: list[tuple[Cell, str]]):
-        self.failures = failures
-        first, why = failures[0]
-        super().__init__(f"{len(failures)} cell(s) failed, e.g. {first.key}: {why}")
 
 
 class Progress:
@@ -182,58 +176,106 @@ OnDone = Callable[[Cell, CellOutput], None]
 def finish(cell: Cell, output: CellOutput, on_done: OnDone | None) -> None:
     """Write a finished cell, tell the user, and let the caller update its tables."""
     write_output(cell, output)
-    if output.warning:
-        tqdm.write(f"warning: {output.warning}", file=sys.stderr)
+    for warning in output.warnings:
+        tqdm.write(f"warning: {warning}", file=sys.stderr)
     if output.message:
         tqdm.write(output.message)
     if on_done:
         on_done(cell, output)
 
 
-class InProcess:
+@contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """torch's CPU thread count set to `n` inside the block (None: left as it is), then put back."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+class Executor(ABC):
+    """Where cells run. `local`: the models load in this process, so a device named must exist here."""
+
+    local: bool = True
+
+    @property
+    @abstractmethod
+    def device(self) -> str:
+        """The device the models load on when none is named (auto: a GPU when there is one)."""
+
+    @property
+    @abstractmethod
+    def threads(self) -> int:
+        """torch's CPU threads in each process that computes (recorded: CPU sums depend on it)."""
+
+    @abstractmethod
+    def check_device(self, device: str) -> None:
+        """A device that the workers cannot have is a ProbeError."""
+
+    @abstractmethod
+    def run(self, cells: Sequence[Cell], on_done: OnDone | None = None, desc: str = "cells") -> Progress:
+        """Run the unfinished cells, writing each as it finishes; Progress reports them."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Shut down what the executor started."""
+
+
+class InProcess(Executor):
     """Runs cells one after another in this process, loading each model once (or using one already loaded)."""
 
-    device = "cpu"  # the default device of the models it loads
+    def __init__(self, data: FactData, candidates: CandidateChoice | str | None = None, loaded: LoadedModel | None = None,
+                 log=print, threads: int | None = None):
+        self.data = data
+        self.candidates = candidates
+        self.loaded = loaded
+        self.log = log
+        self._threads = threads
+
+    @property
+    def device(self) -> str:
+        return resolve_device("auto")
+
+    @property
+    def threads(self) -> int:
+        return self._threads or torch.get_num_threads()
 
     def check_device(self, device: str) -> None:
-        """Nothing to check ahead: loading the model says whether the device exists here."""
+        resolve_device(device)
 
     def close(self) -> None:
         """Nothing to shut down."""
-
-    def __init__(self, data: FactData, candidates: CandidateChoice | str | None = None, worker: Worker | None = None,
-                 log=print):
-        self.data = data
-        self.candidates = candidates
-        self.worker = worker
-        self.log = log
 
     def run(self, cells: Sequence[Cell], on_done: OnDone | None = None, desc: str = "cells") -> Progress:
         todo = [c for c in cells if not c.done()]
         progress = Progress(todo, desc)
         try:
-            for spec in dict.fromkeys(c.model for c in todo):
-                worker = self._worker(spec)
-                for cell in (c for c in todo if c.model == spec):
-                    if cell.done():  # finished meanwhile by another process sharing the folder
-                        progress.skipped(cell)
-                        continue
-                    t0 = time.time()
-                    progress.started()
-                    output = cell.run(worker)
-                    finish(cell, output, on_done)
-                    progress.finished(cell, time.time() - t0)
-                worker = None  # the next model loads once this one is freed
+            with torch_threads(self._threads):
+                for spec in dict.fromkeys(c.model for c in todo):
+                    loaded = self._load(spec)
+                    for cell in (c for c in todo if c.model == spec):
+                        if cell.done():  # finished meanwhile by another process sharing the folder
+                            progress.skipped(cell)
+                            continue
+                        t0 = time.time()
+                        progress.started()
+                        output = cell.run(loaded)
+                        finish(cell, output, on_done)
+                        progress.finished(cell, time.time() - t0)
+                    loaded = None  # the next model loads once this one is freed
         finally:
             progress.close()
         return progress
 
-    def _worker(self, spec: ModelSpec) -> Worker:
-        if self.worker is None or self.worker.spec != spec:
+    def _load(self, spec: ModelSpec) -> LoadedModel:
+        if self.loaded is None or self.loaded.spec != spec:
             if self.candidates is None:
                 raise ProbeError(f"internal: no candidates to build for {spec.name}")
-            self.worker = None  # free the previous model first (the caller holds no other reference)
+            self.loaded = None  # free the previous model first (the caller holds no other reference)
             t0 = time.time()
-            self.worker = Worker.load(spec, self.data, self.candidates)
+            self.loaded = LoadedModel.load(spec, self.data, self.candidates)
             self.log(f"{spec.name} loaded in {time.time() - t0:.1f}s")
-        return self.worker
+        return self.loaded

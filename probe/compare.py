@@ -16,9 +16,11 @@ import pandas as pd
 
 from probe.data import RELATION_TYPES, relation_key
 from probe.errors import ProbeError
+from probe.files import atomic_write_text, read_json
+from probe.methods import METHODS
 from probe.metrics import aggregate, relation_metrics
 from probe.plots import png_axes
-from probe.runs import atomic_write_text, markdown_table, read_json, slug
+from probe.runs import markdown_table, slug
 
 # Settings that must agree for P@1 figures to be comparable (else --allow-mixed). Runs of different models are
 # compared on the facts every run keeps (see on_common_facts).
@@ -27,7 +29,7 @@ DEFAULTS = {"objects": "single"}  # what a config without the key means
 
 
 @dataclass
-class Run:
+class ComparedRun:
     """One run folder's results: a label, its config and its relation rows by id."""
 
     folder: Path
@@ -40,7 +42,7 @@ class Run:
 class Comparison:
     """What `probe compare` prints and saves."""
 
-    runs: list[Run]
+    runs: list[ComparedRun]
     relations: list[str]
     summary: pd.DataFrame
     per_relation: pd.DataFrame
@@ -49,33 +51,38 @@ class Comparison:
     seeds: pd.DataFrame | None = None  # runs that differ only by seed, grouped: mean and sample std
 
 
-def find_run_folders(paths: list[Path]) -> list[Path]:
-    """Each path is a run folder (holding results.json) or a folder of run folders."""
+def find_run_folders(paths: list[Path], skipped: list[str] | None = None) -> list[Path]:
+    """Each path is a run folder (holding results.json) or a folder of run folders. Folders inside that are not
+    finished runs (a config.json, or relations, but no results.json: interrupted or still running) are left out, and
+    named in `skipped`."""
     found = []
     for path in map(Path, paths):
         if (path / "results.json").is_file():
             found.append(path)
             continue
-        inner = sorted(p.parent for p in path.glob("*/results.json"))
         if not path.exists():
             raise ProbeError(f"{path} does not exist: expected a run folder or a folder of run folders")
+        if (path / "config.json").is_file():
+            raise ProbeError(f"{path} has no results.json: the run did not finish (rerun it with --resume)")
+        inner = sorted(p.parent for p in path.glob("*/results.json"))
         if not path.is_dir() or not inner:
             raise ProbeError(f"{path} is not a run folder (no results.json) nor a folder of run folders")
         found.extend(inner)
+        if skipped is not None:
+            skipped += [f"{p} (no results.json: an unfinished run)" for p in sorted(path.iterdir())
+                        if p.is_dir() and not (p / "results.json").is_file() and (p / "config.json").is_file()]
     return list(dict.fromkeys(found))
 
 
 def run_label(config: dict) -> str:
     """The method name, with any init or reparam other than the method's default (`autoprompt+init=manual`);
     runs of a prompts file add the file's stem (and +ens for an ensemble), runs of objects of any length +any."""
-    from probe.methods import METHODS
-
     label = config.get("method") or config.get("control") or "?"
     if label in METHODS and config.get("method_config"):
         default = METHODS[label].config_class()
-        for key in ("init", "reparam"):
+        for key in default.values():
             value = config["method_config"].get(key)
-            if value is not None and value != getattr(default, key, value):
+            if value is not None and value != getattr(default, key):
                 label += f"+{key}={value}"
     if config.get("prompts_file"):
         label += f":{Path(config['prompts_file']).stem}" + ("+ens" if config.get("ensemble") else "")
@@ -86,14 +93,15 @@ def run_label(config: dict) -> str:
     return label
 
 
-def load_runs(paths: list[Path]) -> list[Run]:
+def load_runs(paths: list[Path], skipped: list[str] | None = None) -> list[ComparedRun]:
+    """The finished runs among `paths` (see find_run_folders; the unfinished ones go to `skipped`)."""
     runs = []
-    for folder in find_run_folders(paths):
+    for folder in find_run_folders(paths, skipped):
         results = read_json(folder / "results.json")
         if not isinstance(results, dict) or "config" not in results or "relations" not in results:
             raise ProbeError(f"{folder}/results.json: expected 'config' and 'relations' (a probe run folder)")
         rows = {r["relation"]: r for r in results["relations"]}
-        runs.append(Run(folder, run_label(results["config"]), results["config"], rows))
+        runs.append(ComparedRun(folder, run_label(results["config"]), results["config"], rows))
     if len({run.config.get("model") for run in runs}) > 1:  # several models: side by side, named by model
         for run in runs:
             run.label += f" @ {slug(str(run.config.get('model')))}"
@@ -104,7 +112,7 @@ def load_runs(paths: list[Path]) -> list[Run]:
     return runs
 
 
-def check_comparable(runs: list[Run]) -> None:
+def check_comparable(runs: list[ComparedRun]) -> None:
     """Runs of different vocabularies, splits or object protocols (--objects single/any) are a ProbeError naming
     what differs and where."""
     differences = []
@@ -120,13 +128,11 @@ def check_comparable(runs: list[Run]) -> None:
 
 def is_reference(config: dict) -> bool:
     """A run of the method that the others are measured against (the manual prompt)."""
-    from probe.methods import METHODS
-
     method = METHODS.get(config.get("method") or "")
     return method is not None and method.reference
 
 
-def _manual_reference(run: Run, runs: list[Run], relations: list[str]) -> tuple[dict[str, float] | None, str]:
+def _manual_reference(run: ComparedRun, runs: list[ComparedRun], relations: list[str]) -> tuple[dict[str, float] | None, str]:
     """Manual P@1 per relation for a run: its own manual_p1 (train runs), else a manual run of the same model."""
     if is_reference(run.config):
         return {r: run.rows[r]["p1"] for r in relations}, run.label
@@ -139,14 +145,14 @@ def _manual_reference(run: Run, runs: list[Run], relations: list[str]) -> tuple[
     return None, ""
 
 
-def predictions_of(run: Run, rid: str) -> list[dict]:
+def predictions_of(run: ComparedRun, rid: str) -> list[dict]:
     path = run.folder / rid / "predictions.jsonl"
     if not path.is_file():
         raise ProbeError(f"{path} not found: runs of several models are compared fact by fact, from their predictions")
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def on_common_facts(runs: list[Run], relations: list[str]) -> str | None:
+def on_common_facts(runs: list[ComparedRun], relations: list[str]) -> str | None:
     """Runs of several models keep different facts (an object must be one token of each model). Like LAMA's common
     vocabulary, every relation's figures are recomputed on the facts that every run keeps; returns the note saying
     how many, or None for runs of one model."""
@@ -167,7 +173,7 @@ def on_common_facts(runs: list[Run], relations: list[str]) -> str | None:
             f"that every run keeps, {kept:,} of the {most:,} of the run that keeps most")
 
 
-def compare_runs(runs: list[Run], allow_mixed: bool = False) -> Comparison:
+def compare_runs(runs: list[ComparedRun], allow_mixed: bool = False) -> Comparison:
     """Summary figures per run over the relations every run holds, and P@1 per relation."""
     if not runs:
         raise ProbeError("no run folders to compare")
@@ -236,15 +242,16 @@ SEED_FIGURES = ("macro_p1", "micro_p1", *[f"p1_{t}" for t in RELATION_TYPES])
 
 
 def without_seed(config: dict) -> str:
-    """A run's config with its seeds (and creation time) left out: runs alike but for the seed share it."""
-    out = {k: v for k, v in config.items() if k not in ("seed", "created", "probe_version")}
+    """A run's config with its seeds (and creation time, version, threads and device) left out: runs alike but for the
+    seed share it."""
+    out = {k: v for k, v in config.items() if k not in ("seed", "created", "probe_version", "torch_threads", "device")}
     for key in ("train", "data_spec"):
         if isinstance(out.get(key), dict):
             out[key] = {k: v for k, v in out[key].items() if k != "seed"}
     return json.dumps(out, sort_keys=True, default=str)
 
 
-def seed_groups(runs: list[Run], summary: pd.DataFrame) -> pd.DataFrame | None:
+def seed_groups(runs: list[ComparedRun], summary: pd.DataFrame) -> pd.DataFrame | None:
     """Per group of runs that differ only by seed: the seeds, and mean and sample std over them of macro and micro
     P@1 and of macro P@1 per relation type; None when no two runs differ only by seed."""
     groups: dict[str, list[int]] = {}
@@ -353,6 +360,15 @@ def plot_manual_scatter(cmp: Comparison, path: Path) -> bool:
         ax.set_ylabel("method P@1 (%)")
         ax.set_title("P@1 per relation")
     return True
+
+
+def check_compare_out(out: Path, force: bool) -> None:
+    """An existing --out is refused unless --force (its files would be overwritten); a file is never a folder."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ProbeError(f"--out {out} is an existing file: expected a folder to write into")
+    if out.exists() and not force:
+        raise ProbeError(f"--out {out} already exists: pass --force to overwrite its comparison, or another --out")
 
 
 def write_comparison(cmp: Comparison, out: Path) -> list[Path]:

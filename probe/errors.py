@@ -18,3 +18,12 @@ class Interrupted(Exception):
     def __init__(self, folder):
         super().__init__(str(folder))
         self.folder = folder
+
+
+class CellsFailed(Exception):
+    """Some cells (relations, grid cells) failed on every try; the others are written."""
+
+    def __init__(self, failures: list):
+        self.failures = failures  # (cell, why) pairs
+        first, why = failures[0]
+        super().__init__(f"{len(failures)} cell(s) failed, e.g. {first.key}: {why}")

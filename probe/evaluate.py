@@ -4,22 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 from tqdm import tqdm
 
-from probe.backends import Backend, PromptInputs
+from probe.backends import Backend, Prompt, PromptInputs
 from probe.batching import Batch, make_batches
-from probe.controls import majority_scores
 from probe.data import Fact
 from probe.metrics import length_breakdown, ranks_of, relation_metrics
 from probe.objects import ObjectCandidates
 from probe.templates import CompiledTemplate
 from probe.vocab import CandidateVocab
-
-if TYPE_CHECKING:
-    from probe.methods.base import PromptMethod
 
 
 def scored_batches(backend: Backend, prompt: PromptInputs, compiled: CompiledTemplate, facts: list[Fact],
@@ -72,10 +68,24 @@ def by_input(compiled: CompiledTemplate, facts: list[Fact]) -> dict[str, list[Fa
     return groups
 
 
+def inputs_of(prompt: Prompt | None) -> PromptInputs:
+    """What a prompt puts into the LM, computed without gradients in eval mode; None: nothing (a fixed template)."""
+    if prompt is None:
+        return PromptInputs()
+    was_training = isinstance(prompt, nn.Module) and prompt.training
+    if was_training:
+        prompt.eval()
+    with torch.no_grad():
+        inputs = prompt.prompt_inputs()
+    if was_training:
+        prompt.train()
+    return inputs
+
+
 @torch.no_grad()
 def evaluate_facts(
     backend: Backend,
-    method: PromptMethod,
+    method: Prompt | None,
     compiled: CompiledTemplate,
     facts: list[Fact],
     candidates: CandidateVocab,
@@ -84,11 +94,10 @@ def evaluate_facts(
 ) -> RelationEval:
     """Rank every candidate for each fact and return ranks, top-10 words and P@1/P@10/MRR.
 
-    Each distinct subject is run once; its scores serve every fact with that subject.
+    Each distinct subject is run once; its scores serve every fact with that subject. `method` None: the template
+    alone (a manual or discrete prompt, a cloze sentence).
     """
-    was_training = method.training
-    method.eval()
-    prompt = method.prompt_inputs()
+    prompt = inputs_of(method)
     groups = by_input(compiled, facts)
     ranks: list[int] = []
     top10: list[list[str]] = []
@@ -105,14 +114,13 @@ def evaluate_facts(
         ordered.extend(batch_facts)
         if progress is not None:
             progress.update(len(batch_facts))
-    method.train(was_training)
     return RelationEval.of(ordered, ranks, top10, candidates)
 
 
 @torch.no_grad()
 def evaluate_ensemble(
     backend: Backend,
-    method: PromptMethod,
+    method: Prompt | None,
     prompts: list[CompiledTemplate],
     weights: list[float],
     facts: list[Fact],
@@ -126,10 +134,8 @@ def evaluate_ensemble(
     key = prompts[0].input_key  # the same subjects share an input under every template
     groups = by_input(prompts[0], facts)
     row_of = {k: i for i, k in enumerate(groups)}
-    was_training = method.training
-    method.eval()
     total = sum(weights)
-    prompt = method.prompt_inputs()
+    prompt = inputs_of(method)
     dtype = torch.float64 if isinstance(candidates, ObjectCandidates) else torch.float32  # as the scores come
     scores = torch.zeros(len(groups), len(candidates), dtype=dtype)
     for compiled, weight in zip(prompts, weights, strict=True):
@@ -139,15 +145,13 @@ def evaluate_ensemble(
             scores[rows] += (weight / total) * logits.log_softmax(dim=1).cpu()
             if progress is not None:
                 progress.update(sum(len(groups[key(f)]) for f in batch.facts))
-    method.train(was_training)
     gold = torch.tensor([candidates.index[f.obj] for f in facts])
     ranks, top10 = rank_candidates(scores[[row_of[key(f)] for f in facts]], gold, candidates)
     return RelationEval.of(facts, ranks, top10, candidates)
 
 
-def evaluate_majority(train: list[Fact], facts: list[Fact], candidates: CandidateVocab) -> RelationEval:
-    """The majority-class control: every fact ranks the candidates by their count as train objects."""
-    scores = majority_scores(train, candidates).expand(len(facts), -1)
+def evaluate_fixed(scores: torch.Tensor, facts: list[Fact], candidates: CandidateVocab) -> RelationEval:
+    """Every fact ranks the candidates by the same scores (C,): a control that does not use the LM (majority)."""
     gold = torch.tensor([candidates.index[f.obj] for f in facts])
-    ranks, top10 = rank_candidates(scores, gold, candidates)
+    ranks, top10 = rank_candidates(scores.expand(len(facts), -1), gold, candidates)
     return RelationEval.of(facts, ranks, top10, candidates)

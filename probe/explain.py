@@ -9,7 +9,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from probe.backends import load_backend
 from probe.errors import ProbeError
+from probe.files import atomic_write_json, read_json
+from probe.methods import METHODS
+from probe.options import reopen_data
+from probe.saved_prompts import load_prompt, saved_relations
 
 
 @dataclass
@@ -76,8 +81,6 @@ def load_vectors(folder: Path) -> tuple[torch.Tensor, str]:
     Input-level methods saved input embeddings. Prefix-tuning learns no input vectors, so its layer-0 keys
     and values are used, to be compared with each vocabulary token's own layer-0 keys and values.
     """
-    from probe.pipeline import load_prompt
-
     prompt = load_prompt(folder / "prompt.safetensors")
     if prompt.embeddings is not None:
         return prompt.embeddings, INPUT_SPACE
@@ -100,8 +103,6 @@ def vocabulary_table(backend, space: str, batch_size: int = 4096) -> torch.Tenso
 
 def check_explainable(config: dict, run_dir: Path) -> None:
     """Only training runs of continuous methods have vectors to explain; eval runs and discrete searches hold real tokens."""
-    from probe.methods import METHODS
-
     method = config.get("method")
     if config.get("command") != "train" or method not in METHODS or not METHODS[method].continuous:
         readable = ", ".join(n for n, c in METHODS.items() if c.continuous)
@@ -113,12 +114,8 @@ def check_explainable(config: dict, run_dir: Path) -> None:
 
 def explain_run(run_dir: Path, relations: list[str] | None, k: int, data: str | None, log=print) -> Path:
     """Explain every saved prompt of a training run (or only `relations`): print each, save RUN/explain.json."""
-    from probe.backends import load_backend
-    from probe.errors import check_positive
-    from probe.pipeline import reopen_data, saved_relations
-    from probe.runs import atomic_write_json, read_json
-
-    check_positive(k=k)
+    if k < 1:
+        raise ProbeError(f"-k must be at least 1, got {k}")
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").is_file():
         raise ProbeError(f"{run_dir} is not a run folder (expected {run_dir / 'config.json'})")

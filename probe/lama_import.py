@@ -32,9 +32,9 @@ from typing import IO
 
 from tqdm import tqdm
 
-from probe.data import first_text, json_record
+from probe.data.records import first_text, json_record
 from probe.errors import ProbeError
-from probe.templates import GOOGLE_RE_TEMPLATES, template_sources
+from probe.template_files import GOOGLE_RE_TEMPLATES, template_sources
 
 CORPORA = ("trex", "google_re", "conceptnet", "squad")
 SOURCE_FOLDERS = {"trex": "TREx", "google_re": "Google_RE", "conceptnet": "ConceptNet", "squad": "Squad"}

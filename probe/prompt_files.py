@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from probe.data import read_jsonl
+from probe.data.records import read_jsonl
 from probe.errors import ProbeError
 from probe.templates import TemplateError, parse_template
 

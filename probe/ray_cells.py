@@ -1,8 +1,8 @@
 """Running cells on Ray: actors that each load one model once and take that model's cells.
 
-Imported only for `--ray`. A worker returns a cell's files; the driver writes them (probe.cells.write_output), so
-a killed worker leaves nothing half-written. A killed actor is restarted by Ray and its cell retried there
-(`max_restarts`, `max_task_retries`); the driver writes each cell once, whichever try finished it.
+Ray itself is imported only for `--ray`. A worker returns a cell's files; the driver writes them
+(probe.cells.write_output), so a killed worker leaves nothing half-written. A killed actor is restarted by Ray and its
+cell retried there (`max_restarts`, `max_task_retries`); the driver writes each cell once, whichever try finished it.
 """
 
 from __future__ import annotations
@@ -16,9 +16,11 @@ from collections import deque
 from collections.abc import Sequence
 from urllib.parse import urlsplit
 
+import torch
 from tqdm import tqdm
 
-from probe.cells import Cell, ModelSpec, OnDone, Progress, Worker, finish
+from probe.backends.loading import check_device_name
+from probe.cells import Cell, Executor, LoadedModel, ModelSpec, OnDone, Progress, finish
 from probe.data import FactData
 from probe.errors import ProbeError
 from probe.vocab import CandidateChoice
@@ -78,40 +80,42 @@ class CellActor:
     """
 
     def __init__(self, spec: ModelSpec, candidates: CandidateChoice | str, threads: int):
-        import torch
-
         torch.set_num_threads(threads)
         self.spec, self.candidates = spec, candidates
-        self.worker: Worker | None = None
+        self.loaded: LoadedModel | None = None
 
     def load(self, data: list) -> int:
         """Load the model unless loaded; `data` is [the FactData's object ref], fetched only then. Returns the pid."""
-        if self.worker is None:
-            self.worker = Worker.load(self.spec, _ray().get(data[0]), self.candidates)
-            self.worker.remote = True
+        if self.loaded is None:
+            self.loaded = LoadedModel.load(self.spec, _ray().get(data[0]), self.candidates)
+            self.loaded.remote = True
         return os.getpid()
 
     def run(self, cell: Cell, data: list):
         t0 = time.time()
         pid = self.load(data)
-        return cell.run(self.worker), time.time() - t0, pid
+        return cell.run(self.loaded), time.time() - t0, pid
 
 
-class RayExecutor:
-    """Runs cells on Ray actors: one per GPU when the cluster has GPUs, else one per `cpus_per_worker` CPUs.
+class RayExecutor(Executor):
+    """Runs cells on Ray actors: one per GPU when the cluster has GPUs, else one per `cpus_per_worker` CPUs, each
+    with `threads` torch threads (default: its CPUs).
 
     Models share the workers: each model with cells waiting gets an equal share; once a model's cells are done,
     its workers are freed for the models with the most cells left.
     """
 
+    local = False
+
     def __init__(self, data: FactData, candidates: CandidateChoice | str, address: str = "local", cpus_per_worker: int = 1,
-                 workers: int | None = None, log=print):
+                 workers: int | None = None, log=print, threads: int | None = None):
         if cpus_per_worker < 1:
             raise ProbeError(f"--cpus-per-worker must be at least 1, got {cpus_per_worker}")
         self.data = data
         self.candidates = candidates
         self.address = address
         self.cpus_per_worker = cpus_per_worker
+        self._threads = threads or cpus_per_worker
         self.log = log
         t0 = time.time()
         self.started_ray = connect(address)
@@ -134,8 +138,13 @@ class RayExecutor:
         """The device the workers load models on."""
         return "cuda" if self.gpus else "cpu"
 
+    @property
+    def threads(self) -> int:
+        return self._threads
+
     def check_device(self, device: str) -> None:
         """A CUDA device on a cluster without GPUs is a ProbeError (its workers could never be placed)."""
+        check_device_name(device)
         if device.startswith("cuda") and not self.gpus:
             raise ProbeError(f"--device {device}: the Ray cluster has no GPU")
 
@@ -154,7 +163,7 @@ class RayExecutor:
                 gpu = spec.device.startswith("cuda")
                 actor = actor_class.options(num_cpus=0 if gpu else self.cpus_per_worker, num_gpus=1 if gpu else 0,
                                             max_restarts=RETRIES, max_task_retries=RETRIES).remote(
-                    spec, self.candidates, self.cpus_per_worker)
+                    spec, self.candidates, self.threads)
                 actors[actor] = spec
 
             waiting = [s for s, q in queues.items() if q and s not in actors.values()]

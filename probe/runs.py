@@ -10,52 +10,26 @@
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
+import dataclasses
+import shutil
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
+from probe import __version__
 from probe.data import relation_key
 from probe.errors import ProbeError
+from probe.files import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
 from probe.metrics import aggregate, pooled_breakdown
 
 # Keys of a run config that must agree for --resume to reuse a folder.
 IDENTITY_KEYS = ("command", "model", "method", "split", "vocab", "data", "template_file", "seed", "dtype",
-                 "method_config", "train", "control", "objects", "candidates", "length_norm")
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write a file so that a crash leaves either the old file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
-
-
-def read_json(path: Path) -> dict:
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ProbeError(f"{path} not found") from None
-    except json.JSONDecodeError as e:
-        raise ProbeError(f"{path}: malformed JSON ({e.msg} at line {e.lineno})") from None
+                 "method_config", "train", "control", "objects", "candidates", "length_norm", "torch_threads")
+RECORDED_LATER = ("torch_threads",)  # compared only where the folder's config records them (older runs do not)
+__all__ = ["IDENTITY_KEYS", "RunConfig", "RunFolder", "atomic_write_bytes", "atomic_write_json", "atomic_write_text",
+           "markdown_table", "read_json", "relations_table", "slug", "summary_markdown", "summary_table"]
 
 
 def slug(model: str) -> str:
@@ -64,53 +38,95 @@ def slug(model: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in name.removesuffix(".gguf")) or "model"
 
 
-class JsonlLog:
-    """A training log: one JSON object a line, flushed as written; does nothing without a path."""
+@dataclass
+class RunConfig:
+    """What produced a run folder: saved as its config.json, and compared key by key on --resume."""
 
-    def __init__(self, path: Path | None):
-        self.file = open(path, "a", encoding="utf-8") if path else None
+    command: str
+    model: str
+    model_kind: str
+    method: str | None
+    data: str
+    split: str
+    vocab: str
+    n_candidates: int
+    n_vocab_words: int
+    batch_size: int
+    dtype: str
+    device: str
+    template_file: str | None = None
+    seed: int | None = None
+    control: str = "none"
+    method_config: dict | None = None
+    train: dict | None = None
+    prompts: dict = field(default_factory=dict)  # a prompts file: its path, format, ensemble, prompts per relation
+    data_spec: dict | None = None  # how to open the data again (facts files, fields, dev split)
+    objects: dict | None = None  # --objects any: the candidates, their count per relation, the scoring
+    from_sentences: bool | None = None  # cloze sentences instead of templates (causal LMs: the text before [MASK])
+    torch_threads: int | None = None  # CPU threads of each process that computes (bfloat16 sums, so figures, depend on it)
+    probe_version: str = __version__
+    created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S"))
 
-    def write(self, entry: dict) -> None:
-        if self.file:
-            self.file.write(json.dumps(entry) + "\n")
-            self.file.flush()
+    @classmethod
+    def of(cls, command: str, model, data, candidates=None, **fields) -> RunConfig:
+        """A run config with the model (a Backend or a ModelInfo: name, kind, dtype, device, control), data and
+        candidates (or the counts given) filled in from the objects themselves."""
+        counts = {"n_candidates": len(candidates), "n_vocab_words": candidates.n_source} if candidates is not None else {}
+        return cls(command=command, model=model.name, model_kind=model.kind, data=data.name, data_spec=data.spec(),
+                   **counts, **{"dtype": str(model.dtype).removeprefix("torch."), "device": str(model.device),
+                                "control": model.control, **fields})
 
-    def close(self) -> None:
-        if self.file:
-            self.file.close()
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out.update(out.pop("prompts"))
+        out.update(out.pop("objects") or {})
+        if self.control == "none":
+            del out["control"]  # absent for the real LM
+        return {k: v for k, v in out.items() if v is not None or k in ("template_file", "seed", "method")}
 
 
 class RunFolder:
-    """A folder of results; relations already finished are kept and skipped on --resume."""
+    """A folder of results; relations already finished are kept and skipped on --resume.
+
+    Opening one only checks it (an existing folder needs `resume`, and then the same settings); `create()` writes
+    its config.json, once every other check has passed, and `abandon()` takes back a folder this run created if
+    nothing finished in it, so that a refused start never blocks the rerun.
+    """
 
     def __init__(self, root: str | Path, config: dict, resume: bool = False):
         self.root = Path(root)
         self.config = config
+        self.created = False
+        if self.root.exists() and not self.root.is_dir():
+            raise ProbeError(f"--out {self.root} is an existing file: expected a folder to write into")
         config_path = self.root / "config.json"
         if config_path.exists():
             old = read_json(config_path)
             if not resume:
                 raise ProbeError(f"run folder {self.root} already exists: pass --resume to continue it, or another --out")
-            diff = [k for k in IDENTITY_KEYS if old.get(k) != config.get(k)]
+            diff = config_differences(old, config)
             if diff:
-                shown = ", ".join(f"{k}: {old.get(k)!r} there, {config.get(k)!r} asked" for k in diff)
-                raise ProbeError(f"run folder {self.root} was made with other settings ({shown})")
+                raise ProbeError(f"run folder {self.root} was made with other settings ({', '.join(diff)})")
+
+    def create(self) -> RunFolder:
+        """Make the folder (unless it exists) and write its config.json."""
+        config_path = self.root / "config.json"
+        self.created = not config_path.exists()
         self.root.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(config_path, config)
+        atomic_write_json(config_path, self.config)
+        return self
+
+    def abandon(self) -> None:
+        """Remove what `create()` made, if this run made the folder and no relation finished in it."""
+        if self.created and not any(self.root.glob("*/metrics.json")):
+            shutil.rmtree(self.root, ignore_errors=True)
+            self.created = False
 
     def relation_dir(self, rid: str) -> Path:
         return self.root / rid
 
     def is_done(self, rid: str) -> bool:
         return (self.relation_dir(rid) / "metrics.json").exists()
-
-    def save_relation(self, rid: str, metrics: dict, predictions: list[dict] | None = None) -> None:
-        """Write predictions first and metrics last: metrics.json marks the relation as finished."""
-        folder = self.relation_dir(rid)
-        if predictions is not None:
-            lines = "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions)
-            atomic_write_text(folder / "predictions.jsonl", lines)
-        atomic_write_json(folder / "metrics.json", metrics)
 
     def rows(self) -> list[dict]:
         """Metrics of every finished relation, in relation-id order."""
@@ -185,6 +201,25 @@ def length_table(results: dict) -> pd.DataFrame:
             row["manual_p1"] = results["by_length_manual"].get(bucket, {}).get("p1")
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def config_differences(old: dict, new: dict) -> list[str]:
+    """The identity settings that differ between a folder's config and a run's, as `key: old there, new asked`; for
+    settings that are tables (train, method_config), only the entries that differ (`train.max_train: 64 there, 32
+    asked`)."""
+    out = []
+    for key in IDENTITY_KEYS:
+        if key in RECORDED_LATER and key not in old:
+            continue
+        a, b = old.get(key), new.get(key)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += [f"{key}.{k}: {a.get(k)!r} there, {b.get(k)!r} asked" for k in dict.fromkeys([*a, *b])
+                    if a.get(k) != b.get(k)]
+        else:
+            out.append(f"{key}: {a!r} there, {b!r} asked")
+    return out
 
 
 def markdown_table(df: pd.DataFrame) -> str:

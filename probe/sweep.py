@@ -8,12 +8,13 @@ A grid file (TOML) names the axes; every combination is one cell, trained and te
     model = ["smollm2", "other.gguf"]   # optional: several models (replaces `model` above)
     method = ["prefix-tuning"]
     length = [1, 3, 6, 12]              # virtual tokens in all, spread over the template's slots
-    init = ["random", "vocab"]          # for methods that take it (prompt-tuning, prefix-tuning)
-    reparam = ["mlp", "none"]           # for methods that take it (prefix-tuning)
+    init = ["random", "vocab"]          # a method option: for the methods that take it (prompt-tuning, prefix-tuning)
+    reparam = ["mlp", "none"]           # a method option (prefix-tuning)
     seed = [1, 2, 3]
     [train]                             # fit settings of the methods (e.g. TrainConfig's max_train = 200)
 
-An axis value a method does not take is left out of that method's cells ("-" in the tables).
+Besides model, method, length and seed, an axis is any option a method of the grid declares (probe/methods); an
+option value a method does not take is left out of that method's cells ("-" in the tables).
 
     OUT/grid.json         the grid as read, with the settings every cell shares
     OUT/cells/KEY.json    one finished cell: its settings and test/dev metrics (a cell is skipped once this exists,
@@ -40,15 +41,21 @@ from pathlib import Path
 import pandas as pd
 from tqdm import tqdm
 
-from probe.cells import Cell, CellOutput, InProcess, ModelSpec, Worker
-from probe.errors import ProbeError
-from probe.methods import get_method, method_config
+from probe.backends import model_info
+from probe.cells import Cell, CellOutput, Executor, LoadedModel, ModelSpec
+from probe.data import open_data
+from probe.errors import Interrupted, ProbeError
+from probe.files import atomic_write_json, atomic_write_text, check_output_path, read_json, read_text
+from probe.fit import FitTask, config_fields, fit_and_test
+from probe.methods import get_method, method_config, option_names
+from probe.options import load_template_spec, make_executor
 from probe.plots import png_axes
-from probe.runs import atomic_write_json, atomic_write_text, markdown_table, read_json, slug
-from probe.train import config_fields
+from probe.runs import RECORDED_LATER, markdown_table, slug
+from probe.templates import compile_template, spread_virtual
 
-AXES = ("model", "method", "length", "init", "reparam", "seed")
-SETTING = ("model", "method", "length", "init", "reparam")  # what a summary row is; seeds and relations are averaged
+OPTIONS = tuple(option_names())  # the method options a grid may vary (init, reparam, ...), in the methods' order
+AXES = ("model", "method", "length", *OPTIONS, "seed")
+SETTING = ("model", "method", "length", *OPTIONS)  # what a summary row is; seeds and relations are averaged
 SHARED_KEYS = ("model", "template", "split", "vocab", "dtype", "control", "train")  # must agree to resume a folder
 NOT_APPLICABLE = "-"
 
@@ -77,8 +84,7 @@ class SweepCell(Cell):
 
     method: str
     length: int
-    init: str
-    reparam: str
+    options: dict[str, str]  # every option of OPTIONS: the method's value, or "-" where it takes none
     seed: int
     relation: str
     model: ModelSpec
@@ -89,17 +95,19 @@ class SweepCell(Cell):
     @property
     def key(self) -> str:
         head = f"{slug(self.model.name)}_" if self.with_model else ""
-        return f"{head}{self.method}_L{self.length}_{self.init}_{self.reparam}_s{self.seed}_{self.relation}"
+        values = "_".join(str(self.options[o]) for o in OPTIONS)
+        return f"{head}{self.method}_L{self.length}_{values}_s{self.seed}_{self.relation}"
 
     @property
     def marker(self) -> str:
         return f"cells/{self.key}.json"
 
     def settings(self) -> dict:
-        return {"model": self.model.name, **{k: getattr(self, k) for k in (*AXES[1:], "relation")}}
+        return {"model": self.model.name, "method": self.method, "length": self.length, **self.options,
+                "seed": self.seed, "relation": self.relation}
 
-    def run(self, worker: Worker) -> CellOutput:
-        row = run_cell(worker, self, self.grid)
+    def run(self, loaded: LoadedModel) -> CellOutput:
+        row = run_cell(loaded, self, self.grid)
         return CellOutput([(self.marker, (json.dumps(row, indent=2, ensure_ascii=False) + "\n").encode())])
 
 
@@ -109,7 +117,7 @@ def load_grid(path: str | Path) -> SweepGrid:
     if not path.is_file():
         raise ProbeError(f"sweep grid {path} not found")
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        raw = tomllib.loads(read_text(path, "sweep grid", "a TOML grid file"))
     except tomllib.TOMLDecodeError as e:
         raise ProbeError(f"{path}: not a valid TOML grid ({e})") from None
     known = {f.name for f in dataclasses.fields(SweepGrid)}
@@ -159,7 +167,7 @@ def load_grid(path: str | Path) -> SweepGrid:
 
 
 def expand_settings(grid: SweepGrid, source: str | Path = "grid") -> list[dict]:
-    """Every distinct (method, length, init, reparam, seed) of the grid; axes a method lacks become '-'."""
+    """Every distinct (method, length, options, seed) of the grid; options a method lacks become '-'."""
     axes = grid.axes
     settings = []
     for name in axes["method"]:
@@ -169,9 +177,10 @@ def expand_settings(grid: SweepGrid, source: str | Path = "grid") -> list[dict]:
             raise ProbeError(f"{source}: {e}") from None
         if not cls.can_fit():
             raise ProbeError(f"{source}: method {name!r} has nothing to train, so nothing to sweep")
-    for option in ("init", "reparam"):
+    takes = {m: [f.name for f in get_method(m).config_class.options()] for m in axes["method"]}
+    for option in OPTIONS:
         for value in axes.get(option, []):
-            takers = [m for m in axes["method"] if option in config_fields(get_method(m).config_class)]
+            takers = [m for m in axes["method"] if option in takes[m]]
             if not takers:
                 raise ProbeError(f"{source}: axis {option!r} applies to none of the methods {axes['method']}")
             for m in takers:
@@ -180,18 +189,16 @@ def expand_settings(grid: SweepGrid, source: str | Path = "grid") -> list[dict]:
                 except ProbeError as e:
                     raise ProbeError(f"{source}: axis {option} value {value!r} does not exist for {m}: {e}") from None
     for m in axes["method"]:
-        fields = config_fields(get_method(m).config_class)
-        inits = axes.get("init", [None]) if "init" in fields else [None]
-        reparams = axes.get("reparam", [None]) if "reparam" in fields else [None]
-        for length, init, reparam, seed in itertools.product(axes.get("length", [0]), inits, reparams, axes.get("seed", [13])):
-            config = method_config(m, init=init, reparam=reparam)  # fills in the method's defaults
+        choices = [axes.get(o, [None]) if o in takes[m] else [None] for o in OPTIONS]
+        for length, *values, seed in itertools.product(axes.get("length", [0]), *choices, axes.get("seed", [13])):
+            config = method_config(m, **dict(zip(OPTIONS, values, strict=True)))  # fills in the method's defaults
             try:
                 get_method(m).check_settings(config, grid.template is not None or bool(axes.get("length")))
             except ProbeError as e:
                 raise ProbeError(f"{source}: {m}: {e} (a sweep's template and length axis count as a template)") from None
-            options = {o: getattr(config, o) if o in fields else NOT_APPLICABLE for o in ("init", "reparam")}
-            settings.append({"method": m, "length": length, **options, "seed": seed})
-    return list({tuple(s.values()): s for s in settings}.values())
+            options = {o: getattr(config, o) if o in takes[m] else NOT_APPLICABLE for o in OPTIONS}
+            settings.append({"method": m, "length": length, "options": options, "seed": seed})
+    return list({(s["method"], s["length"], *s["options"].values(), s["seed"]): s for s in settings}.values())
 
 
 def grid_models(grid: SweepGrid) -> list[str]:
@@ -213,7 +220,7 @@ def prepare_folder(out: Path, grid: SweepGrid, extra: dict) -> None:
     path = out / "grid.json"
     if path.exists():
         old = read_json(path)
-        diff = [k for k in (*SHARED_KEYS, *extra) if old.get(k) != record.get(k)]
+        diff = [k for k in (*SHARED_KEYS, *extra) if old.get(k) != record.get(k) and (k in old or k not in RECORDED_LATER)]
         if diff:
             shown = ", ".join(f"{k}: {old.get(k)!r} there, {record.get(k)!r} now" for k in diff)
             raise ProbeError(f"sweep folder {out} was made with other settings ({shown}): use another --out")
@@ -221,18 +228,14 @@ def prepare_folder(out: Path, grid: SweepGrid, extra: dict) -> None:
     atomic_write_json(path, record)
 
 
-def run_cell(worker: Worker, cell: SweepCell, grid: SweepGrid) -> dict:
+def run_cell(loaded: LoadedModel, cell: SweepCell, grid: SweepGrid) -> dict:
     """Train and test one cell; returns its row (settings, test and dev metrics, steps, seconds)."""
-    from probe.evaluate import evaluate_facts
-    from probe.pipeline import fit_prompt, load_template_spec
-    from probe.templates import compile_template, spread_virtual
-
     t0 = time.time()
-    backend, data = worker.backend, worker.data
+    backend, data = loaded.backend, loaded.data
     relation = data.relation(cell.relation)
-    candidates = worker.candidates.for_relation(relation.id)
-    config = method_config(cell.method, **{k: getattr(cell, k) for k in ("init", "reparam") if getattr(cell, k) != NOT_APPLICABLE})
+    candidates = loaded.candidates.for_relation(relation.id)
     method_cls = get_method(cell.method)
+    config = method_config(cell.method, **{k: v for k, v in cell.options.items() if v != NOT_APPLICABLE})
     template = load_template_spec(grid.template, cell.method).template_for(relation.id, backend.kind)
     if cell.length:
         template = spread_virtual(template, cell.length)
@@ -242,31 +245,26 @@ def run_cell(worker: Worker, cell: SweepCell, grid: SweepGrid) -> dict:
     fit_config = method_cls.fit_config(**{k: v for k, v in grid.train.items() if k in config_fields(method_cls.fit_config_class)},
                                        seed=cell.seed)
     split = data.split_name(grid.split)
-    train, dev, test = (worker.facts(relation, s)[0] for s in ("train", "dev", split))
+    train, dev, test = (loaded.facts(relation, s)[0] for s in ("train", "dev", split))
     if not train or not test:
         raise ProbeError(f"relation {relation.id} has no train or {split} facts left after filtering")
-    method, result = fit_prompt(backend, cell.method, config, compiled, relation.template, train, dev or train, candidates,
-                                fit_config, desc=cell.key)
-    try:
-        metrics = evaluate_facts(backend, method, compiled, test, candidates).metrics
-    finally:
-        method.release()
+    task = FitTask(compiled, train, dev or train, candidates, fit_config, method_cls, config, relation.template,
+                   desc=cell.key, relation=relation.id)
+    tested = fit_and_test(backend, task, test)
+    tested.prompt.release()
+    result = tested.result
     return {
         **cell.settings(), "template": template.source, "type": relation.type, "n_facts": len(test),
-        "n_train": len(train), **metrics, **{f"dev_{k}": v for k, v in result.best_dev.items()},
+        "n_train": len(train), **tested.test.metrics, **{f"dev_{k}": v for k, v in result.best_dev.items()},
         "steps": result.steps, "best_step": result.best_step, "seconds": round(time.time() - t0, 1),
     }
 
 
-def run_sweep(backend, data, grid: SweepGrid, relation_ids: list[str], candidates, out: Path, executor=None,
-              specs: dict[str, ModelSpec] | None = None) -> pd.DataFrame:
-    """Run every unfinished cell, in process on `backend` (or on `executor`, loading models as `specs` say), then
-    write the tables; returns the cells table."""
-    if executor is None:
-        worker = Worker(backend, data, candidates)
-        executor = InProcess(data, worker=worker)
-        specs = {m: worker.spec for m in grid_models(grid)}
-    cells = cells_of(grid, relation_ids, out, specs or executor_specs(grid, executor))
+def run_sweep(grid: SweepGrid, relation_ids: list[str], out: Path, executor: Executor,
+              specs: dict[str, ModelSpec]) -> pd.DataFrame:
+    """Run every unfinished cell on the executor (its workers loading models as `specs` say), then write the tables;
+    returns the cells table."""
+    cells = cells_of(grid, relation_ids, out, specs)
     todo = [c for c in cells if not c.done()]
     if len(todo) < len(cells):
         tqdm.write(f"{len(cells) - len(todo)} of {len(cells)} cells already done in {out}; running the other {len(todo)}",
@@ -279,9 +277,9 @@ def run_sweep(backend, data, grid: SweepGrid, relation_ids: list[str], candidate
     return df
 
 
-def executor_specs(grid: SweepGrid, executor, device: str | None = None) -> dict[str, ModelSpec]:
-    """How the executor's workers load each model of the grid."""
-    device = device or executor.device
+def executor_specs(grid: SweepGrid, executor: Executor, device: str | None = None) -> dict[str, ModelSpec]:
+    """How the executor's workers load each model of the grid (auto: a GPU where the workers have one)."""
+    device = executor.device if device in (None, "auto") else device
     return {m: ModelSpec(m, device, grid.dtype, grid.control) for m in grid_models(grid)}
 
 
@@ -321,9 +319,9 @@ def summarise(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def plot_lengths(summary: pd.DataFrame, path: Path) -> None:
-    """Macro P@1 against prompt length, one line per (method, init, reparam), seed std as error bars."""
+    """Macro P@1 against prompt length, one line per (method, options), seed std as error bars."""
     with png_axes(path, (6.5, 4)) as ax:
-        for key, group in summary.groupby(["method", "init", "reparam"]):
+        for key, group in summary.groupby(["method", *OPTIONS]):
             group = group.sort_values("length")
             label = " / ".join(v for v in key if v != NOT_APPLICABLE)
             ax.errorbar(group["length"], group["p1_mean"], yerr=group["p1_std"].fillna(0), marker="o", capsize=3,
@@ -333,37 +331,27 @@ def plot_lengths(summary: pd.DataFrame, path: Path) -> None:
 
 
 def sweep_command(grid_path: Path, out: Path | None, data: str | None, device: str | None = None, log=print,
-                  ray: str | None = None, cpus_per_worker: int | None = None) -> Path:
+                  ray: str | None = None, cpus_per_worker: int | None = None, threads: int | None = None) -> Path:
     """`probe sweep`: check the grid and its models, run the unfinished cells (here or on Ray); returns OUT/summary.md."""
-    from probe.backends import model_info
-    from probe.data import open_data
-    from probe.errors import Interrupted
-    from probe.pipeline import load_template_spec
-
     t0 = time.time()
     spec = load_grid(grid_path)
+    check_output_path(out)
     lama = open_data(data)
     ids = list(lama.relations) if spec.relations == "all" else [lama.relation(r).id for r in spec.relations]
     load_template_spec(spec.template)  # a bad template fails before any model loads
     out = out or Path("runs") / f"sweep-{Path(grid_path).stem}"
     lama.vocab_words(spec.vocab)  # checks the vocabulary name
-    if ray is None and cpus_per_worker is not None:
-        raise ProbeError("--cpus-per-worker applies to --ray only")
-    if ray is None:
-        executor = InProcess(lama, spec.vocab, log=log)
-    else:
-        from probe.ray_cells import RayExecutor
-
-        executor = RayExecutor(lama, spec.vocab, ray, cpus_per_worker or 1, log=log)
-    specs = executor_specs(spec, executor, device)
-    executor.check_device(device or executor.device)
-    for s in specs.values():  # every model's config and tokenizer can be read before any cell runs
-        model_info(s.name, s.device, s.dtype, s.control, check_device=ray is None)
-    prepare_folder(out, spec, {"data": str(lama.root.resolve())})
-    cells = cells_of(spec, ids, out, specs)
-    log(f"{len(cells)} cells ({len(specs)} model(s) x {len(cells) // len(specs) // len(ids)} settings x {len(ids)} relations)")
+    executor = make_executor(lama, spec.vocab, ray, cpus_per_worker, threads, log)
     try:
-        run_sweep(None, lama, spec, ids, None, out, executor, specs)
+        specs = executor_specs(spec, executor, device)
+        for s in specs.values():  # every model's config and tokenizer can be read before any cell runs
+            executor.check_device(s.device)
+            model_info(s.name, s.device, s.dtype, s.control, check_device=executor.local)
+        prepare_folder(out, spec, {"data": str(lama.root.resolve()), "torch_threads": executor.threads})
+        cells = cells_of(spec, ids, out, specs)
+        log(f"{len(cells)} cells ({len(specs)} model(s) x {len(cells) // len(specs) // len(ids)} settings x {len(ids)} "
+            "relations)")
+        run_sweep(spec, ids, out, executor, specs)
     except KeyboardInterrupt:
         raise Interrupted(out) from None
     finally:

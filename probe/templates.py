@@ -19,13 +19,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from probe.errors import ProbeError
 
 VIRTUAL, SUB, OBJ, TEXT, MANUAL, WORDS = "virtual", "sub", "obj", "text", "manual", "words"
 DEFAULT_SHAPES = {"masked": "(3, sub, 3, obj, 3)", "causal": "(3, sub, 3, obj)"}
-GOOGLE_RE_TEMPLATES = Path(__file__).resolve().parents[1] / "templates" / "google_re.txt"  # LAMA's, shipped
 
 
 @dataclass(frozen=True)
@@ -52,7 +50,11 @@ class Template:
 
 
 class TemplateError(ProbeError):
-    """A template that does not parse or does not fit the model."""
+    """A template that does not parse or does not fit the model; `problems` lists every bad line of a file."""
+
+    def __init__(self, message: str, problems: list[str] | None = None):
+        super().__init__(message)
+        self.problems = problems or [message]
 
 
 _ITEM = re.compile(
@@ -389,73 +391,3 @@ def compile_template(template: Template | str, tokenizer, kind: str, manual: str
         (t for t in (tokenizer.unk_token_id, tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0
     )
     return CompiledTemplate(template, kind, parts, lead_ids, tail_ids, placeholder, tokenizer, space_sensitive, start_ids)
-
-
-# ---------------------------------------------------------------------------------------------
-# Template files: one template per line, `#` comments.
-#
-#   default: (3, sub, 3, obj, 3)          # for every relation and model kind
-#   default.causal: (3, sub, 3, obj)      # for one model kind
-#   P19: (3, sub, "was born in", 2, obj)  # for one relation
-#   P37: (3, sub, manual, 3, obj, 3)      # with the relation's manual words
-# ---------------------------------------------------------------------------------------------
-
-_KEY = re.compile(r"^(default|[A-Za-z0-9_][\w\-/]*)(\.(masked|causal))?$")  # default, or any relation name
-
-
-@dataclass
-class TemplateFile:
-    """The templates of a file: a default per model kind and overrides per relation."""
-
-    path: str
-    entries: dict[str, Template]
-    defaults: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_SHAPES))  # when the file sets none
-
-    def template_for(self, relation: str, kind: str) -> Template:
-        for key in (f"{relation}.{kind}", relation, f"default.{kind}", "default"):
-            if key in self.entries:
-                return self.entries[key]
-        return parse_template(self.defaults[kind])
-
-
-def parse_template_file(path: str | Path) -> TemplateFile:
-    """Read a template file; a bad line is a TemplateError with file and line number."""
-    path = Path(path)
-    if not path.is_file():
-        raise TemplateError(f"template file {path} not found")
-    entries: dict[str, Template] = {}
-    for lineno, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        line = _strip_comment(raw).strip()
-        if not line:
-            continue
-        key, sep, value = line.partition(":")
-        key = key.strip()
-        if not sep or not _KEY.match(key):
-            raise TemplateError(
-                f"{path}:{lineno}: expected 'KEY: TEMPLATE' with KEY default, default.masked, default.causal "
-                f"or a relation name like P19 or place_of_birth, got {line!r}"
-            )
-        if key in entries:
-            raise TemplateError(f"{path}:{lineno}: {key} is set twice")
-        try:
-            entries[key] = parse_template(value)
-        except TemplateError as e:
-            raise TemplateError(f"{path}:{lineno}: {e}") from None
-    return TemplateFile(str(path), entries)
-
-
-def template_sources(path: str | Path) -> dict[str, str]:
-    """A template file's entries as their source text, by key."""
-    return {key: t.source for key, t in parse_template_file(path).entries.items()}
-
-
-def _strip_comment(line: str) -> str:
-    quote = None
-    for i, ch in enumerate(line):
-        if quote:
-            quote = None if ch == quote else quote
-        elif ch in "\"'":
-            quote = ch
-        elif ch == "#":
-            return line[:i]
-    return line

@@ -279,3 +279,43 @@ def sharp_masked_backend(tmp_path_factory, wordpiece_tokenizer):
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return load_backend(str(folder))
+
+
+# ---------------------------------------------------------------------------------------------
+# Running a command's own cells on a model already loaded (what `probe train` / `probe eval` run)
+# ---------------------------------------------------------------------------------------------
+
+
+def train_here(backend, data, ids, candidates, run, method, options, config, templates, split="test_34k") -> dict:
+    """`probe train`'s cells for the relations `ids`, run in this process on a loaded backend; returns the results."""
+    from probe.cells import InProcess, LoadedModel
+    from probe.commands.common import execute
+    from probe.commands.train import train_cells
+
+    loaded = LoadedModel(backend, data, candidates)
+    cells = train_cells(loaded.spec, backend, data, list(ids), run, method, options, config, templates, split)
+    (results,) = execute(InProcess(data, loaded=loaded), [run], cells, "train", log=lambda *_: None)
+    return results
+
+
+def eval_here(backend, data, ids, candidates, run, split="test_34k", batch_size=128, prompts=None, control="none",
+              from_sentences=False) -> dict:
+    """`probe eval`'s cells for the relations `ids`, run in this process on a loaded backend; returns the results."""
+    from probe.cells import InProcess, LoadedModel
+    from probe.commands.common import execute
+    from probe.commands.eval import eval_cells
+
+    loaded = LoadedModel(backend, data, candidates)
+    cells = eval_cells(loaded.spec, run, list(ids), split, batch_size, prompts, control, from_sentences)
+    (results,) = execute(InProcess(data, loaded=loaded), [run], cells, "eval", log=lambda *_: None)
+    return results
+
+
+def write_relation(run, rid: str, metrics: dict, predictions: list[dict] | None = None) -> None:
+    """A finished relation's files in a run folder, as a cell's output is written (predictions, then metrics)."""
+    from probe.cells import write_output
+    from probe.commands.common import relation_output
+    from probe.commands.eval import EvalCell
+
+    run.create() if not (run.root / "config.json").exists() else None
+    write_output(EvalCell(rid, None, run.root, "test"), relation_output(rid, metrics, predictions))

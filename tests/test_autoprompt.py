@@ -11,15 +11,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_user_error, run_cli, write_jsonl
+from conftest import assert_user_error, run_cli, train_here, write_jsonl
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 import cli
 from probe.backends import PromptInputs
 from probe.batching import collate
+from probe.commands.rerun import reevaluate_run
 from probe.data import Fact, LamaData
 from probe.evaluate import evaluate_facts
+from probe.fit import FitTask, fit
 from probe.methods import get_method
 from probe.methods.autoprompt import (
     AutoPrompt,
@@ -31,8 +33,8 @@ from probe.methods.autoprompt import (
     flip_losses,
     search_triggers,
 )
-from probe.pipeline import RunConfig, fit_prompt, load_template_spec, reevaluate_run, train_relations
-from probe.runs import RunFolder
+from probe.options import load_template_spec
+from probe.runs import RunConfig, RunFolder
 from probe.templates import DEFAULT_SHAPES, compile_template, encode_words
 from probe.vocab import build_candidates
 
@@ -177,17 +179,18 @@ def test_batch_loss_takes_one_prompt_for_all_rows_or_one_per_row(backend):
 
 
 def test_fit_is_the_trigger_search(causal_backend, tmp_path):
-    """`AutoPrompt.fit` and `fit_prompt` run search_triggers with the same settings: the same triggers and log."""
+    """`AutoPrompt.fit` and `fit` (a FitTask) run search_triggers with the same settings: the same triggers and log."""
     backend = causal_backend
     cands, compiled, _ = setup(backend)
     train, dev = constant_object_problem(backend, cands)
     config = TriggerSearchConfig(iterations=5, top_k=4, batch_size=5, patience=0, seed=4)
     searched = AutoPrompt.create(backend, compiled, MANUAL)
-    by_search = search_triggers(backend, searched, compiled, train, dev, cands, config, tmp_path / "search")
+    by_search = search_triggers(backend, searched, FitTask(compiled, train, dev, cands, config, log_path=tmp_path / "search"))
     fitted = AutoPrompt.create(backend, compiled, MANUAL)
-    by_fit = fitted.fit(backend, compiled, train, dev, cands, config, tmp_path / "fit")
-    prompt, by_pipeline = fit_prompt(backend, "autoprompt", AutoPromptConfig(), compiled, MANUAL, train, dev, cands,
-                                     config, tmp_path / "pipeline")
+    by_fit = fitted.fit(backend, FitTask(compiled, train, dev, cands, config, log_path=tmp_path / "fit"))
+    task = FitTask(compiled, train, dev, cands, config, AutoPrompt, AutoPromptConfig(), MANUAL, tmp_path / "pipeline")
+    fitted_by_task = fit(backend, task)
+    prompt, by_pipeline = fitted_by_task.prompt, fitted_by_task.result
     assert isinstance(prompt, AutoPrompt)
     assert by_search == by_fit == by_pipeline
     assert searched.trigger_ids.tolist() == fitted.trigger_ids.tolist() == prompt.trigger_ids.tolist()
@@ -200,7 +203,7 @@ def test_search_only_ever_picks_allowed_tokens(causal_backend, tmp_path):
     train, dev = constant_object_problem(backend, cands)
     config = TriggerSearchConfig(iterations=8, top_k=10, batch_size=5, patience=0, capitals=False, seed=3)
     log = tmp_path / "log.jsonl"
-    search_triggers(backend, method, compiled, train, dev, cands, config, log)
+    search_triggers(backend, method, FitTask(compiled, train, dev, cands, config, log_path=log))
     allowed = allowed_tokens(backend.tokenizer, backend.model.get_input_embeddings().weight.shape[0], train, False)
     picked = [e["token"] for e in map(json.loads, log.read_text().splitlines()[1:]) if e["flipped"]]
     assert picked, "the search flipped no trigger at all"
@@ -224,7 +227,7 @@ def test_search_lowers_the_loss_and_raises_p1(backend, tmp_path):
     log = tmp_path / "log.jsonl"
     n = 12
     config = TriggerSearchConfig(iterations=n, top_k=10, batch_size=5, patience=0, seed=1)
-    result = search_triggers(backend, method, compiled, train, dev, cands, config, log)
+    result = search_triggers(backend, method, FitTask(compiled, train, dev, cands, config, log_path=log))
 
     assert start_dev["p1"] <= 20 and result.best_dev["p1"] >= start_dev["p1"] + 50, (start_dev, result)
     assert full_loss(backend, method, compiled, train, cands) < start_loss
@@ -250,7 +253,7 @@ def test_early_stopping_keeps_the_best_triggers(causal_backend):
     train = [Fact(s, "Paris") for s in SUBJECTS[:8]]
     start = method.trigger_ids.clone()
     config = TriggerSearchConfig(iterations=50, top_k=1, batch_size=4, patience=2, seed=1)
-    result = search_triggers(backend, method, compiled, train, train, cands, config)
+    result = search_triggers(backend, method, FitTask(compiled, train, train, cands, config))
     assert result.stopped_early and result.steps < 50
     if result.best_step == 0:
         assert torch.equal(method.trigger_ids, start)
@@ -264,7 +267,7 @@ def test_same_seed_same_triggers_other_seed_other_search(causal_backend, tmp_pat
     def run(seed: int, name: str):
         method = AutoPrompt.create(backend, compiled, MANUAL)
         config = TriggerSearchConfig(iterations=8, top_k=5, batch_size=3, patience=0, seed=seed)
-        result = search_triggers(backend, method, compiled, train, dev, cands, config, tmp_path / name)
+        result = search_triggers(backend, method, FitTask(compiled, train, dev, cands, config, log_path=tmp_path / name))
         return method.trigger_ids.tolist(), result, (tmp_path / name).read_text()
 
     a, b, c = run(5, "a"), run(5, "b"), run(6, "c")
@@ -299,8 +302,8 @@ def test_saved_triggers_reload_and_reevaluate_identically(backend, tmp_path):
     run_config = RunConfig.of("train", backend, data, cands, method="autoprompt", split="test_34k", vocab="common",
                               batch_size=128, seed=2, method_config={"init": "neutral"}, train=config.__dict__)
     run = RunFolder(tmp_path / "run", run_config.to_dict())
-    results = train_relations(backend, data, ["P19"], cands, run, "autoprompt", AutoPromptConfig(), config,
-                              load_template_spec(None, "autoprompt"), "test_34k")
+    results = train_here(backend, data, ["P19"], cands, run, "autoprompt", AutoPromptConfig(), config,
+                         load_template_spec(None, "autoprompt"))
     (row,) = results["relations"]
     assert "manual_p1" in row and "dev_p1" in row
 
@@ -378,7 +381,7 @@ def test_init_manual_starts_the_search_exactly_at_the_manual_prompt(backend, tmp
     start_loss = full_loss(backend, method, compiled, train, cands)
     log = tmp_path / "log.jsonl"
     search = TriggerSearchConfig(iterations=9, top_k=10, batch_size=5, patience=0, seed=1)
-    result = search_triggers(backend, method, compiled, train, dev, cands, search, log)
+    result = search_triggers(backend, method, FitTask(compiled, train, dev, cands, search, log_path=log))
     assert json.loads(log.read_text().splitlines()[0])["dev_p1"] == manual.metrics["p1"]
     assert result.best_dev["p1"] > manual.metrics["p1"]  # the manual words rank the object midway: room to gain
     assert full_loss(backend, method, compiled, train, cands) < start_loss

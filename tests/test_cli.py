@@ -210,7 +210,7 @@ def test_ctrl_c_exits_130():
 
 
 def test_ctrl_c_during_eval_keeps_results_and_says_how_to_resume(tmp_path, tiny_masked_dir, fake_lama):
-    code = ("import cli, probe.pipeline as p\n"
+    code = ("import cli, probe.commands.eval as p\n"
             "def stop(*a, **k): raise KeyboardInterrupt()\n"
             "p.EvalCell.run = stop\n"
             "cli.main()\n")
@@ -283,7 +283,7 @@ def test_a_flag_that_does_not_apply_is_refused_before_anything_loads(args, messa
 
 def test_eval_prompts_honours_relation_and_batch_size(tmp_path, fake_lama):
     """--relation picks saved prompts; a relation the run did not train is named in the error."""
-    from probe.pipeline import saved_relations
+    from probe.saved_prompts import saved_relations
 
     run = tmp_path / "run"
     for rid in ("P19", "P36"):

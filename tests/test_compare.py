@@ -6,7 +6,7 @@ import json
 
 import pandas as pd
 import pytest
-from conftest import assert_user_error, make_fake_lama, run_cli, write_jsonl
+from conftest import assert_user_error, make_fake_lama, run_cli, write_jsonl, write_relation
 from typer.testing import CliRunner
 
 import cli
@@ -14,7 +14,7 @@ from probe.compare import compare_runs, load_runs, run_label, write_comparison
 from probe.controls import CONTROLS, majority_scores
 from probe.data import Fact
 from probe.errors import ProbeError
-from probe.evaluate import evaluate_majority
+from probe.evaluate import evaluate_fixed
 from probe.methods import METHODS, get_method
 from probe.runs import RunFolder
 from probe.vocab import build_candidates
@@ -50,7 +50,7 @@ def test_majority_scores_rank_by_count_then_first_seen(wordpiece_tokenizer):
 def test_evaluate_majority_ranks_every_fact_alike(wordpiece_tokenizer):
     cands = build_candidates(wordpiece_tokenizer, ["Paris", "Rome", "Berlin", "Florence", "French"])
     test = [Fact(s, o) for s, o in TEST_P19 if o != "Besancon"]
-    result = evaluate_majority([Fact(s, o) for s, o in TRAIN_P19], test, cands)
+    result = evaluate_fixed(majority_scores([Fact(s, o) for s, o in TRAIN_P19], cands), test, cands)
     assert result.ranks == [1, 2, 4, 5]  # Florence, Paris, Berlin; French unseen in train, so after the 4 seen
     assert result.top10 == [["Florence", "Paris", "Rome", "Berlin", "French"]] * 4
     assert result.metrics["p1"] == pytest.approx(25.0) and result.metrics["mrr"] == pytest.approx((1 + 1 / 2 + 1 / 4 + 1 / 5) / 4)
@@ -113,7 +113,7 @@ def make_run(folder, method: str | None, rows: list[dict], model: str = "m", **c
     run = RunFolder(folder, {"command": "eval", "model": model, "method": method, "split": "test_34k",
                              "vocab": "common", **config})
     for r in rows:
-        run.save_relation(r["relation"], r)
+        write_relation(run, r["relation"], r)
     run.write_summary()
     return folder
 
@@ -276,7 +276,7 @@ def test_a_relation_no_fact_of_which_every_model_keeps_is_left_out(tmp_path):
                                            "split": "test_34k"})
         for rid, objects in kept.items():
             preds = [{"sub": "X", "obj": o, "rank": 1, "top10": []} for o in objects]
-            run.save_relation(rid, {"relation": rid, "type": "N-1", "n_facts": 1, **relation_metrics([1])}, preds)
+            write_relation(run, rid, {"relation": rid, "type": "N-1", "n_facts": 1, **relation_metrics([1])}, preds)
         run.write_summary()
     cmp = compare_runs(load_runs([tmp_path / "a", tmp_path / "b"]))
     assert cmp.relations == ["P36"] and "left out: P19 (no fact kept by every run)" in cmp.notes

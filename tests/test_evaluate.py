@@ -1,4 +1,4 @@
-"""probe.batching, probe.evaluate and probe.pipeline: batches, filtering, and metrics equal to a by-hand forward."""
+"""probe.batching, probe.evaluate and `probe eval`'s cells: batches, filtering, and metrics equal to a by-hand forward."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import json
 
 import pytest
 import torch
-from conftest import make_fake_lama
+from conftest import eval_here, make_fake_lama
 
 from probe.backends.llama import _distinct_tokens_after
-from probe.batching import collate, filter_facts, make_batches
+from probe.batching import collate, filter_facts, make_batches, relation_facts
 from probe.data import Fact, LamaData
 from probe.errors import ProbeError
 from probe.evaluate import evaluate_facts
@@ -17,8 +17,7 @@ from probe.methods import METHODS, get_method
 from probe.methods.base import PromptMethod
 from probe.methods.manual import ManualPrompt
 from probe.metrics import relation_metrics
-from probe.pipeline import RunConfig, evaluate_relations, relation_facts
-from probe.runs import RunFolder
+from probe.runs import RunConfig, RunFolder
 from probe.templates import compile_template
 from probe.vocab import build_candidates
 
@@ -381,7 +380,7 @@ def test_evaluate_manual_relations_end_to_end(masked_backend, fake_lama, tmp_pat
     assert config["n_candidates"] == 8 and config["n_vocab_words"] == 8
     assert config["model_kind"] == "masked" and config["dtype"] == "float32" and config["method"] == "manual"
     run = RunFolder(tmp_path / "run", config)
-    results = evaluate_relations(b, data, ["P19", "P36", "P37"], cands, run, "test_34k", 2)
+    results = eval_here(b, data, ["P19", "P36", "P37"], cands, run, "test_34k", 2)
     rels = {r["relation"]: r for r in results["relations"]}
     assert list(rels) == ["P19", "P36", "P37"]
     assert rels["P19"]["n_facts"] == 2 and rels["P19"]["n_dropped"] == 1  # Besancon is no candidate; dup gone
@@ -405,7 +404,7 @@ def test_evaluate_manual_relations_skips_empty_relation_when_several(masked_back
     data = LamaData(root)
     cands = build_candidates(b.tokenizer, data.vocab_words())
     run = RunFolder(tmp_path / "run", eval_config(b, data, cands))
-    results = evaluate_relations(b, data, ["P19", "P36"], cands, run, "test_34k")
+    results = eval_here(b, data, ["P19", "P36"], cands, run, "test_34k")
     assert [r["relation"] for r in results["relations"]] == ["P36"]
     assert not run.is_done("P19")
     assert "warning: P19 has no test_34k facts left after filtering; skipped" in capsys.readouterr().err
@@ -416,14 +415,14 @@ def test_evaluate_manual_relations_resume_skips_finished(masked_backend, fake_la
     data = LamaData(fake_lama)
     cands = build_candidates(b.tokenizer, data.vocab_words())
     config = eval_config(b, data, cands)
-    first = evaluate_relations(b, data, ["P36"], cands, RunFolder(tmp_path / "run", config), "test_34k")
-    import probe.pipeline as pipeline
+    first = eval_here(b, data, ["P36"], cands, RunFolder(tmp_path / "run", config), "test_34k")
+    import probe.commands.eval as command
 
     seen = []
-    real = pipeline.evaluate_ensemble
-    monkeypatch.setattr(pipeline, "evaluate_ensemble", lambda *a, **k: seen.append(a[4]) or real(*a, **k))
+    real = command.evaluate_ensemble
+    monkeypatch.setattr(command, "evaluate_ensemble", lambda *a, **k: seen.append(a[4]) or real(*a, **k))
     run = RunFolder(tmp_path / "run", config, resume=True)
-    again = evaluate_relations(b, data, ["P36", "P37"], cands, run, "test_34k")
+    again = eval_here(b, data, ["P36", "P37"], cands, run, "test_34k")
     assert len(seen) == 1 and len(seen[0]) == 4  # only P37 ran
     assert again["relations"][0] == first["relations"][0]
     assert [r["relation"] for r in again["relations"]] == ["P36", "P37"]

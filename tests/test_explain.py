@@ -10,8 +10,9 @@ from conftest import assert_user_error, make_fake_lama, run_cli
 
 from probe.errors import ProbeError
 from probe.explain import check_explainable, explain_vectors, nearest_tokens
+from probe.files import atomic_write_bytes
 from probe.methods import METHODS, FixedPrompt
-from probe.pipeline import save_prompt
+from probe.saved_prompts import prompt_bytes
 
 
 def _id(tok, text: str) -> int:
@@ -54,7 +55,7 @@ def _run_folder(tmp_path, tiny_causal_dir, method: str, vectors: torch.Tensor | 
               "data": str(lama), "vocab": "common", "split": "test_34k"}
     (run / "config.json").write_text(json.dumps(config))
     if vectors is not None:  # a finished relation: its prompt, then its metrics
-        save_prompt(run / "P19" / "prompt.safetensors", FixedPrompt(vectors))
+        atomic_write_bytes(run / "P19" / "prompt.safetensors", prompt_bytes(FixedPrompt(vectors)))
         (run / "P19" / "metrics.json").write_text(json.dumps({"relation": "P19", "p1": 0.0, "p10": 0.0, "mrr": 0.0}))
     return run
 

@@ -256,7 +256,7 @@ def test_a_vocabulary_file_of_ones_own(tmp_path):
 
 
 def test_the_shipped_google_re_templates():
-    from probe.templates import parse_template_file
+    from probe.template_files import parse_template_file
 
     entries = parse_template_file(Path(REPO / "templates" / "google_re.txt")).entries
     assert {k: t.source for k, t in entries.items()} == {

@@ -8,14 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_user_error, make_fake_lama, run_cli
+from conftest import assert_user_error, make_fake_lama, run_cli, train_here
 
 from probe.backends import load_backend
+from probe.batching import relation_facts
 from probe.data import LamaData
 from probe.evaluate import evaluate_facts
 from probe.methods import get_method
-from probe.pipeline import RunConfig, load_template_spec, relation_facts, train_relations
-from probe.runs import RunFolder
+from probe.options import load_template_spec
+from probe.runs import RunConfig, RunFolder
 from probe.templates import compile_template
 from probe.train import TrainConfig
 from probe.vocab import build_candidates
@@ -41,8 +42,8 @@ def finetune_run(backend, lama: Path, out: Path, ids=("P36", "P19")) -> dict:
     cands = build_candidates(backend.tokenizer, data.vocab_words("common"))
     config = RunConfig.of("train", backend, data, cands, method="finetune", split="test_34k", vocab="common",
                           batch_size=128, seed=FIT.seed, method_config={}, train=FIT.__dict__).to_dict()
-    return train_relations(backend, data, list(ids), cands, RunFolder(out, config), "finetune", None, FIT,
-                           load_template_spec(None, "finetune"), "test_34k")
+    return train_here(backend, data, list(ids), cands, RunFolder(out, config), "finetune", None, FIT,
+                      load_template_spec(None, "finetune"))
 
 
 def manual_ranks(backend, lama: Path, rid: str) -> list[int]:

@@ -12,7 +12,7 @@ import pytest
 from probe import lama_import
 from probe.errors import ProbeError
 from probe.lama_import import import_lama
-from probe.templates import parse_template_file
+from probe.template_files import parse_template_file
 
 FIXTURES = Path(__file__).parent / "fixtures" / "lama_data"
 DATA = FIXTURES / "data"  # the folder LAMA's data.zip unpacks to

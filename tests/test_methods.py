@@ -56,7 +56,7 @@ def test_registry_names_and_how_each_method_is_fit():
 
 def test_manual_method_has_nothing_to_fit():
     with pytest.raises(ProbeError, match="has nothing to train"):
-        ManualPrompt(0, 16).fit(None, None, [], [], None, None)
+        ManualPrompt(0, 16).fit(None, None)
 
 
 def test_fit_config_takes_the_method_learning_rate_and_is_checked():

@@ -15,10 +15,10 @@ from probe.batching import collate
 from probe.data import Fact, LamaData
 from probe.errors import ProbeError
 from probe.evaluate import evaluate_facts
+from probe.fit import FitTask, fit
 from probe.methods import get_method
 from probe.methods.manual import ManualPrompt
 from probe.objects import ObjectsSpec, RelationCandidates, object_candidates, read_candidates_file
-from probe.pipeline import fit_prompt
 from probe.templates import compile_template
 from probe.train import TrainConfig
 from probe.vocab import build_candidates
@@ -207,8 +207,8 @@ def test_a_prompt_trains_on_multi_token_objects(causal_backend):
     compiled = compile_template("(2, sub, 2, obj)", b.tokenizer, "causal")
     torch.manual_seed(0)
     config = TrainConfig(lr=0.1, batch_size=4, epochs=10, min_steps=0, eval_every=2, patience=100, seed=1)
-    method, result = fit_prompt(b, "ptuning", get_method("ptuning").config_class(), compiled, P19, train, train,
-                                oc, config)
+    fitted = fit(b, FitTask(compiled, train, train, oc, config, get_method("ptuning"), None, P19))
+    method, result = fitted.prompt, fitted.result
     assert result.best_step > 0 and result.best_dev["p1"] == 100.0  # dev rose from below 100 at step 0
     assert evaluate_facts(b, method, compiled, train, oc).ranks == [1] * len(train)
     assert all(not p.requires_grad and p.grad is None for p in b.model.parameters())

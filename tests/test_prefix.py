@@ -10,9 +10,11 @@ from probe.backends.causal import CausalLM
 from probe.batching import collate
 from probe.data import Fact
 from probe.errors import ProbeError
+from probe.files import atomic_write_bytes
+from probe.fit import FitTask
 from probe.methods import method_config
 from probe.methods.prefix_tuning import PrefixTuning, PrefixTuningConfig
-from probe.pipeline import load_prompt, save_prompt
+from probe.saved_prompts import load_prompt, prompt_bytes
 from probe.templates import compile_template
 from probe.vocab import build_candidates
 
@@ -133,7 +135,7 @@ def test_folding_the_mlp_gives_identical_scores(request, which, dtype, tmp_path)
     torch.manual_seed(2)
     method = PrefixTuning.create(backend, compiled, MANUAL, PrefixTuningConfig(reparam="mlp", init="random"))
     path = tmp_path / "prompt.safetensors"
-    save_prompt(path, method)
+    atomic_write_bytes(path, prompt_bytes(method))
     from safetensors.torch import load_file
 
     saved = load_file(str(path))
@@ -161,7 +163,7 @@ def test_prefix_tuning_learns_a_learnable_relation(request, which, reparam):
     torch.manual_seed(0)
     method = PrefixTuning.create(backend, compiled, TRAIN_MANUAL, PrefixTuningConfig(reparam=reparam, init="vocab"))
     config = TrainConfig(min_steps=0, lr=0.1, batch_size=5, epochs=10, eval_every=2, patience=100, seed=1)
-    result = train_prompt(backend, method, compiled, train, dev, cands, config)
+    result = train_prompt(backend, method, FitTask(compiled, train, dev, cands, config))
     assert result.best_dev["p1"] >= manual_p1 + 30, (manual_p1, result)
     assert all(not p.requires_grad and p.grad is None for p in backend.model.parameters())
 
@@ -173,7 +175,7 @@ def test_a_virtual_target_is_refused(causal_backend):
 
 
 def test_prefix_tuning_default_template_puts_the_prefix_first(causal_backend):
-    from probe.pipeline import load_template_spec
+    from probe.options import load_template_spec
 
     assert load_template_spec(None, "prefix-tuning").template_for("P19", "causal").source == "(6, sub, obj)"
     assert load_template_spec(None, "ptuning").template_for("P19", "causal").source == "(3, sub, 3, obj)"
@@ -195,7 +197,7 @@ def test_prefix_tuning_run_saves_only_prefixes_and_reproduces(causal_backend, tm
     from safetensors.torch import load_file
     from test_train import default_splits, make_lama, train_run
 
-    from probe.pipeline import reevaluate_run
+    from probe.commands.rerun import reevaluate_run
 
     lama = make_lama(tmp_path / "lama", default_splits())
     config = PrefixTuningConfig(reparam="mlp", init="template")

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import assert_user_error, make_fake_lama, run_cli, write_jsonl
+from conftest import assert_user_error, eval_here, make_fake_lama, run_cli, write_jsonl
 from typer.testing import CliRunner
 
 import cli
@@ -15,9 +15,8 @@ from probe.data import Fact, LamaData
 from probe.errors import ProbeError
 from probe.evaluate import evaluate_ensemble
 from probe.methods.manual import ManualPrompt
-from probe.pipeline import RunConfig, evaluate_relations
 from probe.prompt_files import DiscretePrompt, read_prompts
-from probe.runs import RunFolder
+from probe.runs import RunConfig, RunFolder
 from probe.templates import compile_template
 from probe.vocab import build_candidates
 
@@ -241,7 +240,7 @@ def test_evaluate_relations_with_prompts(masked_backend, fake_lama, tmp_path):
     prompts = {"P36": [DiscretePrompt("[X] capital [Y] .", None, "x:1"), DiscretePrompt("[Y] of [X]", None, "x:2")]}
     config = RunConfig.of("eval", b, data, cands, method="discrete", split="test_34k", vocab="common", batch_size=128)
     run = RunFolder(tmp_path / "run", config.to_dict())
-    results = evaluate_relations(b, data, ["P36"], cands, run, "test_34k", prompts=prompts)
+    results = eval_here(b, data, ["P36"], cands, run, "test_34k", prompts=prompts)
     row = results["relations"][0]
     assert row["templates"] == ["[X] capital [Y] .", "[Y] of [X]"] and row["weights"] == [1.0, 1.0]
     compiled = [compile_template(p.template, b.tokenizer, "masked") for p in prompts["P36"]]

@@ -10,12 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, assert_user_error, make_fake_lama, run_cli, save_tiny_llama
+from conftest import REPO, assert_user_error, make_fake_lama, run_cli, save_tiny_llama, write_relation
 
+from probe.commands.eval import run_eval
+from probe.commands.train import run_train
 from probe.data import LamaData
 from probe.errors import Interrupted, ProbeError
-from probe.pipeline import Options, run_eval, run_train
-from probe.sweep import load_grid, prepare_folder, run_sweep, sweep_command
+from probe.options import Options
+from probe.sweep import executor_specs, load_grid, prepare_folder, run_sweep, sweep_command
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.ray
@@ -118,7 +120,7 @@ def test_a_killed_worker_reruns_its_cell_once(local_ray, tiny_causal_dir, lama, 
     written = []
     real_run = executor.run
     executor.run = lambda cells, desc="cells": real_run(cells, on_done=lambda c, o: written.append(c.key), desc=desc)
-    run_sweep(None, data, grid, ["P19"], None, out, executor)
+    run_sweep(grid, ["P19"], out, executor, executor_specs(grid, executor))
     assert executor.retried == killed  # the killed cell ran again, on the restarted actor
     assert sorted(written) == sorted(set(written)) and len(written) == 2  # each cell written exactly once
     assert not [p for p in (out / "cells").iterdir() if p.name.startswith(".")]  # nothing half-written
@@ -145,7 +147,7 @@ def test_an_interrupted_driver_resumes_without_rerunning_finished_cells(local_ra
 
     executor.on_dispatch = stop_at_the_second_cell
     with pytest.raises(KeyboardInterrupt):
-        run_sweep(None, data, grid, ["P19", "P36"], None, out, executor)
+        run_sweep(grid, ["P19", "P36"], out, executor, executor_specs(grid, executor))
     finished = cell_rows(out)
     assert list(finished) == [sent[0]]
     before = (out / "cells" / f"{sent[0]}.json").read_bytes()
@@ -202,7 +204,7 @@ def test_compare_of_two_models_uses_only_the_facts_both_keep(tmp_path):
         preds = [{"sub": s, "obj": o, "rank": ranks[o], "top10": []} for s, o in FACTS["P36"][:3] if o in ranks]
         from probe.metrics import relation_metrics
 
-        run.save_relation("P36", {"relation": "P36", "type": "1-1", "n_facts": len(preds),
+        write_relation(run, "P36", {"relation": "P36", "type": "1-1", "n_facts": len(preds),
                                   **relation_metrics([p["rank"] for p in preds])}, preds)
         run.write_summary()
     cmp = compare_runs(load_runs([tmp_path / "a", tmp_path / "b"]))
@@ -246,12 +248,12 @@ def test_bare_ray_flag_means_a_local_ray():
 
 def test_interrupted_eval_names_the_parent_folder_of_several_models(tmp_path, tiny_causal_dir, second_model, lama,
                                                                      monkeypatch):
-    import probe.pipeline as pipeline
+    import probe.commands.eval as command
 
-    def stop(self, worker):
+    def stop(self, loaded):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pipeline.EvalCell, "run", stop)
+    monkeypatch.setattr(command.EvalCell, "run", stop)
     with pytest.raises(Interrupted) as e:
         run_eval(Options(model=[str(tiny_causal_dir), str(second_model)], all=True, data=str(lama), out=tmp_path / "o",
                          dtype="float32"), log=lambda m: None)

@@ -6,6 +6,7 @@ import json
 
 import pandas as pd
 import pytest
+from conftest import write_relation
 
 from probe.errors import ProbeError
 from probe.runs import (
@@ -68,13 +69,15 @@ def test_read_json_errors(tmp_path):
 
 def test_new_run_folder_writes_config(tmp_path):
     run = RunFolder(tmp_path / "run", CONFIG)
+    assert not (tmp_path / "run").exists()  # opening only checks: the folder is made once every check has passed
+    run.create()
     assert read_json(tmp_path / "run" / "config.json") == CONFIG
     assert not run.is_done("P19")
     assert run.relation_dir("P19") == tmp_path / "run" / "P19"
 
 
 def test_existing_run_folder_needs_resume(tmp_path):
-    RunFolder(tmp_path / "run", CONFIG)
+    RunFolder(tmp_path / "run", CONFIG).create()
     with pytest.raises(ProbeError) as e:
         RunFolder(tmp_path / "run", CONFIG)
     assert str(e.value) == (f"run folder {tmp_path / 'run'} already exists: pass --resume to continue it, "
@@ -83,7 +86,7 @@ def test_existing_run_folder_needs_resume(tmp_path):
 
 
 def test_resume_with_other_model_names_the_key(tmp_path):
-    RunFolder(tmp_path / "run", CONFIG)
+    RunFolder(tmp_path / "run", CONFIG).create()
     with pytest.raises(ProbeError) as e:
         RunFolder(tmp_path / "run", {**CONFIG, "model": "bert-base-cased"}, resume=True)
     msg = str(e.value)
@@ -97,17 +100,36 @@ def test_resume_with_other_model_names_the_key(tmp_path):
     assert read_json(tmp_path / "run" / "config.json") == CONFIG  # a refused resume leaves the config alone
 
 
-def test_identity_keys():
-    assert set(IDENTITY_KEYS) >= {"model", "method", "split", "vocab", "data"}
+@pytest.mark.parametrize("key", IDENTITY_KEYS)
+def test_every_identity_key_refuses_a_resume_with_another_value(tmp_path, key):
+    RunFolder(tmp_path / "run", {**CONFIG, key: "one"}).create()
+    with pytest.raises(ProbeError) as e:
+        RunFolder(tmp_path / "run", {**CONFIG, key: "other"}, resume=True)
+    assert str(e.value).endswith(f"({key}: 'one' there, 'other' asked)")
+
+
+def test_a_refused_start_takes_back_the_folder_it_made(tmp_path):
+    run = RunFolder(tmp_path / "run", CONFIG).create()
+    run.abandon()
+    assert not (tmp_path / "run").exists()
+    RunFolder(tmp_path / "run", CONFIG).create()  # so the rerun is not blocked
+    # a folder with a finished relation, or one this run did not make, is kept
+    kept = RunFolder(tmp_path / "run2", CONFIG).create()
+    write_relation(kept, "P19", {"relation": "P19", "type": "N-1", "n_facts": 1, "p1": 1.0, "p10": 1.0, "mrr": 1.0})
+    kept.abandon()
+    assert (tmp_path / "run2" / "P19" / "metrics.json").exists()
+    resumed = RunFolder(tmp_path / "run", CONFIG, resume=True).create()
+    resumed.abandon()
+    assert (tmp_path / "run" / "config.json").exists()
 
 
 def test_save_relation_rows_and_summary(tmp_path):
     run = RunFolder(tmp_path / "run", CONFIG)
     preds = [{"sub": "Dante", "obj": "Florence", "rank": 1, "top10": ["Florence"]},
              {"sub": "Hugo", "obj": "Besançon", "rank": 3, "top10": ["Paris"]}]
-    run.save_relation("P101", metrics("P101", "N-M", 30, 10.0, 40.0, 0.2), preds)
-    run.save_relation("P19", metrics("P19", "N-1", 10, 50.0, 80.0, 0.6))
-    run.save_relation("P36", metrics("P36", "1-1", 60, 100.0, 100.0, 1.0))
+    write_relation(run, "P101", metrics("P101", "N-M", 30, 10.0, 40.0, 0.2), preds)
+    write_relation(run, "P19", metrics("P19", "N-1", 10, 50.0, 80.0, 0.6))
+    write_relation(run, "P36", metrics("P36", "1-1", 60, 100.0, 100.0, 1.0))
     assert run.is_done("P19") and run.is_done("P101") and not run.is_done("P20")
     assert [r["relation"] for r in run.rows()] == ["P19", "P36", "P101"]  # by number, not text
     lines = (tmp_path / "run" / "P101" / "predictions.jsonl").read_text(encoding="utf-8").splitlines()

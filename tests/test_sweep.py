@@ -9,16 +9,18 @@ import pytest
 from conftest import assert_user_error, run_cli
 from test_train import default_splits, make_lama
 
-import probe.pipeline
 import probe.sweep
+from probe.batching import relation_facts
+from probe.cells import InProcess, LoadedModel
 from probe.data import LamaData
 from probe.errors import ProbeError
 from probe.evaluate import evaluate_facts
+from probe.fit import FitTask, fit
 from probe.methods import get_method, method_config
 from probe.methods.autoprompt import TriggerSearchConfig
 from probe.methods.prompt_tuning import PromptTuning
-from probe.pipeline import fit_prompt, load_template_spec, relation_facts
-from probe.sweep import SweepCell, cells_of, load_grid, prepare_folder, run_sweep, summarise
+from probe.options import load_template_spec
+from probe.sweep import SweepCell, cells_of, grid_models, load_grid, prepare_folder, run_sweep, summarise
 from probe.templates import compile_template, parse_template, spread_virtual
 from probe.train import TrainConfig
 from probe.vocab import build_candidates
@@ -58,7 +60,7 @@ def test_grid_expands_only_the_axes_a_method_takes(tmp_path):
     cells = cells_of(grid, ["P19", "P36"])
     # prompt-tuning: 2 lengths x 2 inits x 2 seeds; prefix-tuning: 2 x 2 x 2 reparams x 2 seeds; each for 2 relations
     assert len(cells) == (8 + 16) * 2
-    assert {c.reparam for c in cells if c.method == "prompt-tuning"} == {"-"}
+    assert {c.options["reparam"] for c in cells if c.method == "prompt-tuning"} == {"-"}
     assert len({c.key for c in cells}) == len(cells)
 
 
@@ -104,22 +106,22 @@ def test_sweep_runs_resumes_and_summarises(causal_backend, tmp_path, monkeypatch
     ran = []
     real = probe.sweep.run_cell
 
-    def counting(worker, cell, *args):
+    def counting(loaded, cell, *args):
         ran.append(cell)
-        return real(worker, cell, *args)
+        return real(loaded, cell, *args)
 
     monkeypatch.setattr(probe.sweep, "run_cell", counting)
     cells = cells_of(grid, ["P19", "P36"])
     assert len(cells) == 8  # 2 inits x 2 seeds x 2 relations
     (out / "cells").mkdir(exist_ok=True)
-    df = run_sweep(causal_backend, lama, grid, ["P19", "P36"], cands, out)
+    df = sweep_here(causal_backend, lama, grid, ["P19", "P36"], cands, out)
     assert len(ran) == 8 and len(df) == 8
     assert set(df["template"]) == {"(2, sub, obj)"}  # prefix-tuning: the prefix first
     # a second run does nothing; removing one cell re-runs exactly that cell
-    run_sweep(causal_backend, lama, grid, ["P19", "P36"], cands, out)
+    sweep_here(causal_backend, lama, grid, ["P19", "P36"], cands, out)
     assert len(ran) == 8
     (out / "cells" / f"{cells[3].key}.json").unlink()
-    df2 = run_sweep(causal_backend, lama, grid, ["P19", "P36"], cands, out)
+    df2 = sweep_here(causal_backend, lama, grid, ["P19", "P36"], cands, out)
     assert [c.key for c in ran[8:]] == [cells[3].key]
     assert df2.sort_values("seed").reset_index(drop=True).drop(columns="seconds").equals(
         df.sort_values("seed").reset_index(drop=True).drop(columns="seconds"))
@@ -149,19 +151,26 @@ def test_sweep_runs_resumes_and_summarises(causal_backend, tmp_path, monkeypatch
     assert first["n_facts"] == 6 and first["n_train"] == 8  # the test fact of Ravenna (not a candidate) is left out
 
 
+def sweep_here(backend, data, grid, relation_ids, candidates, out):
+    """`run_sweep` on an executor holding a loaded backend (as `probe sweep` runs it on the models it loads)."""
+    loaded = LoadedModel(backend, data, candidates)
+    return run_sweep(grid, relation_ids, out, InProcess(data, loaded=loaded), {m: loaded.spec for m in grid_models(grid)})
+
+
 def recomputed_cell(backend, data, cell: SweepCell, train_settings: dict, candidates):
     """A cell trained and tested again without the sweep: (test metrics, fit result, template source)."""
     relation = data.relation(cell.relation)
     template = spread_virtual(load_template_spec(None, cell.method).template_for(relation.id, backend.kind), cell.length)
     compiled = compile_template(template, backend.tokenizer, backend.kind, manual=relation.template)
-    options = {k: getattr(cell, k) for k in ("init", "reparam") if getattr(cell, k) != "-"}
+    options = {k: v for k, v in cell.options.items() if v != "-"}
     method_cls = get_method(cell.method)
     fit_config = method_cls.fit_config(**train_settings, seed=cell.seed)
     train, _ = relation_facts(data, relation, "train", candidates, False)
     dev, _ = relation_facts(data, relation, "dev", candidates, False)
     test, _ = relation_facts(data, relation, "test_34k", candidates, False)
-    prompt, result = fit_prompt(backend, cell.method, method_config(cell.method, **options), compiled, relation.template,
-                                train, dev or train, candidates, fit_config)
+    fitted = fit(backend, FitTask(compiled, train, dev or train, candidates, fit_config, method_cls,
+                                  method_config(cell.method, **options), relation.template))
+    prompt, result = fitted.prompt, fitted.result
     return evaluate_facts(backend, prompt, compiled, test, candidates).metrics, result, template.source
 
 
@@ -180,7 +189,7 @@ batch_size = 4
     grid = load_grid(write_grid(tmp_path / "g.toml", text))
     assert grid.train == {"iterations": 3, "top_k": 2, "epochs": 1, "min_steps": 0, "batch_size": 4}
     assert [c.method for c in cells_of(grid, ["P19"])] == ["autoprompt", "prompt-tuning"]
-    assert [c.init for c in cells_of(grid, ["P19"])] == ["neutral", "vocab"]  # the methods' defaults, named
+    assert [c.options["init"] for c in cells_of(grid, ["P19"])] == ["neutral", "vocab"]  # the methods' defaults, named
     # a shared key is checked for each method: patience 0 never stops a trigger search, but the trainer needs 1
     with pytest.raises(ProbeError, match=r"\[train\] for prompt-tuning: --patience must be at least 1"):
         load_grid(write_grid(tmp_path / "h.toml", text + "patience = 0\n"))
@@ -206,14 +215,14 @@ batch_size = 4
     out = tmp_path / "sweep"
     prepare_folder(out, grid, {"data": "x"})
     fitted = []
-    real = probe.pipeline.fit_prompt
+    real = probe.sweep.fit_and_test
 
-    def spy(backend, method, config, compiled, manual, train, dev, candidates, fit_config, *args, **kw):
-        fitted.append((method, fit_config))
-        return real(backend, method, config, compiled, manual, train, dev, candidates, fit_config, *args, **kw)
+    def spy(backend, task, *args, **kw):
+        fitted.append((task.method.name, task.config))
+        return real(backend, task, *args, **kw)
 
-    monkeypatch.setattr(probe.pipeline, "fit_prompt", spy)
-    df = run_sweep(causal_backend, lama, grid, ["P19"], cands, out)
+    monkeypatch.setattr(probe.sweep, "fit_and_test", spy)
+    df = sweep_here(causal_backend, lama, grid, ["P19"], cands, out)
     assert df["method"].tolist() == ["autoprompt", "autoprompt", "prompt-tuning", "prompt-tuning"]
     # each method got its own settings from [train], and the cell's seed
     assert fitted == [
@@ -246,7 +255,7 @@ top_k = 1
 """))
     cands = build_candidates(causal_backend.tokenizer, lama.vocab_words("common"))
     prepare_folder(tmp_path / "sweep", grid, {"data": "x"})
-    (row,) = run_sweep(causal_backend, lama, grid, ["P19"], cands, tmp_path / "sweep").to_dict("records")
+    (row,) = sweep_here(causal_backend, lama, grid, ["P19"], cands, tmp_path / "sweep").to_dict("records")
     assert row["init"] == "manual"
     assert row["template"] == '(sub, ["was born in"], obj)'  # as `probe train --method autoprompt --init manual`
 
@@ -318,7 +327,7 @@ def test_a_cell_finished_by_another_process_is_skipped(causal_backend, tmp_path,
     prepare_folder(out, grid, {"data": "x"})
     ran = []
 
-    def fake_cell(worker, cell, *args):
+    def fake_cell(loaded, cell, *args):
         ran.append(cell.seed)
         if cell.seed == 1:  # meanwhile, "another process" finishes seed 2
             (out / "cells" / f"{cells[1].key}.json").write_text(json.dumps({**cell.settings(), "seed": 2, "p1": 5.0,
@@ -326,6 +335,6 @@ def test_a_cell_finished_by_another_process_is_skipped(causal_backend, tmp_path,
         return {**cell.settings(), "p1": 10.0 * cell.seed, "dev_p1": 0.0}
 
     monkeypatch.setattr(probe.sweep, "run_cell", fake_cell)
-    df = run_sweep(causal_backend, lama, grid, ["P19"], [], out)
+    df = sweep_here(causal_backend, lama, grid, ["P19"], [], out)
     assert ran == [1, 3]
     assert sorted(df["p1"]) == [5.0, 10.0, 30.0]

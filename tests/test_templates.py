@@ -8,6 +8,7 @@ import pytest
 
 from probe.data import LamaData
 from probe.errors import ProbeError
+from probe.template_files import parse_template_file
 from probe.templates import (
     DEFAULT_SHAPES,
     MANUAL,
@@ -22,7 +23,6 @@ from probe.templates import (
     manual_relation_words,
     manual_word_slots,
     parse_template,
-    parse_template_file,
 )
 
 REPO = Path(__file__).resolve().parents[1]

@@ -17,29 +17,26 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_user_error, run_cli, write_jsonl
+from conftest import assert_user_error, run_cli, train_here, write_jsonl
 from typer.testing import CliRunner
 
 import cli
 import probe.train
 from probe.batching import collate, make_batches
+from probe.cells import torch_threads
+from probe.commands.rerun import reevaluate_run
 from probe.data import Fact, LamaData
-from probe.errors import ProbeError
+from probe.errors import Interrupted, ProbeError
 from probe.evaluate import evaluate_facts
+from probe.files import atomic_write_bytes
+from probe.fit import FitTask
 from probe.methods import get_method
 from probe.methods.prompt_tuning import PromptTuningConfig
 from probe.methods.ptuning import PTuningEncoder
 from probe.metrics import ranks_of
-from probe.pipeline import (
-    RunConfig,
-    load_prompt,
-    load_template_spec,
-    reevaluate_run,
-    save_prompt,
-    torch_threads,
-    train_relations,
-)
-from probe.runs import RunFolder
+from probe.options import load_template_spec
+from probe.runs import RunConfig, RunFolder
+from probe.saved_prompts import load_prompt, prompt_bytes
 from probe.templates import DEFAULT_SHAPES, TemplateError, compile_template, parse_template
 from probe.train import TrainConfig, train_prompt
 from probe.vocab import build_candidates
@@ -175,15 +172,15 @@ def default_splits() -> dict:
 
 def train_run(backend, lama_root: Path, out: Path, relation_ids=("P19", "P36"), method="ptuning",
               method_config=None, config: TrainConfig = FAST, template=None, resume=False):
-    """pipeline.train_relations as `probe train` calls it; returns (results, run folder, data, candidates)."""
+    """`probe train`'s cells on a loaded backend; returns (results, run folder, data, candidates)."""
     data = LamaData(lama_root)
     candidates = build_candidates(backend.tokenizer, data.vocab_words("common"))
     cfg = RunConfig.of("train", backend, data, candidates, method=method, split="test_34k", vocab="common",
                        batch_size=128, template_file=template, seed=config.seed,
                        method_config=(method_config.__dict__ if method_config else {}), train=asdict(config)).to_dict()
     run = RunFolder(out, cfg, resume=resume)
-    results = train_relations(backend, data, list(relation_ids), candidates, run, method, method_config, config,
-                              load_template_spec(template, method), "test_34k")
+    results = train_here(backend, data, relation_ids, candidates, run, method, method_config, config,
+                         load_template_spec(template, method))
     return results, run, data, candidates
 
 
@@ -335,7 +332,7 @@ def test_lm_stays_frozen_and_only_the_method_changes(request, which, monkeypatch
 
     seen = []
     spy_training_steps(monkeypatch, backend, lambda batch, scores: seen.append(method_snapshot(method)) or scores)
-    result = train_prompt(backend, method, compiled, train, dev, cands, FAST)
+    result = train_prompt(backend, method, FitTask(compiled, train, dev, cands, FAST))
 
     after_lm = lm_snapshot(backend)
     assert after_lm.keys() == before_lm.keys()
@@ -369,7 +366,7 @@ def test_training_beats_the_manual_prompt_on_a_learnable_relation(request, which
     method = get_method(method_name).create(backend, compiled, MANUAL)
     log = tmp_path / "log.jsonl"
     config = TrainConfig(min_steps=0, lr=0.1, batch_size=5, epochs=5, eval_every=2, patience=100, seed=1)
-    result = train_prompt(backend, method, compiled, train, dev, cands, config, log_path=log)
+    result = train_prompt(backend, method, FitTask(compiled, train, dev, cands, config, log_path=log))
     assert result.best_dev["p1"] >= manual_p1 + 30, (manual_p1, result)
     assert result.best_step > 0 and result.steps == 10 and not result.stopped_early
     # the method holds the best-on-dev weights: evaluating it again gives best_dev exactly
@@ -392,7 +389,7 @@ def test_min_steps_gives_small_relations_more_passes(causal_backend, monkeypatch
     spy_training_steps(monkeypatch, causal_backend, lambda batch, scores: seen.append(batch.facts) or scores)
     config = TrainConfig(min_steps=7, lr=0.01, batch_size=4, epochs=1, eval_every=100, patience=100, seed=1)
     method = get_method("ptuning").create(causal_backend, compiled, MANUAL, None)
-    result = train_prompt(causal_backend, method, compiled, train, train, cands, config)
+    result = train_prompt(causal_backend, method, FitTask(compiled, train, train, cands, config))
     assert result.steps == len(seen) == 7
     for start in (0, 3):  # each pass sees every fact once
         assert sorted((f for b in seen[start:start + 3] for f in b), key=train.index) == train
@@ -408,7 +405,7 @@ def test_early_stopping_and_no_improvement_keeps_the_initial_weights(causal_back
     before = method_snapshot(method)
     # lr 0: nothing can improve, so patience runs out after two evaluations and the weights stay the start ones
     config = TrainConfig(min_steps=0, lr=0.0, batch_size=2, epochs=5, eval_every=1, patience=2, seed=1)
-    result = train_prompt(backend, method, compiled, train, train, cands, config)
+    result = train_prompt(backend, method, FitTask(compiled, train, train, cands, config))
     assert result.stopped_early and result.steps == 2 and result.best_step == 0
     assert same_state(method_snapshot(method), before)
 
@@ -443,7 +440,7 @@ def test_training_loss_is_cross_entropy_at_the_evaluator_target(request, which, 
     spy_training_steps(monkeypatch, backend, checked)
     log = tmp_path / "log.jsonl"
     config = TrainConfig(min_steps=0, lr=0.01, batch_size=4, epochs=2, eval_every=100, patience=100, seed=3)
-    result = train_prompt(backend, method, compiled, facts, facts, cands, config, log_path=log)
+    result = train_prompt(backend, method, FitTask(compiled, facts, facts, cands, config, log_path=log))
     assert result.steps == len(seen) == 6
     assert any(padded) and not all(padded)
     logged = [json.loads(line)["loss"] for line in log.read_text().splitlines()[1:]]
@@ -501,7 +498,7 @@ def test_same_seed_same_prompt_other_seed_other_prompt(causal_backend, tmp_path)
         config = TrainConfig(min_steps=0, lr=0.02, batch_size=3, epochs=2, eval_every=1, patience=100, seed=seed)
         torch.manual_seed(seed)  # as train_relations does before creating the method
         method = PTuningEncoder.create(backend, compiled, MANUAL)
-        result = train_prompt(backend, method, compiled, train, dev, cands, config, log_path=tmp_path / name)
+        result = train_prompt(backend, method, FitTask(compiled, train, dev, cands, config, log_path=tmp_path / name))
         ev = evaluate_facts(backend, method, compiled, dev, cands)
         return method.virtual_embeddings().detach().clone(), result, ev, (tmp_path / name).read_text()
 
@@ -527,7 +524,7 @@ def test_same_init_other_seed_changes_the_shuffle_only(causal_backend):
     for seed in (1, 1, 2):
         method = copy.deepcopy(start)
         config = TrainConfig(min_steps=0, lr=0.02, batch_size=3, epochs=1, eval_every=100, patience=100, seed=seed)
-        train_prompt(backend, method, compiled, facts, facts, cands, config)
+        train_prompt(backend, method, FitTask(compiled, facts, facts, cands, config))
         out.append(method.virtual_embeddings().detach())
     assert torch.equal(out[0], out[1])
     assert not torch.equal(out[0], out[2])
@@ -552,7 +549,7 @@ def test_max_train_subsamples_deterministically(causal_backend, monkeypatch):
         torch.manual_seed(0)
         method = PTuningEncoder.create(backend, compiled, MANUAL)
         config = TrainConfig(min_steps=0, lr=0.01, batch_size=2, epochs=1, eval_every=100, patience=100, max_train=5, seed=4)
-        result = train_prompt(backend, method, compiled, facts, facts[:3], cands, config)
+        result = train_prompt(backend, method, FitTask(compiled, facts, facts[:3], cands, config))
         assert result.steps == 3
     assert len(used) == 2 and used[0] == used[1] and len(used[0]) == 5
     assert all(f in facts for f in used[0])
@@ -568,7 +565,7 @@ def test_save_prompt_is_atomic_and_round_trips(tmp_path, monkeypatch):
     torch.manual_seed(0)
     method = PTuningEncoder(5, 16)
     path = tmp_path / "P19" / "prompt.safetensors"
-    save_prompt(path, method)
+    atomic_write_bytes(path, prompt_bytes(method))
     assert sorted(p.name for p in path.parent.iterdir()) == ["prompt.safetensors"]
     loaded = load_prompt(path)
     assert loaded.n_virtual == 5 and loaded.hidden_size == 16
@@ -585,14 +582,14 @@ def test_save_prompt_is_atomic_and_round_trips(tmp_path, monkeypatch):
 
     # a write that fails half way keeps the old file and leaves no temp file
     old = path.read_bytes()
-    import probe.runs
+    import probe.files
 
     def boom(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(probe.runs.os, "replace", boom)
+    monkeypatch.setattr(probe.files.os, "replace", boom)
     with pytest.raises(OSError, match="disk full"):
-        save_prompt(path, PTuningEncoder(5, 16))
+        atomic_write_bytes(path, prompt_bytes(PTuningEncoder(5, 16)))
     assert path.read_bytes() == old
     assert sorted(p.name for p in path.parent.iterdir()) == ["prompt.safetensors"]
 
@@ -604,7 +601,7 @@ def test_corrupted_prompt_file_is_a_probe_error(tmp_path, content):
     from safetensors.torch import save
 
     path = tmp_path / "prompt.safetensors"
-    save_prompt(path, PTuningEncoder(3, 8))
+    atomic_write_bytes(path, prompt_bytes(PTuningEncoder(3, 8)))
     good = path.read_bytes()
     data = {"truncated": good[: len(good) - 7], "no-key": save({"other": torch.zeros(3, 8)}),
             "flipped": good[:8] + b"}" + good[9:]}.get(content, content)
@@ -755,14 +752,14 @@ def test_interrupted_training_resumes_without_retraining(causal_backend, tmp_pat
     calls = []
 
     def interrupt_second(*args, **kwargs):  # Ctrl-C as the second relation's fit begins (the first may retry)
-        calls.append(kwargs.get("desc", ""))
+        calls.append(args[2].desc)
         if calls[-1].split()[0] != calls[0].split()[0]:
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
     monkeypatch.setattr(probe.train, "train_prompt", interrupt_second)
     out = tmp_path / "run"
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Interrupted):  # Ctrl-C: what finished is saved, and the folder to resume is named
         train_run(backend, lama, out)
     assert list(dict.fromkeys(c.split()[0] for c in calls)) == ["P19", "P36"]
     done = out / "P19"
@@ -775,7 +772,7 @@ def test_interrupted_training_resumes_without_retraining(causal_backend, tmp_pat
     calls.clear()
 
     def count(*args, **kwargs):
-        calls.append(kwargs.get("desc", ""))
+        calls.append(args[2].desc)
         return real(*args, **kwargs)
 
     monkeypatch.setattr(probe.train, "train_prompt", count)
@@ -906,7 +903,7 @@ def test_cli_train_interrupted_then_resumed(tiny_causal_dir, tmp_path, monkeypat
     calls = []
 
     def interrupt_second(*a, **k):
-        calls.append(k.get("desc", ""))
+        calls.append(a[2].desc)
         if len(calls) == 2:
             raise KeyboardInterrupt
         return real(*a, **k)
@@ -921,7 +918,7 @@ def test_cli_train_interrupted_then_resumed(tiny_causal_dir, tmp_path, monkeypat
     stamp = (out / "P19" / "prompt.safetensors").stat().st_mtime_ns
 
     calls.clear()
-    monkeypatch.setattr(probe.train, "train_prompt", lambda *a, **k: calls.append(k["desc"]) or real(*a, **k))
+    monkeypatch.setattr(probe.train, "train_prompt", lambda *a, **k: calls.append(a[2].desc) or real(*a, **k))
     res = CliRunner().invoke(cli.app, [*args, "--resume"])
     assert res.exit_code == 0, (res.output, res.exception)
     assert calls and all(c.startswith("P36") for c in calls)
@@ -964,10 +961,13 @@ def test_resume_with_other_training_settings_is_refused(masked_backend, tmp_path
                             vocab="common", batch_size=128, template_file=None, seed=13, method_config={"init": init},
                             train=asdict(TrainConfig(min_steps=0, lr=lr, seed=13))).to_dict()
 
-    RunFolder(tmp_path / "run", config(3e-3, "vocab"))
+    RunFolder(tmp_path / "run", config(3e-3, "vocab")).create()
     other = config(1e-1, "vocab") if change == "lr" else config(3e-3, "random")
-    with pytest.raises(ProbeError, match="other settings"):
+    with pytest.raises(ProbeError, match="other settings") as e:
         RunFolder(tmp_path / "run", other, resume=True)
+    # only the entries that differ are named, not both settings whole
+    differs = "train.lr: 0.003 there, 0.1 asked" if change == "lr" else "method_config.init: 'vocab' there, 'random' asked"
+    assert str(e.value) == f"run folder {tmp_path / 'run'} was made with other settings ({differs})"
 
 
 @pytest.mark.parametrize("split", ["train", "dev"])
@@ -998,7 +998,7 @@ def test_an_absurd_lr_is_retried_lower_and_the_retry_learns(causal_backend, tmp_
     config = TrainConfig(min_steps=0, lr=1e20, batch_size=5, epochs=5, eval_every=2, patience=100, seed=1,
                          retry_lr_factor=1e-21)
     log = tmp_path / "log.jsonl"
-    result = train_with_retries(backend, method, compiled, train, dev, cands, config, log_path=log)
+    result = train_with_retries(backend, method, FitTask(compiled, train, dev, cands, config, log_path=log))
     assert [a["lr"] for a in result.attempts] == pytest.approx([1e20, 0.1])
     assert result.attempts[0]["best_step"] == 0  # the diverged prompt never beat the start...
     assert not result.failed and result.best_step > 0 and result.best_dev["p1"] >= manual_p1 + 30  # ...the retry did

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import ClassVar, NamedTuple
+from typing import ClassVar, NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +40,12 @@ class PromptInputs(NamedTuple):
 
     embeddings: torch.Tensor | None = None
     prefix: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+class Prompt(Protocol):
+    """Anything that says what a prompt puts into the LM: a prompt method, a saved prompt."""
+
+    def prompt_inputs(self) -> PromptInputs: ...
 
 
 def weight_stamp(weight: torch.Tensor) -> tuple:
@@ -86,6 +92,11 @@ class Backend:
     @property
     def hidden_size(self) -> int:
         return self.model.get_input_embeddings().weight.shape[1]
+
+    @property
+    def max_positions(self) -> int | None:
+        """The longest input the model takes (its context), when its config says."""
+        return getattr(self.model.config, "max_position_embeddings", None)
 
     @property
     def dtype(self) -> torch.dtype:

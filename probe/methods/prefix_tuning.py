@@ -8,8 +8,9 @@ import torch
 from torch import nn
 
 from probe.errors import ProbeError
-from probe.methods.base import GradientPrompt, MethodConfig
-from probe.methods.prompt_tuning import check_init, init_token_ids
+from probe.methods.base import MethodConfig, option
+from probe.methods.gradient import GradientPrompt
+from probe.methods.prompt_tuning import INIT_HELP, INITS, init_token_ids
 from probe.templates import DEFAULT_SHAPES
 
 REPARAMS = ("mlp", "none")
@@ -17,15 +18,11 @@ REPARAMS = ("mlp", "none")
 
 @dataclass
 class PrefixTuningConfig(MethodConfig):
-    reparam: str = "mlp"  # mlp: prefix = start + MLP(small embedding), as Li & Liang; none: the prefix itself is trained
-    init: str = "vocab"  # random | vocab | template: where the prefix starts (vocab/template: real words' activations)
+    reparam: str = option("mlp", REPARAMS, "mlp: the prefix is start + MLP(small embedding), as Li & Liang; none: the "
+                                           "prefix itself is trained")
+    init: str = option("vocab", INITS, INIT_HELP + " (their keys and values)")
     embed_dim: int = 512  # width of the small per-position embedding fed to the MLP
     mlp_hidden: int = 512
-
-    def check(self) -> None:
-        if self.reparam not in REPARAMS:
-            raise ProbeError(f"unknown reparam {self.reparam!r}: expected one of {', '.join(REPARAMS)}")
-        check_init(self.init)
 
 
 class PrefixTuning(GradientPrompt):
@@ -38,6 +35,7 @@ class PrefixTuning(GradientPrompt):
     """
 
     name = "prefix-tuning"
+    summary = "trained keys and values of the virtual positions at every layer (Li & Liang 2021)"
     config_class = PrefixTuningConfig
     default_lr = 1e-3
     save_state = False  # the MLP is folded away: prefix() is what is saved and reloaded

@@ -7,16 +7,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from probe.errors import ProbeError
-from probe.methods.base import GradientPrompt, MethodConfig
+from probe.methods.base import MethodConfig, option
+from probe.methods.gradient import GradientPrompt
 from probe.templates import manual_relation_words
 
 INITS = ("random", "vocab", "template")
-
-
-def check_init(init: str) -> None:
-    if init not in INITS:
-        raise ProbeError(f"unknown init {init!r}: expected one of {', '.join(INITS)}")
+INIT_HELP = "where the prompt starts: random (noise), vocab (frequent tokens) or template (the manual template's words)"
 
 
 def init_token_ids(tokenizer, vocab_size: int, n: int, init: str, manual_template: str,
@@ -38,16 +34,14 @@ def init_token_ids(tokenizer, vocab_size: int, n: int, init: str, manual_templat
 
 @dataclass
 class PromptTuningConfig(MethodConfig):
-    init: str = "vocab"  # random | vocab | template
-
-    def check(self) -> None:
-        check_init(self.init)
+    init: str = option("vocab", INITS, INIT_HELP)
 
 
 class PromptTuning(GradientPrompt):
     """One trainable vector per virtual token, initialised from noise, vocabulary rows or template words."""
 
     name = "prompt-tuning"
+    summary = "the virtual-token embeddings themselves are trained (Lester et al. 2021; OptiPrompt)"
     config_class = PromptTuningConfig
     default_lr = 1e-2  # raw embeddings need larger steps than the reparameterised P-tuning encoder
 

@@ -7,18 +7,20 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from probe.methods.base import GradientPrompt, MethodConfig
+from probe.methods.base import MethodConfig
+from probe.methods.gradient import GradientPrompt
 
 
 @dataclass
 class PTuningConfig(MethodConfig):
-    lstm: bool = True
+    lstm: bool = True  # fixed by the method (ptuning-mlp has none), recorded in the run config; not a user option
 
 
 class PTuningEncoder(GradientPrompt):
     """A learned embedding per virtual token, a biLSTM (H/2 per direction) over them, then MLP H->H->H."""
 
     name = "ptuning"
+    summary = "P-tuning (Liu et al. 2021): an embedding per virtual token -> 2-layer biLSTM -> MLP"
     config_class = PTuningConfig
 
     def __init__(self, n_virtual: int, hidden_size: int, config: PTuningConfig | None = None):
@@ -42,6 +44,7 @@ class PTuningMLP(PTuningEncoder):
     """P-tuning without the LSTM: embedding -> MLP."""
 
     name = "ptuning-mlp"
+    summary = "P-tuning without the LSTM: an embedding per virtual token -> MLP"
 
     def __init__(self, n_virtual: int, hidden_size: int, config: PTuningConfig | None = None):
         super().__init__(n_virtual, hidden_size, PTuningConfig(lstm=False))

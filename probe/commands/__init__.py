@@ -1,0 +1,3 @@
+"""The commands behind `probe eval` (eval.py), `probe train` (train.py) and `probe eval --prompts` (rerun.py), with
+what they share (common.py). Each checks every flag before any folder is made or any model is loaded, builds its
+cells, and hands them to an executor (probe/cells.py, probe/ray_cells.py)."""

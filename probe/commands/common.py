@@ -1,0 +1,133 @@
+"""What `probe eval` and `probe train` share once their flags are checked: the model spec and what the driver reads of
+it, the candidates line, run folders, a relation's files, and running the cells."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from probe.backends import ModelInfo, model_info
+from probe.batching import fit_context
+from probe.cells import CellOutput, Executor, LoadedModel, ModelSpec
+from probe.controls import Control
+from probe.data import Fact, Relation
+from probe.errors import Interrupted
+from probe.objects import MASKED_SCORING
+from probe.runs import RunFolder, slug
+from probe.templates import CompiledTemplate
+from probe.vocab import CandidateChoice
+
+
+@dataclass
+class RunResult:
+    """A finished (or interrupted) run: its folder, its results and how long it took."""
+
+    folder: RunFolder
+    results: dict
+    seconds: float
+
+
+def open_model(name: str, device: str | None, dtype: str | None, executor: Executor, control: Control,
+               seed: int | None = None) -> tuple[ModelSpec, ModelInfo]:
+    """The spec workers load a model by (a control that changes the model applied with `seed`) and, for the driver,
+    its kind and tokenizer. The device is resolved here: auto is a GPU where the workers have one."""
+    device = executor.device if device in (None, "auto") else device
+    executor.check_device(device)
+    control_name = control.name if control.changes_model else "none"
+    spec = ModelSpec(name, device, dtype or "bfloat16", control_name, (seed or 0) if control.changes_model else 0)
+    info = model_info(name, device, spec.dtype, control_name, check_device=executor.local)
+    return spec, info
+
+
+def describe_candidates(choice: CandidateChoice, candidates, kind: str, ids: list[str]) -> tuple[dict, int, int]:
+    """What a run config records of its candidates: (the objects entry, candidate count, source word count).
+
+    --objects any builds each relation's candidates here, so that a candidate that tokenises to nothing stops the
+    run before it starts."""
+    if choice.objects is None:
+        return {}, len(candidates), candidates.n_source
+    per_relation = {rid: candidates.for_relation(rid) for rid in ids}
+    words = {w for c in per_relation.values() for w in c.words}
+    info = {**choice.objects.describe(), "candidates_per_relation": {rid: len(c) for rid, c in per_relation.items()}}
+    if kind == "masked":
+        info["masked_scoring"] = MASKED_SCORING
+    return info, len(words), sum(c.n_source for c in per_relation.values())
+
+
+def candidates_line(info: ModelInfo, dtype: str, choice: CandidateChoice, objects: dict, n: int, n_source: int) -> str:
+    """The line that tells the user what the facts are ranked against."""
+    head = f"{info.name} ({info.kind} LM, {dtype})"
+    if choice.objects is None:
+        return f"{head}: {n:,} of {n_source:,} {choice.vocab} vocab words are single tokens"
+    sizes = objects["candidates_per_relation"].values()
+    return (f"{head}: objects of any length, {n:,} distinct candidates ({objects['candidates']}), "
+            f"{min(sizes):,} to {max(sizes):,} per relation")
+
+
+def default_out(name: str, model: str) -> Path:
+    return Path("runs") / f"{name}-{slug(model)}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def run_folder_for(out: Path | None, name: str, model: str, several: bool, config: dict, resume: bool) -> RunFolder:
+    """A model's run folder, checked but not yet made: --out, else runs/<name>-<model>-<time>; with several models,
+    `out` is their parent and each has <out>/<model>."""
+    if out is None:
+        return RunFolder(default_out(name, model), config, resume=resume)
+    return RunFolder(Path(out) / slug(model) if several else out, config, resume=resume)
+
+
+def execute(executor: Executor, runs: list[RunFolder], cells: list, desc: str, log=print) -> list[dict]:
+    """Make the run folders and run the cells, keeping each run's tables current; a start refused by a cell takes
+    back the folders it made; Ctrl-C keeps what finished and names the folder to resume."""
+    try:
+        for run in runs:
+            run.create()
+        progress = executor.run(cells, desc=desc)
+    except KeyboardInterrupt:
+        for run in runs:
+            run.write_summary()
+        raise Interrupted(runs[0].root if len(runs) == 1 else runs[0].root.parent) from None
+    except BaseException:
+        for run in runs:
+            run.abandon()
+        raise
+    finally:
+        executor.close()
+    results = [run.write_summary() for run in runs]
+    progress.report(log)
+    return results
+
+
+def relation_row(relation: Relation) -> dict:
+    """What a relation's metrics.json says of the relation: id, label, type (and whether it was inferred)."""
+    return {"relation": relation.id, "label": relation.label, "type": relation.type,
+            **({"type_inferred": True} if relation.type_inferred else {})}
+
+
+def candidate_counts(candidates, dropped: int) -> dict:
+    """What a relation's metrics say of its candidates: how many, and why facts were dropped, if any were."""
+    return {"n_candidates": len(candidates), **({"dropped_reason": candidates.dropped_reason} if dropped else {})}
+
+
+def relation_output(rid: str, metrics: dict, predictions: list[dict] | None = None,
+                    files: tuple[tuple[str, bytes], ...] = ()) -> CellOutput:
+    """A relation's files: any extra ones, then predictions.jsonl, then metrics.json, which marks it finished."""
+    out = [(f"{rid}/{name}", blob) for name, blob in files]
+    if predictions is not None:
+        out.append((f"{rid}/predictions.jsonl", "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions).encode()))
+    out.append((f"{rid}/metrics.json", (json.dumps(metrics, indent=2, ensure_ascii=False) + "\n").encode()))
+    return CellOutput(out)
+
+
+def facts_in_context(loaded: LoadedModel, relation: Relation, compiled: CompiledTemplate, facts: list[Fact],
+                     candidates, warnings: list[str]) -> tuple[list[Fact], int]:
+    """The facts whose input fits the model's context, and how many did not; a warning names the first that did not."""
+    kept, long = fit_context(compiled, facts, loaded.backend.max_positions, candidates)
+    if long:
+        fact, n = long[0]
+        shown = fact.sub if len(fact.sub) <= 40 else fact.sub[:40] + "..."
+        warnings.append(f"{relation.id}: {len(long)} fact(s) longer than the model's context of "
+                        f"{loaded.backend.max_positions:,} tokens dropped, e.g. subject {shown!r} ({n:,} tokens)")
+    return kept, len(long)

@@ -1,0 +1,19 @@
+"""The base of the methods fit by gradient descent against the frozen LM (`probe.train`)."""
+
+from __future__ import annotations
+
+from probe.fit import FitResult, FitTask
+from probe.methods.base import PromptMethod
+from probe.train import TrainConfig, train_with_retries
+
+
+class GradientPrompt(PromptMethod):
+    """A method fit by the one trainer (`probe.train.train_prompt`): AdamW on its parameters, the LM frozen; run again
+    at a lower lr when dev never rises above its start (`train_with_retries`). Several fits of such methods can share
+    one pass of the LM (`probe.pack`)."""
+
+    fit_config_class = TrainConfig
+    packable = True
+
+    def fit(self, backend, task: FitTask) -> FitResult:
+        return train_with_retries(backend, self, task)

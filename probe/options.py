@@ -1,0 +1,203 @@
+"""The flags of `probe eval`, `probe train` and `probe sweep` as the user gave them, and the checks that need no
+model: which flags apply, relations, models, candidates, templates, data, output folders, threads, the executor.
+
+Every check here runs before any folder is made or any model is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+from probe.cells import Executor, InProcess
+from probe.data import FactData, open_data
+from probe.errors import ProbeError, check_positive
+from probe.files import check_output_path
+from probe.methods import get_method
+from probe.objects import ObjectsSpec, read_candidates_file
+from probe.ray_cells import RayExecutor
+from probe.runs import slug
+from probe.template_files import GOOGLE_RE_TEMPLATES, TemplateFile, read_template_spec, relation_templates, template_sources
+from probe.templates import DEFAULT_SHAPES
+from probe.vocab import CandidateChoice
+
+
+@dataclass
+class Options:
+    """The flags of `probe eval` and `probe train` as the user gave them; None: not given."""
+
+    model: list[str] | None = None  # several for `probe eval` (one run folder each)
+    method: str | None = None
+    relation: list[str] | None = None
+    all: bool | None = None
+    split: str | None = None
+    vocab: str | None = None
+    data: str | None = None
+    out: Path | None = None
+    resume: bool | None = None
+    batch_size: int | None = None
+    device: str | None = None
+    dtype: str | None = None
+    control: str | None = None
+    seed: int | None = None
+    prompts: Path | None = None
+    prompts_file: Path | None = None
+    ensemble: bool | None = None
+    max_prompts: int | None = None
+    template: str | None = None
+    init: str | None = None
+    reparam: str | None = None
+    option: list[str] | None = None  # method options as NAME=VALUE
+    lr: float | None = None
+    epochs: int | None = None
+    min_steps: int | None = None
+    eval_every: int | None = None
+    patience: int | None = None
+    max_train: int | None = None
+    iterations: int | None = None
+    top_k: int | None = None
+    capitals: bool | None = None
+    facts: Path | None = None
+    train_facts: Path | None = None
+    dev_facts: Path | None = None
+    fields: str | None = None
+    dev_split: float | None = None
+    from_sentences: bool | None = None
+    manual_template: str | None = None
+    ray: str | None = None  # 'local', 'auto' or a cluster address
+    save_model: bool | None = None
+    cpus_per_worker: int | None = None
+    threads: int | None = None  # torch's CPU threads per process that computes
+    objects: str | None = None  # 'single' (LAMA's protocol) or 'any'
+    candidates: Path | None = None  # --objects any: a candidates file
+    length_norm: bool | None = None
+
+    def given(self) -> set[str]:
+        return {f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None and getattr(self, f.name) != []}
+
+    def refuse(self, allowed: set[str], where: str) -> None:
+        """A given flag outside `allowed` is an error naming it and `where` it was given."""
+        extra = sorted(self.given() - allowed)
+        if extra:
+            flags = ", ".join(f"--{name.replace('_', '-')}" for name in extra)
+            raise ProbeError(f"{flags} {'does' if len(extra) == 1 else 'do'} not apply to {where}")
+
+
+DATA_FLAGS = {"data", "facts", "fields"}
+RAY_FLAGS = {"ray", "cpus_per_worker"}
+OBJECT_FLAGS = {"objects", "candidates", "length_norm"}
+RUN_FLAGS = {"model", "method", "relation", "all", "split", "vocab", "out", "resume", "device", "dtype", "control",
+             "threads"} | DATA_FLAGS | RAY_FLAGS | OBJECT_FLAGS
+
+
+def relation_ids(data: FactData, relation: list[str] | None, all_: bool | None) -> list[str]:
+    """The relations asked for: --all, or --relation ids (repeatable, or a comma list), each checked; facts files
+    default to all of theirs."""
+    if all_ and relation:
+        raise ProbeError("give either --relation or --all, not both")
+    if all_ or (not relation and data.kind == "files"):  # facts files: every relation in them by default
+        return list(data.relations)
+    ids = [r.strip() for given in relation or [] for r in given.split(",") if r.strip()]
+    if not ids:
+        raise ProbeError("no relation given: pass --relation P19 (repeatable, or P19,P20) or --all")
+    return [data.relation(rid).id for rid in dict.fromkeys(ids)]
+
+
+def load_data(opts: Options, templates: str | None = None, seed: int = 13) -> FactData:
+    """The facts asked for (--data, or facts files), with the relation templates given; LAMA's Google-RE files
+    get the shipped Google-RE templates."""
+    data = open_data(opts.data, opts.facts, opts.train_facts, opts.dev_facts, opts.fields, opts.dev_split, seed)
+    by_relation, default = relation_templates(templates)
+    if templates is None and data.relations and all(not r.template for r in data.relations.values()):
+        shipped = template_sources(GOOGLE_RE_TEMPLATES)
+        if set(data.relations) <= set(shipped):
+            by_relation = shipped
+    return data.with_templates(by_relation, default) if by_relation or default else data
+
+
+def reopen_data(cfg: dict, data: str | None = None) -> FactData:
+    """The data a run was made on: `data` if given (the folder moved), else as its config records it."""
+    if data is not None:
+        return open_data(data)
+    spec = cfg.get("data_spec") or {"data": cfg["data"]}
+    return open_data(spec.get("data"), spec.get("facts"), fields=spec.get("fields"), dev_split=spec.get("dev_split"),
+                     seed=spec.get("seed", 13))
+
+
+def check_templates(data: FactData, ids: list[str], flag: str) -> None:
+    """Every relation asked for has a manual template."""
+    missing = [rid for rid in ids if not data.relation(rid).template]
+    if missing:
+        raise ProbeError(f"relation {missing[0]!r} has no template: give {flag} '[X] ... [Y] .' (one for every relation) "
+                         f"or a template file with a '{missing[0]}: [X] ... [Y]' line")
+
+
+def load_template_spec(spec: str | None, method: str | None = None) -> TemplateFile:
+    """`--template`: a template file, an inline template, or None for the default shapes.
+
+    The defaults are the P-tuning shapes, unless the method has its own (prefix-tuning puts its prefix first).
+    """
+    defaults = dict(get_method(method).default_shapes or DEFAULT_SHAPES) if method else dict(DEFAULT_SHAPES)
+    return read_template_spec(spec, defaults) if spec is not None else TemplateFile("<default>", {}, defaults)
+
+
+def check_new_folder(out: Path | None, resume: bool | None) -> None:
+    """An existing run folder is refused without --resume, and a file is no folder, before anything is loaded."""
+    check_output_path(out)
+    if out is not None and not resume and (Path(out) / "config.json").exists():
+        raise ProbeError(f"run folder {out} already exists: pass --resume to continue it, or another --out")
+
+
+def model_names(opts: Options, several: bool) -> list[str]:
+    """--model, given once or (where `several`) more than once; default smollm2."""
+    names = list(dict.fromkeys(opts.model or ["smollm2"]))
+    if len(names) > 1 and not several:
+        raise ProbeError("--model is given more than once: several models go in `probe eval` or a sweep grid's model axis")
+    return names
+
+
+def check_model_slugs(names: list[str], where: str) -> None:
+    """Several models get a folder (or a cell key) each, named by `slug`: two that would share one are refused."""
+    seen: dict[str, str] = {}
+    for name in names:
+        if slug(name) in seen:
+            raise ProbeError(f"models {seen[slug(name)]!r} and {name!r} {where} would share the folder name "
+                             f"{slug(name)!r}: copy or link one under another name")
+        seen[slug(name)] = name
+
+
+def candidate_choice(opts: Options) -> CandidateChoice:
+    """--objects single (LAMA's single-token candidates of --vocab) or any (each relation's objects of any length,
+    or those of --candidates), checked before any model loads."""
+    objects = opts.objects or "single"
+    if objects not in ("single", "any"):
+        raise ProbeError(f"--objects {objects!r}: expected single (LAMA's one-token objects) or any")
+    if objects == "single":
+        if opts.candidates is not None or opts.length_norm:
+            raise ProbeError("--candidates and --length-norm apply to --objects any")
+        return CandidateChoice(opts.vocab or "common")
+    if opts.vocab is not None:
+        raise ProbeError("--vocab applies to --objects single: with --objects any the candidates are each relation's "
+                         "objects, or --candidates FILE")
+    if opts.candidates is not None:
+        read_candidates_file(opts.candidates)  # an empty or unreadable file fails here, before any model loads
+    spec = ObjectsSpec(str(Path(opts.candidates).resolve()) if opts.candidates is not None else None, bool(opts.length_norm))
+    return CandidateChoice("objects", spec)
+
+
+def check_threads(threads: int | None) -> None:
+    if threads is not None:
+        check_positive(threads=threads)
+
+
+def make_executor(data: FactData, candidates: CandidateChoice | str, ray: str | None = None,
+                  cpus_per_worker: int | None = None, threads: int | None = None, log=print) -> Executor:
+    """Where the cells run: this process, or Ray with --ray (a local Ray, 'auto', or a cluster address); eval, train
+    and sweep all get theirs here."""
+    check_threads(threads)
+    if ray is None:
+        if cpus_per_worker is not None:
+            raise ProbeError("--cpus-per-worker applies to --ray only")
+        return InProcess(data, candidates, log=log, threads=threads)
+    return RayExecutor(data, candidates, ray, cpus_per_worker or 1, log=log, threads=threads)
