@@ -10,13 +10,11 @@ from pathlib import Path
 from probe.errors import ProbeError
 
 
-def _umask() -> int:
+def file_mode() -> int:
+    """The mode open() gives a new file under the process's umask: 0644 under umask 022."""
     mask = os.umask(0o022)
     os.umask(mask)
-    return mask
-
-
-FILE_MODE = 0o666 & ~_umask()  # what open() would give a new file: 0644 under umask 022
+    return 0o666 & ~mask
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -26,7 +24,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
-        os.fchmod(fd, FILE_MODE)
+        os.fchmod(fd, file_mode())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

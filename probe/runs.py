@@ -106,7 +106,9 @@ class RunFolder:
                 raise ProbeError(f"run folder {self.root} already exists: pass --resume to continue it, or another --out")
             diff = config_differences(old, config)
             if diff:
-                raise ProbeError(f"run folder {self.root} was made with other settings ({', '.join(diff)})")
+                hint = (f"; pass --threads {old['torch_threads']} to continue with its thread count"
+                        if any(d.startswith("torch_threads") for d in diff) else "")
+                raise ProbeError(f"run folder {self.root} was made with other settings ({', '.join(diff)}){hint}")
 
     def create(self) -> RunFolder:
         """Make the folder (unless it exists) and write its config.json."""

@@ -246,6 +246,27 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subpro
     )
 
 
+def cli_in_process(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """`probe ARGS` through cli.main() in this interpreter (no new Python, no second torch import): its exit code,
+    stdout and stderr, as `run_cli` returns them. For a test about the process itself, use `run_cli`."""
+    import io
+    from contextlib import chdir, redirect_stderr, redirect_stdout
+
+    import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    argv, code = sys.argv, 0
+    sys.argv = ["probe", *map(str, args)]
+    try:
+        with redirect_stdout(out), redirect_stderr(err), chdir(cwd or REPO):
+            cli.main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        sys.argv = argv
+    return subprocess.CompletedProcess(["probe", *map(str, args)], code, out.getvalue(), err.getvalue())
+
+
 def assert_user_error(proc: subprocess.CompletedProcess, *fragments: str, only_line: bool = True) -> str:
     """Exit code 2, one `error:` line on stderr (the only line unless only_line=False), no traceback."""
     out = proc.stdout + proc.stderr

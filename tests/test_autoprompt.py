@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_user_error, run_cli, train_here, write_jsonl
+from conftest import assert_user_error, cli_in_process, train_here, write_jsonl
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -342,7 +342,7 @@ def test_cli_train_autoprompt_then_eval_prompts(tiny_causal_dir, tmp_path):
 
 @pytest.mark.parametrize("option", ["--iterations", "--top-k"])
 def test_cli_bad_search_settings_are_one_error_line(option, tmp_path):
-    proc = run_cli("train", "--method", "autoprompt", "--relation", "P19", option, "0",
+    proc = cli_in_process("train", "--method", "autoprompt", "--relation", "P19", option, "0",
                    "--data", str(make_lama(tmp_path / "lama")))
     assert_user_error(proc, f"{option} must be at least 1")
 
@@ -410,6 +410,6 @@ def test_cli_init_manual_trains_from_the_manual_prompt_and_reloads(tiny_causal_d
     (["--init", "vocab"], "unknown autoprompt init 'vocab': expected one of neutral, manual"),
 ])
 def test_cli_bad_init_is_one_error_line(args, fragment, tmp_path):
-    proc = run_cli("train", "--method", "autoprompt", "--relation", "P19", *args,
+    proc = cli_in_process("train", "--method", "autoprompt", "--relation", "P19", *args,
                    "--data", str(make_lama(tmp_path / "lama")))
     assert_user_error(proc, fragment)

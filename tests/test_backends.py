@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import model_in_dtype, save_tiny_llama
+from conftest import cli_in_process, model_in_dtype, save_tiny_llama
 from transformers import BertConfig, GPT2Config, LlamaConfig, ViTConfig
 
 from probe.backends import BACKENDS, backend_class, cache_dir, load_backend, model_kind, resolve_model
@@ -80,10 +80,6 @@ def test_load_bfloat16_scores_in_float32(tiny_causal_dir):
     scores = probe_scores(b, batch, cands)
     assert scores.dtype == torch.float32
     assert scores.shape == (1, len(cands))
-
-
-def test_kind_override(tiny_masked_dir):
-    assert load_backend(str(tiny_masked_dir), kind="masked").kind == "masked"
 
 
 @pytest.mark.parametrize("name", ["/nonexistent", "/nonexistent/model-folder"])
@@ -502,13 +498,13 @@ def test_unknown_control_is_a_probe_error(tiny_causal_dir):
 
 
 def test_random_model_runs_are_labelled_and_recorded(tmp_path, tiny_causal_dir):
-    from conftest import make_fake_lama, run_cli
+    from conftest import make_fake_lama
 
     from probe.compare import run_label
 
     lama = make_fake_lama(tmp_path / "lama")
     out = tmp_path / "run"
-    proc = run_cli("eval", "--model", tiny_causal_dir, "--relation", "P36", "--control", "random-model", "--seed", "5",
+    proc = cli_in_process("eval", "--model", tiny_causal_dir, "--relation", "P36", "--control", "random-model", "--seed", "5",
                    "--data", lama, "--out", out)
     assert proc.returncode == 0, proc.stderr
     import json

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import REPO, assert_user_error, make_fake_lama, run_cli
+from conftest import REPO, assert_user_error, cli_in_process, make_fake_lama
 from typer.testing import CliRunner
 
 import cli
@@ -127,7 +127,7 @@ def test_eval_tiny_masked_model_writes_run(tmp_path, tiny_masked_dir, fake_lama)
 
 
 def test_missing_data_folder(tmp_path):
-    proc = run_cli("data", "info", "--data", tmp_path / "nope")
+    proc = cli_in_process("data", "info", "--data", tmp_path / "nope")
     assert_user_error(proc, f"error: data folder {tmp_path / 'nope'} not found", "--data", "PROBE_DATA",
                       "probe data import data.zip --out DIR")
 
@@ -135,19 +135,19 @@ def test_missing_data_folder(tmp_path):
 def test_incomplete_data_folder(tmp_path):
     root = make_fake_lama(tmp_path / "lama")
     (root / "relations" / "relations.jsonl").unlink()
-    assert_user_error(run_cli("data", "info", "--data", root), "relations/relations.jsonl is missing")
+    assert_user_error(cli_in_process("data", "info", "--data", root), "relations/relations.jsonl is missing")
 
 
 def test_malformed_json_line(fake_lama):
     path = fake_lama / "trex" / "dev" / "P37.jsonl"
     path.write_text(path.read_text() + '{"sub_label": "Spain", "obj_label": \n')
-    assert_user_error(run_cli("data", "info", "--data", fake_lama), f"error: {path}:5: malformed JSON line")
+    assert_user_error(cli_in_process("data", "info", "--data", fake_lama), f"error: {path}:5: malformed JSON line")
 
 
 def test_unknown_relation_and_split(fake_lama, tmp_path):
-    proc = run_cli("eval", "--data", fake_lama, "--relation", "P999", "--out", tmp_path / "run")
+    proc = cli_in_process("eval", "--data", fake_lama, "--relation", "P999", "--out", tmp_path / "run")
     assert_user_error(proc, "error: unknown relation 'P999': expected one of the T-REx relations (P19, P36, P37)")
-    proc = run_cli("eval", "--data", fake_lama, "--relation", "P19", "--split", "validation", "--out", tmp_path / "run")
+    proc = cli_in_process("eval", "--data", fake_lama, "--relation", "P19", "--split", "validation", "--out", tmp_path / "run")
     assert_user_error(proc, "error: unknown split 'validation'")
     assert not (tmp_path / "run").exists()  # both fail before a model loads or a folder is made
 
@@ -155,25 +155,25 @@ def test_unknown_relation_and_split(fake_lama, tmp_path):
 def test_template_file_that_does_not_parse(tmp_path):
     path = tmp_path / "bad.txt"
     path.write_text("default: (3, sub, 3, obj)\nP19: (3, sub; obj)\n")
-    assert_user_error(run_cli("templates", "check", path), f"error: {path}:2: ", "at column 8")
+    assert_user_error(cli_in_process("templates", "check", path), f"error: {path}:2: ", "at column 8")
 
 
 def test_template_without_obj(tmp_path):
     path = tmp_path / "noobj.txt"
     path.write_text("# no object slot\ndefault: (3, sub, 3)\n")
-    assert_user_error(run_cli("templates", "check", path), f"error: {path}:2: ", "must hold the object exactly once")
+    assert_user_error(cli_in_process("templates", "check", path), f"error: {path}:2: ", "must hold the object exactly once")
 
 
 def test_model_that_cannot_be_found(fake_lama, tmp_path):
-    proc = run_cli("eval", "--model", "/nonexistent", "--relation", "P19", "--data", fake_lama, "--out", tmp_path / "r")
+    proc = cli_in_process("eval", "--model", "/nonexistent", "--relation", "P19", "--data", fake_lama, "--out", tmp_path / "r")
     assert_user_error(proc, "error: model folder /nonexistent not found: expected a local model folder, a hub id")
-    proc = run_cli("eval", "--model", tmp_path, "--relation", "P19", "--data", fake_lama, "--out", tmp_path / "r")
+    proc = cli_in_process("eval", "--model", tmp_path, "--relation", "P19", "--data", fake_lama, "--out", tmp_path / "r")
     assert_user_error(proc, f"error: cannot load model '{tmp_path}'")  # a folder that exists but holds no model
 
 
 def test_relation_empty_after_filtering(tmp_path, tiny_masked_dir):
     root = make_fake_lama(tmp_path / "lama", facts={"P19": [("Dante", "Xylophonia"), ("Victor", "Besancon")]})
-    proc = run_cli("eval", "--model", tiny_masked_dir, "--relation", "P19", "--data", root, "--out", tmp_path / "run")
+    proc = cli_in_process("eval", "--model", tiny_masked_dir, "--relation", "P19", "--data", root, "--out", tmp_path / "run")
     # checked before the run folder is made, so the error is the only line and no folder is left behind
     line = assert_user_error(proc)
     assert line == ("error: relation P19 has no test_34k facts left after dropping objects that are not single tokens "
@@ -225,7 +225,7 @@ def test_ctrl_c_during_eval_keeps_results_and_says_how_to_resume(tmp_path, tiny_
 
 
 def test_batch_size_zero_is_a_user_error(tmp_path, tiny_masked_dir, fake_lama):
-    proc = run_cli("eval", "--model", tiny_masked_dir, "--relation", "P36", "--data", fake_lama,
+    proc = cli_in_process("eval", "--model", tiny_masked_dir, "--relation", "P36", "--data", fake_lama,
                    "--out", tmp_path / "run", "--batch-size", "0")
     assert_user_error(proc, "batch", only_line=False)
 

@@ -6,7 +6,7 @@ import json
 
 import pandas as pd
 import pytest
-from conftest import assert_user_error, make_fake_lama, run_cli, write_jsonl, write_relation
+from conftest import assert_user_error, cli_in_process, make_fake_lama, write_jsonl, write_relation
 from typer.testing import CliRunner
 
 import cli
@@ -91,7 +91,7 @@ def test_cli_majority_control_hand_computed(tmp_path, tiny_masked_dir):
 ])
 def test_cli_majority_is_a_control_not_a_method(tmp_path, args, fragments):
     lama = make_fake_lama(tmp_path / "lama")
-    proc = run_cli(*args, "--relation", "P19", "--data", lama, "--out", tmp_path / "out")
+    proc = cli_in_process(*args, "--relation", "P19", "--data", lama, "--out", tmp_path / "out")
     assert_user_error(proc, *fragments)
     assert not (tmp_path / "out").exists()
 
@@ -189,7 +189,7 @@ def test_labels_of_controls():
 def test_compare_refuses_mixed_models(runs, tmp_path):
     other = make_run(tmp_path / "runs2" / "e-manual", "manual", [row("P19", "N-1", 10, 30.0), row("P36", "1-1", 30, 30.0)],
                      model="bert", vocab="29k")
-    proc = run_cli("compare", runs[0], runs[1], other, "--out", tmp_path / "cmp")
+    proc = cli_in_process("compare", runs[0], runs[1], other, "--out", tmp_path / "cmp")
     error = assert_user_error(proc, "runs differ in vocab", "'common' in", str(runs[0]), str(runs[1]), f"'29k' in {other}",
                               "--allow-mixed")
     assert "split" not in error and "model" not in error  # runs of several models are compared on their common facts

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import assert_user_error, make_fake_lama, run_cli
+from conftest import assert_user_error, cli_in_process, make_fake_lama
 
 from probe.errors import ProbeError
 from probe.explain import check_explainable, explain_vectors, nearest_tokens
@@ -65,7 +65,7 @@ def test_cli_explain_prints_the_planted_neighbour(tmp_path, tiny_causal_dir, cau
     table = causal_backend.model.get_input_embeddings().weight.detach()
     vectors = torch.stack([table[_id(tok, " Florence")], table[_id(tok, " born")]])
     run = _run_folder(tmp_path, tiny_causal_dir, "ptuning", vectors)
-    proc = run_cli("explain", run, "-k", "2")
+    proc = cli_in_process("explain", run, "-k", "2")
     assert proc.returncode == 0, proc.stderr
     assert "v0: ĠFlorence 1.00" in proc.stdout and "v1: Ġborn 1.00" in proc.stdout
     assert "gold objects among them: ĠFlorence" in proc.stdout
@@ -75,10 +75,10 @@ def test_cli_explain_prints_the_planted_neighbour(tmp_path, tiny_causal_dir, cau
 
 def test_cli_explain_refuses_a_discrete_run(tmp_path, tiny_causal_dir):
     run = _run_folder(tmp_path, tiny_causal_dir, "autoprompt", None)
-    assert_user_error(run_cli("explain", run), "the method 'autoprompt': its prompt is real tokens", "nothing to explain")
-    assert_user_error(run_cli("explain", tmp_path / "nowhere"), "not a run folder")
+    assert_user_error(cli_in_process("explain", run), "the method 'autoprompt': its prompt is real tokens", "nothing to explain")
+    assert_user_error(cli_in_process("explain", tmp_path / "nowhere"), "not a run folder")
     manual = _run_folder(tmp_path / "eval", tiny_causal_dir, "manual", None, command="eval")
-    assert_user_error(run_cli("explain", manual), "the method 'manual': its prompt is real tokens", "nothing to explain")
+    assert_user_error(cli_in_process("explain", manual), "the method 'manual': its prompt is real tokens", "nothing to explain")
 
 
 def test_only_training_runs_of_continuous_methods_are_explainable(tmp_path, monkeypatch):
@@ -105,4 +105,4 @@ def test_cli_explain_skips_a_relation_whose_prompt_is_not_finished(tmp_path, tin
     table = causal_backend.model.get_input_embeddings().weight.detach()
     run = _run_folder(tmp_path, tiny_causal_dir, "ptuning", table[:2].clone())
     (run / "P19" / "metrics.json").unlink()  # interrupted between its prompt and its metrics
-    assert_user_error(run_cli("explain", run), "holds no saved prompts")
+    assert_user_error(cli_in_process("explain", run), "holds no saved prompts")

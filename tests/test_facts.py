@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, assert_user_error, run_cli, write_jsonl
+from conftest import REPO, assert_user_error, cli_in_process, write_jsonl
 from typer.testing import CliRunner
 
 import cli
@@ -222,17 +222,17 @@ def test_training_on_ones_own_files_with_a_dev_share(tmp_path, tiny_causal_dir):
 def test_bad_facts_files_are_one_error_line(tmp_path, fake_lama):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"subject": "Dante", "object": "Florence"}\n{"subject": "Rome"}\n')
-    assert_user_error(run_cli("eval", "--facts", bad, "--template", "[X] is [Y] ."),
+    assert_user_error(cli_in_process("eval", "--facts", bad, "--template", "[X] is [Y] ."),
                       f"{bad}:2: expected a subject and an object")
     empty = tmp_path / "empty.csv"
     empty.write_text("")
-    assert_user_error(run_cli("data", "info", "--facts", empty), f"facts file {empty} is empty")
+    assert_user_error(cli_in_process("data", "info", "--facts", empty), f"facts file {empty} is empty")
     other = tmp_path / "facts.xlsx"
     other.write_bytes(b"PK\x03\x04 not a text file")
-    assert_user_error(run_cli("data", "info", "--facts", other), "expected JSONL (one JSON object a line) or CSV")
+    assert_user_error(cli_in_process("data", "info", "--facts", other), "expected JSONL (one JSON object a line) or CSV")
     binary = tmp_path / "sheet.xlsx"
     binary.write_bytes(b"PK\x03\x04\x14\x00\x06\x00\x08\x00\xff\xfe\x9c")  # not UTF-8: still one line, no traceback
-    assert_user_error(run_cli("data", "info", "--facts", binary), "or CSV with a header row, as UTF-8 text")
+    assert_user_error(cli_in_process("data", "info", "--facts", binary), "or CSV with a header row, as UTF-8 text")
     ok = tmp_path / "ok.csv"
     ok.write_text("subject,object\nDante,Florence\n")
     assert error_of("eval", "--facts", ok, "--template", "[X] was born in .", "--all") == (

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_user_error, make_fake_lama, run_cli, train_here
+from conftest import assert_user_error, cli_in_process, make_fake_lama, train_here
 
 from probe.backends import load_backend
 from probe.batching import relation_facts
@@ -86,7 +86,7 @@ def test_cli_finetune_saves_the_model_it_tested(tiny_causal_dir, tmp_path):
 
     lama = make_fake_lama(tmp_path / "lama", FACTS, VOCAB)
     out = tmp_path / "run"
-    proc = run_cli("train", "--method", "finetune", "--model", tiny_causal_dir, "--relation", "P36", "--data", lama,
+    proc = cli_in_process("train", "--method", "finetune", "--model", tiny_causal_dir, "--relation", "P36", "--data", lama,
                    "--out", out, "--lr", "1e-3", "--min-steps", "30", "--batch-size", "4", "--eval-every", "5",
                    "--save-model")
     assert proc.returncode == 0, proc.stderr
@@ -108,7 +108,7 @@ def test_cli_finetune_saves_the_model_it_tested(tiny_causal_dir, tmp_path):
 ])
 def test_finetune_errors_are_one_line(flags, fragment, tiny_causal_dir, tmp_path):
     lama = make_fake_lama(tmp_path / "lama", FACTS, VOCAB)
-    proc = run_cli("train", "--model", tiny_causal_dir, "--relation", "P36", "--data", lama, "--out", tmp_path / "x",
+    proc = cli_in_process("train", "--model", tiny_causal_dir, "--relation", "P36", "--data", lama, "--out", tmp_path / "x",
                    *flags)
     assert_user_error(proc, fragment)
     assert not (tmp_path / "x").exists()

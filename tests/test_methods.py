@@ -171,8 +171,15 @@ def test_ptuning_create_sizes_from_backend(backend):
 # ---- prompt tuning --------------------------------------------------------------------------
 
 
-def test_prompt_tuning_default_init_is_vocab():
-    assert PromptTuningConfig().init == "vocab"
+def test_prompt_tuning_without_options_starts_from_vocabulary_rows(backend):
+    """No options given: the prompt is the rows of the same seeded draw of frequent tokens as init=vocab."""
+    compiled = compile_template(SHAPES[backend.kind], backend.tokenizer, backend.kind)
+    torch.manual_seed(1)
+    default = PromptTuning.create(backend, compiled, MANUAL).prompt.detach()
+    torch.manual_seed(1)
+    vocab = PromptTuning.create(backend, compiled, MANUAL, PromptTuningConfig(init="vocab")).prompt.detach()
+    assert torch.equal(default, vocab)
+    assert rows_in(default, table_of(backend)[:5000]).all()
 
 
 def test_prompt_tuning_random_init(backend):

@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from conftest import assert_user_error, make_fake_lama, run_cli
+from conftest import assert_user_error, cli_in_process, make_fake_lama
 
 from probe.backends.causal import CausalLM
 from probe.batching import collate
@@ -267,7 +267,7 @@ ANY_FACTS = {"P19": [("Dante", "Florence"), ("Victor Hugo", "Besancon"), ("Tolst
 def test_eval_objects_any_end_to_end(tmp_path, tiny_causal_dir):
     root = make_fake_lama(tmp_path / "lama", facts=ANY_FACTS)
     out = tmp_path / "run"
-    proc = run_cli("eval", "--model", tiny_causal_dir, "--all", "--data", root, "--objects", "any", "--out", out)
+    proc = cli_in_process("eval", "--model", tiny_causal_dir, "--all", "--data", root, "--objects", "any", "--out", out)
     assert proc.returncode == 0, proc.stderr
     assert "by the gold object's token count" in proc.stdout
     results = json.loads((out / "results.json").read_text())
@@ -284,11 +284,11 @@ def test_eval_objects_any_end_to_end(tmp_path, tiny_causal_dir):
     assert set(pooled) <= {"1", "2", "3+"}
     # a single-token run and an any run are not compared unless asked
     single = tmp_path / "single"
-    proc = run_cli("eval", "--model", tiny_causal_dir, "--all", "--data", root, "--vocab", "objects", "--out", single)
+    proc = cli_in_process("eval", "--model", tiny_causal_dir, "--all", "--data", root, "--vocab", "objects", "--out", single)
     assert proc.returncode == 0, proc.stderr
-    assert_user_error(run_cli("compare", single, out), "objects 'single' in", "'any' in", "--allow-mixed",
+    assert_user_error(cli_in_process("compare", single, out), "objects 'single' in", "'any' in", "--allow-mixed",
                       only_line=False)
-    proc = run_cli("compare", single, out, "--allow-mixed", "--out", tmp_path / "cmp")
+    proc = cli_in_process("compare", single, out, "--allow-mixed", "--out", tmp_path / "cmp")
     assert proc.returncode == 0, proc.stderr
     assert "manual+any" in proc.stdout
 
@@ -298,7 +298,7 @@ def test_train_objects_any_records_the_protocol(tmp_path, tiny_causal_dir):
     out = tmp_path / "run"
     cands = tmp_path / "cands.txt"
     cands.write_text("Florence\nBesancon\nYasnaya Polyana\nBuenos Aires\nParis\nRome\n", encoding="utf-8")
-    proc = run_cli("train", "--model", tiny_causal_dir, "--all", "--data", root, "--objects", "any", "--candidates",
+    proc = cli_in_process("train", "--model", tiny_causal_dir, "--all", "--data", root, "--objects", "any", "--candidates",
                    cands, "--length-norm", "--min-steps", "2", "--eval-every", "1", "--out", out)
     assert proc.returncode == 0, proc.stderr
     results = json.loads((out / "results.json").read_text())
@@ -309,7 +309,7 @@ def test_train_objects_any_records_the_protocol(tmp_path, tiny_causal_dir):
         "objects that are not among the relation's candidates")  # Moscow is not in the file
     assert "by_length" in results and "by_length_manual" in results
     # a saved prompt re-evaluates under the same protocol
-    proc = run_cli("eval", "--prompts", out)
+    proc = cli_in_process("eval", "--prompts", out)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -320,7 +320,7 @@ def test_train_objects_any_records_the_protocol(tmp_path, tiny_causal_dir):
     (["--objects", "any", "--vocab", "common"], "--vocab applies to --objects single"),
 ])
 def test_objects_flag_errors(tmp_path, fake_lama, args, fragment):
-    proc = run_cli("eval", "--relation", "P19", "--data", fake_lama, "--out", tmp_path / "run", *args)
+    proc = cli_in_process("eval", "--relation", "P19", "--data", fake_lama, "--out", tmp_path / "run", *args)
     assert_user_error(proc, fragment)
     assert not (tmp_path / "run").exists()
 
@@ -328,11 +328,11 @@ def test_objects_flag_errors(tmp_path, fake_lama, args, fragment):
 def test_candidates_file_errors_on_the_command_line(tmp_path, fake_lama, tiny_masked_dir):
     empty = tmp_path / "empty.txt"
     empty.write_text("")
-    proc = run_cli("eval", "-r", "P19", "--data", fake_lama, "--objects", "any", "--candidates", empty)
+    proc = cli_in_process("eval", "-r", "P19", "--data", fake_lama, "--objects", "any", "--candidates", empty)
     assert_user_error(proc, f"candidates file {empty} is empty")
     nothing = tmp_path / "nothing.txt"
     nothing.write_text("Paris\n\u200b\n", encoding="utf-8")
-    proc = run_cli("eval", "--model", tiny_masked_dir, "-r", "P19", "--data", fake_lama, "--objects", "any",
+    proc = cli_in_process("eval", "--model", tiny_masked_dir, "-r", "P19", "--data", fake_lama, "--objects", "any",
                    "--candidates", nothing, "--out", tmp_path / "run")
     assert_user_error(proc, "tokenises to nothing")
     assert not (tmp_path / "run").exists()
@@ -366,7 +366,7 @@ def test_cloze_sentences_with_objects_of_any_length(request, which, tmp_path):
 
     facts = Path(__file__).parent / "fixtures" / "google_re" / "place_of_birth_test.jsonl"
     out = tmp_path / "run"
-    proc = run_cli("eval", "--facts", facts, "--from-sentences", "--objects", "any", "--model",
+    proc = cli_in_process("eval", "--facts", facts, "--from-sentences", "--objects", "any", "--model",
                    request.getfixturevalue(which), "--out", out)
     assert proc.returncode == 0, proc.stderr
     results = json.loads((out / "results.json").read_text())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import model_in_dtype
+from conftest import cli_in_process, model_in_dtype
 
 from probe.backends.causal import CausalLM
 from probe.batching import collate
@@ -232,9 +232,9 @@ def test_explain_reads_a_prefix_through_layer0_keys_and_values(causal_backend):
     (["--method", "prefix-tuning", "--init", "zeros"], "unknown init 'zeros'"),
 ])
 def test_cli_prefix_options_are_one_error_line(args, fragment, tmp_path):
-    from conftest import assert_user_error, run_cli
+    from conftest import assert_user_error
 
-    assert_user_error(run_cli("train", "-r", "P19", "--out", tmp_path / "run", *args), fragment)
+    assert_user_error(cli_in_process("train", "-r", "P19", "--out", tmp_path / "run", *args), fragment)
     assert not (tmp_path / "run").exists()
 
 

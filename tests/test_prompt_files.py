@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import assert_user_error, eval_here, make_fake_lama, run_cli, write_jsonl
+from conftest import assert_user_error, cli_in_process, eval_here, make_fake_lama, write_jsonl
 from typer.testing import CliRunner
 
 import cli
@@ -130,7 +130,7 @@ def test_unknown_relation_names_file_and_line(tmp_path, fake_lama):
 def test_cli_bad_prompt_file_is_one_error_line(tmp_path, fake_lama):
     path = tmp_path / "p.jsonl"
     write_jsonl(path, [{"relation": "P19", "template": "[X] was born in"}])
-    proc = run_cli("eval", "--model", "no-such-model", "--all", "--data", fake_lama, "--prompts-file", path,
+    proc = cli_in_process("eval", "--model", "no-such-model", "--all", "--data", fake_lama, "--prompts-file", path,
                    "--out", tmp_path / "run")
     assert_user_error(proc, f"{path}:1:", "[X] and [Y]")  # before any model loads
     assert not (tmp_path / "run").exists()

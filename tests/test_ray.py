@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, assert_user_error, make_fake_lama, run_cli, save_tiny_llama, write_relation
+from conftest import REPO, assert_user_error, cli_in_process, make_fake_lama, run_cli, save_tiny_llama, write_relation
 
 from probe.commands.eval import run_eval
 from probe.commands.train import run_train
@@ -99,6 +99,28 @@ def test_train_on_ray_writes_the_same_run_folder(local_ray, tiny_causal_dir, lam
     assert there.results["config"]["device"] == "cpu"
 
 
+def test_threads_1_in_process_is_ray_with_1_thread_workers_byte_for_byte(local_ray, tiny_causal_dir, lama, tmp_path):
+    """--threads 1 here runs every sum as a 1-thread Ray worker does: the same run folder, prompts byte for byte, in
+    bfloat16 (where the thread count moves figures), and both record the count."""
+    def options(out: Path, **kw) -> Options:
+        return Options(model=[str(tiny_causal_dir)], relation=["P19,P36"], data=str(lama), out=out, min_steps=4,
+                       epochs=1, batch_size=2, eval_every=2, seed=3, **kw)
+
+    (here,) = run_train(options(tmp_path / "here", threads=1), log=lambda m: None)
+    (there,) = run_train(options(tmp_path / "ray", ray="local", cpus_per_worker=1), log=lambda m: None)
+    assert here.results["config"]["dtype"] == "bfloat16"
+    assert here.results["config"]["torch_threads"] == there.results["config"]["torch_threads"] == 1
+    for rid in ("P19", "P36"):
+        for name in ("metrics.json", "predictions.jsonl", "prompt.safetensors", "config.json"):
+            a, b = (run.folder.root / rid / name for run in (here, there))
+            assert a.read_bytes() == b.read_bytes(), (rid, name)
+    assert here.results["relations"] == there.results["relations"]
+    # resuming with another thread count is refused, and says how to match
+    with pytest.raises(ProbeError) as e:
+        run_train(options(tmp_path / "here", threads=2, resume=True), log=lambda m: None)
+    assert str(e.value).endswith("(torch_threads: 1 there, 2 asked); pass --threads 1 to continue with its thread count")
+
+
 def test_a_killed_worker_reruns_its_cell_once(local_ray, tiny_causal_dir, lama, tmp_path):
     """ray.kill on the actor while it trains a cell: Ray restarts it, the cell runs again, and is written once."""
     from probe.ray_cells import RayExecutor
@@ -175,7 +197,7 @@ def test_several_models_in_one_eval_then_compare(local_ray, tiny_causal_dir, sec
     for a, b in zip(runs, on_ray, strict=True):
         assert a.results["relations"] == b.results["relations"]
     assert runs[0].results["relations"] != runs[1].results["relations"]  # two different models
-    proc = run_cli("compare", tmp_path / "here", "--out", tmp_path / "cmp")
+    proc = cli_in_process("compare", tmp_path / "here", "--out", tmp_path / "cmp")
     assert proc.returncode == 0, proc.stderr
     md = (tmp_path / "cmp" / "compare.md").read_text()
     assert f"manual @ {Path(models[0]).name}" in md and f"manual @ {Path(models[1]).name}" in md
@@ -215,6 +237,7 @@ def test_compare_of_two_models_uses_only_the_facts_both_keep(tmp_path):
 
 
 def test_unreachable_cluster_is_one_error_line(tmp_path, lama, tiny_causal_dir):
+    # a driver of its own: this test process may hold a Ray instance already
     proc = run_cli("eval", "--all", "--model", tiny_causal_dir, "--data", lama, "--out", tmp_path / "x",
                    "--ray", "127.0.0.1:1")
     assert_user_error(proc, "Ray cluster at 127.0.0.1:1 cannot be reached")
@@ -231,7 +254,7 @@ def test_ray_not_installed_is_one_error_line(tmp_path, lama, tiny_causal_dir):
 
 
 def test_cpus_per_worker_without_ray_is_refused(tmp_path, lama, tiny_causal_dir):
-    proc = run_cli("eval", "--all", "--model", tiny_causal_dir, "--data", lama, "--cpus-per-worker", "2")
+    proc = cli_in_process("eval", "--all", "--model", tiny_causal_dir, "--data", lama, "--cpus-per-worker", "2")
     assert_user_error(proc, "--cpus-per-worker applies to --ray only")
     with pytest.raises(ProbeError, match="more than once"):
         run_train(Options(model=["a", "b"], all=True, data=str(lama)))

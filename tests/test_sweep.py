@@ -6,7 +6,7 @@ import json
 
 import pandas as pd
 import pytest
-from conftest import assert_user_error, run_cli
+from conftest import assert_user_error, cli_in_process
 from test_train import default_splits, make_lama
 
 import probe.sweep
@@ -92,7 +92,7 @@ def test_bad_grid_files_are_one_clear_error(tmp_path, text, fragment):
 
 def test_cli_bad_grid_is_one_error_line(tmp_path):
     path = write_grid(tmp_path / "bad.toml", "relations = [\"P19\"]\n[axes]\nmethod = [\"prefix-tuning\"]\ninit = [\"zeros\"]")
-    assert_user_error(run_cli("sweep", path, "--out", tmp_path / "out"), "init value 'zeros' does not exist")
+    assert_user_error(cli_in_process("sweep", path, "--out", tmp_path / "out"), "init value 'zeros' does not exist")
     assert not (tmp_path / "out").exists()
 
 
@@ -307,13 +307,13 @@ epochs = 1
 batch_size = 4
 """)
     out = tmp_path / "sweep"
-    first = run_cli("sweep", grid, "--out", out, "--data", lama)
+    first = cli_in_process("sweep", grid, "--out", out, "--data", lama)
     assert first.returncode == 0, first.stderr
     cells = pd.read_csv(out / "cells.csv")
     assert sorted(cells["method"]) == ["prefix-tuning", "prefix-tuning", "prompt-tuning", "prompt-tuning"]
     assert set(cells["template"]) == {"(2, sub, obj)", "(1, sub, 1, obj)"}
     assert "macro P@1 (mean ± std over seeds)" in first.stdout
-    again = run_cli("sweep", grid, "--out", out, "--data", lama)
+    again = cli_in_process("sweep", grid, "--out", out, "--data", lama)
     assert again.returncode == 0 and "4 of 4 cells already done" in again.stderr
     assert pd.read_csv(out / "cells.csv").drop(columns="seconds").equals(cells.drop(columns="seconds"))
 

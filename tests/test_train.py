@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_user_error, run_cli, train_here, write_jsonl
+from conftest import assert_user_error, cli_in_process, train_here, write_jsonl
 from typer.testing import CliRunner
 
 import cli
@@ -736,7 +736,7 @@ def test_cli_eval_prompts_reproduces_a_run(trained_runs, monkeypatch):
 
 def test_cli_eval_prompts_with_another_model_is_one_error_line(trained_runs):
     backend, data, cands, run_dir, _ = trained_runs("causal")
-    proc = run_cli("eval", "--prompts", run_dir, "--model", "some-other-model", timeout=120)
+    proc = cli_in_process("eval", "--prompts", run_dir, "--model", "some-other-model")
     assert_user_error(proc, "was trained on model", "some-other-model")
 
 
@@ -857,7 +857,7 @@ def test_dev_falls_back_to_train_when_empty(masked_backend, tmp_path):
 def test_cli_train_bad_options_are_one_error_line(args, fragment, tmp_path):
     lama = make_lama(tmp_path / "lama", default_splits())
     extra = ["--data", str(lama)] if "--relation" in args else []
-    proc = run_cli(*args, *extra, cwd=tmp_path, timeout=120)
+    proc = cli_in_process(*args, *extra, cwd=tmp_path)
     assert_user_error(proc, fragment)
     assert not (tmp_path / "runs").exists()
 

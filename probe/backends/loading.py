@@ -186,8 +186,7 @@ def model_info(name: str, device: str = "cpu", dtype: str = "float32", control: 
     return ModelInfo(name, kind, tokenizer, DTYPES[dtype], torch.device(device), control)
 
 
-def load_backend(name: str, device: str = "cpu", dtype: str = "float32", kind: str | None = None,
-                 control: str = "none", seed: int = 0) -> Backend:
+def load_backend(name: str, device: str = "cpu", dtype: str = "float32", control: str = "none", seed: int = 0) -> Backend:
     """Load a frozen LM by alias (`smollm2`), hub id, local folder or `.gguf` file, behind the backend its config asks for.
 
     `control="random-model"` re-draws every weight (seeded): what a prompt reaches on it is learned from
@@ -201,7 +200,7 @@ def load_backend(name: str, device: str = "cpu", dtype: str = "float32", kind: s
     try:
         path = resolve_model(name)
         config = AutoConfig.from_pretrained(path)
-        kind = kind or model_kind(config)
+        kind = model_kind(config)
         auto = AutoModelForMaskedLM if kind == "masked" else AutoModelForCausalLM
         model = auto.from_pretrained(path, dtype=DTYPES[dtype])
         tokenizer = AutoTokenizer.from_pretrained(path)
