@@ -97,6 +97,9 @@ CpusOpt = Annotated[int | None, typer.Option(help="With --ray and no GPUs: CPUs 
 ThreadsOpt = Annotated[int | None, typer.Option(
     help="torch's CPU threads per process that computes (default: torch's own in process, --cpus-per-worker on Ray). "
          "CPU sums, so bfloat16 figures and a training run's path, depend on it; the run records it.")]
+PackOpt = Annotated[int | None, typer.Option(
+    "--pack", help="Prompts trained at once in one pass of the LM (methods fit by the one trainer; default 1 on a CPU, "
+                   "64 on a GPU, fewer if its memory says so). --pack 1 fits one relation after another.")]
 RunDeviceOpt = Annotated[str | None, typer.Option(
     "--device", help="auto (default: a GPU when there is one, else the CPU), cpu, cuda or cuda:N.")]
 RunDtypeOpt = Annotated[str | None, typer.Option("--dtype", help="bfloat16 (default), float32 or float16 for the LM weights.")]
@@ -267,6 +270,7 @@ def train_cmd(
     ray: RayOpt = None,
     cpus_per_worker: CpusOpt = None,
     threads: ThreadsOpt = None,
+    pack: PackOpt = None,
 ) -> None:
     """Train a prompt per relation against the frozen LM, then test it next to the manual prompt."""
     from probe.commands.train import run_train
@@ -274,7 +278,7 @@ def train_cmd(
 
     _run(run_train, Options(
         model=model, method=method, relation=relation, all=all_, template=template, init=init, reparam=reparam,
-        option=option, threads=threads,
+        option=option, threads=threads, pack=pack,
         split=split, vocab=vocab, data=data, out=out, resume=resume, lr=lr, epochs=epochs, min_steps=min_steps,
         batch_size=batch_size, eval_every=eval_every, patience=patience, max_train=max_train, seed=seed,
         iterations=iterations, top_k=top_k, capitals=capitals, device=device, dtype=dtype, control=control,
@@ -392,6 +396,7 @@ def sweep_cmd(
     ray: RayOpt = None,
     cpus_per_worker: CpusOpt = None,
     threads: ThreadsOpt = None,
+    pack: PackOpt = None,
 ) -> None:
     """Train every cell of a grid (model x method x length x method options x seed x relation); tables of mean ± std
     over seeds."""
@@ -399,7 +404,7 @@ def sweep_cmd(
 
     try:
         summary = sweep_command(grid, out, data, device, log=_log, ray=ray, cpus_per_worker=cpus_per_worker,
-                                threads=threads)
+                                threads=threads, pack=pack)
     except Interrupted as e:
         typer.echo(f"interrupted: finished cells are saved in {e.folder}; rerun the same command to continue", err=True)
         raise typer.Exit(130) from None

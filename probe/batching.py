@@ -25,6 +25,20 @@ class Batch:
     gold: torch.Tensor
     facts: list[Fact]
 
+    @staticmethod
+    def cat(batches: list[Batch], pad_id: int) -> Batch:
+        """The rows of several batches, in order, right-padded to the longest."""
+        width = max(b.input_ids.shape[1] for b in batches)
+
+        def pad(t: torch.Tensor, value) -> torch.Tensor:
+            return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
+
+        return Batch(torch.cat([pad(b.input_ids, pad_id) for b in batches]),
+                     torch.cat([pad(b.attention_mask, 0) for b in batches]),
+                     torch.cat([pad(b.virtual_mask, False) for b in batches]),
+                     torch.cat([b.target for b in batches]), torch.cat([b.gold for b in batches]),
+                     [f for b in batches for f in b.facts])
+
     def repeat(self, n: int) -> Batch:
         """The batch n times over, one copy after the other."""
         return Batch(

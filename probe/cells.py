@@ -73,9 +73,18 @@ class Cell(ABC):
     def done(self) -> bool:
         return (Path(self.root) / self.marker).exists()
 
+    @property
+    def members(self) -> list[Cell]:
+        """The cells this one computes: itself (a pack of cells computes several, see probe/pack.py)."""
+        return [self]
+
     @abstractmethod
     def run(self, loaded: LoadedModel) -> CellOutput:
         """Compute the cell against a loaded model; never write into the run folder."""
+
+    def outputs(self, loaded: LoadedModel) -> Iterator[tuple[Cell, CellOutput]]:
+        """Each member's output as it finishes (a cell: its own)."""
+        yield self, self.run(loaded)
 
 
 class LoadedModel:
@@ -117,6 +126,8 @@ class Progress:
     """One progress bar over cells (done, running, failed) and a per-model summary table at the end."""
 
     def __init__(self, cells: Sequence[Cell], desc: str = "cells"):
+        cells = [m for c in cells for m in c.members if not m.done()]  # a pack counts as its unfinished members
+        self.counted = {id(c) for c in cells}
         self.bar = tqdm(total=len(cells), desc=desc, unit="cell", dynamic_ncols=True, disable=not cells)
         self.running = 0
         self.failed: list[tuple[Cell, str]] = []
@@ -144,8 +155,9 @@ class Progress:
 
     def skipped(self, cell: Cell) -> None:
         """A cell another process finished meanwhile: counted as done, with no time of its own."""
-        self.started()
-        self.finished(cell, 0.0)
+        if id(cell) in self.counted:
+            self.started()
+            self.finished(cell, 0.0)
 
     def _show(self) -> None:
         self.bar.set_postfix(running=self.running, failed=len(self.failed), refresh=False)
@@ -257,14 +269,17 @@ class InProcess(Executor):
                 for spec in dict.fromkeys(c.model for c in todo):
                     loaded = self._load(spec)
                     for cell in (c for c in todo if c.model == spec):
-                        if cell.done():  # finished meanwhile by another process sharing the folder
-                            progress.skipped(cell)
+                        for member in cell.members:
+                            if member.done():  # finished meanwhile by another process sharing the folder
+                                progress.skipped(member)
+                        if cell.done():
                             continue
                         t0 = time.time()
-                        progress.started()
-                        output = cell.run(loaded)
-                        finish(cell, output, on_done)
-                        progress.finished(cell, time.time() - t0)
+                        progress.started(sum(not m.done() for m in cell.members))
+                        for member, output in cell.outputs(loaded):
+                            finish(member, output, on_done)
+                            progress.finished(member, time.time() - t0)
+                            t0 = time.time()
                     loaded = None  # the next model loads once this one is freed
         finally:
             progress.close()

@@ -99,22 +99,58 @@ def evaluate_facts(
     """
     prompt = inputs_of(method)
     groups = by_input(compiled, facts)
-    ranks: list[int] = []
-    top10: list[list[str]] = []
-    ordered: list[Fact] = []
+    ranked = _Ranked(compiled, groups, candidates)
     for batch, scores in scored_batches(backend, prompt, compiled, [g[0] for g in groups.values()], candidates, batch_size):
+        added = ranked.add(batch, scores)
+        if progress is not None:
+            progress.update(added)
+    return ranked.result()
+
+
+@torch.no_grad()
+def evaluate_pack(backend: Backend, items: list[tuple[Prompt | None, CompiledTemplate, list[Fact], CandidateVocab]],
+                  batch_size: int = 128) -> list[RelationEval]:
+    """`evaluate_facts` for several (prompt, template, facts, candidates) at once: the backend scores them in one call
+    (`Backend.score_pack`), part by part or merged, as it computes fastest."""
+    groups = [by_input(compiled, facts) for _, compiled, facts, _ in items]
+    batches = [make_batches(compiled, [g[0] for g in grouped.values()], candidates, batch_size, backend.pad_id)
+               for (_, compiled, _, candidates), grouped in zip(items, groups, strict=True)]
+    parts = [(b, inputs_of(prompt), candidates) for b, (prompt, _, _, candidates) in zip(batches, items, strict=True)]
+    out = []
+    for (_, compiled, _, candidates), grouped, part, scores in zip(items, groups, batches, backend.score_pack(parts),
+                                                                  strict=True):
+        ranked = _Ranked(compiled, grouped, candidates)
+        for batch, batch_scores in zip(part, scores, strict=True):
+            ranked.add(batch, batch_scores)
+        out.append(ranked.result())
+    return out
+
+
+class _Ranked:
+    """Ranks and top-10 words of a relation's facts, gathered batch by batch (each input's scores serve every fact
+    with that input)."""
+
+    def __init__(self, compiled, groups: dict[str, list[Fact]], candidates):
+        self.compiled, self.groups, self.candidates = compiled, groups, candidates
+        self.ranks: list[int] = []
+        self.top10: list[list[str]] = []
+        self.ordered: list[Fact] = []
+
+    def add(self, batch: Batch, scores: torch.Tensor) -> int:
+        """The facts of a batch's inputs ranked by its scores (B, C); returns how many facts that was."""
         scores = scores.cpu()
-        same = [groups[compiled.input_key(f)] for f in batch.facts]
+        same = [self.groups[self.compiled.input_key(f)] for f in batch.facts]
         rows = torch.tensor([i for i, g in enumerate(same) for _ in g])
         batch_facts = [f for g in same for f in g]
-        gold = torch.tensor([candidates.index[f.obj] for f in batch_facts])
-        batch_ranks, batch_top10 = rank_candidates(scores[rows], gold, candidates)
-        ranks.extend(batch_ranks)
-        top10.extend(batch_top10)
-        ordered.extend(batch_facts)
-        if progress is not None:
-            progress.update(len(batch_facts))
-    return RelationEval.of(ordered, ranks, top10, candidates)
+        gold = torch.tensor([self.candidates.index[f.obj] for f in batch_facts])
+        batch_ranks, batch_top10 = rank_candidates(scores[rows], gold, self.candidates)
+        self.ranks.extend(batch_ranks)
+        self.top10.extend(batch_top10)
+        self.ordered.extend(batch_facts)
+        return len(batch_facts)
+
+    def result(self) -> RelationEval:
+        return RelationEval.of(self.ordered, self.ranks, self.top10, self.candidates)
 
 
 @torch.no_grad()

@@ -95,6 +95,7 @@ class FitLoop:
         self.log = JsonlLog(log_path)
         self.log.write({"step": 0, "dev_p1": self.best["p1"], "dev_mrr": self.best["mrr"], **first_entry})
         self.bar = tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, leave=False)
+        self.pending: list[tuple[dict, dict]] = []  # steps whose losses are still tensors on the device
 
     def __enter__(self) -> FitLoop:
         return self
@@ -103,14 +104,32 @@ class FitLoop:
         self.close()
 
     def close(self) -> None:
+        self.flush()
         self.bar.close()
         self.log.close()
+
+    def flush(self) -> None:
+        """Write the pending steps, their tensors read from the device at once (one host sync, not one a step)."""
+        if not self.pending:
+            return
+        tensors = [v for entry, _ in self.pending for v in entry.values() if isinstance(v, torch.Tensor)]
+        values = iter(torch.stack([t.float() for t in tensors]).tolist()) if tensors else iter(())
+        for entry, shown in self.pending:
+            for key, value in entry.items():
+                if isinstance(value, torch.Tensor):
+                    entry[key] = round(next(values), 5)
+            self.log.write(entry)
+            if shown:
+                self.bar.set_postfix(**{k: f"{entry[k]:.3f}" if k in entry else v for k, v in shown.items()},
+                                     best=f"{self.best['p1']:.1f}")
+        self.pending.clear()
 
     def check(self, step: int, entry: dict, dev: dict | None = None) -> dict:
         """Evaluate dev at `step` (or take `dev`, evaluated elsewhere), keep the state if it is the best so far by
         (P@1, MRR), note it in the log entry. A best whose P@1 is not above the start's does not count as trained:
         see `kept_state`."""
         dev = self.evaluate_dev() if dev is None else dev
+        self.flush()
         entry.update(dev_p1=dev["p1"], dev_mrr=dev["mrr"])
         if (dev["p1"], dev["mrr"]) > (self.best["p1"], self.best["mrr"]):
             self.best, self.best_state, self.best_step, self.bad = dev, self.snapshot(), step, 0
@@ -122,11 +141,16 @@ class FitLoop:
         """A step with no dev check counts against patience too (the trigger search's iterations)."""
         self.bad += 1
 
-    def done(self, entry: dict, **shown: str) -> None:
-        """A step is over: log its entry, move the bar, show figures next to the best dev P@1."""
+    def done(self, entry: dict, **shown) -> None:
+        """A step is over: log its entry, move the bar, show figures next to the best dev P@1. An entry that holds
+        tensors (a loss still on the device) is written at the next dev check or at the end (`flush`), so that the
+        training loop never waits for the device; `shown` then names the entry's keys to show."""
         self.step = entry["step"]
-        self.log.write(entry)
         self.bar.update(1)
+        if any(isinstance(v, torch.Tensor) for v in entry.values()):
+            self.pending.append((entry, shown))
+            return
+        self.log.write(entry)
         self.bar.set_postfix(**shown, best=f"{self.best['p1']:.1f}")
 
     @property

@@ -69,6 +69,7 @@ class Options:
     save_model: bool | None = None
     cpus_per_worker: int | None = None
     threads: int | None = None  # torch's CPU threads per process that computes
+    pack: int | None = None  # prompts trained at once in one pass (None: by the device)
     objects: str | None = None  # 'single' (LAMA's protocol) or 'any'
     candidates: Path | None = None  # --objects any: a candidates file
     length_norm: bool | None = None
@@ -189,6 +190,16 @@ def candidate_choice(opts: Options) -> CandidateChoice:
 def check_threads(threads: int | None) -> None:
     if threads is not None:
         check_positive(threads=threads)
+
+
+def check_pack(pack: int | None, method_cls=None) -> None:
+    """--pack is a number of prompts, and applies to methods whose fits can share a pass."""
+    if pack is None:
+        return
+    check_positive(pack=pack)
+    if method_cls is not None and not method_cls.packable and pack > 1:
+        raise ProbeError(f"--pack applies to the methods fit by the one trainer (ptuning, prompt-tuning, ...); "
+                         f"{method_cls.name!r} is fit one relation after another")
 
 
 def make_executor(data: FactData, candidates: CandidateChoice | str, ray: str | None = None,

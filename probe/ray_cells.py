@@ -92,9 +92,10 @@ class CellActor:
         return os.getpid()
 
     def run(self, cell: Cell, data: list):
+        """Every member's (cell, output) of a cell (a pack has several), the seconds it took, and this worker's pid."""
         t0 = time.time()
         pid = self.load(data)
-        return cell.run(self.loaded), time.time() - t0, pid
+        return list(cell.outputs(self.loaded)), time.time() - t0, pid
 
 
 class RayExecutor(Executor):
@@ -197,8 +198,10 @@ class RayExecutor(Executor):
             spec, cell = actors[actor], None
             while queues[spec] and cell is None:
                 cell = queues[spec].popleft()
-                if cell.done():  # finished meanwhile by another process sharing the folder
-                    progress.skipped(cell)
+                for member in cell.members:
+                    if member.done():  # finished meanwhile by another process sharing the folder
+                        progress.skipped(member)
+                if cell.done():
                     cell = None
             if cell is None:
                 del actors[actor]
@@ -207,7 +210,7 @@ class RayExecutor(Executor):
             if self.on_dispatch:
                 self.on_dispatch(cell, actor)
             pending[actor.run.remote(cell, data)] = (cell, actor, time.time())
-            progress.started()
+            progress.started(sum(not m.done() for m in cell.members))
 
         try:
             start_actors()
@@ -217,11 +220,13 @@ class RayExecutor(Executor):
                 (ref,), _ = ray.wait(list(pending), num_returns=1)
                 cell, actor, t0 = pending.pop(ref)
                 try:
-                    output, _, pid = ray.get(ref)
+                    outputs, _, pid = ray.get(ref)
                 except ray.exceptions.RayTaskError as e:  # the cell itself raised
-                    progress.finished(cell, time.time() - t0, _reason(e))
+                    for member in (m for m in cell.members if not m.done()):
+                        progress.finished(member, time.time() - t0, _reason(e))
                 except ray.exceptions.RayError as e:  # the worker died more often than it may restart, or Ray failed
-                    progress.finished(cell, time.time() - t0, f"worker lost: {_reason(e)}")
+                    for member in (m for m in cell.members if not m.done()):
+                        progress.finished(member, time.time() - t0, f"worker lost: {_reason(e)}")
                     actors.pop(actor, None)
                     self.actor_pids.pop(actor, None)
                     ray.kill(actor)
@@ -230,8 +235,9 @@ class RayExecutor(Executor):
                     if pid != self.actor_pids.get(actor):
                         self.retried.append(cell.key)
                         self.actor_pids[actor] = pid
-                    finish(cell, output, on_done)
-                    progress.finished(cell, time.time() - t0)
+                    for member, output in outputs:
+                        finish(member, output, on_done)
+                        progress.finished(member, time.time() - t0)
                 if actor is not None:
                     dispatch(actor)
                 if len(actors) < self.slots and any(queues.values()):

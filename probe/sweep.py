@@ -37,6 +37,7 @@ import time
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import pandas as pd
 from tqdm import tqdm
@@ -45,10 +46,12 @@ from probe.backends import model_info
 from probe.cells import Cell, CellOutput, Executor, LoadedModel, ModelSpec
 from probe.data import open_data
 from probe.errors import Interrupted, ProbeError
+from probe.evaluate import evaluate_facts
 from probe.files import atomic_write_json, atomic_write_text, check_output_path, read_json, read_text
-from probe.fit import FitTask, config_fields, fit_and_test
+from probe.fit import FitTask, Fitted, config_fields, fit
 from probe.methods import get_method, method_config, option_names
-from probe.options import load_template_spec, make_executor
+from probe.options import check_pack, load_template_spec, make_executor
+from probe.pack import default_pack, packed
 from probe.plots import png_axes
 from probe.runs import RECORDED_LATER, markdown_table, slug
 from probe.templates import compile_template, spread_virtual
@@ -105,6 +108,15 @@ class SweepCell(Cell):
     def settings(self) -> dict:
         return {"model": self.model.name, "method": self.method, "length": self.length, **self.options,
                 "seed": self.seed, "relation": self.relation}
+
+    def prepare(self, loaded: LoadedModel) -> Ready:
+        """The cell's fit task, its test facts, template and start time (see probe/pack.py)."""
+        return prepare_cell(loaded, self, self.grid)
+
+    def finish(self, loaded: LoadedModel, prepared: Ready, fitted: Fitted) -> CellOutput:
+        """Test the fitted prompt; the cell's row as its one file."""
+        row = finish_cell(loaded, self, prepared, fitted)
+        return CellOutput([(self.marker, (json.dumps(row, indent=2, ensure_ascii=False) + "\n").encode())])
 
     def run(self, loaded: LoadedModel) -> CellOutput:
         row = run_cell(loaded, self, self.grid)
@@ -228,8 +240,17 @@ def prepare_folder(out: Path, grid: SweepGrid, extra: dict) -> None:
     atomic_write_json(path, record)
 
 
-def run_cell(loaded: LoadedModel, cell: SweepCell, grid: SweepGrid) -> dict:
-    """Train and test one cell; returns its row (settings, test and dev metrics, steps, seconds)."""
+class Ready(NamedTuple):
+    """A cell ready to fit: its task, its test facts, its template and when it started."""
+
+    task: FitTask
+    test: list
+    template: object
+    t0: float
+
+
+def prepare_cell(loaded: LoadedModel, cell: SweepCell, grid: SweepGrid) -> Ready:
+    """A cell's fit task and what testing it needs."""
     t0 = time.time()
     backend, data = loaded.backend, loaded.data
     relation = data.relation(cell.relation)
@@ -250,24 +271,39 @@ def run_cell(loaded: LoadedModel, cell: SweepCell, grid: SweepGrid) -> dict:
         raise ProbeError(f"relation {relation.id} has no train or {split} facts left after filtering")
     task = FitTask(compiled, train, dev or train, candidates, fit_config, method_cls, config, relation.template,
                    desc=cell.key, relation=relation.id)
-    tested = fit_and_test(backend, task, test)
-    tested.prompt.release()
-    result = tested.result
+    return Ready(task, test, template, t0)
+
+
+def finish_cell(loaded: LoadedModel, cell: SweepCell, prepared: Ready, fitted: Fitted) -> dict:
+    """Test a cell's fitted prompt; its row (settings, test and dev metrics, steps, seconds)."""
+    task, test, template, t0 = prepared
+    try:
+        metrics = evaluate_facts(loaded.backend, fitted.prompt, task.compiled, test, task.candidates).metrics
+    finally:
+        fitted.prompt.release()
+    result = fitted.result
     return {
-        **cell.settings(), "template": template.source, "type": relation.type, "n_facts": len(test),
-        "n_train": len(train), **tested.test.metrics, **{f"dev_{k}": v for k, v in result.best_dev.items()},
+        **cell.settings(), "template": template.source, "type": loaded.data.relation(cell.relation).type,
+        "n_facts": len(test), "n_train": len(task.train), **metrics, **{f"dev_{k}": v for k, v in result.best_dev.items()},
         "steps": result.steps, "best_step": result.best_step, "seconds": round(time.time() - t0, 1),
     }
 
 
+def run_cell(loaded: LoadedModel, cell: SweepCell, grid: SweepGrid) -> dict:
+    """Train and test one cell alone; returns its row."""
+    prepared = prepare_cell(loaded, cell, grid)
+    return finish_cell(loaded, cell, prepared, fit(loaded.backend, prepared.task))
+
+
 def run_sweep(grid: SweepGrid, relation_ids: list[str], out: Path, executor: Executor,
-              specs: dict[str, ModelSpec]) -> pd.DataFrame:
-    """Run every unfinished cell on the executor (its workers loading models as `specs` say), then write the tables;
-    returns the cells table."""
+              specs: dict[str, ModelSpec], pack: int = 1) -> pd.DataFrame:
+    """Run every unfinished cell on the executor (its workers loading models as `specs` say), cells of one model and
+    method `pack` at a time in one pass (probe/pack.py), then write the tables; returns the cells table."""
     cells = cells_of(grid, relation_ids, out, specs)
-    todo = [c for c in cells if not c.done()]
-    if len(todo) < len(cells):
-        tqdm.write(f"{len(cells) - len(todo)} of {len(cells)} cells already done in {out}; running the other {len(todo)}",
+    todo = packed([c for c in cells if not c.done()], pack)
+    left = sum(len(c.members) for c in todo)
+    if left < len(cells):
+        tqdm.write(f"{len(cells) - left} of {len(cells)} cells already done in {out}; running the other {left}",
                    file=sys.stderr)
     try:
         progress = executor.run(todo, desc="sweep")
@@ -331,7 +367,8 @@ def plot_lengths(summary: pd.DataFrame, path: Path) -> None:
 
 
 def sweep_command(grid_path: Path, out: Path | None, data: str | None, device: str | None = None, log=print,
-                  ray: str | None = None, cpus_per_worker: int | None = None, threads: int | None = None) -> Path:
+                  ray: str | None = None, cpus_per_worker: int | None = None, threads: int | None = None,
+                  pack: int | None = None) -> Path:
     """`probe sweep`: check the grid and its models, run the unfinished cells (here or on Ray); returns OUT/summary.md."""
     t0 = time.time()
     spec = load_grid(grid_path)
@@ -341,17 +378,19 @@ def sweep_command(grid_path: Path, out: Path | None, data: str | None, device: s
     load_template_spec(spec.template)  # a bad template fails before any model loads
     out = out or Path("runs") / f"sweep-{Path(grid_path).stem}"
     lama.vocab_words(spec.vocab)  # checks the vocabulary name
+    check_pack(pack)
     executor = make_executor(lama, spec.vocab, ray, cpus_per_worker, threads, log)
     try:
         specs = executor_specs(spec, executor, device)
+        pack = pack or default_pack(next(iter(specs.values())).device)
         for s in specs.values():  # every model's config and tokenizer can be read before any cell runs
             executor.check_device(s.device)
             model_info(s.name, s.device, s.dtype, s.control, check_device=executor.local)
-        prepare_folder(out, spec, {"data": str(lama.root.resolve()), "torch_threads": executor.threads})
+        prepare_folder(out, spec, {"data": str(lama.root.resolve()), "torch_threads": executor.threads, "pack": pack})
         cells = cells_of(spec, ids, out, specs)
         log(f"{len(cells)} cells ({len(specs)} model(s) x {len(cells) // len(specs) // len(ids)} settings x {len(ids)} "
             "relations)")
-        run_sweep(spec, ids, out, executor, specs)
+        run_sweep(spec, ids, out, executor, specs, pack)
     except KeyboardInterrupt:
         raise Interrupted(out) from None
     finally:

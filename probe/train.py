@@ -17,7 +17,7 @@ from tqdm import tqdm
 from probe.backends import Backend
 from probe.batching import make_batches
 from probe.errors import ProbeError, check_positive
-from probe.evaluate import evaluate_facts
+from probe.evaluate import evaluate_facts, evaluate_pack
 from probe.fit import FitLoop, FitResult, FitTask
 
 
@@ -53,65 +53,116 @@ class TrainConfig:
         check_positive(batch_size=self.batch_size, epochs=self.epochs, eval_every=self.eval_every, patience=self.patience)
 
 
+class Trainee:
+    """One prompt's fit inside a pass that may serve several: its own batches, AdamW, lr schedule, dev selection
+    (FitLoop), patience, retries at a lower lr, and log. `attempt()` starts (again) from the prompt's state."""
+
+    def __init__(self, backend: Backend, prompt: nn.Module, task: FitTask, retry: bool = True):
+        self.backend, self.prompt, self.task, self.retry = backend, prompt, task, retry
+        self.config: TrainConfig = task.config
+        self.attempts: list[dict] = []
+        self.result: FitResult | None = None  # set once the last attempt ends
+        self.attempt()
+
+    def attempt(self) -> None:
+        config, task, prompt = self.config, self.task, self.prompt
+        generator = torch.Generator().manual_seed(config.seed)
+        facts = task.train
+        if config.max_train and len(facts) > config.max_train:
+            keep = torch.randperm(len(facts), generator=generator)[: config.max_train].tolist()
+            facts = [facts[i] for i in sorted(keep)]
+        params = [p for p in prompt.parameters() if p.requires_grad]
+        # foreach: fewer calls a step than one tensor at a time, the same updates bit for bit
+        self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, foreach=True)
+        steps_per_epoch = math.ceil(len(facts) / config.batch_size)
+        self.total = total = max(1, steps_per_epoch * config.epochs, config.min_steps)
+        epochs = math.ceil(total / steps_per_epoch)
+        warm = max(1, int(config.warmup * total))
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: (s + 1) / warm if s < warm else max(0.0, (total - s) / max(1, total - warm))
+        )
+        self.fit = FitLoop(lambda: evaluate_facts(self.backend, prompt, task.compiled, task.dev, task.candidates).metrics,
+                           lambda: copy.deepcopy(prompt.state_dict()), config.patience, task.log_path,
+                           {"config": asdict(config)}, total, task.desc, "step")
+        prompt.train()
+        self.batches = ((epoch, batch) for epoch in range(epochs)
+                        for batch in make_batches(task.compiled, facts, task.candidates, config.batch_size,
+                                                  self.backend.pad_id, generator))
+        self.step, self.stopped = 0, False
+
+    def next_part(self) -> tuple:
+        """The next train batch, as a part of the pass: (batch, the prompt's inputs, candidates)."""
+        self.epoch, batch = next(self.batches)
+        return batch, self.prompt.prompt_inputs(), self.task.candidates
+
+    def stepped(self, loss: torch.Tensor) -> dict:
+        """After the backward pass: the optimizer's step; returns the step's log entry (the loss stays a tensor, read
+        when the log is written)."""
+        self.optimizer.step()
+        self.schedule.step()
+        self.step += 1
+        return {"step": self.step, "epoch": self.epoch, "loss": loss.detach(), "lr": self.schedule.get_last_lr()[0]}
+
+    @property
+    def due(self) -> bool:
+        """Whether this step ends with a dev check."""
+        return self.step % self.config.eval_every == 0 or self.step == self.total
+
+    def after(self, entry: dict) -> None:
+        """The step is over (its dev check done): log it; at the end of an attempt keep the best on dev, and retry at a
+        lower lr when dev never rose above the start (see `train_with_retries`)."""
+        self.fit.done(entry, loss=entry["loss"])
+        self.stopped = self.fit.exhausted
+        if not (self.stopped or self.step == self.total):
+            return
+        self.prompt.load_state_dict(self.fit.kept_state)
+        self.prompt.eval()
+        result = self.fit.result(self.stopped)
+        self.fit.close()
+        self.attempts.append({"lr": self.config.lr, "steps": result.steps, "best_step": result.best_step,
+                              "dev_p1": result.best_dev["p1"]})
+        if self.retry and result.failed and len(self.attempts) <= self.config.retries:
+            self.config = replace(self.config, lr=self.config.lr * self.config.retry_lr_factor)
+            tqdm.write(f"{self.task.desc}: dev P@1 never rose above its start; retrying at lr {self.config.lr:g}")
+            self.attempt()  # the failed fit left the starting prompt in place: the retry starts where the first did
+        else:
+            self.result = replace(result, attempts=self.attempts)
+
+
+def train_together(backend: Backend, trainees: list[Trainee]) -> None:
+    """One training step of every unfinished trainee, their batches in one pass of the LM (`Backend.pack_loss`), each
+    prompt stepped on its own mean loss; the dev checks that fall due run as one call (`evaluate_pack`)."""
+    active = [t for t in trainees if t.result is None]
+    parts = [t.next_part() for t in active]
+    with torch.autocast(backend.device.type, dtype=torch.bfloat16, enabled=backend.device.type == "cuda"):
+        losses = [loss.mean() for loss in backend.pack_loss(parts)]
+    for t in active:
+        t.optimizer.zero_grad(set_to_none=True)
+    (losses[0] if len(losses) == 1 else torch.stack(losses).sum()).backward()
+    entries = [t.stepped(loss) for t, loss in zip(active, losses, strict=True)]
+    due = [(t, e) for t, e in zip(active, entries, strict=True) if t.due]
+    if due:
+        devs = evaluate_pack(backend, [(t.prompt, t.task.compiled, t.task.dev, t.task.candidates) for t, _ in due])
+        for (t, entry), dev in zip(due, devs, strict=True):
+            t.fit.check(t.step, entry, dev.metrics)
+    for t, entry in zip(active, entries, strict=True):
+        t.after(entry)
+
+
 def train_prompt(backend: Backend, method: nn.Module, task: FitTask) -> FitResult:
-    """Train `method` (a PromptMethod) on the task's train facts with early stopping on dev P@1; leaves the best-on-dev
-    weights in it."""
-    compiled, train_facts, dev_facts, candidates = task.compiled, task.train, task.dev, task.candidates
-    config: TrainConfig = task.config
-    generator = torch.Generator().manual_seed(config.seed)
-    if config.max_train and len(train_facts) > config.max_train:
-        keep = torch.randperm(len(train_facts), generator=generator)[: config.max_train].tolist()
-        train_facts = [train_facts[i] for i in sorted(keep)]
-    params = [p for p in method.parameters() if p.requires_grad]
-    # foreach: fewer calls a step than one tensor at a time, the same updates bit for bit
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, foreach=True)
-    steps_per_epoch = math.ceil(len(train_facts) / config.batch_size)
-    total = max(1, steps_per_epoch * config.epochs, config.min_steps)
-    epochs = math.ceil(total / steps_per_epoch)
-    warm = max(1, int(config.warmup * total))
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: (s + 1) / warm if s < warm else max(0.0, (total - s) / max(1, total - warm))
-    )
-    fit = FitLoop(lambda: evaluate_facts(backend, method, compiled, dev_facts, candidates).metrics,
-                  lambda: copy.deepcopy(method.state_dict()), config.patience, task.log_path, {"config": asdict(config)},
-                  total, task.desc, "step")
-    method.train()
-    step, stopped = 0, False
-    with fit:
-        for epoch in range(epochs):
-            for batch in make_batches(compiled, train_facts, candidates, config.batch_size, backend.pad_id, generator):
-                with torch.autocast(backend.device.type, dtype=torch.bfloat16, enabled=backend.device.type == "cuda"):
-                    loss = backend.gold_loss(batch, method.prompt_inputs(), candidates).mean()
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                schedule.step()
-                step += 1
-                entry = {"step": step, "epoch": epoch, "loss": round(loss.item(), 5), "lr": schedule.get_last_lr()[0]}
-                if step % config.eval_every == 0 or step == total:
-                    fit.check(step, entry)
-                fit.done(entry, loss=f"{loss.item():.3f}")
-                stopped = fit.exhausted
-                if stopped or step == total:
-                    break
-            if stopped or step == total:
-                break
-    method.load_state_dict(fit.kept_state)
-    method.eval()
-    return fit.result(stopped)
+    """Train `method` (a PromptMethod) on the task's train facts with early stopping on dev P@1, once (no retry);
+    leaves the best-on-dev weights in it."""
+    trainee = Trainee(backend, method, task, retry=False)
+    while trainee.result is None:
+        train_together(backend, [trainee])
+    return replace(trainee.result, attempts=[])
 
 
 def train_with_retries(backend: Backend, method: nn.Module, task: FitTask) -> FitResult:
     """`train_prompt`, run again at `retry_lr_factor` times the lr (up to `retries` times) while dev never rises
     above its start. A failed fit leaves the starting prompt in place, so each retry starts where the first did;
     the log holds every attempt, each opened by its config."""
-    attempts = []
-    config = task.config
-    while True:
-        result = train_prompt(backend, method, replace(task, config=config))
-        attempts.append({"lr": config.lr, "steps": result.steps, "best_step": result.best_step,
-                         "dev_p1": result.best_dev["p1"]})
-        if not result.failed or len(attempts) > config.retries:
-            return replace(result, attempts=attempts)
-        config = replace(config, lr=config.lr * config.retry_lr_factor)
-        tqdm.write(f"{task.desc}: dev P@1 never rose above its start; retrying at lr {config.lr:g}")
+    trainee = Trainee(backend, method, task)
+    while trainee.result is None:
+        train_together(backend, [trainee])
+    return trainee.result

@@ -209,7 +209,7 @@ def test_llama_fast_path_equals_transformers_at_any_target(causal_backend):
 def test_written_out_layer_backward_equals_autograds(causal_backend, dtype):
     """In training, layers before the last run as `_FrozenLayer`: the loss and the prompt's gradient on a batch run
     as one sequence are autograd's through the same layers (a hook on each layer turns the Function off)."""
-    from probe.backends import llama
+    from probe.backends import llama_forward
     from probe.batching import make_batches
     from probe.methods import get_method
 
@@ -220,14 +220,14 @@ def test_written_out_layer_backward_equals_autograds(causal_backend, dtype):
     method = get_method("ptuning").create(b, compiled, P19)
     (batch,) = make_batches(compiled, [f for f in FACTS if f.obj in cands.index], cands, 8, b.pad_id, max_padding=10.0)
     ran = []
-    apply = llama._FrozenLayer.apply
+    apply = llama_forward._FrozenLayer.apply
 
     def loss_and_grad():
         loss = b.gold_loss(batch, method.prompt_inputs(), cands).sum()
         return loss.detach(), torch.autograd.grad(loss, [p for p in method.parameters() if p.requires_grad])
 
     with model_in_dtype(b.model, dtype), pytest.MonkeyPatch.context() as mp:
-        mp.setattr(llama._FrozenLayer, "apply", lambda *a: ran.append(1) or apply(*a))
+        mp.setattr(llama_forward._FrozenLayer, "apply", lambda *a: ran.append(1) or apply(*a))
         loss, grads = loss_and_grad()
         assert len(ran) == b.model.config.num_hidden_layers - 1
         hooks = [layer.register_forward_hook(lambda *a: None) for layer in b.model.model.layers]
@@ -250,7 +250,7 @@ def test_written_out_layer_backward_equals_autograds(causal_backend, dtype):
 
 def test_rms_norm_and_rotary_gradients_written_out():
     """`_rms_norm_input_grad` and `_unrotate` are autograd's gradients of `_rms_norm` and `_rotate`."""
-    from probe.backends.llama import _rms_norm, _rms_norm_input_grad, _rotate, _unrotate
+    from probe.backends.llama_forward import _rms_norm, _rms_norm_input_grad, _rotate, _unrotate
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 5, 8, generator=gen, requires_grad=True)

@@ -14,13 +14,12 @@ from probe.vocab import build_candidates
 
 pytestmark = pytest.mark.integration
 
-# Pinned figures of deterministic runs, the same over repeated runs. They are float32 figures: bfloat16 kernels
-# round differently from one CPU to another (AMX or not), and one rounding moves a fact across rank 1.
-# SmolLM2-135M's manual prompt on P19 test_34k in float32: facts ranked first, facts in the top 10, MRR
+# What is exact on every CPU is pinned; what a CPU's float32 kernels decide is compared against a second run on the
+# same machine instead (a seeded run repeats itself to the digit there; another CPU sums in another order: on an AMD
+# EPYC without AMX the P-tuning test's MRR was 0.0199510 against 0.0199604 here, see BENCHMARKS.md).
+# SmolLM2-135M's manual prompt on P19 test_34k in float32: facts ranked first, facts in the top 10, MRR (the same on
+# the CPUs measured, and with oneDNN and ATen held to AVX2)
 P19_TOP1, P19_TOP10, P19_MRR = 60, 240, 0.156605
-# the P-tuning prompt of test_train_then_reload_reproduces_on_smollm2 on P1376 in float32 (3 steps of 16 facts: it
-# stays far below the manual prompt, 41 of 193 first): test facts ranked first, test MRR, the best dev step
-P1376_TOP1, P1376_MRR, P1376_BEST_STEP = 2, 0.0199604, 2
 
 
 def test_smollm2_common_vocab_invariant(lama_dir, bpe_tokenizer):
@@ -142,32 +141,39 @@ def test_gguf_path_is_the_alias(smollm2_dir):
     assert backend.kind == "causal" and backend.hidden_size == 576
 
 
-def test_train_then_reload_reproduces_on_smollm2(tmp_path, lama_dir, smollm2_dir):
-    """A short P-tuning run on the real P1376 files beats nothing silently: saved prompts re-evaluate exactly."""
-    out = tmp_path / "run"
+def _train_p1376(out, lama_dir):
     proc = run_cli("train", "--model", "smollm2", "--relation", "P1376", "--max-train", "48", "--epochs", "1", "--min-steps", "0",
                    "--eval-every", "1", "--dtype", "float32", "--out", out, "--data", lama_dir, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    metrics = json.loads((out / "P1376" / "metrics.json").read_text())
+    return json.loads((out / "P1376" / "metrics.json").read_text()), json.loads((out / "P1376" / "config.json").read_text())
+
+
+def test_train_then_reload_reproduces_on_smollm2(tmp_path, lama_dir, smollm2_dir):
+    """A short P-tuning run on the real P1376 files: its figures are those of its ranks, its kept prompt is the best on
+    dev, a second run repeats it to the digit, and the saved prompt re-evaluates exactly."""
+    out = tmp_path / "run"
+    metrics, cfg = _train_p1376(out, lama_dir)
     assert metrics["n_facts"] == 193
     preds = [json.loads(x) for x in (out / "P1376" / "predictions.jsonl").read_text().splitlines()]
     assert len(preds) == 193
     assert metrics["p1"] == pytest.approx(100 * sum(p["rank"] == 1 for p in preds) / 193, rel=1e-6)
     assert metrics["mrr"] == pytest.approx(sum(1 / p["rank"] for p in preds) / 193, rel=1e-6)
-    # seeded training on CPU in float32: the same prompt, so the same figures, every run
-    assert sum(p["rank"] == 1 for p in preds) == P1376_TOP1
-    assert metrics["mrr"] == pytest.approx(P1376_MRR, abs=1e-7)
     assert metrics["manual_p1"] == pytest.approx(100 * 41 / 193, rel=1e-6)  # 21.24, as `probe eval` in float32
     # the prompt kept is the best on dev by (P@1, MRR) among the training log's dev checks, step 0 included
-    cfg = json.loads((out / "P1376" / "config.json").read_text())
     log = [json.loads(x) for x in (out / "P1376" / "train_log.jsonl").read_text().splitlines()]
-    checks = {e["step"]: (e["dev_p1"], e["dev_mrr"]) for e in log if "dev_p1" in e}
+    last = log[max(i for i, e in enumerate(log) if "config" in e):]  # each attempt's log opens with its config
+    checks = {e["step"]: (e["dev_p1"], e["dev_mrr"]) for e in last if "dev_p1" in e}
     assert list(checks) == [0, 1, 2, 3] and cfg["steps"] == 3  # 48 facts of --max-train, batches of 16, one epoch
-    # at lr 1e-3 dev P@1 stays 0 (its MRR alone moves): retried at 1e-4, where it rises
-    assert [(a["lr"], a["best_step"]) for a in cfg["attempts"]] == [(1e-3, 0), (1e-4, P1376_BEST_STEP)]
-    assert cfg["best_step"] == P1376_BEST_STEP == max(checks, key=checks.get)
-    assert (metrics["dev_p1"], metrics["dev_mrr"]) == checks[cfg["best_step"]]
+    assert [a["lr"] for a in cfg["attempts"]] == [1e-3, 1e-4][: len(cfg["attempts"])]
+    if not metrics["fit_failed"]:
+        assert cfg["best_step"] == max(checks, key=checks.get) > 0
+        assert (metrics["dev_p1"], metrics["dev_mrr"]) == checks[cfg["best_step"]]
     assert cfg["template"] == "(3, sub, 3, obj)" and cfg["n_virtual"] == 6 and cfg["hidden_size"] == 576
+    # seeded training in float32 repeats itself on this machine: the same figures, the same prompt, byte for byte
+    again, again_cfg = _train_p1376(tmp_path / "again", lama_dir)
+    assert again == metrics and again_cfg["attempts"] == cfg["attempts"] and again_cfg["best_step"] == cfg["best_step"]
+    assert (tmp_path / "again" / "P1376" / "prompt.safetensors").read_bytes() == \
+        (out / "P1376" / "prompt.safetensors").read_bytes()
     proc = run_cli("eval", "--prompts", out, "--data", lama_dir, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "1 of 1 relations reproduce the saved test figures exactly" in proc.stdout

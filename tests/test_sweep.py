@@ -215,13 +215,13 @@ batch_size = 4
     out = tmp_path / "sweep"
     prepare_folder(out, grid, {"data": "x"})
     fitted = []
-    real = probe.sweep.fit_and_test
+    real = probe.sweep.fit
 
-    def spy(backend, task, *args, **kw):
+    def spy(backend, task):
         fitted.append((task.method.name, task.config))
-        return real(backend, task, *args, **kw)
+        return real(backend, task)
 
-    monkeypatch.setattr(probe.sweep, "fit_and_test", spy)
+    monkeypatch.setattr(probe.sweep, "fit", spy)
     df = sweep_here(causal_backend, lama, grid, ["P19"], cands, out)
     assert df["method"].tolist() == ["autoprompt", "autoprompt", "prompt-tuning", "prompt-tuning"]
     # each method got its own settings from [train], and the cell's seed

@@ -21,6 +21,7 @@ from conftest import assert_user_error, cli_in_process, train_here, write_jsonl
 from typer.testing import CliRunner
 
 import cli
+import probe.fit
 import probe.train
 from probe.batching import collate, make_batches
 from probe.cells import torch_threads
@@ -748,16 +749,16 @@ def test_cli_eval_prompts_with_another_model_is_one_error_line(trained_runs):
 def test_interrupted_training_resumes_without_retraining(causal_backend, tmp_path, monkeypatch):
     backend = causal_backend
     lama = make_lama(tmp_path / "lama", default_splits())
-    real = probe.train.train_prompt
+    real = probe.fit.create_prompt
     calls = []
 
-    def interrupt_second(*args, **kwargs):  # Ctrl-C as the second relation's fit begins (the first may retry)
-        calls.append(args[2].desc)
+    def interrupt_second(*args, **kwargs):  # Ctrl-C as the second relation's fit begins
+        calls.append(args[1].desc)
         if calls[-1].split()[0] != calls[0].split()[0]:
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(probe.train, "train_prompt", interrupt_second)
+    monkeypatch.setattr(probe.fit, "create_prompt", interrupt_second)
     out = tmp_path / "run"
     with pytest.raises(Interrupted):  # Ctrl-C: what finished is saved, and the folder to resume is named
         train_run(backend, lama, out)
@@ -772,10 +773,10 @@ def test_interrupted_training_resumes_without_retraining(causal_backend, tmp_pat
     calls.clear()
 
     def count(*args, **kwargs):
-        calls.append(args[2].desc)
+        calls.append(args[1].desc)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(probe.train, "train_prompt", count)
+    monkeypatch.setattr(probe.fit, "create_prompt", count)
     with pytest.raises(ProbeError, match="already exists"):
         train_run(backend, lama, out)
     assert calls == []
@@ -894,21 +895,23 @@ def test_relation_without_test_facts_is_skipped(masked_backend, tmp_path, capsys
 
 
 def test_cli_train_interrupted_then_resumed(tiny_causal_dir, tmp_path, monkeypatch):
-    """`probe train` through the CLI: Ctrl-C in the second relation exits 130 and --resume trains only that one."""
+    """`probe train` through the CLI, one relation after another (--pack 1): Ctrl-C in the second relation exits 130
+    and --resume trains only that one."""
     lama = make_lama(tmp_path / "lama", default_splits())
     out = tmp_path / "run"
     args = ["train", "--model", str(tiny_causal_dir), "--dtype", "float32", "--data", str(lama), "--relation", "P19",
-            "--relation", "P36", "--out", str(out), "--epochs", "1", "--min-steps", "0", "--batch-size", "4", "--lr", "0.05"]
-    real = probe.train.train_prompt
+            "--relation", "P36", "--out", str(out), "--epochs", "1", "--min-steps", "0", "--batch-size", "4", "--lr", "0.05",
+            "--pack", "1"]
+    real = probe.fit.create_prompt
     calls = []
 
     def interrupt_second(*a, **k):
-        calls.append(a[2].desc)
+        calls.append(a[1].desc)
         if len(calls) == 2:
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(probe.train, "train_prompt", interrupt_second)
+    monkeypatch.setattr(probe.fit, "create_prompt", interrupt_second)
     res = CliRunner().invoke(cli.app, args)
     assert res.exit_code == 130, (res.output, res.exception)
     assert f"interrupted: finished relations are saved in {out}" in res.stderr and "--resume" in res.stderr
@@ -918,7 +921,7 @@ def test_cli_train_interrupted_then_resumed(tiny_causal_dir, tmp_path, monkeypat
     stamp = (out / "P19" / "prompt.safetensors").stat().st_mtime_ns
 
     calls.clear()
-    monkeypatch.setattr(probe.train, "train_prompt", lambda *a, **k: calls.append(a[2].desc) or real(*a, **k))
+    monkeypatch.setattr(probe.fit, "create_prompt", lambda *a, **k: calls.append(a[1].desc) or real(*a, **k))
     res = CliRunner().invoke(cli.app, [*args, "--resume"])
     assert res.exit_code == 0, (res.output, res.exception)
     assert calls and all(c.startswith("P36") for c in calls)
@@ -926,6 +929,35 @@ def test_cli_train_interrupted_then_resumed(tiny_causal_dir, tmp_path, monkeypat
     summary = json.loads((out / "results.json").read_text())
     assert [r["relation"] for r in summary["relations"]] == ["P19", "P36"]
     assert summary["config"]["command"] == "train" and summary["config"]["method"] == "ptuning"
+
+
+def test_a_packed_relation_is_saved_as_soon_as_it_finishes(tiny_causal_dir, tmp_path, monkeypatch):
+    """Relations trained in one pack are written one by one as each finishes: Ctrl-C while the second is being
+    tested keeps the first, and --resume trains only the second."""
+    import probe.commands.train as command
+
+    lama = make_lama(tmp_path / "lama", default_splits())
+    out = tmp_path / "run"
+    args = ["train", "--model", str(tiny_causal_dir), "--dtype", "float32", "--data", str(lama), "-r", "P19,P36",
+            "--out", str(out), "--epochs", "1", "--min-steps", "0", "--batch-size", "4", "--pack", "2"]
+    real = command.TrainCell.finish
+    finished = []
+
+    def interrupt_second(self, *a, **k):
+        finished.append(self.key)
+        if len(finished) == 2:
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(command.TrainCell, "finish", interrupt_second)
+    res = CliRunner().invoke(cli.app, args)
+    assert res.exit_code == 130, (res.output, res.exception)
+    (first,) = [r["relation"] for r in json.loads((out / "results.json").read_text())["relations"]]
+    assert first == finished[0] and not (out / finished[1] / "metrics.json").exists()
+    monkeypatch.undo()
+    res = CliRunner().invoke(cli.app, [*args, "--resume"])
+    assert res.exit_code == 0, (res.output, res.exception)
+    assert [r["relation"] for r in json.loads((out / "results.json").read_text())["relations"]] == ["P19", "P36"]
 
 
 def test_bfloat16_lm_the_cli_default(tiny_causal_dir, tmp_path):

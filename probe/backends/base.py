@@ -33,13 +33,46 @@ CONTEXT_POSITIONS = 8192  # (row, context) pairs whose hidden states are compute
 class PromptInputs(NamedTuple):
     """What a prompt method puts into the LM.
 
-    embeddings: (n_virtual, H) for the virtual slots of every row, or (B, n_virtual, H), one set per row.
+    embeddings: (n_virtual, H) for the virtual slots of every row, or (B, n, H), one set per row (a row with fewer
+    virtual slots than n takes the first of its set: rows of several prompts, packed).
     prefix: prefix-tuning's keys (layers, n_virtual, key_dim) and values (layers, n_virtual, value_dim), which
-    replace at every layer what the key and value projections compute at the virtual positions.
+    replace at every layer what the key and value projections compute at the virtual positions; or (layers, B, n, dim),
+    one set per row.
     """
 
     embeddings: torch.Tensor | None = None
     prefix: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+PackPart = tuple  # (Batch, PromptInputs, candidates): one prompt's rows in a pass that serves several
+
+
+def per_row(prompts: Sequence[PromptInputs], counts: Sequence[int], slots: Sequence[int]) -> PromptInputs:
+    """The prompts of several parts as one per-row PromptInputs: part k's prompt for each of its `counts[k]` rows,
+    padded to the most virtual slots (`slots[k]` each); the rows keep only their first `slots[k]` vectors."""
+    n = max(slots)
+
+    def rows(tensors: list[torch.Tensor], dim: int) -> torch.Tensor:  # (n_k, d) each -> (B, n, d) in row order
+        out = []
+        for t, c in zip(tensors, counts, strict=True):
+            t = F.pad(t, (0, 0, 0, n - t.shape[-2])) if t.shape[-2] < n else t
+            out.append(t.unsqueeze(dim).expand(*t.shape[:dim], c, *t.shape[dim:]))
+        return torch.cat(out, dim=dim)
+
+    embeddings = None
+    if prompts[0].embeddings is not None:
+        embeddings = rows([p.embeddings for p in prompts], 0)
+    prefix = None
+    if prompts[0].prefix is not None:
+        prefix = (rows([p.prefix[0] for p in prompts], 1), rows([p.prefix[1] for p in prompts], 1))
+    return PromptInputs(embeddings, prefix)
+
+
+def _valid_rows(rows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-row vectors (B, n, D) in the order a mask (B, L) takes them: each row's first (its own count of) vectors."""
+    counts = mask.sum(dim=1)
+    keep = torch.arange(rows.shape[1], device=rows.device)[None] < counts.to(rows.device)[:, None]
+    return rows[keep]
 
 
 class Prompt(Protocol):
@@ -117,7 +150,10 @@ class Backend:
         embeds = self.embed(batch.input_ids)
         virtual = prompt.embeddings
         if virtual is not None:
-            rows = virtual.reshape(-1, virtual.shape[-1]) if virtual.dim() == 3 else virtual.repeat(batch.input_ids.shape[0], 1)
+            if virtual.dim() == 3:
+                rows = _valid_rows(virtual, batch.virtual_mask)
+            else:
+                rows = virtual.repeat(batch.input_ids.shape[0], 1)
             embeds = embeds.masked_scatter(batch.virtual_mask[..., None], rows.to(embeds.dtype))
         return embeds
 
@@ -161,6 +197,52 @@ class Backend:
             return -loglik
         (scores,) = self.score_tokens([batch], prompt, candidates)
         return F.cross_entropy(scores.float(), batch.gold.to(scores.device), reduction="none")
+
+    @property
+    def merge_packs(self) -> bool:
+        """Whether several prompts' batches run as one pass (`pack_loss`, `score_pack`): on a GPU, where a pass of more
+        rows costs little more; on a CPU a pass costs about as much per row however many there are, so there each part
+        runs alone and a packed fit gives its prompt exactly what its fit alone gives. Settable (tests)."""
+        return self.__dict__.get("_merge_packs", self.device.type == "cuda")
+
+    @merge_packs.setter
+    def merge_packs(self, value: bool) -> None:
+        self.__dict__["_merge_packs"] = value
+
+    def pack_loss(self, parts: Sequence[PackPart]) -> list[torch.Tensor]:
+        """Each part's rows' losses (B_k,), as `gold_loss` gives them, for several prompts' batches (one part each):
+        the LM is frozen and rows are independent, so each prompt's gradient is its own. Where `merge_packs`, parts of
+        one set of single-token candidates run as one batch, each row with its own prompt (float32 sums then come in
+        another order); others run part by part, exactly as alone."""
+        if (len(parts) == 1 or not self.merge_packs or isinstance(parts[0][2], ObjectCandidates)
+                or any(p[2] is not parts[0][2] for p in parts)):
+            return [self.gold_loss(batch, prompt, candidates) for batch, prompt, candidates in parts]
+        batches = [batch.to(self.device) for batch, _, _ in parts]
+        merged = Batch.cat(batches, self.pad_id)
+        counts = [len(b.facts) for b in batches]
+        slots = [int(b.virtual_mask[0].sum()) for b in batches]
+        losses = self.gold_loss(merged, per_row([p for _, p, _ in parts], counts, slots), parts[0][2])
+        return list(losses.split(counts))
+
+    def score_pack(self, parts: Sequence[PackPart]) -> list[list[torch.Tensor]]:
+        """Scores (B, C) of every batch of several prompts' batch lists (one part each, as `score` takes them). Where
+        `merge_packs`, the batches of parts of one set of single-token candidates run side by side, batch by batch,
+        each row with its own prompt; else part by part, each exactly as `score` alone."""
+        candidates = parts[0][2] if parts else None
+        if (len(parts) < 2 or not self.merge_packs or isinstance(candidates, ObjectCandidates)
+                or any(c is not candidates for _, _, c in parts)):
+            return [list(self.score(batches, prompt, c)) for batches, prompt, c in parts]
+        out: list[list[torch.Tensor]] = [[] for _ in parts]
+        for i in range(max(len(batches) for batches, _, _ in parts)):
+            here = [(k, batches[i], prompt) for k, (batches, prompt, _) in enumerate(parts) if i < len(batches)]
+            batches = [b.to(self.device) for _, b, _ in here]
+            counts = [len(b.facts) for b in batches]
+            slots = [int(b.virtual_mask[0].sum()) for b in batches]
+            merged = Batch.cat(batches, self.pad_id)
+            (scores,) = self.score([merged], per_row([p for _, _, p in here], counts, slots), candidates)
+            for (k, _, _), part in zip(here, scores.split(counts), strict=True):
+                out[k].append(part)
+        return out
 
     def context_hidden(self, batch: Batch, prompt: PromptInputs, contexts: Contexts) -> torch.Tensor:
         """Hidden states (B, X, H), ready for the output layer, that predict the next object token in each context."""
@@ -315,9 +397,10 @@ class Backend:
 
 
 def _put_rows(out: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """`out` (B, L, D) with the positions where `mask` (B, L) is set replaced, in order, by `rows` (n, D)."""
-    source = rows.to(out.dtype).expand(out.shape[0], -1, -1)
-    return out.masked_scatter(mask[..., None], source)
+    """`out` (B, L, D) with the positions where `mask` (B, L) is set replaced, in order, by `rows`: (n, D) for every
+    row, or (B, n, D) one set per row."""
+    source = _valid_rows(rows, mask) if rows.dim() == 3 else rows.expand(out.shape[0], -1, -1)
+    return out.masked_scatter(mask[..., None], source.to(out.dtype))
 
 
 def _width(module: nn.Module, part: slice | None) -> int:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
+from functools import cached_property
+
 import torch
 
 from probe.backends.base import Backend, PromptInputs, register
@@ -20,6 +23,12 @@ class CausalLM(Backend):
     """
 
     kind = "causal"
+
+    @cached_property
+    def cache_name(self) -> str:
+        """What the model's forward calls its key/value cache, as argument and in its output: `cache` from
+        transformers 5.2x on, `past_key_values` before (still read there, with a deprecation warning)."""
+        return "cache" if "cache" in inspect.signature(self.body.forward).parameters else "past_key_values"
 
     def target_hidden(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         rows = torch.arange(inputs_embeds.shape[0], device=inputs_embeds.device)
@@ -41,8 +50,8 @@ class CausalLM(Backend):
         tokens, sees, depth = contexts.tree
         mask, positions = tree_attention(batch.target, embeds.shape[1], sees, depth, self.dtype, torch.finfo(self.dtype).min)
         tree = self.embed(tokens.to(self.device)).expand(len(rows), -1, -1)
-        hidden = self.body(inputs_embeds=tree, cache=out.past_key_values, attention_mask=mask[:, None],
-                           position_ids=positions).last_hidden_state
+        hidden = self.body(inputs_embeds=tree, attention_mask=mask[:, None], position_ids=positions,
+                           **{self.cache_name: out[self.cache_name]}).last_hidden_state
         return torch.cat([root, hidden], dim=1)
 
     def gold_loglik(self, batch: Batch, prompt: PromptInputs, gold: list[tuple[int, ...]]) -> torch.Tensor:

@@ -38,6 +38,7 @@ from probe.options import (
     Options,
     candidate_choice,
     check_new_folder,
+    check_pack,
     check_templates,
     load_data,
     load_template_spec,
@@ -45,13 +46,14 @@ from probe.options import (
     model_names,
     relation_ids,
 )
+from probe.pack import default_pack, packed
 from probe.runs import RunConfig, RunFolder
 from probe.saved_prompts import prompt_bytes, safetensors_bytes
 from probe.template_files import TemplateFile
 from probe.templates import CompiledTemplate, Template, compile_template
 
 TRAIN_FLAGS = RUN_FLAGS | {"template", "init", "reparam", "option", "train_facts", "dev_facts", "dev_split",
-                           "manual_template", "save_model"}
+                           "manual_template", "save_model", "pack"}
 FIT_FLAGS = {"lr", "epochs", "min_steps", "batch_size", "eval_every", "patience", "max_train", "seed", "iterations",
              "top_k", "capitals"}
 
@@ -246,6 +248,7 @@ def run_train(opts: Options, log=print) -> list[RunResult]:
                              "not apply")
         dtype = method_cls.lm_dtype
     fit_config = method_cls.fit_config(**{k: getattr(opts, k) for k in FIT_FLAGS & fit_fields})
+    check_pack(opts.pack, method_cls)
     templates = load_template_spec(opts.template, method)
     check_new_folder(opts.out, opts.resume)
     data = load_data(opts, opts.manual_template, fit_config.seed)
@@ -272,10 +275,13 @@ def run_train(opts: Options, log=print) -> list[RunResult]:
             method=method, split=split, vocab=choice.vocab, batch_size=128, device=spec.device,
             template_file=opts.template, seed=seed, method_config=dataclasses.asdict(options),
             train=dataclasses.asdict(fit_config), torch_threads=executor.threads,
+            pack=(opts.pack or default_pack(spec.device)) if method_cls.packable else None,
         )
         run = RunFolder(opts.out or default_out(method + ("-any" if choice.objects else ""), info.name), config.to_dict(),
                         resume=bool(opts.resume))
         cells = train_cells(spec, info, data, ids, run, method, options, fit_config, templates, split, bool(opts.save_model))
+        if method_cls.packable:
+            cells = packed(cells, config.pack)
     except BaseException:
         executor.close()
         raise
