@@ -99,7 +99,12 @@ ThreadsOpt = Annotated[int | None, typer.Option(
          "CPU sums, so bfloat16 figures and a training run's path, depend on it; the run records it.")]
 PackOpt = Annotated[int | None, typer.Option(
     "--pack", help="Prompts trained at once in one pass of the LM (methods fit by the one trainer; default 1 on a CPU, "
-                   "64 on a GPU, fewer if its memory says so). --pack 1 fits one relation after another.")]
+                   "where a pack gains little, 64 on a GPU, fewer if its memory says so). --pack 1 fits one relation "
+                   "after another; the figures of a pack's relations may move by float rounding with the pack.")]
+MaxMemoryOpt = Annotated[str | None, typer.Option(
+    "--max-memory", help="Place the model over several devices with accelerate's device map, at most this much on "
+                         "each: 0:70GiB,1:70GiB (and cpu:200GiB to spill over). Several GPUs are used by themselves "
+                         "with --device auto or cuda.")]
 RunDeviceOpt = Annotated[str | None, typer.Option(
     "--device", help="auto (default: a GPU when there is one, else the CPU), cpu, cuda or cuda:N.")]
 RunDtypeOpt = Annotated[str | None, typer.Option("--dtype", help="bfloat16 (default), float32 or float16 for the LM weights.")]
@@ -181,6 +186,7 @@ def eval_cmd(
     ray: RayOpt = None,
     cpus_per_worker: CpusOpt = None,
     threads: ThreadsOpt = None,
+    max_memory: MaxMemoryOpt = None,
 ) -> None:
     """Evaluate fixed prompts on one or all relations with one model load; print and save the table."""
     from probe.commands.eval import run_eval
@@ -192,7 +198,7 @@ def eval_cmd(
                       prompts_file=prompts_file, ensemble=ensemble, max_prompts=max_prompts, control=control, seed=seed,
                       facts=facts, fields=fields, template=template, from_sentences=from_sentences, ray=ray,
                       cpus_per_worker=cpus_per_worker, threads=threads, objects=objects, candidates=candidates,
-                      length_norm=length_norm)
+                      length_norm=length_norm, max_memory=max_memory)
     if prompts is None:
         return _run(run_eval, options)
     import pandas as pd
@@ -271,6 +277,7 @@ def train_cmd(
     cpus_per_worker: CpusOpt = None,
     threads: ThreadsOpt = None,
     pack: PackOpt = None,
+    max_memory: MaxMemoryOpt = None,
 ) -> None:
     """Train a prompt per relation against the frozen LM, then test it next to the manual prompt."""
     from probe.commands.train import run_train
@@ -278,7 +285,7 @@ def train_cmd(
 
     _run(run_train, Options(
         model=model, method=method, relation=relation, all=all_, template=template, init=init, reparam=reparam,
-        option=option, threads=threads, pack=pack,
+        option=option, threads=threads, pack=pack, max_memory=max_memory,
         split=split, vocab=vocab, data=data, out=out, resume=resume, lr=lr, epochs=epochs, min_steps=min_steps,
         batch_size=batch_size, eval_every=eval_every, patience=patience, max_train=max_train, seed=seed,
         iterations=iterations, top_k=top_k, capitals=capitals, device=device, dtype=dtype, control=control,

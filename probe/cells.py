@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from probe.backends import Backend, load_backend
-from probe.backends.loading import resolve_device
+from probe.backends.loading import parse_max_memory, resolve_device
 from probe.batching import relation_facts
 from probe.data import Fact, FactData, Relation
 from probe.errors import CellsFailed, ProbeError
@@ -43,9 +43,11 @@ class ModelSpec:
     dtype: str = "bfloat16"
     control: str = "none"
     seed: int = 0
+    max_memory: str | None = None  # --max-memory: place the model over several devices (see load_backend)
 
     def load(self) -> Backend:
-        return load_backend(self.name, device=self.device, dtype=self.dtype, control=self.control, seed=self.seed)
+        return load_backend(self.name, device=self.device, dtype=self.dtype, control=self.control, seed=self.seed,
+                            max_memory=parse_max_memory(self.max_memory))
 
     @classmethod
     def of(cls, backend: Backend, seed: int = 0) -> ModelSpec:

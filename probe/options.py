@@ -70,6 +70,7 @@ class Options:
     cpus_per_worker: int | None = None
     threads: int | None = None  # torch's CPU threads per process that computes
     pack: int | None = None  # prompts trained at once in one pass (None: by the device)
+    max_memory: str | None = None  # place the model over several devices: 0:70GiB,1:70GiB,cpu:200GiB
     objects: str | None = None  # 'single' (LAMA's protocol) or 'any'
     candidates: Path | None = None  # --objects any: a candidates file
     length_norm: bool | None = None
@@ -89,7 +90,7 @@ DATA_FLAGS = {"data", "facts", "fields"}
 RAY_FLAGS = {"ray", "cpus_per_worker"}
 OBJECT_FLAGS = {"objects", "candidates", "length_norm"}
 RUN_FLAGS = {"model", "method", "relation", "all", "split", "vocab", "out", "resume", "device", "dtype", "control",
-             "threads"} | DATA_FLAGS | RAY_FLAGS | OBJECT_FLAGS
+             "threads", "max_memory"} | DATA_FLAGS | RAY_FLAGS | OBJECT_FLAGS
 
 
 def relation_ids(data: FactData, relation: list[str] | None, all_: bool | None) -> list[str]:

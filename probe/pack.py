@@ -32,8 +32,9 @@ BYTES_PER_ROW_LAYER = 64  # activations a training row keeps per layer and hidde
 
 def default_pack(device: str) -> int:
     """Prompts per pack when --pack is not given: CPU_PACK on a CPU, where a pass costs about as much per row however
-    many rows it has (there a pack runs its prompts' batches one by one, `Backend.merge_packs`); GPU_PACK on a GPU,
-    whose passes cost little more for more rows (memory_slots may train fewer at once)."""
+    many rows it has (a pack gains a tenth there, and its sums, so its figures, would depend on which relations share
+    it: --pack N asks for it); GPU_PACK on a GPU, whose passes cost little more for more rows (memory_slots may
+    train fewer at once)."""
     return GPU_PACK if device.startswith("cuda") else CPU_PACK
 
 

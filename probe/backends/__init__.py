@@ -14,7 +14,7 @@ in this package is imported, and the most specific backend that supports a model
 import importlib
 import pkgutil
 
-from probe.backends.base import BACKENDS, Backend, Prompt, PromptInputs, backend_class, register
+from probe.backends.base import BACKENDS, Backend, Prompt, PromptInputs, backend_class, generic_backend, register
 from probe.backends.loading import (
     DTYPES,
     ModelInfo,
@@ -30,5 +30,6 @@ from probe.backends.loading import (
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["BACKENDS", "DTYPES", "Backend", "Prompt", "PromptInputs", "backend_class", "cache_dir", "gguf_cache_folder",
+__all__ = ["BACKENDS", "DTYPES", "Backend", "Prompt", "PromptInputs", "backend_class", "generic_backend", "cache_dir",
+           "gguf_cache_folder",
            "load_backend", "ModelInfo", "model_info", "model_kind", "register", "resolve_model", "smollm2_gguf"]

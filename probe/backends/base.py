@@ -198,23 +198,12 @@ class Backend:
         (scores,) = self.score_tokens([batch], prompt, candidates)
         return F.cross_entropy(scores.float(), batch.gold.to(scores.device), reduction="none")
 
-    @property
-    def merge_packs(self) -> bool:
-        """Whether several prompts' batches run as one pass (`pack_loss`, `score_pack`): on a GPU, where a pass of more
-        rows costs little more; on a CPU a pass costs about as much per row however many there are, so there each part
-        runs alone and a packed fit gives its prompt exactly what its fit alone gives. Settable (tests)."""
-        return self.__dict__.get("_merge_packs", self.device.type == "cuda")
-
-    @merge_packs.setter
-    def merge_packs(self, value: bool) -> None:
-        self.__dict__["_merge_packs"] = value
-
     def pack_loss(self, parts: Sequence[PackPart]) -> list[torch.Tensor]:
-        """Each part's rows' losses (B_k,), as `gold_loss` gives them, for several prompts' batches (one part each):
-        the LM is frozen and rows are independent, so each prompt's gradient is its own. Where `merge_packs`, parts of
-        one set of single-token candidates run as one batch, each row with its own prompt (float32 sums then come in
-        another order); others run part by part, exactly as alone."""
-        if (len(parts) == 1 or not self.merge_packs or isinstance(parts[0][2], ObjectCandidates)
+        """Each part's rows' losses (B_k,), as `gold_loss` gives them, for several prompts' batches (one part each) in
+        one pass: the LM is frozen and rows are independent, so each prompt's gradient is its own (float32 sums may
+        come in another order than alone, the product having more rows). Parts of one set of single-token candidates
+        run as one batch, each row with its own prompt; others run part by part, as alone."""
+        if (len(parts) == 1 or isinstance(parts[0][2], ObjectCandidates)
                 or any(p[2] is not parts[0][2] for p in parts)):
             return [self.gold_loss(batch, prompt, candidates) for batch, prompt, candidates in parts]
         batches = [batch.to(self.device) for batch, _, _ in parts]
@@ -225,11 +214,11 @@ class Backend:
         return list(losses.split(counts))
 
     def score_pack(self, parts: Sequence[PackPart]) -> list[list[torch.Tensor]]:
-        """Scores (B, C) of every batch of several prompts' batch lists (one part each, as `score` takes them). Where
-        `merge_packs`, the batches of parts of one set of single-token candidates run side by side, batch by batch,
-        each row with its own prompt; else part by part, each exactly as `score` alone."""
+        """Scores (B, C) of every batch of several prompts' batch lists (one part each, as `score` takes them): the
+        batches of parts of one set of single-token candidates run side by side, batch by batch, each row with its own
+        prompt; others part by part, each as `score` alone."""
         candidates = parts[0][2] if parts else None
-        if (len(parts) < 2 or not self.merge_packs or isinstance(candidates, ObjectCandidates)
+        if (len(parts) < 2 or isinstance(candidates, ObjectCandidates)
                 or any(c is not candidates for _, _, c in parts)):
             return [list(self.score(batches, prompt, c)) for batches, prompt, c in parts]
         out: list[list[torch.Tensor]] = [[] for _ in parts]
@@ -276,7 +265,7 @@ class Backend:
     def vocab_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits of every token of the vocabulary, (R, H) -> (R, V)."""
         rows = self.vocab_rows()
-        return F.linear(hidden.float(), rows.weight, rows.bias)
+        return F.linear(hidden.to(rows.weight.device).float(), rows.weight, rows.bias)
 
     def vocab_rows(self) -> CandidateRows:
         """Every output row in float32: kept while the weights stay the same; taken afresh while the output layer
@@ -302,7 +291,7 @@ class Backend:
     def candidate_logits(self, hidden: torch.Tensor, candidate_ids: torch.Tensor) -> torch.Tensor:
         """Float32 scores of the candidate tokens from target hidden states, (B, H) -> (B, C)."""
         rows = self.candidate_rows(candidate_ids)
-        return F.linear(hidden.float(), rows.weight, rows.bias)
+        return F.linear(hidden.to(rows.weight.device).float(), rows.weight, rows.bias)
 
     def candidate_rows(self, candidate_ids: torch.Tensor) -> CandidateRows:
         """The candidates' output rows: kept while neither they nor the weights change; while the output layer
@@ -399,6 +388,7 @@ class Backend:
 def _put_rows(out: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """`out` (B, L, D) with the positions where `mask` (B, L) is set replaced, in order, by `rows`: (n, D) for every
     row, or (B, n, D) one set per row."""
+    rows, mask = rows.to(out.device), mask.to(out.device)  # a layer on another device than the prompt (a device map)
     source = _valid_rows(rows, mask) if rows.dim() == 3 else rows.expand(out.shape[0], -1, -1)
     return out.masked_scatter(mask[..., None], source.to(out.dtype))
 
@@ -432,6 +422,11 @@ def register(cls: type[Backend]) -> type[Backend]:
     """Class decorator: make a backend available to `backend_class`."""
     BACKENDS.append(cls)
     return cls
+
+
+def generic_backend(kind: str) -> type[Backend]:
+    """The registered backend of `kind` that every model of that kind can run on (no family's fast path)."""
+    return next(c for c in BACKENDS if c.kind == kind and not any(o is not c and issubclass(c, o) for o in BACKENDS))
 
 
 def backend_class(config, kind: str) -> type[Backend]:

@@ -94,11 +94,11 @@ class LlamaCausalLM(CausalLM):
         if rows is not self._packed_rows:
             self._candidate_linear.clear()
             self._packed_rows = rows
-        return self._candidate_linear(hidden.float(), rows.weight, rows.bias)
+        return self._candidate_linear(hidden.to(rows.weight.device).float(), rows.weight, rows.bias)
 
     def vocab_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         rows = self.vocab_rows()
-        return self._vocab_linear(hidden.float(), rows.weight, rows.bias)
+        return self._vocab_linear(hidden.to(rows.weight.device).float(), rows.weight, rows.bias)
 
     def hidden_at(self, inputs_embeds: torch.Tensor, reads: torch.Tensor) -> torch.Tensor:
         return self.forward(inputs_embeds, reads)
@@ -180,12 +180,12 @@ class LlamaCausalLM(CausalLM):
         return x, positions, mask, targets
 
     def pack_loss(self, parts) -> list[torch.Tensor]:
-        """As `Backend.pack_loss`; where parts merge, while training prompts that are one set of vectors each, every part
-        runs as one sequence (`_one_sequence`), the parts side by side in one batch, each padded to the longest with
-        tokens that see only themselves."""
+        """As `Backend.pack_loss`; while training prompts that are one set of vectors each, every part runs as one
+        sequence (`_one_sequence`), the parts side by side in one batch, each padded to the longest with tokens that
+        see only themselves."""
         shared = all(p.prefix is None and (p.embeddings is None or p.embeddings.dim() == 2) for _, p, _ in parts)
         candidates = parts[0][2]
-        if (len(parts) == 1 or not self.merge_packs or not shared or not torch.is_grad_enabled()
+        if (len(parts) == 1 or not shared or not torch.is_grad_enabled()
                 or isinstance(candidates, ObjectCandidates) or any(c is not candidates for _, _, c in parts)):
             return super().pack_loss(parts)
         batches = [batch.to(self.device) for batch, _, _ in parts]

@@ -256,6 +256,11 @@ class LlamaForward:
         # on CPU, layers but the last may run as one Function (on CUDA, autocast would leave its backward's dtypes mixed)
         whole = torch.is_grad_enabled() and start is None and not keep and x.device.type == "cpu"
         for i, layer in enumerate(layers):
+            here = layer.input_layernorm.weight.device
+            if x.device != here:  # a model placed over several devices: the activations follow the layers
+                x, cos, sin, mask = x.to(here), cos.to(here), sin.to(here), mask.to(here)
+                rows = rows.to(here)
+                targets = targets.to(here) if targets is not None else None
             if whole and i < len(layers) - 1 and x.requires_grad and self._frozen(layer):
                 x = _FrozenLayer.apply(x, self, layer, cos, sin, mask)
                 continue
@@ -283,5 +288,5 @@ class LlamaForward:
                 seen = mask.expand(B, -1, -1)[at]  # (B, T, P + L)
                 out = self._attention(q, k, v, seen, attn.scaling, fused).transpose(1, 2).reshape(B, T, -1)
             x = self._mlp(x + self._linear(attn.o_proj, out), layer)[0]
-        x = self._norm(x, self.body.norm)
+        x = self._norm(x.to(self.body.norm.weight.device), self.body.norm)
         return (x[:, 0] if single else x), kept

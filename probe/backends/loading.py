@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from probe.backends.base import Backend, backend_class
+from probe.backends.base import Backend, backend_class, generic_backend
 from probe.controls import get_control, model_controls
 from probe.errors import ProbeError
 
@@ -186,14 +186,41 @@ def model_info(name: str, device: str = "cpu", dtype: str = "float32", control: 
     return ModelInfo(name, kind, tokenizer, DTYPES[dtype], torch.device(device), control)
 
 
-def load_backend(name: str, device: str = "cpu", dtype: str = "float32", control: str = "none", seed: int = 0) -> Backend:
+def parse_max_memory(spec: str | None) -> dict | None:
+    """--max-memory `0:70GiB,1:70GiB,cpu:200GiB` as accelerate's max_memory ({0: "70GiB", ..., "cpu": "200GiB"})."""
+    if spec is None:
+        return None
+    out: dict = {}
+    for part in spec.split(","):
+        where, sep, amount = part.strip().partition(":")
+        if not sep or not amount.strip() or not (where.isdigit() or where in ("cpu", "disk")):
+            raise ProbeError(f"--max-memory {spec!r}: expected DEVICE:AMOUNT pairs such as 0:70GiB,1:70GiB,cpu:200GiB")
+        out[int(where) if where.isdigit() else where] = amount.strip()
+    return out
+
+
+def placement(device: str, device_map: dict | str | None, max_memory: dict | None) -> dict | str | None:
+    """Where the model's weights go: one device (None), or accelerate's device map over several: the one given,
+    "auto" with --max-memory, or "auto" when the device is CUDA and this machine has several GPUs."""
+    if device_map is not None:
+        return device_map
+    if max_memory is not None or (device == "cuda" and torch.cuda.device_count() > 1):
+        return "auto"
+    return None
+
+
+def load_backend(name: str, device: str = "cpu", dtype: str = "float32", control: str = "none", seed: int = 0,
+                 device_map: dict | str | None = None, max_memory: dict | None = None) -> Backend:
     """Load a frozen LM by alias (`smollm2`), hub id, local folder or `.gguf` file, behind the backend its config asks for.
 
     `control="random-model"` re-draws every weight (seeded): what a prompt reaches on it is learned from
-    the training data, not known by the LM.
+    the training data, not known by the LM. A model larger than one device is placed with accelerate's `device_map`
+    (see `placement`): its layers on several GPUs (and, past them, the CPU or disk); the prompt goes in where the
+    input embeddings are and the scores come out where the output layer is.
     """
     _check_settings(dtype, device, control)
     device = resolve_device(device)
+    where = placement(device, device_map, max_memory)
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
     _quiet_transformers()
@@ -202,12 +229,35 @@ def load_backend(name: str, device: str = "cpu", dtype: str = "float32", control
         config = AutoConfig.from_pretrained(path)
         kind = model_kind(config)
         auto = AutoModelForMaskedLM if kind == "masked" else AutoModelForCausalLM
-        model = auto.from_pretrained(path, dtype=DTYPES[dtype])
+        placed = {}
+        if where is not None and not get_control(control).changes_model:
+            placed = {"device_map": where, "max_memory": max_memory,
+                      "offload_folder": tempfile.mkdtemp(prefix="probe-offload-")}
+        model = auto.from_pretrained(path, dtype=DTYPES[dtype], **placed)
         tokenizer = AutoTokenizer.from_pretrained(path)
     except ProbeError:
         raise
     except (OSError, ValueError, KeyError) as e:
         raise _loading_error(name, e) from None
     get_control(control).apply(model, seed)
-    model.to(device)
-    return backend_class(model.config, kind)(model, tokenizer, name, device, control)
+    if where is not None and not placed:  # a changed model: placed once its weights are drawn
+        from accelerate import dispatch_model, infer_auto_device_map
+
+        if where == "auto":
+            where = infer_auto_device_map(model, max_memory=max_memory,
+                                          no_split_module_classes=getattr(model, "_no_split_modules", None))
+        model = dispatch_model(model, device_map=where, offload_dir=tempfile.mkdtemp(prefix="probe-offload-"))
+    if where is None:
+        model.to(device)
+    else:
+        device = str(model.get_input_embeddings().weight.device)
+    cls = backend_class(model.config, kind)
+    if offloaded(model):  # weights that hooks bring in as each layer runs: only the transformers forward calls them
+        cls = generic_backend(kind)
+    return cls(model, tokenizer, name, device, control)
+
+
+def offloaded(model) -> bool:
+    """Whether accelerate keeps some weights off any device (on disk or the CPU, brought in by hooks as needed)."""
+    placed = getattr(model, "hf_device_map", None) or {}
+    return any(d in ("disk", "meta") for d in placed.values()) or any(p.device.type == "meta" for p in model.parameters())

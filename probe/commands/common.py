@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from probe.backends import ModelInfo, model_info
+from probe.backends.loading import parse_max_memory
 from probe.batching import fit_context
 from probe.cells import CellOutput, Executor, LoadedModel, ModelSpec
 from probe.controls import Control
@@ -30,13 +31,16 @@ class RunResult:
 
 
 def open_model(name: str, device: str | None, dtype: str | None, executor: Executor, control: Control,
-               seed: int | None = None) -> tuple[ModelSpec, ModelInfo]:
-    """The spec workers load a model by (a control that changes the model applied with `seed`) and, for the driver,
-    its kind and tokenizer. The device is resolved here: auto is a GPU where the workers have one."""
+               seed: int | None = None, max_memory: str | None = None) -> tuple[ModelSpec, ModelInfo]:
+    """The spec workers load a model by (a control that changes the model applied with `seed`, a placement over
+    several devices with `max_memory`) and, for the driver, its kind and tokenizer. The device is resolved here: auto
+    is a GPU where the workers have one."""
     device = executor.device if device in (None, "auto") else device
     executor.check_device(device)
+    parse_max_memory(max_memory)  # a malformed value fails before any model loads
     control_name = control.name if control.changes_model else "none"
-    spec = ModelSpec(name, device, dtype or "bfloat16", control_name, (seed or 0) if control.changes_model else 0)
+    spec = ModelSpec(name, device, dtype or "bfloat16", control_name, (seed or 0) if control.changes_model else 0,
+                     max_memory)
     info = model_info(name, device, spec.dtype, control_name, check_device=executor.local)
     return spec, info
 

@@ -191,7 +191,7 @@ def run_eval(opts: Options, log=print) -> list[RunResult]:
     runs, cells = [], []
     try:
         for model in names:
-            spec, info = open_model(model, opts.device, opts.dtype, executor, control, seed)
+            spec, info = open_model(model, opts.device, opts.dtype, executor, control, seed, opts.max_memory)
             candidates = choice.build(info.tokenizer, data)
             objects, n_candidates, n_source = describe_candidates(choice, candidates, info.kind, ids)
             if control.uses_lm:  # every template compiles for this tokenizer before a folder is made

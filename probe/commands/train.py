@@ -262,7 +262,7 @@ def run_train(opts: Options, log=print) -> list[RunResult]:
     seed = fit_config.seed
     executor = make_executor(data, choice, opts.ray, opts.cpus_per_worker, opts.threads, log)
     try:
-        spec, info = open_model(name, opts.device, dtype, executor, control, seed)
+        spec, info = open_model(name, opts.device, dtype, executor, control, seed, opts.max_memory)
         candidates = choice.build(info.tokenizer, data)
         objects, n_candidates, n_source = describe_candidates(choice, candidates, info.kind, ids)
         if len(ids) == 1:
