@@ -42,6 +42,10 @@ def _print_results(results: dict) -> None:
         typer.echo(length_table(results).to_string(index=False, float_format=lambda v: f"{v:.2f}"))
     if results.get("fit_failed"):
         typer.echo(f"\nnot trained (dev P@1 never rose above its start, after every retry): {', '.join(results['fit_failed'])}")
+    if results.get("below_manual"):
+        kept = f"; the manual prompt kept for {', '.join(results['kept_manual'])}" if results.get("kept_manual") else ""
+        typer.echo(f"\nbelow the manual prompt on dev ({len(results['below_manual'])}): {', '.join(results['below_manual'])}"
+                   + kept)
 
 
 def _log(message: str) -> None:
@@ -253,6 +257,14 @@ def train_cmd(
     top_k: Annotated[int | None, typer.Option(help="autoprompt: candidate tokens re-scored per iteration (default 10).")] = None,
     capitals: Annotated[bool | None, typer.Option(help="autoprompt: allow capitalised trigger tokens (default yes).",
                                                   show_default=False, metavar="")] = None,
+    dev_size: Annotated[int | None, typer.Option(
+        help="autoprompt: dev checks on a fixed sample of this many dev facts (default 0: all).")] = None,
+    preset: Annotated[str | None, typer.Option(
+        help="A named set of the method's fit settings; autoprompt: paper (AutoPrompt's LAMA budget: 1,000 "
+             "iterations, 10 candidates, batch 20, dev checks on 100 facts). Flags given override it.")] = None,
+    fallback: Annotated[str | None, typer.Option(
+        help="manual: a relation whose trained prompt is below its manual prompt on dev keeps the manual prompt "
+             "(the results say so per relation). Default: keep the trained prompt, flagged below_manual.")] = None,
     device: RunDeviceOpt = None,
     dtype: RunDtypeOpt = None,
     control: Annotated[str | None, typer.Option(
@@ -285,7 +297,8 @@ def train_cmd(
 
     _run(run_train, Options(
         model=model, method=method, relation=relation, all=all_, template=template, init=init, reparam=reparam,
-        option=option, threads=threads, pack=pack, max_memory=max_memory,
+        option=option, threads=threads, pack=pack, max_memory=max_memory, dev_size=dev_size, preset=preset,
+        fallback=fallback,
         split=split, vocab=vocab, data=data, out=out, resume=resume, lr=lr, epochs=epochs, min_steps=min_steps,
         batch_size=batch_size, eval_every=eval_every, patience=patience, max_train=max_train, seed=seed,
         iterations=iterations, top_k=top_k, capitals=capitals, device=device, dtype=dtype, control=control,
@@ -296,7 +309,9 @@ def train_cmd(
 
 @app.command("compare")
 def compare_cmd(
-    runs: Annotated[list[Path], typer.Argument(help="Run folders, or folders holding run folders.")],
+    runs: Annotated[list[Path], typer.Argument(
+        help="Run folders, or folders holding run folders; a sweep folder draws its P@1 against prompt length, the "
+             "runs given as reference lines.")],
     out: Annotated[Path | None, typer.Option(help="Where to save compare.csv, compare.md and the plots "
                                                   "(default runs/compare-<time>).")] = None,
     allow_mixed: Annotated[bool, typer.Option(help="Compare runs of different models, vocabularies or splits.")] = False,
@@ -306,13 +321,23 @@ def compare_cmd(
     import pandas as pd
 
     from probe.compare import check_compare_out, compare_runs, load_runs, write_comparison
+    from probe.sweep import draw_sweeps, is_sweep_folder
 
     if out is not None:
         check_compare_out(out, force)
+    out = out or Path("runs") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
+    sweeps = [p for p in runs if is_sweep_folder(p)]
     skipped: list[str] = []
-    cmp = compare_runs(load_runs(runs, skipped), allow_mixed=allow_mixed)
+    loaded = load_runs([p for p in runs if p not in sweeps], skipped) if len(sweeps) < len(runs) else []
     for folder in skipped:
         _log(f"skipped {folder}")
+    if sweeps:
+        out.mkdir(parents=True, exist_ok=True)
+        drawn = draw_sweeps(sweeps, loaded, out)
+        typer.echo(f"saved {', '.join(str(p) for p in drawn)}")
+        if not loaded:
+            return
+    cmp = compare_runs(loaded, allow_mixed=allow_mixed)
     with pd.option_context("display.max_rows", None, "display.width", 200, "display.max_columns", None):
         typer.echo(cmp.per_relation.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
         typer.echo("")
@@ -323,7 +348,6 @@ def compare_cmd(
         typer.echo("\nruns that differ only by seed (mean ± sample std over seeds):")
         typer.echo(seed_table(cmp.seeds).to_string(index=False))
     typer.echo("\n".join(cmp.notes))
-    out = out or Path("runs") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
     written = write_comparison(cmp, out)
     typer.echo(f"saved {', '.join(str(p) for p in written)}")
 

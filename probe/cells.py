@@ -101,6 +101,7 @@ class LoadedModel:
         self.spec = spec or ModelSpec.of(backend)
         self.remote = False  # on a Ray worker: logs go to scratch files, returned with the output
         self._facts: dict[tuple[str, str], tuple[list[Fact], int]] = {}
+        self.memo: dict = {}  # what cells compute once per loaded model (a relation's manual figures, say)
 
     @classmethod
     def load(cls, spec: ModelSpec, data: FactData, candidates: CandidateChoice | str) -> LoadedModel:

@@ -19,7 +19,7 @@ from probe.errors import ProbeError
 from probe.files import atomic_write_text, read_json
 from probe.methods import METHODS
 from probe.metrics import aggregate, relation_metrics
-from probe.plots import png_axes
+from probe.plots import plot_manual_scatter, plot_types
 from probe.runs import markdown_table, slug
 
 # Settings that must agree for P@1 figures to be comparable (else --allow-mixed). Runs of different models are
@@ -132,6 +132,14 @@ def is_reference(config: dict) -> bool:
     return method is not None and method.reference
 
 
+def below_manual(row: dict) -> bool:
+    """A trained relation's prompt below the manual prompt on dev: its flag, or, for runs made before the flag, its
+    dev P@1 against the manual prompt's dev P@1."""
+    if "below_manual" in row:
+        return bool(row["below_manual"])
+    return "dev_p1" in row and "manual_dev_p1" in row and row["dev_p1"] < row["manual_dev_p1"]
+
+
 def _manual_reference(run: ComparedRun, runs: list[ComparedRun], relations: list[str]) -> tuple[dict[str, float] | None, str]:
     """Manual P@1 per relation for a run: its own manual_p1 (train runs), else a manual run of the same model."""
     if is_reference(run.config):
@@ -216,11 +224,16 @@ def compare_runs(runs: list[ComparedRun], allow_mixed: bool = False) -> Comparis
             entry["gain_p1"] = entry["macro_p1"] - entry["manual_p1"]
         entry["manual_from"] = source
         failed = [r for r in relations if run.rows[r].get("fit_failed")]
-        entry["fit_failed"] = len(failed)
+        below = [r for r in relations if below_manual(run.rows[r])]
+        entry["fit_failed"], entry["below_manual"] = len(failed), len(below)
+        named = run.label if run.label.endswith(f"({run.folder.name})") else f"{run.label} ({run.folder})"
         if failed:
-            named = run.label if run.label.endswith(f"({run.folder.name})") else f"{run.label} ({run.folder})"
             notes.append(f"{named}: {', '.join(failed)} flagged fit_failed (dev P@1 never rose "
                          "above the start): their figures are the untrained prompt's")
+        if below:
+            kept = [r for r in below if run.rows[r].get("kept") == "manual"]
+            notes.append(f"{named}: {', '.join(below)} flagged below_manual (dev P@1 below the manual prompt's)"
+                         + (f"; the manual prompt kept for {', '.join(kept)}" if kept else ""))
         summary.append(entry)
     first = runs[0].rows
     per_relation = pd.DataFrame([
@@ -230,7 +243,7 @@ def compare_runs(runs: list[ComparedRun], allow_mixed: bool = False) -> Comparis
     ])
     columns = ["label", "model", "relations", "facts", "macro_p1", "micro_p1", "macro_p10", "micro_p10", "macro_mrr",
                "micro_mrr", *[f"p1_{t}" for t in RELATION_TYPES], "manual_p1", "gain_p1", "manual_from"]
-    columns += ["fit_failed"] if any(entry["fit_failed"] for entry in summary) else []
+    columns += [c for c in ("fit_failed", "below_manual") if any(entry[c] for entry in summary)]
     table = pd.DataFrame(summary).reindex(columns=columns)
     seeds = seed_groups(runs, table)
     if seeds is not None:
@@ -269,8 +282,9 @@ def seed_groups(runs: list[ComparedRun], summary: pd.DataFrame) -> pd.DataFrame 
             values = figures[key].dropna().astype(float)
             row[f"{key}_mean"] = float(values.mean()) if len(values) else None
             row[f"{key}_std"] = float(values.std(ddof=1)) if len(values) > 1 else None
-        if "fit_failed" in summary:
-            row["fit_failed"] = int(figures["fit_failed"].sum())  # flagged relations, over the group's runs
+        for flag in ("fit_failed", "below_manual"):
+            if flag in summary:
+                row[flag] = int(figures[flag].sum())  # flagged relations, over the group's runs
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -303,8 +317,9 @@ def seed_table(seeds: pd.DataFrame) -> pd.DataFrame:
     out = seeds[["label", "runs", "seeds"]].copy()
     for key in SEED_FIGURES:
         out[key] = [shown(m, s) for m, s in zip(seeds[f"{key}_mean"], seeds[f"{key}_std"], strict=True)]
-    if "fit_failed" in seeds:
-        out["fit_failed"] = seeds["fit_failed"]
+    for flag in ("fit_failed", "below_manual"):
+        if flag in seeds:
+            out[flag] = seeds[flag]
     return out
 
 
@@ -328,40 +343,6 @@ def comparison_markdown(cmp: Comparison) -> str:
             + markdown_table(cmp.per_relation) + "\n\nRun folders:\n\n" + runs + "\n")
 
 
-def plot_types(cmp: Comparison, path: Path) -> None:
-    """Grouped bars: macro P@1 overall and per relation type, one bar per run."""
-    groups = ["all", *RELATION_TYPES]
-    values = {row["label"]: [row["macro_p1"], *[row[f"p1_{t}"] for t in RELATION_TYPES]]
-              for row in cmp.summary.to_dict("records")}
-    width = 0.8 / max(1, len(values))
-    with png_axes(path, (7, 4)) as ax:
-        for i, (label, vals) in enumerate(values.items()):
-            xs = [g + i * width for g in range(len(groups))]
-            ax.bar(xs, [0 if v is None or pd.isna(v) else v for v in vals], width, label=label)
-        ax.set_xticks([g + width * (len(values) - 1) / 2 for g in range(len(groups))], groups)
-        ax.set_ylabel("macro P@1 (%)")
-        ax.set_title("P@1 by relation type")
-
-
-def plot_manual_scatter(cmp: Comparison, path: Path) -> bool:
-    """Per relation: manual P@1 against each other run's P@1; False when no run has a manual reference."""
-    others = [run for run in cmp.runs if run.label in cmp.manual_p1 and not is_reference(run.config)]
-    if not others:
-        return False
-    with png_axes(path, (5.5, 5.5)) as ax:
-        for run, marker in zip(others, "os^vDP*Xh<>" * 10, strict=False):
-            manual = cmp.manual_p1[run.label]
-            ax.scatter([manual[r] for r in cmp.relations], [run.rows[r]["p1"] for r in cmp.relations], marker=marker,
-                       label=run.label, alpha=0.7)
-        ax.plot([0, 100], [0, 100], color="grey", linewidth=0.8)
-        ax.set_xlim(0, 100)
-        ax.set_ylim(0, 100)
-        ax.set_xlabel("manual prompt P@1 (%)")
-        ax.set_ylabel("method P@1 (%)")
-        ax.set_title("P@1 per relation")
-    return True
-
-
 def check_compare_out(out: Path, force: bool) -> None:
     """An existing --out is refused unless --force (its files would be overwritten); a file is never a folder."""
     out = Path(out)
@@ -378,10 +359,53 @@ def write_comparison(cmp: Comparison, out: Path) -> list[Path]:
     written = [out / "compare.csv", out / "compare.md", out / "types.png"]
     atomic_write_text(written[0], wide_table(cmp).to_csv(index=False))
     atomic_write_text(written[1], comparison_markdown(cmp))
-    plot_types(cmp, written[2])
+    series = run_series(cmp.runs)
+    plot_types(series_figures(cmp, series), written[2])
     if cmp.seeds is not None:
         written.append(out / "compare_seeds.csv")
         atomic_write_text(written[-1], cmp.seeds.to_csv(index=False))
-    if plot_manual_scatter(cmp, out / "manual_vs.png"):
+    if plot_manual_scatter(manual_points(cmp, series), out / "manual_vs.png"):
         written.append(out / "manual_vs.png")
     return written
+
+
+def run_series(runs: list[ComparedRun]) -> list[tuple[str, list[int]]]:
+    """The runs as the plots draw them: runs that differ only by seed as one series (their mean, ± std), each other run
+    as a series of its own; (label, indices of its runs), in the order of first appearance."""
+    groups: dict[str, list[int]] = {}
+    for i, run in enumerate(runs):
+        groups.setdefault(without_seed(run.config), []).append(i)
+    out = []
+    for members in groups.values():
+        label = runs[members[0]].label if len(members) == 1 else f"{run_label(runs[members[0]].config)} ({len(members)} seeds)"
+        if len(members) > 1 and len({r.config.get("model") for r in runs}) > 1:
+            label += f" @ {slug(str(runs[members[0]].config.get('model')))}"
+        out.append((label, members))
+    return out
+
+
+def series_figures(cmp: Comparison, series: list[tuple[str, list[int]]]) -> dict[str, tuple[list[float], list[float]]]:
+    """Per series: macro P@1 overall and per relation type, as the mean over its runs and their sample std."""
+    rows = cmp.summary.to_dict("records")
+    keys = ["macro_p1", *[f"p1_{t}" for t in RELATION_TYPES]]
+    out = {}
+    for label, members in series:
+        values = [[rows[i][k] for i in members] for k in keys]
+        clean = [[float(v) for v in vs if v is not None and not pd.isna(v)] for vs in values]
+        means = [sum(vs) / len(vs) if vs else 0.0 for vs in clean]
+        stds = [float(pd.Series(vs).std(ddof=1)) if len(vs) > 1 else 0.0 for vs in clean]
+        out[label] = (means, stds)
+    return out
+
+
+def manual_points(cmp: Comparison, series: list[tuple[str, list[int]]]) -> dict[str, tuple[list[float], list[float]]]:
+    """Per series with a manual reference (not the manual runs themselves): per relation, the manual P@1 and the
+    series' P@1, each its runs' mean."""
+    out = {}
+    for label, members in series:
+        runs = [cmp.runs[i] for i in members if cmp.runs[i].label in cmp.manual_p1 and not is_reference(cmp.runs[i].config)]
+        if not runs:
+            continue
+        out[label] = ([sum(cmp.manual_p1[r.label][rid] for r in runs) / len(runs) for rid in cmp.relations],
+                      [sum(r.rows[rid]["p1"] for r in runs) / len(runs) for rid in cmp.relations])
+    return out

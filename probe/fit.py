@@ -205,7 +205,7 @@ def fit_and_test(backend: Backend, task: FitTask, test: list[Fact], batch_size: 
 
 
 def manual_figures(backend: Backend, manual: CompiledTemplate, dev: list[Fact], test: list[Fact], candidates,
-                   batch_size: int = 128) -> tuple[dict, dict]:
-    """The manual prompt's dev and test metrics: the baseline a trained prompt is read against."""
-    return (evaluate_facts(backend, None, manual, dev, candidates, batch_size).metrics,
-            evaluate_facts(backend, None, manual, test, candidates, batch_size).metrics)
+                   batch_size: int = 128) -> tuple[RelationEval, RelationEval]:
+    """The manual prompt's dev and test evaluations: the baseline a trained prompt is read against."""
+    return (evaluate_facts(backend, None, manual, dev, candidates, batch_size),
+            evaluate_facts(backend, None, manual, test, candidates, batch_size))

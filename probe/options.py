@@ -58,6 +58,7 @@ class Options:
     iterations: int | None = None
     top_k: int | None = None
     capitals: bool | None = None
+    dev_size: int | None = None
     facts: Path | None = None
     train_facts: Path | None = None
     dev_facts: Path | None = None
@@ -71,6 +72,8 @@ class Options:
     threads: int | None = None  # torch's CPU threads per process that computes
     pack: int | None = None  # prompts trained at once in one pass (None: by the device)
     max_memory: str | None = None  # place the model over several devices: 0:70GiB,1:70GiB,cpu:200GiB
+    fallback: str | None = None  # "manual": keep the manual prompt where the trained one is below it on dev
+    preset: str | None = None  # a named set of fit settings of the method (autoprompt: paper)
     objects: str | None = None  # 'single' (LAMA's protocol) or 'any'
     candidates: Path | None = None  # --objects any: a candidates file
     length_norm: bool | None = None

@@ -26,7 +26,8 @@ from probe.metrics import aggregate, pooled_breakdown
 
 # Keys of a run config that must agree for --resume to reuse a folder.
 IDENTITY_KEYS = ("command", "model", "method", "split", "vocab", "data", "template_file", "seed", "dtype",
-                 "method_config", "train", "control", "objects", "candidates", "length_norm", "torch_threads", "pack")
+                 "method_config", "train", "control", "objects", "candidates", "length_norm", "torch_threads", "pack",
+                 "fallback")
 RECORDED_LATER = ("torch_threads", "pack")  # compared only where the folder's config records them (older runs do not)
 __all__ = ["IDENTITY_KEYS", "RunConfig", "RunFolder", "atomic_write_bytes", "atomic_write_json", "atomic_write_text",
            "markdown_table", "read_json", "relations_table", "slug", "summary_markdown", "summary_table"]
@@ -65,6 +66,7 @@ class RunConfig:
     from_sentences: bool | None = None  # cloze sentences instead of templates (causal LMs: the text before [MASK])
     torch_threads: int | None = None  # CPU threads of each process that computes (bfloat16 sums, so figures, depend on it)
     pack: int | None = None  # prompts trained at once (None: by the device, see probe/pack.py); rounding depends on it
+    fallback: str | None = None  # "manual": relations whose trained prompt is below the manual one on dev keep it
     probe_version: str = __version__
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S"))
 
@@ -140,9 +142,13 @@ class RunFolder:
         """results.json, relations.csv and summary.md from the finished relations; returns results."""
         rows = self.rows()
         results = {"config": self.config, "relations": rows, "summary": aggregate(rows)}
-        failed = [r["relation"] for r in rows if r.get("fit_failed")]
-        if failed:  # trained prompts whose dev figures never rose: flagged, never reported as trained quietly
-            results["fit_failed"] = failed
+        for flag in ("fit_failed", "below_manual"):  # trained prompts flagged: never reported as trained quietly
+            flagged = [r["relation"] for r in rows if r.get(flag)]
+            if flagged:
+                results[flag] = flagged
+        kept = [r["relation"] for r in rows if r.get("kept") == "manual"]
+        if kept:
+            results["kept_manual"] = kept
         if rows and all("manual_p1" in r for r in rows):  # training runs also test the manual prompt
             manual = [{**r, **{m: r[f"manual_{m}"] for m in ("p1", "p10", "mrr")}} for r in rows]
             results["summary_manual"] = aggregate(manual)
@@ -161,8 +167,8 @@ TABLE_COLUMNS = ["relation", "label", "type", "n_facts", "n_dropped", "p1", "p10
 
 
 def relations_table(rows: list[dict]) -> pd.DataFrame:
-    columns = TABLE_COLUMNS + [c for c in ("dev_p1", "manual_p1") if any(c in r for r in rows)]
-    columns += ["fit_failed"] if any(r.get("fit_failed") for r in rows) else []
+    columns = TABLE_COLUMNS + [c for c in ("dev_p1", "manual_dev_p1", "manual_p1") if any(c in r for r in rows)]
+    columns += [c for c in ("fit_failed", "below_manual", "kept") if any(r.get(c) for r in rows)]
     return pd.DataFrame([{c: r.get(c) for c in columns} for r in rows], columns=columns)
 
 
@@ -192,6 +198,11 @@ def summary_markdown(results: dict) -> str:
     if results.get("fit_failed"):
         summ += (f"\n\n**Not trained** (dev P@1 never rose above the untrained prompt's, after every retry): "
                  f"{', '.join(results['fit_failed'])}. Their rows are the untrained prompt.")
+    if results.get("below_manual"):
+        summ += (f"\n\n**Below the manual prompt on dev** ({len(results['below_manual'])}): "
+                 f"{', '.join(results['below_manual'])}."
+                 + (f" The manual prompt is kept for {', '.join(results['kept_manual'])} (--fallback manual); their rows "
+                    "are the manual prompt's." if results.get("kept_manual") else ""))
     return head + note + summ + "\n\n" + rel + "\n"
 
 

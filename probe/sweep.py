@@ -23,7 +23,8 @@ option value a method does not take is left out of that method's cells ("-" in t
 `probe sweep GRID --ray` runs the cells on Ray (probe/ray_cells.py) instead of one after another here.
     OUT/cells.csv         one row per cell
     OUT/summary.csv|.md   per setting: macro P@1 over relations, mean and std over seeds
-    OUT/length.png        macro P@1 against prompt length, one line per (method, init, reparam)
+    OUT/length.png|.csv   macro P@1 against prompt length (log axis), a line per method and options with a band of ± one
+                          std over seeds, the manual prompt (and run folders put in OUT) as horizontal lines
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from tqdm import tqdm
 
 from probe.backends import model_info
 from probe.cells import Cell, CellOutput, Executor, LoadedModel, ModelSpec
+from probe.compare import run_label
 from probe.data import open_data
 from probe.errors import Interrupted, ProbeError
 from probe.evaluate import evaluate_facts
@@ -52,7 +54,7 @@ from probe.fit import FitTask, Fitted, config_fields, fit
 from probe.methods import get_method, method_config, option_names
 from probe.options import check_pack, load_template_spec, make_executor
 from probe.pack import default_pack, packed
-from probe.plots import png_axes
+from probe.plots import length_points, plot_lengths
 from probe.runs import RECORDED_LATER, markdown_table, slug
 from probe.templates import compile_template, spread_virtual
 
@@ -282,10 +284,16 @@ def finish_cell(loaded: LoadedModel, cell: SweepCell, prepared: Ready, fitted: F
     finally:
         fitted.prompt.release()
     result = fitted.result
+    relation = loaded.data.relation(cell.relation)
+    key = ("manual", relation.id, len(test))  # the manual prompt on the same test facts: once per relation
+    if key not in loaded.memo:
+        manual = compile_template(relation.template, loaded.backend.tokenizer, loaded.backend.kind)
+        loaded.memo[key] = evaluate_facts(loaded.backend, None, manual, test, task.candidates).metrics["p1"]
     return {
-        **cell.settings(), "template": template.source, "type": loaded.data.relation(cell.relation).type,
+        **cell.settings(), "template": template.source, "type": relation.type,
         "n_facts": len(test), "n_train": len(task.train), **metrics, **{f"dev_{k}": v for k, v in result.best_dev.items()},
-        "steps": result.steps, "best_step": result.best_step, "seconds": round(time.time() - t0, 1),
+        "steps": result.steps, "best_step": result.best_step, "manual_p1": loaded.memo[key],
+        "seconds": round(time.time() - t0, 1),
     }
 
 
@@ -320,7 +328,8 @@ def executor_specs(grid: SweepGrid, executor: Executor, device: str | None = Non
 
 
 def write_tables(out: Path, cells: list[Cell]) -> pd.DataFrame:
-    """cells.csv, summary.csv, summary.md and length.png from the finished cells of this grid."""
+    """cells.csv, summary.csv, summary.md, and length.png with the points it draws in length.csv, from the finished cells
+    of this grid; run folders inside the sweep folder (a fine-tuning run, say) are drawn as reference lines."""
     rows = [read_json(p) for c in cells if (p := out / "cells" / f"{c.key}.json").exists()]
     df = pd.DataFrame(rows)
     if df.empty:
@@ -334,8 +343,58 @@ def write_tables(out: Path, cells: list[Cell]) -> pd.DataFrame:
     shown = shown[[*(c for c in SETTING if c in shown), "seeds", "relations", "p1", "dev_p1"]].rename(
         columns={"p1": "macro P@1 (mean ± std over seeds)", "dev_p1": "dev macro P@1"})
     atomic_write_text(out / "summary.md", markdown_table(shown) + "\n")
-    plot_lengths(summary, out / "length.png")
+    draw_lengths(df, summary, out, reference_runs(out))
     return df
+
+
+def reference_runs(folder: Path) -> dict[str, dict[str, float]]:
+    """Run folders inside `folder` (a fine-tuning run put there, say): their label and P@1 per relation."""
+    out = {}
+    for results in sorted(Path(folder).glob("*/results.json")):
+        loaded = read_json(results)
+        if isinstance(loaded, dict) and "config" in loaded:
+            out[run_label(loaded["config"])] = {r["relation"]: r["p1"] for r in loaded.get("relations", [])}
+    return out
+
+
+def draw_lengths(cells: pd.DataFrame, summary: pd.DataFrame, out: Path, runs: dict[str, dict[str, float]],
+                 name: str = "length") -> None:
+    """OUT/<name>.png, macro P@1 against prompt length, and OUT/<name>.csv, its points and reference lines: the manual
+    prompt's macro P@1 over the cells' relations, and each run of `runs` over those relations."""
+    points = length_points(summary, list(SETTING))
+    relations = sorted(set(cells["relation"]))
+    references: dict[str, float] = {}
+    if "manual_p1" in cells:
+        manual = cells.dropna(subset=["manual_p1"]).groupby("relation")["manual_p1"].first()
+        if set(manual.index) == set(relations):
+            references["manual prompt"] = float(manual.mean())
+    for label, p1 in runs.items():
+        if all(r in p1 for r in relations):
+            references[label] = sum(p1[r] for r in relations) / len(relations)
+    refs = pd.DataFrame([{"series": label, "length": None, "macro_p1_mean": value, "macro_p1_std": None,
+                          "seeds": None, "relations": len(relations)} for label, value in references.items()])
+    atomic_write_text(out / f"{name}.csv", pd.concat([points, refs] if len(refs) else [points]).to_csv(index=False))
+    plot_lengths(points, references, out / f"{name}.png")
+
+
+def is_sweep_folder(path: Path) -> bool:
+    return (Path(path) / "grid.json").is_file() and (Path(path) / "cells").is_dir()
+
+
+def draw_sweeps(sweeps: list[Path], runs: list, out: Path) -> list[Path]:
+    """`probe compare` on sweep folders: each one's length figure into OUT/<sweep>-length.png|csv, the compared runs
+    (ComparedRun) as reference lines over the sweep's relations; returns the files written."""
+    written = []
+    references = {run.label: {rid: row["p1"] for rid, row in run.rows.items()} for run in runs}
+    for sweep in sweeps:
+        rows = [read_json(p) for p in sorted(Path(sweep, "cells").glob("*.json"))]
+        if not rows:
+            raise ProbeError(f"sweep folder {sweep} holds no finished cell (cells/*.json)")
+        cells = pd.DataFrame(rows)
+        name = f"{slug(Path(sweep).name)}-length"
+        draw_lengths(cells, summarise(cells), Path(out), {**reference_runs(sweep), **references}, name)
+        written += [Path(out) / f"{name}.png", Path(out) / f"{name}.csv"]
+    return written
 
 
 def summarise(df: pd.DataFrame) -> pd.DataFrame:
@@ -352,18 +411,6 @@ def summarise(df: pd.DataFrame) -> pd.DataFrame:
             row[f"{m}_std"] = float(group[m].std(ddof=1)) if len(group) > 1 else math.nan
         rows.append(row)
     return pd.DataFrame(rows)
-
-
-def plot_lengths(summary: pd.DataFrame, path: Path) -> None:
-    """Macro P@1 against prompt length, one line per (method, options), seed std as error bars."""
-    with png_axes(path, (6.5, 4)) as ax:
-        for key, group in summary.groupby(["method", *OPTIONS]):
-            group = group.sort_values("length")
-            label = " / ".join(v for v in key if v != NOT_APPLICABLE)
-            ax.errorbar(group["length"], group["p1_mean"], yerr=group["p1_std"].fillna(0), marker="o", capsize=3,
-                        label=label)
-        ax.set_xlabel("virtual tokens")
-        ax.set_ylabel("macro P@1 (mean ± std over seeds)")
 
 
 def sweep_command(grid_path: Path, out: Path | None, data: str | None, device: str | None = None, log=print,

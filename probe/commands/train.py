@@ -32,7 +32,7 @@ from probe.data import Fact
 from probe.errors import ProbeError
 from probe.evaluate import evaluate_facts
 from probe.fit import FitTask, Fitted, config_fields, fit, manual_figures
-from probe.methods import get_method, method_config, parse_options
+from probe.methods import FixedPrompt, get_method, method_config, parse_options
 from probe.options import (
     RUN_FLAGS,
     Options,
@@ -53,9 +53,10 @@ from probe.template_files import TemplateFile
 from probe.templates import CompiledTemplate, Template, compile_template
 
 TRAIN_FLAGS = RUN_FLAGS | {"template", "init", "reparam", "option", "train_facts", "dev_facts", "dev_split",
-                           "manual_template", "save_model", "pack"}
+                           "manual_template", "save_model", "pack", "fallback", "preset"}
+FALLBACKS = ("manual",)
 FIT_FLAGS = {"lr", "epochs", "min_steps", "batch_size", "eval_every", "patience", "max_train", "seed", "iterations",
-             "top_k", "capitals"}
+             "top_k", "capitals", "dev_size"}
 
 
 @dataclass
@@ -72,6 +73,7 @@ class TrainCell(RelationCell):
     position: str = ""  # "[3/41]" in the progress bar
     batch_size: int = 128
     save_model: bool = False  # methods that train the LM: its weights in model.safetensors
+    fallback: str | None = None  # "manual": a prompt below the manual one on dev gives way to the manual prompt
 
     def prepare(self, loaded: LoadedModel) -> Prepared | CellOutput:
         """The relation's fit task and what testing it needs; a CellOutput instead when the relation is skipped."""
@@ -126,15 +128,23 @@ class TrainCell(RelationCell):
             prompt.release()  # the next relation starts from the LM as it was
             if prepared.scratch:
                 shutil.rmtree(prepared.scratch, ignore_errors=True)
-        manual_dev, manual_test = manual_figures(backend, prepared.manual, dev, test, candidates, self.batch_size)
+        manual_dev_eval, manual_test_eval = manual_figures(backend, prepared.manual, dev, test, candidates, self.batch_size)
+        manual_dev, manual_test = manual_dev_eval.metrics, manual_test_eval.metrics
+        # a kept prompt below the manual prompt on dev is flagged; with --fallback manual, the manual prompt is kept
+        below = result.best_dev["p1"] < manual_dev["p1"]
+        fell_back = below and self.fallback == "manual"
+        kept_eval = manual_test_eval if fell_back else evaluation
+        if fell_back:
+            files = [f for f in files if f[0] not in ("prompt.safetensors", "model.safetensors")]
+            files.append(("prompt.safetensors", prompt_bytes(FixedPrompt(torch.zeros(0, backend.hidden_size)))))
         config = {
             **self.run_info,
             "relation": relation.id,
             "method": self.method,
             "method_config": dataclasses.asdict(prompt.config),
-            "template": self.template.source,
+            "template": relation.template if fell_back else self.template.source,
             "manual_template": relation.template,
-            "n_virtual": compiled.n_virtual,
+            "n_virtual": 0 if fell_back else compiled.n_virtual,
             "hidden_size": backend.hidden_size,
             "train": dataclasses.asdict(self.fit_config),
             "n_train": len(task.train),
@@ -143,28 +153,36 @@ class TrainCell(RelationCell):
             "steps": result.steps,
             "torch_threads": torch.get_num_threads(),  # CPU sums, so a fit's path, depend on it (in process or on Ray)
             **({"attempts": result.attempts} if result.attempts else {}),
-            **saved_info,
+            **({"kept": "manual", "trained_template": self.template.source} if fell_back else saved_info),
         }
         metrics = {
             **relation_row(relation),
             "n_facts": len(test), "n_dropped": prepared.dropped, **candidate_counts(candidates, prepared.dropped),
-            "template": self.template.source,
-            **evaluation.metrics,
-            **{f"dev_{k}": v for k, v in result.best_dev.items()},
+            "template": relation.template if fell_back else self.template.source,
+            **kept_eval.metrics,
+            **{f"dev_{k}": v for k, v in (manual_dev if fell_back else result.best_dev).items()},
             **{f"manual_{k}": v for k, v in manual_test.items()},
             **{f"manual_dev_{k}": v for k, v in manual_dev.items()},
             "fit_failed": result.failed,  # dev never rose above the untrained prompt's: not a trained prompt
+            "below_manual": below,  # the trained prompt's dev P@1 is below the manual prompt's
+            **({"kept": "manual", **{f"trained_{k}": v for k, v in evaluation.metrics.items()},
+                **{f"trained_dev_{k}": v for k, v in result.best_dev.items()}} if fell_back else {}),
         }
         files.append(("config.json", (json.dumps(config, indent=2, ensure_ascii=False) + "\n").encode()))
-        output = relation_output(relation.id, metrics, evaluation.predictions(), tuple(files))
+        output = relation_output(relation.id, metrics, kept_eval.predictions(), tuple(files))
         output.warnings = list(prepared.warnings)
         if result.failed:
             output.warnings.append(f"{relation.id}: dev P@1 never rose above its start in {len(result.attempts) or 1} "
                                    "attempt(s); flagged as fit_failed, not a trained prompt")
+        if below:
+            output.warnings.append(f"{relation.id}: the trained prompt's dev P@1 {result.best_dev['p1']:.1f} is below the "
+                                   f"manual prompt's {manual_dev['p1']:.1f}; flagged below_manual"
+                                   + ("; the manual prompt is kept (--fallback manual)" if fell_back else ""))
         output.message = (
             f"{relation.id:>6} {relation.label[:28]:28} dev P@1 {result.best_dev['p1']:5.1f} "
             f"(manual {manual_dev['p1']:5.1f})  test P@1 {evaluation.metrics['p1']:5.1f} "
             f"(manual {manual_test['p1']:5.1f})  P@10 {evaluation.metrics['p10']:5.1f}  MRR {evaluation.metrics['mrr']:.3f}"
+            + ("  [below manual on dev" + (": manual kept]" if fell_back else "]") if below else "")
         )
         return output
 
@@ -238,6 +256,9 @@ def run_train(opts: Options, log=print) -> list[RunResult]:
     (name,) = model_names(opts, several=False)
     options = method_options(opts, method)
     method_cls.check_settings(options, opts.template is not None)
+    if opts.fallback is not None and opts.fallback not in FALLBACKS:
+        raise ProbeError(f"--fallback {opts.fallback!r}: expected {' or '.join(FALLBACKS)} (the relation's manual prompt "
+                         "where the trained one is below it on dev)")
     if opts.save_model and not method_cls.trains_lm:
         raise ProbeError(f"--save-model applies to methods that train the LM's weights; {method!r} trains a prompt, "
                          "which every run saves")
@@ -247,7 +268,7 @@ def run_train(opts: Options, log=print) -> list[RunResult]:
             raise ProbeError(f"method {method!r} trains the LM's weights in {method_cls.lm_dtype}: --dtype {dtype} does "
                              "not apply")
         dtype = method_cls.lm_dtype
-    fit_config = method_cls.fit_config(**{k: getattr(opts, k) for k in FIT_FLAGS & fit_fields})
+    fit_config = method_cls.fit_config(opts.preset, **{k: getattr(opts, k) for k in FIT_FLAGS & fit_fields})
     check_pack(opts.pack, method_cls)
     templates = load_template_spec(opts.template, method)
     check_new_folder(opts.out, opts.resume)
@@ -275,11 +296,12 @@ def run_train(opts: Options, log=print) -> list[RunResult]:
             method=method, split=split, vocab=choice.vocab, batch_size=128, device=spec.device,
             template_file=opts.template, seed=seed, method_config=dataclasses.asdict(options),
             train=dataclasses.asdict(fit_config), torch_threads=executor.threads,
-            pack=(opts.pack or default_pack(spec.device)) if method_cls.packable else None,
+            pack=(opts.pack or default_pack(spec.device)) if method_cls.packable else None, fallback=opts.fallback,
         )
         run = RunFolder(opts.out or default_out(method + ("-any" if choice.objects else ""), info.name), config.to_dict(),
                         resume=bool(opts.resume))
-        cells = train_cells(spec, info, data, ids, run, method, options, fit_config, templates, split, bool(opts.save_model))
+        cells = train_cells(spec, info, data, ids, run, method, options, fit_config, templates, split, bool(opts.save_model),
+                            opts.fallback)
         if method_cls.packable:
             cells = packed(cells, config.pack)
     except BaseException:
@@ -291,10 +313,11 @@ def run_train(opts: Options, log=print) -> list[RunResult]:
 
 
 def train_cells(spec: ModelSpec, model, data, ids: list[str], run: RunFolder, method: str, options, fit_config,
-                templates: TemplateFile, split: str, save_model: bool = False) -> list[TrainCell]:
+                templates: TemplateFile, split: str, save_model: bool = False, fallback: str | None = None) -> list[TrainCell]:
     """One cell per unfinished relation of a run folder; every template is checked (on `model`'s tokenizer) first."""
     todo = [r for r in ids if not run.is_done(r)]
     templates_of = compiled_templates(model, data, todo, method, options, templates)
     run_info = {k: run.config[k] for k in ("probe_version", "model", "model_kind", "data", "vocab", "split")}
     return [TrainCell(rid, spec, run.root, method, options, fit_config, templates_of[rid][0], split, run_info,
-                      len(ids) == 1, f"[{i}/{len(todo)}]", save_model=save_model) for i, rid in enumerate(todo, 1)]
+                      len(ids) == 1, f"[{i}/{len(todo)}]", save_model=save_model, fallback=fallback)
+            for i, rid in enumerate(todo, 1)]

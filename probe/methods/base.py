@@ -79,9 +79,16 @@ class PromptMethod(nn.Module):
         return cls.fit_config_class is not None
 
     @classmethod
-    def fit_config(cls, **options) -> object:
-        """The fit settings from options (None: the default), checked; the learning rate defaults to the method's."""
+    def fit_config(cls, preset: str | None = None, **options) -> object:
+        """The fit settings from options (None: the default), checked; the learning rate defaults to the method's. A
+        `preset` names a set of settings the fit config declares (`presets`); options given override it."""
         defaults = {"lr": cls.default_lr} if "lr" in config_fields(cls.fit_config_class) else {}
+        presets = getattr(cls.fit_config_class, "presets", {})
+        if preset is not None:
+            if preset not in presets:
+                known = f"one of {', '.join(presets)}" if presets else "none: it has no presets"
+                raise ProbeError(f"--preset {preset!r} does not exist for method {cls.name!r} (expected {known})")
+            defaults.update(presets[preset])
         config = cls.fit_config_class(**{**defaults, **{k: v for k, v in options.items() if v is not None}})
         config.check()
         return config
