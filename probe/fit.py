@@ -1,4 +1,5 @@
-"""A fit is an object: `FitTask` holds everything one prompt's fit needs; `fit` runs it, `fit_and_test` tests it too.
+"""A fit is an object: `FitTask` holds everything one prompt's fit needs, `fit` runs it (probe/pack.py runs several
+at once); the cells that own fits (a relation of `probe train`, a sweep cell) prepare the task and test what it gives.
 
 Every fit, whatever its method, shares the dev selection of `FitLoop`: dev evaluated at the start and at each
 check, the best state by (P@1, MRR) kept, patience, and the rule that a fit whose dev P@1 never rose above its
@@ -18,7 +19,6 @@ from tqdm import tqdm
 
 from probe.backends import Backend
 from probe.data import Fact
-from probe.evaluate import RelationEval, evaluate_facts
 from probe.files import JsonlLog
 from probe.templates import CompiledTemplate
 
@@ -44,6 +44,7 @@ class FitTask:
     log_path: Path | None = None
     desc: str = "train"  # the progress bar's label
     relation: str = ""
+    baseline: dict | None = None  # dev metrics a fit should not stay below (the manual prompt's): else it is retried
 
 
 @dataclass
@@ -66,13 +67,6 @@ class Fitted:
 
     prompt: nn.Module  # a PromptMethod
     result: FitResult
-
-
-@dataclass
-class Tested(Fitted):
-    """A fitted prompt and its test evaluation."""
-
-    test: RelationEval | None = None
 
 
 class FitLoop:
@@ -190,22 +184,3 @@ def fit(backend: Backend, task: FitTask) -> Fitted:
         prompt.release()
         raise
     return Fitted(prompt, result)
-
-
-def fit_and_test(backend: Backend, task: FitTask, test: list[Fact], batch_size: int = 128) -> Tested:
-    """`fit`, then the prompt's test evaluation. The caller releases the prompt (`prompt.release()`) once it has read
-    what it needs (a method that trains the LM holds the trained LM until then)."""
-    fitted = fit(backend, task)
-    try:
-        evaluation = evaluate_facts(backend, fitted.prompt, task.compiled, test, task.candidates, batch_size)
-    except BaseException:
-        fitted.prompt.release()
-        raise
-    return Tested(fitted.prompt, fitted.result, evaluation)
-
-
-def manual_figures(backend: Backend, manual: CompiledTemplate, dev: list[Fact], test: list[Fact], candidates,
-                   batch_size: int = 128) -> tuple[RelationEval, RelationEval]:
-    """The manual prompt's dev and test evaluations: the baseline a trained prompt is read against."""
-    return (evaluate_facts(backend, None, manual, dev, candidates, batch_size),
-            evaluate_facts(backend, None, manual, test, candidates, batch_size))

@@ -61,6 +61,7 @@ class Trainee:
         self.backend, self.prompt, self.task, self.retry = backend, prompt, task, retry
         self.config: TrainConfig = task.config
         self.attempts: list[dict] = []
+        self.kept: tuple[dict, FitResult] | None = None  # the best attempt on dev so far that rose above its start
         self.result: FitResult | None = None  # set once the last attempt ends
         self.attempt()
 
@@ -121,12 +122,25 @@ class Trainee:
         self.fit.close()
         self.attempts.append({"lr": self.config.lr, "steps": result.steps, "best_step": result.best_step,
                               "dev_p1": result.best_dev["p1"]})
-        if self.retry and result.failed and len(self.attempts) <= self.config.retries:
+        baseline = self.task.baseline
+        below = baseline is not None and result.best_dev["p1"] < baseline["p1"]
+        if not result.failed and (self.kept is None or _dev_key(result) > _dev_key(self.kept[1])):
+            self.kept = (copy.deepcopy(self.prompt.state_dict()), result)  # the best attempt on dev that rose
+        if self.retry and (result.failed or below) and len(self.attempts) <= self.config.retries:
+            why = "never rose above its start" if result.failed else f"is below the manual prompt's {baseline['p1']:.1f}"
             self.config = replace(self.config, lr=self.config.lr * self.config.retry_lr_factor)
-            tqdm.write(f"{self.task.desc}: dev P@1 never rose above its start; retrying at lr {self.config.lr:g}")
-            self.attempt()  # the failed fit left the starting prompt in place: the retry starts where the first did
-        else:
-            self.result = replace(result, attempts=self.attempts)
+            tqdm.write(f"{self.task.desc}: dev P@1 {why}; retrying at lr {self.config.lr:g}")
+            self.prompt.load_state_dict(self.fit.start_state)  # every attempt starts where the first did
+            self.attempt()
+            return
+        if self.kept is not None and (result.failed or _dev_key(self.kept[1]) > _dev_key(result)):
+            self.prompt.load_state_dict(self.kept[0])  # an earlier attempt did better on dev: it is kept
+            result = self.kept[1]
+        self.result = replace(result, attempts=self.attempts)
+
+
+def _dev_key(result: FitResult) -> tuple[float, float]:
+    return result.best_dev["p1"], result.best_dev["mrr"]
 
 
 def train_together(backend: Backend, trainees: list[Trainee]) -> None:
@@ -159,9 +173,9 @@ def train_prompt(backend: Backend, method: nn.Module, task: FitTask) -> FitResul
 
 
 def train_with_retries(backend: Backend, method: nn.Module, task: FitTask) -> FitResult:
-    """`train_prompt`, run again at `retry_lr_factor` times the lr (up to `retries` times) while dev never rises
-    above its start. A failed fit leaves the starting prompt in place, so each retry starts where the first did;
-    the log holds every attempt, each opened by its config."""
+    """`train_prompt`, run again from the same start at `retry_lr_factor` times the lr (up to `retries` times) while
+    dev P@1 never rises above its start, or stays below the task's `baseline` (the manual prompt's dev figures); the
+    attempt best on dev is kept. The log holds every attempt, each opened by its config."""
     trainee = Trainee(backend, method, task)
     while trainee.result is None:
         train_together(backend, [trainee])

