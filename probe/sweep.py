@@ -374,7 +374,8 @@ def draw_lengths(cells: pd.DataFrame, summary: pd.DataFrame, out: Path, runs: di
     refs = pd.DataFrame([{"series": label, "length": None, "macro_p1_mean": value, "macro_p1_std": None,
                           "seeds": None, "relations": len(relations)} for label, value in references.items()])
     atomic_write_text(out / f"{name}.csv", pd.concat([points, refs] if len(refs) else [points]).to_csv(index=False))
-    plot_lengths(points, references, out / f"{name}.png")
+    if (points["length"] > 0).any():  # a grid without a length axis has no length figure
+        plot_lengths(points[points["length"] > 0], references, out / f"{name}.png")
 
 
 def is_sweep_folder(path: Path) -> bool:

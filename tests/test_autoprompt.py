@@ -333,7 +333,8 @@ def test_cli_train_autoprompt_then_eval_prompts(tiny_causal_dir, tmp_path):
     assert res.exit_code == 0, res.output
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["method"] == "autoprompt"
-    assert cfg["train"] == {"iterations": 4, "top_k": 3, "batch_size": 4, "patience": 10, "capitals": False, "seed": 13}
+    assert cfg["train"] == {"iterations": 4, "top_k": 3, "batch_size": 4, "patience": 10, "capitals": False, "dev_size": 0,
+                            "seed": 13}
     assert len(json.loads((out / "P19" / "config.json").read_text())["triggers"]["ids"]) == 6
     res = CliRunner().invoke(cli.app, ["eval", "--prompts", str(out)])
     assert res.exit_code == 0, res.output

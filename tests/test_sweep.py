@@ -77,7 +77,7 @@ def test_grid_expands_only_the_axes_a_method_takes(tmp_path):
     # [train] keys are the fit settings of the grid's methods: a trigger search has no epochs, a trainer no iterations
     ("relations = [\"P19\"]\n[axes]\nmethod = [\"ptuning\"]\n[train]\niterations = 3", "got ['iterations']"),
     ("relations = [\"P19\"]\n[axes]\nmethod = [\"autoprompt\"]\n[train]\nepochs = 1",
-     "[train] takes batch_size, capitals, iterations, patience, top_k for these methods; got ['epochs']"),
+     "[train] takes batch_size, capitals, dev_size, iterations, patience, top_k for these methods; got ['epochs']"),
     ("relations = [\"P19\"]\n[axes]\nmethod = [\"autoprompt\"]\n[train]\ntop_k = 0", "[train] for autoprompt: --top-k must be"),
     ("relations = [\"P19\"]\n[axes]\nmethod = [\"ptuning\"]\n[train]\nepochs = 0", "[train] for ptuning: --epochs must be"),
     ("relations = [\"P19\"]\n[axes]\nmethod = [\"ptuning\"]\n[train]\nseed = 3", "got ['seed']"),  # seeds are an axis
