@@ -176,7 +176,7 @@ def test_causal_scores_equal_full_forward_at_last_real_token(causal_backend):
     lengths = batch.attention_mask.sum(1)
     assert len(set(lengths.tolist())) == 3  # 5, 5, 10 and 4 tokens: right padding in one batch
     assert batch.target.tolist() == (lengths - 1).tolist()
-    assert (batch.input_ids[batch.attention_mask == 0] == b.tokenizer.pad_token_id).all()
+    assert (batch.input_ids[batch.attention_mask == 0] == b.pad_id).all()
     with torch.no_grad():
         ours = probe_scores(b, batch, cands)
         ref = full_forward_scores(b, batch, cands)
