@@ -564,3 +564,19 @@ def test_first_token_keys_and_values_run_once_per_token_and_kept(causal_backend,
         b.first_token_starts(ids[:1])  # kept: nothing runs
         b.first_token_starts(other)
     assert runs == [2] and len(b._first_tokens.row) == 1
+
+
+def test_a_gguf_conversion_is_kept_per_transformers_version(tmp_path, monkeypatch):
+    """Versions of transformers convert a GGUF tokenizer differently (5.5 splits " the" in two, 5.0 and 5.10 do not),
+    so a conversion made under one version is never reused under another."""
+    import importlib.metadata
+
+    from probe.backends.loading import gguf_cache_key
+
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    real = importlib.metadata.version
+    first = gguf_cache_key(gguf)
+    assert gguf_cache_key(gguf) == first
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.0.1" if name == "transformers" else real(name))
+    assert gguf_cache_key(gguf) != first

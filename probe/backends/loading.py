@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import importlib.util
 import logging
 import os
@@ -64,9 +65,7 @@ def smollm2_gguf() -> Path:
 
 def gguf_cache_folder(gguf: Path) -> Path:
     """The float32 safetensors copy of a GGUF file, converted once and kept in the cache folder."""
-    st = gguf.stat()
-    key = hashlib.sha1(f"{gguf.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:12]
-    folder = cache_dir() / "models" / f"{gguf.stem}-{key}"
+    folder = cache_dir() / "models" / f"{gguf.stem}-{gguf_cache_key(gguf)}"
     if (folder / "config.json").exists():
         return folder
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -88,6 +87,13 @@ def gguf_cache_folder(gguf: Path) -> Path:
         if not (folder / "config.json").exists():
             raise
     return folder
+
+
+def gguf_cache_key(gguf: Path) -> str:
+    """The file's path, size and time, and the transformers version: versions convert a GGUF tokenizer differently."""
+    st = gguf.stat()
+    stamp = f"{gguf.resolve()}:{st.st_size}:{int(st.st_mtime)}:{importlib.metadata.version('transformers')}"
+    return hashlib.sha1(stamp.encode()).hexdigest()[:12]
 
 
 def looks_like_path(name: str) -> bool:
