@@ -1,6 +1,7 @@
 """How probe scales with the model: random-weight Llama models of three shapes, with SmolLM2's tokenizer.
 
     PROBE_DATA=../shared/lama python benchmarks/scale.py [--shapes 135m,1.7b,8b] [--steps 20] [--full] [--pack N]
+        [--relations P1376,P36,...] [--no-manual]
 
 Random weights need no download; the shapes set the cost: 135m is SmolLM2-135M's config, 1.7b has hidden size 2048
 and 24 layers, 8b hidden size 4096, 32 layers and 8 key/value heads. For each shape it prints:
@@ -114,22 +115,34 @@ def bench(shape: str, args, data, out: Path) -> dict:
     choice = CandidateChoice("common")
     candidates = choice.build(backend.tokenizer, data)
     loaded = LoadedModel(backend, data, candidates)
-    ids = list(data.relations)
+    ids = args.relations.split(",") if args.relations else list(data.relations)
     row = {"shape": shape, "device": device, "params_b": sum(p.numel() for p in backend.model.parameters()) / 1e9,
            "load_s": round(load_s, 1)}
 
-    # manual prompts, all relations
+    if not args.no_manual:
+        row.update(manual(backend, data, candidates, loaded, ids, args, out / f"{shape}-manual"))
+    row.update(ptuning(backend, data, candidates, loaded, ids, args, device, out / f"{shape}-ptuning"))
+    del loaded, backend
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return row
+
+
+def manual(backend, data, candidates, loaded, ids, args, folder: Path) -> dict:
+    """Manual prompts on the relations: facts a second."""
     config = RunConfig.of("eval", backend, data, candidates, method="manual", split="test_34k", vocab="common",
                           batch_size=args.batch_size).to_dict()
-    run = RunFolder(out / f"{shape}-manual", config)
+    run = RunFolder(folder, config)
     t0 = time.time()
     results = run_cells(loaded, data, eval_cells(loaded.spec, run, ids, "test_34k", args.batch_size), run, "eval")
     seconds = time.time() - t0
     facts = results["summary"]["all"]["facts"]
-    row.update(manual_s=round(seconds, 1), manual_facts_per_s=round(facts / seconds, 1),
-               manual_macro_p1=round(results["summary"]["all"]["macro_p1"], 3))
+    return dict(manual_s=round(seconds, 1), manual_facts_per_s=round(facts / seconds, 1),
+                manual_macro_p1=round(results["summary"]["all"]["macro_p1"], 3))
 
-    # packed P-tuning, all relations
+
+def ptuning(backend, data, candidates, loaded, ids, args, device: str, folder: Path) -> dict:
+    """Packed P-tuning on the relations: prompt-steps a second, wall time, GPU busy share, peak memory."""
     method = get_method("ptuning")
     settings = {} if args.full else {"min_steps": args.steps, "epochs": 1, "max_train": args.steps * 16,
                                      "eval_every": args.steps, "retries": 0}
@@ -137,7 +150,7 @@ def bench(shape: str, args, data, out: Path) -> dict:
     pack = args.pack or default_pack(device)
     config = RunConfig.of("train", backend, data, candidates, method="ptuning", split="test_34k", vocab="common",
                           batch_size=128, pack=pack).to_dict()
-    run = RunFolder(out / f"{shape}-ptuning", config)
+    run = RunFolder(folder, config)
     cells = train_cells(loaded.spec, backend, data, ids, run, "ptuning", method_config("ptuning"), fit_config,
                         load_template_spec(None, "ptuning"), "test_34k")
     t0 = time.time()
@@ -145,13 +158,9 @@ def bench(shape: str, args, data, out: Path) -> dict:
         results = run_cells(loaded, data, packed(cells, pack), run, "train")
     seconds = time.time() - t0
     steps = sum(json.loads((run.root / r["relation"] / "config.json").read_text())["steps"] for r in results["relations"])
-    row.update(pack=pack, train_s=round(seconds, 1), prompt_steps=steps, prompt_steps_per_s=round(steps / seconds, 2),
-               train_macro_p1=round(results["summary"]["all"]["macro_p1"], 3), gpu_busy=busy.summary(),
-               peak_memory_gib=round(peak_memory_gib(device), 1))
-    del loaded, backend
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
-    return row
+    return dict(pack=pack, train_s=round(seconds, 1), prompt_steps=steps, prompt_steps_per_s=round(steps / seconds, 2),
+                train_macro_p1=round(results["summary"]["all"]["macro_p1"], 3), gpu_busy=busy.summary(),
+                peak_memory_gib=round(peak_memory_gib(device), 1))
 
 
 def main() -> None:
@@ -161,6 +170,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="training steps of each relation (without --full)")
     parser.add_argument("--full", action="store_true", help="the default training of `probe train`, timed whole")
     parser.add_argument("--pack", type=int, default=None, help="prompts trained at once (default: the device's)")
+    parser.add_argument("--relations", default=None, help="comma list of relations (default: all 41)")
+    parser.add_argument("--no-manual", action="store_true", help="skip the manual-prompt evaluation")
     parser.add_argument("--batch-size", type=int, default=128, help="facts per evaluation batch")
     parser.add_argument("--out", type=Path, default=None, help="where the run folders go (default: a temporary folder)")
     args = parser.parse_args()
