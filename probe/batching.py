@@ -77,11 +77,18 @@ class Batch:
         return Batch(out_ids.to(device), mask.to(device), out_virtual.to(device), self.target[index.to(self.target.device)],
                      self.gold[index.to(self.gold.device)], [self.facts[i] for i in rows])
 
-    def to(self, device: torch.device) -> Batch:
-        return Batch(
-            self.input_ids.to(device), self.attention_mask.to(device), self.virtual_mask.to(device),
-            self.target.to(device), self.gold.to(device), self.facts,
-        )
+    def to(self, device: torch.device | str) -> Batch:
+        """The batch on `device`; to a GPU from pinned host memory, copied without waiting for the GPU."""
+        device = torch.device(device)
+        pinned = device.type == "cuda"
+
+        def move(t: torch.Tensor) -> torch.Tensor:
+            if pinned and t.device.type == "cpu":
+                return t.pin_memory().to(device, non_blocking=True)
+            return t.to(device)
+
+        return Batch(move(self.input_ids), move(self.attention_mask), move(self.virtual_mask), move(self.target),
+                     move(self.gold), self.facts)
 
 
 def filter_facts(facts: list[Fact], candidates) -> tuple[list[Fact], int]:
