@@ -264,6 +264,21 @@ def without_seed(config: dict) -> str:
     return json.dumps(out, sort_keys=True, default=str)
 
 
+def group_labels(runs: list[ComparedRun], groups: list[list[int]]) -> list[str]:
+    """A label per group of runs (its first run's); groups that would share one are told apart by the settings in which
+    their configs differ (e.g. `ptuning [pack=4]` next to `ptuning [pack=None]`)."""
+    labels = [run_label(runs[members[0]].config) for members in groups]
+    settings = [json.loads(without_seed(runs[members[0]].config)) for members in groups]
+    out = []
+    for i, label in enumerate(labels):
+        alike = [j for j, other in enumerate(labels) if other == label and j != i]
+        keys = sorted({k for j in alike for k in settings[i].keys() | settings[j].keys()
+                       if settings[i].get(k) != settings[j].get(k)})
+        shown = ", ".join(f"{k}={json.dumps(settings[i].get(k), default=str)[:40]}" for k in keys[:3])
+        out.append(f"{label} [{shown}]" if alike and shown else label)
+    return out
+
+
 def seed_groups(runs: list[ComparedRun], summary: pd.DataFrame) -> pd.DataFrame | None:
     """Per group of runs that differ only by seed: the seeds, and mean and sample std over them of macro and micro
     P@1 and of macro P@1 per relation type; None when no two runs differ only by seed."""
@@ -273,10 +288,10 @@ def seed_groups(runs: list[ComparedRun], summary: pd.DataFrame) -> pd.DataFrame 
     if all(len(members) < 2 for members in groups.values()):
         return None
     rows = []
-    for members in groups.values():
+    for members, label in zip(groups.values(), group_labels(runs, list(groups.values())), strict=True):
         figures = summary.iloc[members]
         seeds = [str(runs[i].config["seed"]) for i in members if runs[i].config.get("seed") is not None]
-        row = {"label": run_label(runs[members[0]].config), "runs": len(members), "seeds": ", ".join(seeds),
+        row = {"label": label, "runs": len(members), "seeds": ", ".join(seeds),
                "repeated_seeds": ", ".join(dict.fromkeys(s for s in seeds if seeds.count(s) > 1))}
         for key in SEED_FIGURES:
             values = figures[key].dropna().astype(float)
@@ -376,8 +391,8 @@ def run_series(runs: list[ComparedRun]) -> list[tuple[str, list[int]]]:
     for i, run in enumerate(runs):
         groups.setdefault(without_seed(run.config), []).append(i)
     out = []
-    for members in groups.values():
-        label = runs[members[0]].label if len(members) == 1 else f"{run_label(runs[members[0]].config)} ({len(members)} seeds)"
+    for members, shared in zip(groups.values(), group_labels(runs, list(groups.values())), strict=True):
+        label = runs[members[0]].label if len(members) == 1 else f"{shared} ({len(members)} seeds)"
         if len(members) > 1 and len({r.config.get("model") for r in runs}) > 1:
             label += f" @ {slug(str(runs[members[0]].config.get('model')))}"
         out.append((label, members))

@@ -295,3 +295,24 @@ def test_relations_flagged_fit_failed_are_counted_and_named(tmp_path):
     again = _seeded_run(tmp_path, "again", "prompt-tuning", 2, {"P19": 41.0, "P36": 0.0}, failed=("P19", "P36"))
     seeds = compare_runs(load_runs([ok, flagged, again])).seeds.set_index("label")
     assert seeds["fit_failed"].to_dict() == {"ptuning": 0, "prompt-tuning": 3}
+
+
+def test_seed_groups_alike_but_for_a_setting_are_told_apart_by_it(tmp_path):
+    """Two groups of ptuning seeds that differ only by `pack`: two rows and two series, each named by its pack."""
+    import json as _json
+
+    from probe.compare import run_series
+
+    folders = []
+    for pack, shift in ((None, 0.0), (4, 2.0)):
+        for seed in (1, 2):
+            folder = _seeded_run(tmp_path, f"pt{pack}-{seed}", "ptuning", seed, {"P19": 40.0 + shift + seed, "P36": 20.0})
+            results = _json.loads((folder / "results.json").read_text())
+            results["config"]["pack"] = pack
+            (folder / "results.json").write_text(_json.dumps(results))
+            folders.append(folder)
+    cmp = compare_runs(load_runs(folders))
+    seeds = cmp.seeds.set_index("label")
+    assert list(seeds.index) == ["ptuning [pack=null]", "ptuning [pack=4]"]
+    assert seeds.loc["ptuning [pack=null]", "macro_p1_mean"] == 30.75 and seeds.loc["ptuning [pack=4]", "macro_p1_mean"] == 31.75
+    assert [label for label, _ in run_series(cmp.runs)] == ["ptuning [pack=null] (2 seeds)", "ptuning [pack=4] (2 seeds)"]
