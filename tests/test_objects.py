@@ -5,6 +5,7 @@ reporting and errors."""
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -98,7 +99,10 @@ def test_causal_scores_equal_a_forward_per_candidate(causal_backend, generic):
     oc = object_candidates(b.tokenizer, CITIES)
     assert max(len(s) for s in oc.sequences) >= 3 and len(oc.contexts("causal").keys) > 1
     compiled = compile_template(P19, b.tokenizer, "causal")
-    scores = scores_of(b, compiled, FACTS, oc)
+    with warnings.catch_warnings(record=True) as caught:  # the cache passed under the name this transformers reads
+        warnings.simplefilter("always")
+        scores = scores_of(b, compiled, FACTS, oc)
+    assert [str(w.message) for w in caught if "past_key_values" in str(w.message)] == []
     assert scores.dtype == torch.float64 and scores.shape == (len(FACTS), len(CITIES))
     for i, fact in enumerate(FACTS):
         for c, seq in enumerate(oc.sequences):
