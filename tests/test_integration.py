@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pandas as pd
@@ -159,15 +160,28 @@ def test_train_then_reload_reproduces_on_smollm2(tmp_path, lama_dir, smollm2_dir
     assert metrics["p1"] == pytest.approx(100 * sum(p["rank"] == 1 for p in preds) / 193, rel=1e-6)
     assert metrics["mrr"] == pytest.approx(sum(1 / p["rank"] for p in preds) / 193, rel=1e-6)
     assert metrics["manual_p1"] == pytest.approx(100 * 41 / 193, rel=1e-6)  # 21.24, as `probe eval` in float32
-    # the prompt kept is the best on dev by (P@1, MRR) among the training log's dev checks, step 0 included
+    # each attempt keeps its best dev check by (P@1, MRR), step 0 included (an attempt whose dev P@1 never rose keeps
+    # step 0 and has failed); the run keeps the attempt best on dev among those that rose (the last on a tie). Which
+    # attempt that is, and its figures, depend on the CPU's float32 kernels (BENCHMARKS.md, "The test suite on other
+    # kernels"): what is exact everywhere is this selection and the rerun below.
     log = [json.loads(x) for x in (out / "P1376" / "train_log.jsonl").read_text().splitlines()]
-    last = log[max(i for i, e in enumerate(log) if "config" in e):]  # each attempt's log opens with its config
-    checks = {e["step"]: (e["dev_p1"], e["dev_mrr"]) for e in last if "dev_p1" in e}
-    assert list(checks) == [0, 1, 2, 3] and cfg["steps"] == 3  # 48 facts of --max-train, batches of 16, one epoch
-    assert [a["lr"] for a in cfg["attempts"]] == [1e-3, 1e-4][: len(cfg["attempts"])]
+    starts = [i for i, e in enumerate(log) if "config" in e] + [len(log)]  # each attempt's log opens with its config
+    attempts = [log[a:b] for a, b in itertools.pairwise(starts)]
+    assert len(attempts) == len(cfg["attempts"])
+    assert [a["lr"] for a in cfg["attempts"]] == [1e-3, 1e-4][: len(attempts)]
+    best = []
+    for seg, recorded in zip(attempts, cfg["attempts"], strict=True):
+        checks = {e["step"]: (e["dev_p1"], e["dev_mrr"]) for e in seg if "dev_p1" in e}
+        assert list(checks) == [0, 1, 2, 3] and recorded["steps"] == 3  # 48 facts, batches of 16, one epoch
+        step = max(checks, key=checks.get)
+        step = step if checks[step][0] > checks[0][0] else 0  # dev P@1 never rose: a failed attempt, best step 0
+        assert recorded["best_step"] == step and recorded["dev_p1"] == checks[step][0]
+        if step:
+            best.append((checks[step], len(best), step))
+    assert cfg["steps"] == 3
     if not metrics["fit_failed"]:
-        assert cfg["best_step"] == max(checks, key=checks.get) > 0
-        assert (metrics["dev_p1"], metrics["dev_mrr"]) == checks[cfg["best_step"]]
+        key, _, step = max(best)
+        assert cfg["best_step"] == step > 0 and (metrics["dev_p1"], metrics["dev_mrr"]) == key
     assert cfg["template"] == "(3, sub, 3, obj)" and cfg["n_virtual"] == 6 and cfg["hidden_size"] == 576
     # seeded training in float32 repeats itself on this machine: the same figures, the same prompt, byte for byte
     again, again_cfg = _train_p1376(tmp_path / "again", lama_dir)
