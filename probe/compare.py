@@ -322,16 +322,18 @@ def seed_notes(seeds: pd.DataFrame) -> list[str]:
     return notes
 
 
+def mean_std(mean: float | None, std: float | None) -> str:
+    """`mean ± std` as printed; the mean alone where there is no spread (one seed), nothing where there is no mean."""
+    if mean is None or pd.isna(mean):
+        return ""
+    return f"{mean:.2f}" + (f" ± {std:.2f}" if std is not None and not pd.isna(std) else "")
+
+
 def seed_table(seeds: pd.DataFrame) -> pd.DataFrame:
     """The seed groups as printed: `mean ± std` per figure."""
-    def shown(mean, std) -> str:
-        if mean is None or pd.isna(mean):
-            return ""
-        return f"{mean:.2f}" + (f" ± {std:.2f}" if std is not None and not pd.isna(std) else "")
-
     out = seeds[["label", "runs", "seeds"]].copy()
     for key in SEED_FIGURES:
-        out[key] = [shown(m, s) for m, s in zip(seeds[f"{key}_mean"], seeds[f"{key}_std"], strict=True)]
+        out[key] = [mean_std(m, s) for m, s in zip(seeds[f"{key}_mean"], seeds[f"{key}_std"], strict=True)]
     for flag in ("fit_failed", "below_manual"):
         if flag in seeds:
             out[flag] = seeds[flag]

@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 from probe.backends import model_info
 from probe.cells import Cell, CellOutput, Executor, LoadedModel, ModelSpec
-from probe.compare import run_label
+from probe.compare import mean_std, run_label
 from probe.data import open_data
 from probe.errors import Interrupted, ProbeError
 from probe.evaluate import evaluate_facts
@@ -339,7 +339,7 @@ def write_tables(out: Path, cells: list[Cell]) -> pd.DataFrame:
     summary.to_csv(out / "summary.csv", index=False)
     shown = summary.copy()
     for m in ("p1", "dev_p1"):
-        shown[m] = [f"{a:.2f} ± {b:.2f}" for a, b in zip(summary[f"{m}_mean"], summary[f"{m}_std"], strict=True)]
+        shown[m] = [mean_std(a, b) for a, b in zip(summary[f"{m}_mean"], summary[f"{m}_std"], strict=True)]
     shown = shown[[*(c for c in SETTING if c in shown), "seeds", "relations", "p1", "dev_p1"]].rename(
         columns={"p1": "macro P@1 (mean ± std over seeds)", "dev_p1": "dev macro P@1"})
     atomic_write_text(out / "summary.md", markdown_table(shown) + "\n")

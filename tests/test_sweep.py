@@ -12,6 +12,7 @@ from test_train import default_splits, make_lama
 import probe.sweep
 from probe.batching import relation_facts
 from probe.cells import InProcess, LoadedModel
+from probe.compare import mean_std
 from probe.data import LamaData
 from probe.errors import ProbeError
 from probe.evaluate import evaluate_facts
@@ -289,6 +290,8 @@ def test_summarise_single_seed_has_no_std():
                         "dev_p1": p} for r, p in (("P19", 10.0), ("P36", 30.0))])
     (row,) = summarise(df).to_dict("records")
     assert row["p1_mean"] == 20.0 and pd.isna(row["p1_std"])
+    assert mean_std(row["p1_mean"], row["p1_std"]) == "20.00"  # summary.md shows no "± nan"
+    assert mean_std(20.0, 1.234) == "20.00 ± 1.23" and mean_std(None, None) == ""
 
 
 def test_cli_sweep_end_to_end_and_resume(tiny_causal_dir, tmp_path):
