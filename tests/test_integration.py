@@ -162,8 +162,8 @@ def test_train_then_reload_reproduces_on_smollm2(tmp_path, lama_dir, smollm2_dir
     assert metrics["manual_p1"] == pytest.approx(100 * 41 / 193, rel=1e-6)  # 21.24, as `probe eval` in float32
     # each attempt keeps its best dev check by (P@1, MRR), step 0 included (an attempt whose dev P@1 never rose keeps
     # step 0 and has failed); the run keeps the attempt best on dev among those that rose (the last on a tie). Which
-    # attempt that is, and its figures, depend on the CPU's float32 kernels (BENCHMARKS.md, "The test suite on other
-    # kernels"): what is exact everywhere is this selection and the rerun below.
+    # attempt that is, and its figures, depend on the CPU's float32 kernels (BENCHMARKS.md, "The test suite, on this
+    # machine's kernels and on two others"): what is exact everywhere is this selection and the rerun below.
     log = [json.loads(x) for x in (out / "P1376" / "train_log.jsonl").read_text().splitlines()]
     starts = [i for i, e in enumerate(log) if "config" in e] + [len(log)]  # each attempt's log opens with its config
     attempts = [log[a:b] for a, b in itertools.pairwise(starts)]

@@ -88,9 +88,10 @@ def test_a_pack_gives_each_prompt_its_fit_alone(request, which, method, slots, t
             # round differently: 10 x TOL. What evaluation uses (the vectors, keys and values) is the encoder's output,
             # those weights' differences carried through its layers, so it is bounded relative to its scale: 100 x TOL
             # x its largest value. How closely the two agree depends on the kernels: on this machine's defaults
-            # within TOL, but ATen's AVX2 kernels (ATEN_CPU_CAPABILITY=avx2) sum a pack's padded rows in another order
-            # and prefix-tuning's keys (values up to 7.7) then differed by up to 9e-4, with every loss and dev figure
-            # still equal; BENCHMARKS.md, "The test suite, on this machine's kernels and on two others"
+            # within TOL, but under ATen's AVX2 kernels (ATEN_CPU_CAPABILITY=avx2) a pack's sums round differently
+            # from a lone fit's, and prefix-tuning's keys (values up to 7.7) then differed by up to 9e-4, with every
+            # loss and dev figure still equal; BENCHMARKS.md, "The test suite, on this machine's kernels and on two
+            # others"
             scale = max(1.0, float(saved[1][name].abs().max()))
             bound = 10 * tol if name.startswith("method.") else 100 * tol * scale
             assert torch.allclose(saved[0][name], saved[1][name], atol=bound, rtol=0), (k, name)
