@@ -330,10 +330,14 @@ def executor_specs(grid: SweepGrid, executor: Executor, device: str | None = Non
 def write_tables(out: Path, cells: list[Cell]) -> pd.DataFrame:
     """cells.csv, summary.csv, summary.md, and length.png with the points it draws in length.csv, from the finished cells
     of this grid; run folders inside the sweep folder (a fine-tuning run, say) are drawn as reference lines."""
-    rows = [read_json(p) for c in cells if (p := out / "cells" / f"{c.key}.json").exists()]
-    df = pd.DataFrame(rows)
-    if df.empty:
-        return df
+    df = pd.DataFrame([read_json(p) for c in cells if (p := out / "cells" / f"{c.key}.json").exists()])
+    if not df.empty:
+        write_summary(out, df)
+    return df
+
+
+def write_summary(out: Path, df: pd.DataFrame) -> None:
+    """The tables and the length figure of `write_tables` from a cells table (rows of cells/*.json or cells.csv)."""
     df.to_csv(out / "cells.csv", index=False)
     summary = summarise(df)
     summary.to_csv(out / "summary.csv", index=False)
@@ -344,7 +348,6 @@ def write_tables(out: Path, cells: list[Cell]) -> pd.DataFrame:
         columns={"p1": "macro P@1 (mean ± std over seeds)", "dev_p1": "dev macro P@1"})
     atomic_write_text(out / "summary.md", markdown_table(shown) + "\n")
     draw_lengths(df, summary, out, reference_runs(out))
-    return df
 
 
 def reference_runs(folder: Path) -> dict[str, dict[str, float]]:
