@@ -150,6 +150,12 @@ def test_sweep_runs_resumes_and_summarises(causal_backend, tmp_path, monkeypatch
     assert {k: first[k] for k in ("p1", "p10", "mrr")} == {k: metrics[k] for k in ("p1", "p10", "mrr")}
     assert (first["dev_p1"], first["steps"], first["best_step"]) == (result.best_dev["p1"], result.steps, result.best_step)
     assert first["n_facts"] == 6 and first["n_train"] == 8  # the test fact of Ravenna (not a candidate) is left out
+    # a third seed added to the grid, run into the same folder: only its cells run, and the tables hold all three
+    grid3 = load_grid(write_grid(tmp_path / "g3.toml", (tmp_path / "g.toml").read_text().replace("[1, 2]", "[1, 2, 3]")))
+    prepare_folder(out, grid3, {"data": "x"})
+    df3 = sweep_here(causal_backend, lama, grid3, ["P19", "P36"], cands, out)
+    assert sorted((c.seed, c.relation) for c in ran[9:]) == sorted([(3, "P19"), (3, "P36")] * 2)
+    assert len(df3) == 12 and set(pd.read_csv(out / "summary.csv")["seeds"]) == {3}
 
 
 def sweep_here(backend, data, grid, relation_ids, candidates, out):
