@@ -25,7 +25,8 @@ class FineTune(GradientPrompt):
     save_state = False  # the weights go to model.safetensors, and only with --save-model
     trains_lm: ClassVar[bool] = True
     lm_dtype = "float32"  # AdamW on the weights themselves: float32 master weights
-    packable = False  # one LM per fit    default_lr = 3e-5  # chosen on dev among 1e-5, 3e-5 and 1e-4 (BENCHMARKS.md)
+    packable = False  # one LM per fit
+    default_lr = 3e-5  # chosen on dev among 1e-5, 3e-5 and 1e-4 (BENCHMARKS.md)
 
     def __init__(self, lm: nn.Module, hidden_size: int, config=None):
         super().__init__(0, hidden_size, config)
