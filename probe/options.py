@@ -202,8 +202,8 @@ def check_pack(pack: int | None, method_cls=None) -> None:
         return
     check_positive(pack=pack)
     if method_cls is not None and not method_cls.packable and pack > 1:
-        raise ProbeError(f"--pack applies to the methods fit by the one trainer (ptuning, prompt-tuning, ...); "
-                         f"{method_cls.name!r} is fit one relation after another")
+        raise ProbeError(f"--pack applies to the methods whose fits share passes of the LM (ptuning, prompt-tuning, "
+                         f"autoprompt, ...); {method_cls.name!r} is fit one relation after another")
 
 
 def make_executor(data: FactData, candidates: CandidateChoice | str, ray: str | None = None,

@@ -4,7 +4,7 @@
 task in a slot and runs them as one pass (`Backend.pack_loss`); each prompt keeps its own optimizer, lr schedule,
 dev checks, patience, retry and log (`probe.train`), and since the LM is frozen and rows are independent, each gets
 exactly its own gradient. A task that stops early leaves and the next one takes its slot. Methods fit another way
-(a trigger search, fine-tuning) run one after another.
+(fine-tuning) run one after another; AutoPrompt's searches run in step (`search_together`).
 
 `Pack` is a cell made of fit cells (the relations of `probe train`, the cells of `probe sweep`): each member keeps
 its key, files and marker, and is written as soon as it finishes.
@@ -12,7 +12,6 @@ its key, files and marker, and is written as soon as it finishes.
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +21,7 @@ import torch
 from probe.backends import Backend
 from probe.cells import Cell, CellOutput, LoadedModel, ModelSpec
 from probe.errors import ProbeError
-from probe.fit import FitTask, Fitted, create_prompt, fit
-from probe.train import Trainee, train_together
+from probe.fit import FitTask, Fitted, fit
 
 CPU_PACK = 1  # prompts trained at once on a CPU when --pack is not given (BENCHMARKS.md, "Packed fitting")
 GPU_PACK = 64  # on a GPU, at most; fewer where its free memory says so (see memory_slots)
@@ -49,8 +47,9 @@ def memory_slots(backend: Backend, batch_size: int, tokens: int = 32) -> int | N
 
 
 def fit_pack(backend: Backend, tasks: Sequence[FitTask], slots: int) -> Iterator[tuple[int, Fitted]]:
-    """Fit every task, at most `slots` at once, each new one taking the slot of one that finished; yields (index of
-    the task, its Fitted) as each finishes. Tasks of a method the trainer does not fit run one after another."""
+    """Fit every task, at most `slots` at once (the method's `fit_together`), each new one taking the slot of one that
+    finished; yields (index of the task, its Fitted) as each finishes. Tasks of a method whose fits cannot share a
+    pass run one after another."""
     if slots < 1:
         raise ProbeError(f"--pack must be at least 1, got {slots}")
     if len({t.method for t in tasks}) > 1:
@@ -59,20 +58,7 @@ def fit_pack(backend: Backend, tasks: Sequence[FitTask], slots: int) -> Iterator
         for i, task in enumerate(tasks):
             yield i, fit(backend, task)
         return
-    waiting = deque(enumerate(tasks))
-    active: dict[int, Trainee] = {}
-    try:
-        while waiting or active:
-            while waiting and len(active) < slots:
-                i, task = waiting.popleft()
-                active[i] = Trainee(backend, create_prompt(backend, task), task)
-            train_together(backend, list(active.values()))
-            for i in [i for i, t in active.items() if t.result is not None]:
-                trainee = active.pop(i)
-                yield i, Fitted(trainee.prompt, trainee.result)
-    finally:
-        for trainee in active.values():  # interrupted: close the logs and bars of the fits still running
-            trainee.fit.close()
+    yield from tasks[0].method.fit_together(backend, tasks, slots)
 
 
 @dataclass

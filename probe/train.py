@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import copy
 import math
+from collections import deque
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -18,7 +20,7 @@ from probe.backends import Backend
 from probe.batching import make_batches
 from probe.errors import ProbeError, check_positive
 from probe.evaluate import evaluate_facts, evaluate_pack
-from probe.fit import FitLoop, FitResult, FitTask
+from probe.fit import FitLoop, FitResult, FitTask, Fitted, create_prompt
 
 
 @dataclass
@@ -180,3 +182,22 @@ def train_with_retries(backend: Backend, method: nn.Module, task: FitTask) -> Fi
     while trainee.result is None:
         train_together(backend, [trainee])
     return trainee.result
+
+
+def train_pack(backend: Backend, tasks: list[FitTask], slots: int) -> Iterator[tuple[int, Fitted]]:
+    """Train the tasks' prompts, at most `slots` at once (`train_together`), each new one taking the slot of one that
+    finished; yields (index of the task, its Fitted) as each finishes."""
+    waiting = deque(enumerate(tasks))
+    active: dict[int, Trainee] = {}
+    try:
+        while waiting or active:
+            while waiting and len(active) < slots:
+                i, task = waiting.popleft()
+                active[i] = Trainee(backend, create_prompt(backend, task), task)
+            train_together(backend, list(active.values()))
+            for i in [i for i, t in active.items() if t.result is not None]:
+                trainee = active.pop(i)
+                yield i, Fitted(trainee.prompt, trainee.result)
+    finally:
+        for trainee in active.values():  # interrupted: close the logs and bars of the fits still running
+            trainee.fit.close()

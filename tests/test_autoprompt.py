@@ -22,7 +22,7 @@ from probe.commands.rerun import reevaluate_run
 from probe.data import Fact, LamaData
 from probe.evaluate import evaluate_facts
 from probe.fit import FitTask, fit
-from probe.methods import get_method
+from probe.methods import autoprompt, get_method
 from probe.methods.autoprompt import (
     AutoPrompt,
     AutoPromptConfig,
@@ -34,6 +34,7 @@ from probe.methods.autoprompt import (
     search_triggers,
 )
 from probe.options import load_template_spec
+from probe.pack import fit_pack
 from probe.runs import RunConfig, RunFolder
 from probe.templates import DEFAULT_SHAPES, compile_template, encode_words
 from probe.vocab import build_candidates
@@ -275,6 +276,49 @@ def test_same_seed_same_triggers_other_seed_other_search(causal_backend, tmp_pat
     assert a[2] != c[2]
 
 
+@pytest.mark.parametrize(("slots", "rows"), [(2, None), (3, None), (3, 20)])
+def test_searches_in_step_find_what_each_finds_alone(backend, slots, rows, tmp_path, monkeypatch):
+    """A pack of AutoPrompt fits (fit_pack -> search_together) shares each iteration's gradient pass and re-scoring
+    pass among the searches; each search still finds, flips, checks dev and stops as it does alone. In float32 its
+    losses agree within 1e-5 (the sums come in another order when a pass has more rows), every decision exactly.
+    The three searches end differently (early stop, all iterations, another template); with 2 slots the third
+    takes the slot of the first to end; with passes of at most 20 rows the re-scoring takes several passes."""
+    if rows:
+        monkeypatch.setattr(autoprompt, "PACK_ROWS", rows)
+    cands = build_candidates(backend.tokenizer, CANDIDATES)
+    train, dev = constant_object_problem(backend, cands)
+    other = {"causal": "(1, sub, 3, obj)", "masked": "(1, sub, 3, obj, 1)"}[backend.kind]
+    settings = [
+        (DEFAULT_SHAPES[backend.kind], train, dev, TriggerSearchConfig(iterations=40, top_k=1, batch_size=4,
+                                                                        patience=2, seed=1)),
+        (DEFAULT_SHAPES[backend.kind], train, dev, TriggerSearchConfig(iterations=7, top_k=5, batch_size=3,
+                                                                        patience=0, seed=5)),
+        (other, train[:6], dev, TriggerSearchConfig(iterations=6, top_k=4, batch_size=4, patience=0, seed=2)),
+    ]
+
+    def tasks(tag: str) -> list[FitTask]:
+        return [FitTask(compile_template(t, backend.tokenizer, backend.kind), tr, dv, cands, c, AutoPrompt, None, MANUAL,
+                        tmp_path / f"{tag}-{k}.jsonl") for k, (t, tr, dv, c) in enumerate(settings)]
+
+    alone = [fit(backend, task) for task in tasks("alone")]
+    together = dict(fit_pack(backend, tasks("pack"), slots=slots))
+    assert sorted(together) == [0, 1, 2]
+    assert [a.result.stopped_early for a in alone] == [True, False, False]
+    for k, solo in enumerate(alone):
+        a, b = solo.result, together[k].result
+        assert (a.best_step, a.steps, a.stopped_early, a.best_dev["p1"]) == \
+            (b.best_step, b.steps, b.stopped_early, b.best_dev["p1"]), k
+        assert a.best_dev["mrr"] == pytest.approx(b.best_dev["mrr"], abs=1e-5)
+        assert together[k].prompt.trigger_ids.tolist() == solo.prompt.trigger_ids.tolist()
+        logs = [[json.loads(line) for line in (tmp_path / f"{tag}-{k}.jsonl").read_text().splitlines()[1:]]
+                for tag in ("alone", "pack")]
+        assert [(e["step"], e["slot"], e["token"], e["flipped"], e.get("dev_p1")) for e in logs[0]] == \
+            [(e["step"], e["slot"], e["token"], e["flipped"], e.get("dev_p1")) for e in logs[1]]
+        for x, y in zip(*logs, strict=True):
+            # 1e-5, and the log rounds to 5 decimals: two values 1e-6 apart can print 1e-5 apart
+            assert (x["loss"], x["new_loss"]) == pytest.approx((y["loss"], y["new_loss"]), abs=2e-5)
+
+
 # ---------------------------------------------------------------------------------------------
 # Saved triggers, the pipeline and the CLI
 # ---------------------------------------------------------------------------------------------
@@ -414,3 +458,32 @@ def test_cli_bad_init_is_one_error_line(args, fragment, tmp_path):
     proc = cli_in_process("train", "--method", "autoprompt", "--relation", "P19", *args,
                    "--data", str(make_lama(tmp_path / "lama")))
     assert_user_error(proc, fragment)
+
+
+def test_train_packs_autoprompt_searches_and_refuses_a_pack_for_finetune(tiny_causal_dir, tmp_path):
+    """`probe train --method autoprompt --pack 2` runs the relations' searches in step and writes what --pack 1 does:
+    the same triggers and test figures per relation (float32); finetune, one LM per fit, refuses --pack 2."""
+    lama = make_lama(tmp_path / "lama")
+    rows = [{"relation": r, "template": MANUAL, "label": r, "type": "N-1"} for r in ("P19", "P20")]
+    write_jsonl(lama / "relations" / "relations.jsonl", rows)
+    for split in ("train", "dev", "test_34k"):  # P20: P19's facts, objects swapped
+        facts = [json.loads(line) for line in (lama / "trex" / split / "P19.jsonl").read_text().splitlines()]
+        swap = {"Paris": "Rome", "Rome": "Paris"}
+        write_jsonl(lama / "trex" / split / "P20.jsonl",
+                    [{**f, "predicate_id": "P20", "obj_label": swap[f["obj_label"]]} for f in facts])
+    runs = {}
+    for pack in (1, 2):
+        out = tmp_path / f"pack{pack}"
+        proc = cli_in_process("train", "--model", str(tiny_causal_dir), "--dtype", "float32", "--data", str(lama),
+                              "-r", "P19,P20", "--method", "autoprompt", "--iterations", "6", "--top-k", "4",
+                              "--batch-size", "3", "--vocab", "common", "--pack", str(pack), "--out", str(out))
+        assert proc.returncode == 0, proc.stderr
+        results = json.loads((out / "results.json").read_text())
+        assert results["config"]["pack"] == pack
+        runs[pack] = {r: (json.loads((out / r / "config.json").read_text())["triggers"]["ids"],
+                          json.loads((out / r / "metrics.json").read_text())["p1"]) for r in ("P19", "P20")}
+    assert runs[1] == runs[2]
+    proc = cli_in_process("train", "--model", str(tiny_causal_dir), "--data", str(lama), "-r", "P19",
+                          "--method", "finetune", "--pack", "2", "--out", str(tmp_path / "ft"))
+    assert_user_error(proc, "--pack applies to the methods whose fits share passes", "'finetune' is fit one relation")
+    assert not (tmp_path / "ft").exists()

@@ -48,15 +48,16 @@ PackPart = tuple  # (Batch, PromptInputs, candidates): one prompt's rows in a pa
 
 
 def per_row(prompts: Sequence[PromptInputs], counts: Sequence[int], slots: Sequence[int]) -> PromptInputs:
-    """The prompts of several parts as one per-row PromptInputs: part k's prompt for each of its `counts[k]` rows,
-    padded to the most virtual slots (`slots[k]` each); the rows keep only their first `slots[k]` vectors."""
+    """The prompts of several parts as one per-row PromptInputs: part k's prompt for each of its `counts[k]` rows (or
+    its own per-row prompt), padded to the most virtual slots (`slots[k]` each); the rows keep only their first
+    `slots[k]` vectors."""
     n = max(slots)
 
-    def rows(tensors: list[torch.Tensor], dim: int) -> torch.Tensor:  # (n_k, d) each -> (B, n, d) in row order
+    def rows(tensors: list[torch.Tensor], dim: int) -> torch.Tensor:  # (n_k, d) or (c_k, n_k, d) -> (B, n, d)
         out = []
         for t, c in zip(tensors, counts, strict=True):
             t = F.pad(t, (0, 0, 0, n - t.shape[-2])) if t.shape[-2] < n else t
-            out.append(t.unsqueeze(dim).expand(*t.shape[:dim], c, *t.shape[dim:]))
+            out.append(t if t.dim() == dim + 3 else t.unsqueeze(dim).expand(*t.shape[:dim], c, *t.shape[dim:]))
         return torch.cat(out, dim=dim)
 
     embeddings = None

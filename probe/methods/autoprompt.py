@@ -23,13 +23,14 @@ from probe.batching import Batch, make_batches
 from probe.data import Fact
 from probe.errors import ProbeError, check_positive
 from probe.evaluate import evaluate_facts
-from probe.fit import FitLoop, FitResult, FitTask
+from probe.fit import FitLoop, FitResult, FitTask, Fitted, create_prompt
 from probe.methods.base import MethodConfig, PromptMethod, option
 from probe.templates import OBJ, SUB, TEXT, VIRTUAL, CompiledTemplate, Template, encode_words, manual_word_slots
 from probe.vocab import CandidateVocab
 
 INIT_WORD = "the"  # a trigger starts as this word (as a word start: ' the' for BPE vocabularies)
 INITS = ("neutral", "manual")
+PACK_ROWS = 4096  # rows of re-scored candidates in one pass when several searches run in step
 
 
 @dataclass
@@ -109,8 +110,14 @@ class AutoPrompt(PromptMethod):
     def virtual_embeddings(self) -> torch.Tensor:
         return self.embed(self.trigger_ids)
 
+    packable = True  # its searches can run in step, their passes shared (search_together)
+
     def fit(self, backend: Backend, task: FitTask) -> FitResult:
         return search_triggers(backend, self, task)
+
+    @classmethod
+    def fit_together(cls, backend: Backend, tasks: list[FitTask], slots: int) -> Iterator[tuple[int, Fitted]]:
+        return search_together(backend, tasks, slots)
 
     def saved_info(self, compiled: CompiledTemplate) -> dict:
         """The triggers as ids, tokens, and the template filled with them: `[X] tok tok tok [Y]`."""
@@ -198,9 +205,108 @@ def _batches(compiled: CompiledTemplate, facts: list[Fact], candidates: Candidat
         yield from make_batches(compiled, facts, candidates, batch_size, pad, generator)
 
 
+@dataclass
+class Gradient:
+    """A search's request: the loss on `batch` and its gradient w.r.t. the trigger embeddings."""
+
+    batch: Batch
+
+
+@dataclass
+class Flips:
+    """A search's request: the loss on `batch` with `slot` set to each of `tokens`."""
+
+    batch: Batch
+    slot: int
+    tokens: list[int]
+
+
 def search_triggers(backend: Backend, method: AutoPrompt, task: FitTask) -> FitResult:
     """Search trigger tokens on the task's train facts with early stopping on dev P@1; leaves the best-on-dev triggers
     in `method`."""
+    search = _search(backend, method, task)
+    answer = None
+    try:
+        while True:
+            request = search.send(answer)
+            if isinstance(request, Gradient):
+                answer = trigger_gradient(backend, method, request.batch, task.candidates)
+            else:
+                answer = flip_losses(backend, method, request.batch, task.candidates, request.slot, request.tokens)
+    except StopIteration as done:
+        return done.value
+    finally:
+        search.close()
+
+
+def search_together(backend: Backend, tasks: list[FitTask], slots: int) -> Iterator[tuple[int, Fitted]]:
+    """The searches of several tasks in step, at most `slots` at once: each iteration's gradients in one pass of the
+    LM and every search's re-scored candidates in another (`Backend.pack_loss`); each search keeps its own batches,
+    flips, dev checks, patience and log. Yields (index of the task, its Fitted) as each ends; the next one takes its
+    slot."""
+    waiting = list(range(len(tasks)))[::-1]
+    methods: dict[int, AutoPrompt] = {}
+    active: dict[int, tuple[Iterator, object]] = {}  # index -> (search, its pending request)
+    try:
+        while waiting or active:
+            while waiting and len(active) < slots:
+                i = waiting.pop()
+                methods[i] = create_prompt(backend, tasks[i])
+                search = _search(backend, methods[i], tasks[i])
+                active[i] = (search, next(search))
+            answers = _answer_together(backend, {i: (methods[i], tasks[i], r) for i, (_, r) in active.items()})
+            for i, answer in answers.items():
+                search = active[i][0]
+                try:
+                    active[i] = (search, search.send(answer))
+                except StopIteration as done:
+                    del active[i]
+                    yield i, Fitted(methods.pop(i), done.value)
+    finally:
+        for search, _ in active.values():  # interrupted: close the logs and bars of the searches still running
+            search.close()
+
+
+def _answer_together(backend: Backend, requests: dict[int, tuple]) -> dict[int, object]:
+    """Every search's pending request: the gradients in one pass, the re-scored candidates in passes of at most
+    PACK_ROWS rows (one search's trials are never split)."""
+    answers: dict[int, object] = {}
+    grads = {i: r for i, r in requests.items() if isinstance(r[2], Gradient)}
+    if grads:
+        leaves = {i: m.virtual_embeddings().detach().float().requires_grad_(True) for i, (m, _, _) in grads.items()}
+        parts = [(r.batch.to(backend.device), PromptInputs(leaves[i]), t.candidates) for i, (_, t, r) in grads.items()]
+        losses = [loss.mean() for loss in backend.pack_loss(parts)]
+        torch.stack(losses).sum().backward()
+        for (i, leaf), loss in zip(leaves.items(), losses, strict=True):
+            answers[i] = (loss.item(), leaf.grad)
+    flips = {i: r for i, r in requests.items() if isinstance(r[2], Flips)}
+    group: list[tuple[int, int, int, tuple]] = []  # (search, its trials, its rows, its part) of the next pass
+
+    def rescore() -> None:
+        with torch.no_grad():
+            losses = backend.pack_loss([part for _, _, _, part in group])
+        for (i, k, _, _), loss in zip(group, losses, strict=True):
+            answers[i] = loss.view(k, -1).mean(dim=1).tolist()
+        group.clear()
+
+    for i, (m, t, r) in flips.items():
+        with torch.no_grad():
+            trials = m.trigger_ids.repeat(len(r.tokens), 1)  # (k, n_virtual)
+            trials[:, r.slot] = torch.tensor(r.tokens, device=trials.device)
+            virtual = backend.embed(trials).repeat_interleave(len(r.batch.facts), dim=0)  # (k * B, n_virtual, H)
+        rows = len(r.tokens) * len(r.batch.facts)
+        if group and sum(n for _, _, n, _ in group) + rows > PACK_ROWS:
+            rescore()
+        group.append((i, len(r.tokens), rows, (r.batch.repeat(len(r.tokens)).to(backend.device),
+                                                PromptInputs(virtual), t.candidates)))
+    if group:
+        rescore()
+    return answers
+
+
+def _search(backend: Backend, method: AutoPrompt, task: FitTask):
+    """The search as a generator: it yields its requests (Gradient, Flips), is sent their answers, and returns the
+    FitResult; `search_triggers` answers one search, `search_together` several in step."""
     compiled, train_facts, dev_facts, candidates = task.compiled, task.train, task.dev, task.candidates
     config: TriggerSearchConfig = task.config
     if config.dev_size and len(dev_facts) > config.dev_size:  # a fixed sample: every check on the same facts
@@ -219,11 +325,12 @@ def search_triggers(backend: Backend, method: AutoPrompt, task: FitTask) -> FitR
         for step in range(1, config.iterations + 1):
             batch = next(stream).to(backend.device)
             slot = (step - 1) % method.n_virtual
-            loss, grad = trigger_gradient(backend, method, batch, candidates)
+            loss, grad = yield Gradient(batch)
             current = int(ids[slot])
             best_loss, best_token = loss, current
             tokens = flip_candidates(table, grad[slot], allowed, current, config.top_k)
-            for token, trial in zip(tokens, flip_losses(backend, method, batch, candidates, slot, tokens), strict=True):
+            trials = (yield Flips(batch, slot, tokens)) if tokens else []
+            for token, trial in zip(tokens, trials, strict=True):
                 if trial < best_loss:
                     best_loss, best_token = trial, token
             ids[slot] = best_token

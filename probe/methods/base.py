@@ -8,6 +8,7 @@ run's label when they differ from the default. Nothing outside a method's own mo
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -16,7 +17,7 @@ from torch import nn
 
 from probe.backends import PromptInputs
 from probe.errors import ProbeError
-from probe.fit import FitResult, FitTask, config_fields
+from probe.fit import FitResult, FitTask, Fitted, config_fields
 
 
 def option(default: Any, choices: tuple | None = None, help: str = "") -> Any:
@@ -66,7 +67,7 @@ class PromptMethod(nn.Module):
     default_shapes: ClassVar[dict[str, str] | None] = None  # per model kind, when not the P-tuning shapes
     trains_lm: ClassVar[bool] = False  # the LM's own weights train (put back by release(), --save-model)
     lm_dtype: ClassVar[str | None] = None  # the LM dtype the method needs (finetune: float32 master weights), else any
-    packable: ClassVar[bool] = False  # several of its fits can share one pass of the LM (probe/pack.py)
+    packable: ClassVar[bool] = False  # several of its fits can share passes of the LM (fit_together, probe/pack.py)
 
     def __init__(self, n_virtual: int, hidden_size: int, config: MethodConfig | None = None):
         super().__init__()
@@ -128,6 +129,12 @@ class PromptMethod(nn.Module):
     def fit(self, backend, task: FitTask) -> FitResult:
         """Fit the prompt on the task's train facts, selecting on its dev facts; leaves the best-on-dev prompt."""
         raise ProbeError(f"method {self.name!r} has nothing to train: use `probe eval --method {self.name}`")
+
+    @classmethod
+    def fit_together(cls, backend, tasks: list[FitTask], slots: int) -> Iterator[tuple[int, Fitted]]:
+        """A packable method's fits of `tasks`, at most `slots` at once sharing passes of the LM (`probe.pack`); yields
+        (index of the task, its Fitted) as each ends."""
+        raise NotImplementedError(f"method {cls.name!r} is packable but has no fit_together")
 
     def saved_info(self, compiled) -> dict:
         """Extra readable facts about a trained prompt, saved in the relation's config.json."""

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from probe.fit import FitResult, FitTask
+from collections.abc import Iterator
+
+from probe.fit import FitResult, FitTask, Fitted
 from probe.methods.base import PromptMethod
-from probe.train import TrainConfig, train_with_retries
+from probe.train import TrainConfig, train_pack, train_with_retries
 
 
 class GradientPrompt(PromptMethod):
@@ -17,3 +19,7 @@ class GradientPrompt(PromptMethod):
 
     def fit(self, backend, task: FitTask) -> FitResult:
         return train_with_retries(backend, self, task)
+
+    @classmethod
+    def fit_together(cls, backend, tasks: list[FitTask], slots: int) -> Iterator[tuple[int, Fitted]]:
+        return train_pack(backend, tasks, slots)
