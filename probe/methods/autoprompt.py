@@ -1,8 +1,9 @@
 """AutoPrompt (Shin et al. 2020): real vocabulary tokens (triggers) in the virtual slots, found by a search.
 
 The method holds the trigger ids; `virtual_embeddings()` are the LM's own input-embedding rows of them, so the
-shared evaluator needs nothing special. It is fit by `search_triggers`, not by gradient descent. Each
-iteration takes one train batch and one trigger slot (the slots in turn):
+shared evaluator needs nothing special. It is fit by `search_triggers` (several relations in step by
+`search_together`), not by gradient descent. Each iteration takes one train batch and one trigger slot (the slots in
+turn):
 1. the gradient of the loss w.r.t. the trigger embeddings (the LM stays frozen);
 2. the top-k allowed vocabulary tokens by -(embedding . gradient), the first-order loss decrease;
 3. each of them re-scored on the batch; the best replaces the slot's token if it lowers the loss;
