@@ -13,6 +13,7 @@ turn):
 from __future__ import annotations
 
 import random
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import ClassVar
@@ -80,6 +81,7 @@ class AutoPrompt(PromptMethod):
     config_class = AutoPromptConfig
     fit_config_class = TriggerSearchConfig
     continuous = False  # its prompt is real tokens
+    packable = True  # its searches can run in step, their passes shared (search_together)
 
     def __init__(self, n_virtual: int, hidden_size: int, config: AutoPromptConfig | None = None,
                  embed: Callable[[torch.Tensor], torch.Tensor] | None = None, trigger_ids: torch.Tensor | None = None):
@@ -110,8 +112,6 @@ class AutoPrompt(PromptMethod):
 
     def virtual_embeddings(self) -> torch.Tensor:
         return self.embed(self.trigger_ids)
-
-    packable = True  # its searches can run in step, their passes shared (search_together)
 
     def fit(self, backend: Backend, task: FitTask) -> FitResult:
         return search_triggers(backend, self, task)
@@ -167,10 +167,15 @@ def batch_loss(backend: Backend, prompt: PromptInputs, batch: Batch, candidates:
 def trigger_gradient(backend: Backend, method: PromptMethod, batch: Batch,
                      candidates: CandidateVocab) -> tuple[float, torch.Tensor]:
     """The batch loss and its gradient w.r.t. the (n_virtual, H) trigger embeddings."""
-    leaf = method.virtual_embeddings().detach().float().requires_grad_(True)
+    leaf = trigger_leaf(method)
     loss = batch_loss(backend, PromptInputs(leaf), batch, candidates)
     loss.backward()
     return loss.item(), leaf.grad
+
+
+def trigger_leaf(method: PromptMethod) -> torch.Tensor:
+    """The trigger embeddings (n_virtual, H) as a float32 leaf whose gradient the search reads."""
+    return method.virtual_embeddings().detach().float().requires_grad_(True)
 
 
 def flip_candidates(table: torch.Tensor, grad: torch.Tensor, allowed: torch.Tensor, current: int, k: int) -> list[int]:
@@ -189,14 +194,21 @@ def flip_losses(backend: Backend, method: AutoPrompt, batch: Batch, candidates: 
     per_pass = max(1, max_rows // len(batch.facts))
     losses: list[float] = []
     for start in range(0, len(tokens), per_pass):
-        chunk = torch.tensor(tokens[start : start + per_pass], device=method.trigger_ids.device)
-        trials = method.trigger_ids.repeat(len(chunk), 1)  # (k, n_virtual)
-        trials[:, slot] = chunk
-        virtual = backend.embed(trials).repeat_interleave(len(batch.facts), dim=0)  # (k * B, n_virtual, H)
-        big = batch.repeat(len(chunk))
-        loss = backend.gold_loss(big, PromptInputs(virtual), candidates).view(len(chunk), -1).mean(dim=1)
+        chunk = tokens[start : start + per_pass]
+        big, virtual = trial_rows(backend, method, batch, slot, chunk)
+        loss = backend.gold_loss(big, virtual, candidates).view(len(chunk), -1).mean(dim=1)
         losses.extend(loss.tolist())
     return losses
+
+
+@torch.no_grad()
+def trial_rows(backend: Backend, method: AutoPrompt, batch: Batch, slot: int,
+               tokens: list[int]) -> tuple[Batch, PromptInputs]:
+    """The batch once per trial token, and per row its triggers with `slot` set to that row's trial: (k * B) rows."""
+    trials = method.trigger_ids.repeat(len(tokens), 1)  # (k, n_virtual)
+    trials[:, slot] = torch.tensor(tokens, device=trials.device)
+    virtual = backend.embed(trials).repeat_interleave(len(batch.facts), dim=0)  # (k * B, n_virtual, H)
+    return batch.repeat(len(tokens)), PromptInputs(virtual)
 
 
 def _batches(compiled: CompiledTemplate, facts: list[Fact], candidates: CandidateVocab, batch_size: int,
@@ -245,26 +257,25 @@ def search_together(backend: Backend, tasks: list[FitTask], slots: int) -> Itera
     LM and every search's re-scored candidates in another (`Backend.pack_loss`); each search keeps its own batches,
     flips, dev checks, patience and log. Yields (index of the task, its Fitted) as each ends; the next one takes its
     slot."""
-    waiting = list(range(len(tasks)))[::-1]
-    methods: dict[int, AutoPrompt] = {}
-    active: dict[int, tuple[Iterator, object]] = {}  # index -> (search, its pending request)
+    waiting = deque(range(len(tasks)))
+    active: dict[int, tuple[Iterator, AutoPrompt, object]] = {}  # index -> (search, its method, its pending request)
     try:
         while waiting or active:
             while waiting and len(active) < slots:
-                i = waiting.pop()
-                methods[i] = create_prompt(backend, tasks[i])
-                search = _search(backend, methods[i], tasks[i])
-                active[i] = (search, next(search))
-            answers = _answer_together(backend, {i: (methods[i], tasks[i], r) for i, (_, r) in active.items()})
+                i = waiting.popleft()
+                method = create_prompt(backend, tasks[i])
+                search = _search(backend, method, tasks[i])
+                active[i] = (search, method, next(search))
+            answers = _answer_together(backend, {i: (m, tasks[i], r) for i, (_, m, r) in active.items()})
             for i, answer in answers.items():
-                search = active[i][0]
+                search, method, _ = active[i]
                 try:
-                    active[i] = (search, search.send(answer))
+                    active[i] = (search, method, search.send(answer))
                 except StopIteration as done:
                     del active[i]
-                    yield i, Fitted(methods.pop(i), done.value)
+                    yield i, Fitted(method, done.value)
     finally:
-        for search, _ in active.values():  # interrupted: close the logs and bars of the searches still running
+        for search, _, _ in active.values():  # interrupted: close the logs and bars of the searches still running
             search.close()
 
 
@@ -274,7 +285,7 @@ def _answer_together(backend: Backend, requests: dict[int, tuple]) -> dict[int, 
     answers: dict[int, object] = {}
     grads = {i: r for i, r in requests.items() if isinstance(r[2], Gradient)}
     if grads:
-        leaves = {i: m.virtual_embeddings().detach().float().requires_grad_(True) for i, (m, _, _) in grads.items()}
+        leaves = {i: trigger_leaf(m) for i, (m, _, _) in grads.items()}
         parts = [(r.batch.to(backend.device), PromptInputs(leaves[i]), t.candidates) for i, (_, t, r) in grads.items()]
         losses = [loss.mean() for loss in backend.pack_loss(parts)]
         torch.stack(losses).sum().backward()
@@ -291,15 +302,11 @@ def _answer_together(backend: Backend, requests: dict[int, tuple]) -> dict[int, 
         group.clear()
 
     for i, (m, t, r) in flips.items():
-        with torch.no_grad():
-            trials = m.trigger_ids.repeat(len(r.tokens), 1)  # (k, n_virtual)
-            trials[:, r.slot] = torch.tensor(r.tokens, device=trials.device)
-            virtual = backend.embed(trials).repeat_interleave(len(r.batch.facts), dim=0)  # (k * B, n_virtual, H)
+        big, virtual = trial_rows(backend, m, r.batch, r.slot, r.tokens)
         rows = len(r.tokens) * len(r.batch.facts)
         if group and sum(n for _, _, n, _ in group) + rows > PACK_ROWS:
             rescore()
-        group.append((i, len(r.tokens), rows, (r.batch.repeat(len(r.tokens)).to(backend.device),
-                                                PromptInputs(virtual), t.candidates)))
+        group.append((i, len(r.tokens), rows, (big.to(backend.device), virtual, t.candidates)))
     if group:
         rescore()
     return answers
