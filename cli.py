@@ -102,8 +102,10 @@ ThreadsOpt = Annotated[int | None, typer.Option(
     help="torch's CPU threads per process that computes (default: torch's own in process, --cpus-per-worker on Ray). "
          "CPU sums, so bfloat16 figures and a training run's path, depend on it; the run records it.")]
 PackOpt = Annotated[int | None, typer.Option(
-    "--pack", help="Prompts trained at once in one pass of the LM (the gradient methods and autoprompt; default 1 on a CPU, "
-                   "where a pack gains little, 64 on a GPU, fewer if its memory says so). --pack 1 fits one relation "
+    "--pack", help="Prompts trained at once in one pass of the LM (ptuning, ptuning-mlp, prompt-tuning, prefix-tuning, "
+                   "autoprompt; `probe train` refuses it for finetune, a sweep fits finetune cells one by one; default 1 "
+                   "on a CPU, where a pack gains little, 64 on a GPU, fewer if its memory says so). --pack 1 fits one "
+                   "relation "
                    "after another; the figures of a pack's relations may move by float rounding with the pack.")]
 MaxMemoryOpt = Annotated[str | None, typer.Option(
     "--max-memory", help="Place the model over several devices with accelerate's device map, at most this much on "
