@@ -99,8 +99,14 @@ RayOpt = Annotated[str | None, typer.Option(
                                        "running cluster, or give HOST:PORT (needs probe[ray]).")]
 CpusOpt = Annotated[int | None, typer.Option(help="With --ray and no GPUs: CPUs (and torch threads) per worker (default 1).")]
 ThreadsOpt = Annotated[int | None, typer.Option(
-    help="torch's CPU threads per process that computes (default: torch's own in process, --cpus-per-worker on Ray). "
+    help="torch's CPU threads per process that computes (default: torch's own in process, divided among --jobs; "
+         "--cpus-per-worker on Ray). "
          "CPU sums, so bfloat16 figures and a training run's path, depend on it; the run records it.")]
+JobsOpt = Annotated[int | None, typer.Option(
+    "--jobs", "-j", help="Cells (relations, sweep cells) run at once in this process, each on its own thread against "
+                         "the one loaded model, torch's CPU threads shared among them (default 1: one after another). "
+                         "On a CPU with N cores, --jobs N runs N fits at once with one torch thread each, as --ray's "
+                         "workers do, without Ray. CPU only; finetune and prefix-tuning fits run alone.")]
 PackOpt = Annotated[int | None, typer.Option(
     "--pack", help="Prompts trained at once in one pass of the LM (ptuning, ptuning-mlp, prompt-tuning, prefix-tuning, "
                    "autoprompt; `probe train` refuses it for finetune, a sweep fits finetune cells one by one; default 1 "
@@ -192,6 +198,7 @@ def eval_cmd(
     ray: RayOpt = None,
     cpus_per_worker: CpusOpt = None,
     threads: ThreadsOpt = None,
+    jobs: JobsOpt = None,
     max_memory: MaxMemoryOpt = None,
 ) -> None:
     """Evaluate fixed prompts on one or all relations with one model load; print and save the table."""
@@ -203,8 +210,8 @@ def eval_cmd(
                       out=out, resume=resume, batch_size=batch_size, device=device, dtype=dtype, prompts=prompts,
                       prompts_file=prompts_file, ensemble=ensemble, max_prompts=max_prompts, control=control, seed=seed,
                       facts=facts, fields=fields, template=template, from_sentences=from_sentences, ray=ray,
-                      cpus_per_worker=cpus_per_worker, threads=threads, objects=objects, candidates=candidates,
-                      length_norm=length_norm, max_memory=max_memory)
+                      cpus_per_worker=cpus_per_worker, threads=threads, jobs=jobs, objects=objects,
+                      candidates=candidates, length_norm=length_norm, max_memory=max_memory)
     if prompts is None:
         return _run(run_eval, options)
     import pandas as pd
@@ -290,6 +297,7 @@ def train_cmd(
     ray: RayOpt = None,
     cpus_per_worker: CpusOpt = None,
     threads: ThreadsOpt = None,
+    jobs: JobsOpt = None,
     pack: PackOpt = None,
     max_memory: MaxMemoryOpt = None,
 ) -> None:
@@ -299,7 +307,7 @@ def train_cmd(
 
     _run(run_train, Options(
         model=model, method=method, relation=relation, all=all_, template=template, init=init, reparam=reparam,
-        option=option, threads=threads, pack=pack, max_memory=max_memory, dev_size=dev_size, preset=preset,
+        option=option, threads=threads, jobs=jobs, pack=pack, max_memory=max_memory, dev_size=dev_size, preset=preset,
         fallback=fallback,
         split=split, vocab=vocab, data=data, out=out, resume=resume, lr=lr, epochs=epochs, min_steps=min_steps,
         batch_size=batch_size, eval_every=eval_every, patience=patience, max_train=max_train, seed=seed,
@@ -429,6 +437,7 @@ def sweep_cmd(
     ray: RayOpt = None,
     cpus_per_worker: CpusOpt = None,
     threads: ThreadsOpt = None,
+    jobs: JobsOpt = None,
     pack: PackOpt = None,
 ) -> None:
     """Train every cell of a grid (model x method x length x method options x seed x relation); tables of mean ± std
@@ -437,7 +446,7 @@ def sweep_cmd(
 
     try:
         summary = sweep_command(grid, out, data, device, log=_log, ray=ray, cpus_per_worker=cpus_per_worker,
-                                threads=threads, pack=pack)
+                                threads=threads, pack=pack, jobs=jobs)
     except Interrupted as e:
         typer.echo(f"interrupted: finished cells are saved in {e.folder}; rerun the same command to continue", err=True)
         raise typer.Exit(130) from None

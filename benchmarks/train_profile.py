@@ -87,13 +87,12 @@ def main() -> None:
 
 
 def fit_times(backend, args, relation, compiled, train, dev, candidates, data) -> None:
-    """A relation's seconds as a TrainCell spends them."""
+    """A relation's seconds as `probe train` spends them."""
+    import probe.train as train_module
+    from probe.fit import FitTask, fit
     from probe.methods.manual import ManualPrompt
-    from probe.train import TrainConfig
 
     test = [f for f in data.facts(relation.id, "test") if f.obj in candidates.index]
-    torch.manual_seed(13)
-    method = get_method(args.method).create(backend, compiled, relation.template)
     evals = []
     evaluate = evaluate_facts
 
@@ -103,11 +102,14 @@ def fit_times(backend, args, relation, compiled, train, dev, candidates, data) -
         evals.append(time.perf_counter() - t0)
         return out
 
-    import probe.train as train_module
-
     train_module.evaluate_facts = timed_eval
+    method_class = get_method(args.method)
+    config = method_class.fit_config(batch_size=args.batch_size)
+    task = FitTask(compiled, train, dev, candidates, config, method=method_class, options=method_class.config_class(),
+                   manual_template=relation.template, relation=relation.id)
     t0 = time.perf_counter()
-    result = method.fit(backend, compiled, train, dev, candidates, TrainConfig(batch_size=args.batch_size))
+    fitted = fit(backend, task)
+    method, result = fitted.prompt, fitted.result
     t_fit = time.perf_counter() - t0
     t0 = time.perf_counter()
     evaluate_facts(backend, method, compiled, test, candidates, 128)

@@ -6,15 +6,19 @@ file last. So a worker killed mid-cell leaves nothing behind, a finished cell is
 every cell whose marker exists.
 
 Two executors run cells behind one interface (`Executor`), with the same results:
-- `InProcess`: one model at a time in this process (the default);
+- `InProcess`: one model at a time in this process, its cells one after another (the default), or with `jobs` > 1
+  that many at once on threads against the one model (`run_beside`);
 - `RayExecutor` (probe/ray_cells.py): Ray actors that each load a model once, on one machine or a cluster.
 """
 
 from __future__ import annotations
 
+import queue
 import sys
+import threading
 import time
 from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -79,6 +83,11 @@ class Cell(ABC):
     def members(self) -> list[Cell]:
         """The cells this one computes: itself (a pack of cells computes several, see probe/pack.py)."""
         return [self]
+
+    @property
+    def beside_others(self) -> bool:
+        """Whether the cell leaves the loaded LM as it is, so that other cells may run beside it (`run_beside`)."""
+        return True
 
     @abstractmethod
     def run(self, loaded: LoadedModel) -> CellOutput:
@@ -199,6 +208,69 @@ def finish(cell: Cell, output: CellOutput, on_done: OnDone | None) -> None:
         on_done(cell, output)
 
 
+def start(cell: Cell, progress: Progress) -> bool:
+    """Count a cell as running; False if another process sharing its folder finished it meanwhile (its finished
+    members are counted as skipped)."""
+    for member in cell.members:
+        if member.done():
+            progress.skipped(member)
+    if cell.done():
+        return False
+    progress.started(sum(not m.done() for m in cell.members))
+    return True
+
+
+def run_beside(cells: Sequence[Cell], loaded: LoadedModel, jobs: int, progress: Progress,
+               on_done: OnDone | None = None) -> None:
+    """Run cells against one loaded model, `jobs` at once on threads; a cell that changes the LM (not `beside_others`)
+    runs alone. This thread writes what they make as it comes, so an interrupt loses no finished cell; a cell that
+    fails lets the running ones finish and be written, then its error is raised."""
+    made: queue.SimpleQueue = queue.SimpleQueue()  # (member, output, seconds); (None, error or None, 0) when a cell ends
+    waiting, running, alone, failure = deque(cells), 0, False, None
+
+    def work(cell: Cell) -> None:
+        try:
+            t0 = time.time()
+            for member, output in cell.outputs(loaded):
+                made.put((member, output, time.time() - t0))
+                t0 = time.time()
+            made.put((None, None, 0.0))
+        except BaseException as error:  # noqa: BLE001 - raised again in the writing thread
+            made.put((None, error, 0.0))
+
+    def write(item: tuple) -> None:
+        nonlocal running, alone, failure
+        member, output, seconds = item
+        if member is None:
+            running, alone, failure = running - 1, False, failure or output
+            return
+        finish(member, output, on_done)
+        progress.finished(member, seconds)
+
+    try:
+        while waiting or running:
+            while waiting and failure is None and running < jobs and not alone and (
+                    not running or waiting[0].beside_others):
+                cell = waiting.popleft()
+                if start(cell, progress):
+                    running, alone = running + 1, not cell.beside_others
+                    threading.Thread(target=work, args=(cell,), name=f"probe {cell.key}", daemon=True).start()
+            if not running:
+                break
+            write(made.get())
+    except BaseException:  # interrupted: write what has finished (threads still running end with the process)
+        while True:
+            try:
+                item = made.get_nowait()
+            except queue.Empty:
+                break
+            if item[0] is not None:
+                write(item)
+        raise
+    if failure is not None:
+        raise failure
+
+
 @contextmanager
 def torch_threads(n: int | None) -> Iterator[None]:
     """torch's CPU thread count set to `n` inside the block (None: left as it is), then put back."""
@@ -240,15 +312,17 @@ class Executor(ABC):
 
 
 class InProcess(Executor):
-    """Runs cells one after another in this process, loading each model once (or using one already loaded)."""
+    """Runs cells in this process, loading each model once (or using one already loaded): one after another, or with
+    `jobs` > 1 that many at once on threads (`run_beside`), torch's CPU threads shared among them."""
 
     def __init__(self, data: FactData, candidates: CandidateChoice | str | None = None, loaded: LoadedModel | None = None,
-                 log=print, threads: int | None = None):
+                 log=print, threads: int | None = None, jobs: int = 1):
         self.data = data
         self.candidates = candidates
         self.loaded = loaded
         self.log = log
         self._threads = threads
+        self.jobs = jobs
 
     @property
     def device(self) -> str:
@@ -256,10 +330,13 @@ class InProcess(Executor):
 
     @property
     def threads(self) -> int:
-        return self._threads or torch.get_num_threads()
+        return self._threads or max(1, torch.get_num_threads() // self.jobs)
 
     def check_device(self, device: str) -> None:
-        resolve_device(device)
+        resolved = resolve_device(device)
+        if resolved != "cpu" and self.jobs > 1:
+            raise ProbeError(f"--jobs {self.jobs} applies to the CPU; on {resolved} use --pack, which trains many "
+                             "prompts in one pass of the LM")
 
     def close(self) -> None:
         """Nothing to shut down."""
@@ -268,21 +345,19 @@ class InProcess(Executor):
         todo = [c for c in cells if not c.done()]
         progress = Progress(todo, desc)
         try:
-            with torch_threads(self._threads):
+            with torch_threads(self.threads if self.jobs > 1 else self._threads):
                 for spec in dict.fromkeys(c.model for c in todo):
                     loaded = self._load(spec)
-                    for cell in (c for c in todo if c.model == spec):
-                        for member in cell.members:
-                            if member.done():  # finished meanwhile by another process sharing the folder
-                                progress.skipped(member)
-                        if cell.done():
-                            continue
-                        t0 = time.time()
-                        progress.started(sum(not m.done() for m in cell.members))
-                        for member, output in cell.outputs(loaded):
-                            finish(member, output, on_done)
-                            progress.finished(member, time.time() - t0)
+                    mine = [c for c in todo if c.model == spec]
+                    if self.jobs > 1:
+                        run_beside(mine, loaded, self.jobs, progress, on_done)
+                    else:
+                        for cell in (c for c in mine if start(c, progress)):
                             t0 = time.time()
+                            for member, output in cell.outputs(loaded):
+                                finish(member, output, on_done)
+                                progress.finished(member, time.time() - t0)
+                                t0 = time.time()
                     loaded = None  # the next model loads once this one is freed
         finally:
             progress.close()

@@ -8,6 +8,7 @@ start is not a trained prompt. Several tasks of one method kind can be fit in on
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -168,10 +169,14 @@ class FitLoop:
         return FitResult(self.best, self.best_step, self.step, stopped)
 
 
+_SEEDED = threading.Lock()  # torch's global generator: one prompt is seeded and drawn at a time (fits on threads)
+
+
 def create_prompt(backend: Backend, task: FitTask) -> nn.Module:
     """The task's method, created for its template (seeded by its fit settings), on the backend's device."""
-    torch.manual_seed(task.config.seed)
-    return task.method.create(backend, task.compiled, task.manual_template, task.options).to(backend.device)
+    with _SEEDED:
+        torch.manual_seed(task.config.seed)
+        return task.method.create(backend, task.compiled, task.manual_template, task.options).to(backend.device)
 
 
 def fit(backend: Backend, task: FitTask) -> Fitted:

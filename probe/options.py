@@ -70,6 +70,7 @@ class Options:
     save_model: bool | None = None
     cpus_per_worker: int | None = None
     threads: int | None = None  # torch's CPU threads per process that computes
+    jobs: int | None = None  # cells run at once in this process, on threads (None: one after another)
     pack: int | None = None  # prompts trained at once in one pass (None: by the device)
     max_memory: str | None = None  # place the model over several devices: 0:70GiB,1:70GiB,cpu:200GiB
     fallback: str | None = None  # "manual": keep the manual prompt where the trained one is below it on dev
@@ -93,7 +94,7 @@ DATA_FLAGS = {"data", "facts", "fields"}
 RAY_FLAGS = {"ray", "cpus_per_worker"}
 OBJECT_FLAGS = {"objects", "candidates", "length_norm"}
 RUN_FLAGS = {"model", "method", "relation", "all", "split", "vocab", "out", "resume", "device", "dtype", "control",
-             "threads", "max_memory"} | DATA_FLAGS | RAY_FLAGS | OBJECT_FLAGS
+             "threads", "jobs", "max_memory"} | DATA_FLAGS | RAY_FLAGS | OBJECT_FLAGS
 
 
 def relation_ids(data: FactData, relation: list[str] | None, all_: bool | None) -> list[str]:
@@ -207,12 +208,17 @@ def check_pack(pack: int | None, method_cls=None) -> None:
 
 
 def make_executor(data: FactData, candidates: CandidateChoice | str, ray: str | None = None,
-                  cpus_per_worker: int | None = None, threads: int | None = None, log=print) -> Executor:
-    """Where the cells run: this process, or Ray with --ray (a local Ray, 'auto', or a cluster address); eval, train
-    and sweep all get theirs here."""
+                  cpus_per_worker: int | None = None, threads: int | None = None, log=print,
+                  jobs: int | None = None) -> Executor:
+    """Where the cells run: this process (one after another, or --jobs at once), or Ray with --ray (a local Ray,
+    'auto', or a cluster address); eval, train and sweep all get theirs here."""
     check_threads(threads)
+    if jobs is not None:
+        check_positive(jobs=jobs)
     if ray is None:
         if cpus_per_worker is not None:
             raise ProbeError("--cpus-per-worker applies to --ray only")
-        return InProcess(data, candidates, log=log, threads=threads)
+        return InProcess(data, candidates, log=log, threads=threads, jobs=jobs or 1)
+    if jobs is not None:
+        raise ProbeError("--jobs applies in process; with --ray each worker runs one cell at a time (use more workers)")
     return RayExecutor(data, candidates, ray, cpus_per_worker or 1, log=log, threads=threads)

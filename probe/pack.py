@@ -89,6 +89,10 @@ class Pack(Cell):
     def members(self) -> list[Cell]:
         return list(self.cells)
 
+    @property
+    def beside_others(self) -> bool:
+        return all(c.beside_others for c in self.cells)
+
     def done(self) -> bool:
         return all(c.done() for c in self.cells)
 

@@ -107,6 +107,10 @@ class SweepCell(Cell):
     def marker(self) -> str:
         return f"cells/{self.key}.json"
 
+    @property
+    def beside_others(self) -> bool:
+        return get_method(self.method).beside_others
+
     def settings(self) -> dict:
         return {"model": self.model.name, "method": self.method, "length": self.length, **self.options,
                 "seed": self.seed, "relation": self.relation}
@@ -419,7 +423,7 @@ def summarise(df: pd.DataFrame) -> pd.DataFrame:
 
 def sweep_command(grid_path: Path, out: Path | None, data: str | None, device: str | None = None, log=print,
                   ray: str | None = None, cpus_per_worker: int | None = None, threads: int | None = None,
-                  pack: int | None = None) -> Path:
+                  pack: int | None = None, jobs: int | None = None) -> Path:
     """`probe sweep`: check the grid and its models, run the unfinished cells (here or on Ray); returns OUT/summary.md."""
     t0 = time.time()
     spec = load_grid(grid_path)
@@ -430,7 +434,7 @@ def sweep_command(grid_path: Path, out: Path | None, data: str | None, device: s
     out = out or Path("runs") / f"sweep-{Path(grid_path).stem}"
     lama.vocab_words(spec.vocab)  # checks the vocabulary name
     check_pack(pack)
-    executor = make_executor(lama, spec.vocab, ray, cpus_per_worker, threads, log)
+    executor = make_executor(lama, spec.vocab, ray, cpus_per_worker, threads, log, jobs)
     try:
         specs = executor_specs(spec, executor, device)
         pack = pack or default_pack(next(iter(specs.values())).device)

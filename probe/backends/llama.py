@@ -12,6 +12,7 @@ arithmetic as transformers' Llama, in plain tensors over the model's own weights
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -81,6 +82,7 @@ class LlamaCausalLM(CausalLM):
         self._packed_rows: object | None = None  # the CandidateRows packed in _candidate_linear
         self._vocab_linear = PackedLinear()  # every output row, packed (objects of any length)
         self._first_tokens: FirstTokens | None = None
+        self._first_tokens_lock = threading.Lock()  # cells running beside each other (--jobs) share the kept tokens
 
     @classmethod
     def supports(cls, config) -> bool:
@@ -238,6 +240,10 @@ class LlamaCausalLM(CausalLM):
         weights change; at most FIRST_TOKENS_MAX tokens are kept). New tokens run in passes of FIRST_TOKENS_CHUNK
         rows, the last padded: a CPU's bfloat16 products round by how many rows they multiply, so a token's keys
         and values, and a relation's figures, would otherwise depend on the relations run before it."""
+        with self._first_tokens_lock:
+            return self._first_token_starts(ids)
+
+    def _first_token_starts(self, ids: torch.Tensor) -> Start:
         stamp = tuple(weight_stamp(p) for p in self.model.parameters())
         kept = self._first_tokens
         if kept is None or kept.stamp != stamp:

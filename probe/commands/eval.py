@@ -184,7 +184,7 @@ def run_eval(opts: Options, log=print) -> list[RunResult]:
                         "ensemble": bool(opts.ensemble), "prompts_per_relation": {r: len(p) for r, p in chosen.items()}}
     if not control.uses_lm:
         method = None
-    executor = make_executor(data, choice, opts.ray, opts.cpus_per_worker, opts.threads, log)
+    executor = make_executor(data, choice, opts.ray, opts.cpus_per_worker, opts.threads, log, opts.jobs)
     name = f"discrete-{slug(Path(opts.prompts_file).stem)}" if chosen else (method or control.name)
     name += "-cloze" if opts.from_sentences else ""
     name += "-any" if choice.objects else ""

@@ -75,6 +75,10 @@ class TrainCell(RelationCell):
     save_model: bool = False  # methods that train the LM: its weights in model.safetensors
     fallback: str | None = None  # "manual": a prompt below the manual one on dev gives way to the manual prompt
 
+    @property
+    def beside_others(self) -> bool:
+        return get_method(self.method).beside_others
+
     def prepare(self, loaded: LoadedModel) -> Prepared | CellOutput:
         """The relation's fit task and what testing it needs; a CellOutput instead when the relation is skipped."""
         backend, data = loaded.backend, loaded.data
@@ -272,6 +276,9 @@ def run_train(opts: Options, log=print) -> list[RunResult]:
         dtype = method_cls.lm_dtype
     fit_config = method_cls.fit_config(opts.preset, **{k: getattr(opts, k) for k in FIT_FLAGS & fit_fields})
     check_pack(opts.pack, method_cls)
+    if (opts.jobs or 1) > 1 and not method_cls.beside_others:
+        raise ProbeError(f"--jobs runs fits beside each other on one LM; method {method!r} changes the LM while it fits, "
+                         "so its relations run one after another (leave --jobs out)")
     templates = load_template_spec(opts.template, method)
     check_new_folder(opts.out, opts.resume)
     data = load_data(opts, opts.manual_template, fit_config.seed)
@@ -283,7 +290,7 @@ def run_train(opts: Options, log=print) -> list[RunResult]:
     check_templates(data, ids, "--manual-template")
     choice = candidate_choice(opts)
     seed = fit_config.seed
-    executor = make_executor(data, choice, opts.ray, opts.cpus_per_worker, opts.threads, log)
+    executor = make_executor(data, choice, opts.ray, opts.cpus_per_worker, opts.threads, log, opts.jobs)
     try:
         spec, info = open_model(name, opts.device, dtype, executor, control, seed, opts.max_memory)
         candidates = choice.build(info.tokenizer, data)

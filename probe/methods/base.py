@@ -68,6 +68,7 @@ class PromptMethod(nn.Module):
     trains_lm: ClassVar[bool] = False  # the LM's own weights train (put back by release(), --save-model)
     lm_dtype: ClassVar[str | None] = None  # the LM dtype the method needs (finetune: float32 master weights), else any
     packable: ClassVar[bool] = False  # several of its fits can share passes of the LM (fit_together, probe/pack.py)
+    beside_others: ClassVar[bool] = True  # its fits leave the LM as it is, so others may run beside them (--jobs)
 
     def __init__(self, n_virtual: int, hidden_size: int, config: MethodConfig | None = None):
         super().__init__()

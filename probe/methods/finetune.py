@@ -26,6 +26,7 @@ class FineTune(GradientPrompt):
     trains_lm: ClassVar[bool] = True
     lm_dtype = "float32"  # AdamW on the weights themselves: float32 master weights
     packable = False  # one LM per fit
+    beside_others = False  # it trains the LM's weights
     default_lr = 3e-5  # chosen on dev among 1e-5, 3e-5 and 1e-4 (BENCHMARKS.md)
 
     def __init__(self, lm: nn.Module, hidden_size: int, config=None):

@@ -38,6 +38,7 @@ class PrefixTuning(GradientPrompt):
     summary = "trained keys and values of the virtual positions at every layer (Li & Liang 2021)"
     config_class = PrefixTuningConfig
     default_lr = 1e-3
+    beside_others = False  # its prefix goes in through hooks on the LM's layers, which a fit beside it would see
     save_state = False  # the MLP is folded away: prefix() is what is saved and reloaded
     # The prefix first, as Li & Liang. A causal LM reads its prediction at the last input token, whose own
     # hidden state a prefix does not set, so that token must be real: here the subject's last token.
