@@ -124,3 +124,33 @@ def test_bad_jobs_are_one_error_line_before_any_model_loads(extra, message, tmp_
                           "--out", tmp_path / "run", *extra)
     assert_user_error(proc, message)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_sweep_on_threads_gives_the_cells_of_one_after_another(tiny_causal_dir, fake_lama, tmp_path):
+    """prompt-tuning cells run two at once, prefix-tuning's (which hook the LM) alone: every cell's row is the one the
+    sweep gives one cell after another, on one thread (its time aside)."""
+    grid = tmp_path / "g.toml"
+    grid.write_text(f"""
+model = "{tiny_causal_dir}"
+relations = ["P19", "P36", "P37"]
+template = "(1, sub, obj)"
+[axes]
+method = ["prompt-tuning", "prefix-tuning"]
+length = [1, 2]
+init = ["random"]
+reparam = ["none"]
+seed = [1]
+[train]
+min_steps = 3
+epochs = 1
+batch_size = 2
+""")
+    rows = {}
+    for jobs in ("1", "2"):
+        out = tmp_path / f"jobs{jobs}"
+        proc = cli_in_process("sweep", grid, "--out", out, "--data", fake_lama, "--threads", "1", "--jobs", jobs)
+        assert proc.returncode == 0, proc.stderr
+        rows[jobs] = {p.name: json.loads(p.read_text()) for p in (out / "cells").glob("*.json")}
+        for row in rows[jobs].values():
+            row.pop("seconds", None)
+    assert len(rows["1"]) == 2 * 2 * 3 and rows["2"] == rows["1"]
