@@ -235,10 +235,11 @@ def run_beside(cells: Sequence[Cell], loaded: LoadedModel, jobs: int, progress: 
                 made.put((member, output, time.time() - t0))
                 t0 = time.time()
             made.put((None, None, 0.0))
-        except BaseException as error:  # noqa: BLE001 - raised again in the writing thread
+        except BaseException as error:  # raised again by the writing thread
             made.put((None, error, 0.0))
 
-    def write(item: tuple) -> None:
+    def take(item: tuple) -> None:
+        """A thread's item: a finished member, written; or a cell's end, which frees its thread."""
         nonlocal running, alone, failure
         member, output, seconds = item
         if member is None:
@@ -257,7 +258,7 @@ def run_beside(cells: Sequence[Cell], loaded: LoadedModel, jobs: int, progress: 
                     threading.Thread(target=work, args=(cell,), name=f"probe {cell.key}", daemon=True).start()
             if not running:
                 break
-            write(made.get())
+            take(made.get())
     except BaseException:  # interrupted: write what has finished (threads still running end with the process)
         while True:
             try:
@@ -265,7 +266,7 @@ def run_beside(cells: Sequence[Cell], loaded: LoadedModel, jobs: int, progress: 
             except queue.Empty:
                 break
             if item[0] is not None:
-                write(item)
+                take(item)
         raise
     if failure is not None:
         raise failure
