@@ -111,8 +111,8 @@ PackOpt = Annotated[int | None, typer.Option(
     "--pack", help="Prompts trained at once in one pass of the LM (ptuning, ptuning-mlp, prompt-tuning, prefix-tuning, "
                    "autoprompt; `probe train` refuses it for finetune, a sweep fits finetune cells one by one; default 1 "
                    "on a CPU, where a pack gains little, 64 on a GPU, fewer if its memory says so). --pack 1 fits one "
-                   "relation "
-                   "after another; the figures of a pack's relations may move by float rounding with the pack.")]
+                   "relation after another; the figures of a pack's relations may move by float rounding with the "
+                   "pack.")]
 MaxMemoryOpt = Annotated[str | None, typer.Option(
     "--max-memory", help="Place the model over several devices with accelerate's device map, at most this much on "
                          "each: 0:70GiB,1:70GiB (and cpu:200GiB to spill over). Several GPUs are used by themselves "

@@ -346,7 +346,7 @@ class InProcess(Executor):
         todo = [c for c in cells if not c.done()]
         progress = Progress(todo, desc)
         try:
-            with torch_threads(self.threads if self.jobs > 1 else self._threads):
+            with torch_threads(self.threads):
                 for spec in dict.fromkeys(c.model for c in todo):
                     loaded = self._load(spec)
                     mine = [c for c in todo if c.model == spec]
