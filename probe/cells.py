@@ -33,7 +33,7 @@ from probe.backends.loading import parse_max_memory, resolve_device
 from probe.batching import relation_facts
 from probe.data import Fact, FactData, Relation
 from probe.errors import CellsFailed, ProbeError
-from probe.files import atomic_write_bytes
+from probe.files import atomic_write_bytes, damaged
 from probe.objects import RelationCandidates
 from probe.vocab import CandidateChoice, CandidateVocab
 
@@ -77,7 +77,13 @@ class Cell(ABC):
     marker: str  # the file, relative to root, that says the cell is finished
 
     def done(self) -> bool:
-        return (Path(self.root) / self.marker).exists()
+        """Whether the cell's marker and the files it lists are there and whole (a damaged one runs again)."""
+        return damaged(Path(self.root) / self.marker) is None
+
+    def damaged(self) -> str | None:
+        """Why a cell that was marked finished is not, or None (also for a cell never finished)."""
+        marker = Path(self.root) / self.marker
+        return damaged(marker) if marker.exists() else None
 
     @property
     def members(self) -> list[Cell]:

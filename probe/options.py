@@ -13,11 +13,10 @@ from pathlib import Path
 from probe.cells import Executor, InProcess
 from probe.data import FactData, open_data
 from probe.errors import ProbeError, check_positive
-from probe.files import check_output_path
 from probe.methods import get_method
 from probe.objects import ObjectsSpec, read_candidates_file
 from probe.ray_cells import RayExecutor
-from probe.runs import slug
+from probe.runs import check_own_folder, slug
 from probe.template_files import GOOGLE_RE_TEMPLATES, TemplateFile, read_template_spec, relation_templates, template_sources
 from probe.templates import DEFAULT_SHAPES
 from probe.vocab import CandidateChoice
@@ -149,8 +148,10 @@ def load_template_spec(spec: str | None, method: str | None = None) -> TemplateF
 
 
 def check_new_folder(out: Path | None, resume: bool | None) -> None:
-    """An existing run folder is refused without --resume, and a file is no folder, before anything is loaded."""
-    check_output_path(out)
+    """An existing run folder is refused without --resume, and a file, a folder of other files or a folder another run
+    is writing into are no run folder, before anything is loaded."""
+    if out is not None:
+        check_own_folder(Path(out))
     if out is not None and not resume and (Path(out) / "config.json").exists():
         raise ProbeError(f"run folder {out} already exists: pass --resume to continue it, or another --out")
 

@@ -11,7 +11,9 @@
 from __future__ import annotations
 
 import dataclasses
-import shutil
+import fcntl
+import os
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +23,7 @@ import pandas as pd
 from probe import __version__
 from probe.data import relation_key
 from probe.errors import ProbeError
-from probe.files import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
+from probe.files import atomic_write_bytes, atomic_write_json, atomic_write_text, damaged, folder_name, read_json
 from probe.metrics import aggregate, pooled_breakdown
 
 # Keys of a run config that must agree for --resume to reuse a folder.
@@ -88,20 +90,82 @@ class RunConfig:
         return {k: v for k, v in out.items() if v is not None or k in ("template_file", "seed", "method")}
 
 
+LOCK_NAME = ".probe.lock"
+
+
+def check_own_folder(root: Path, marker: str = "config.json", flag: str = "--out") -> None:
+    """A folder probe may write into: new, empty, or one that probe made (it holds `marker`) and no other run is
+    writing into now. A folder of someone else's files is refused, never adopted."""
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise ProbeError(f"{flag} {root} is an existing file: expected a folder to write into")
+    if root.is_dir() and not (root / marker).exists() and any(p.name != LOCK_NAME for p in root.iterdir()):
+        raise ProbeError(f"{flag} {root} holds files that probe did not write (it has no {marker}): expected a new or "
+                         "empty folder, or a probe run folder")
+    FolderLock.check(root)
+
+
+class FolderLock:
+    """An exclusive OS lock on a folder (flock on its .probe.lock, which names the holder's pid and host): one run
+    writes into a folder at a time, and a crash leaves no lock behind. The lock file goes when the lock is released."""
+
+    def __init__(self, root: Path):
+        self.path = Path(root) / LOCK_NAME
+        while True:
+            self.existed = self.path.exists()
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = os.pread(self.fd, 200, 0).decode("utf-8", "replace").strip() or "pid unknown"
+                os.close(self.fd)
+                self.fd = None
+                raise ProbeError(f"run folder {root} is being written by another probe run ({holder}): wait for it to "
+                                 "finish, or use another --out") from None
+            try:
+                if os.stat(self.path).st_ino == os.fstat(self.fd).st_ino:
+                    break  # not removed by its last holder between our open and our lock
+            except FileNotFoundError:
+                pass
+            os.close(self.fd)
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"pid {os.getpid()} on host {socket.gethostname()}\n".encode(), 0)
+
+    @staticmethod
+    def check(root: Path) -> None:
+        """Refuse now, before any model loads, a folder another run holds (the lock is taken later, by `create`)."""
+        if (Path(root) / LOCK_NAME).is_file():
+            FolderLock(root).release(remove=False)
+
+    def __del__(self) -> None:
+        self.release(remove=False)
+
+    def release(self, remove: bool = True) -> None:
+        """Unlock; the lock file is removed first (`remove`) unless it was there before (another's, then)."""
+        if getattr(self, "fd", None) is None:
+            return
+        if remove:
+            self.path.unlink(missing_ok=True)
+        os.close(self.fd)
+        self.fd = None
+
+
 class RunFolder:
     """A folder of results; relations already finished are kept and skipped on --resume.
 
-    Opening one only checks it (an existing folder needs `resume`, and then the same settings); `create()` writes
-    its config.json, once every other check has passed, and `abandon()` takes back a folder this run created if
-    nothing finished in it, so that a refused start never blocks the rerun.
+    Opening one only checks it (an existing folder needs `resume`, and then the same settings; a folder of other
+    files is refused); `create()` locks it and writes its config.json, once every other check has passed, and
+    `abandon()` takes back the files and folders this run made if nothing finished, so that a refused start never
+    blocks the rerun. Nothing that was there before is ever removed.
     """
 
     def __init__(self, root: str | Path, config: dict, resume: bool = False):
         self.root = Path(root)
         self.config = config
-        self.created = False
-        if self.root.exists() and not self.root.is_dir():
-            raise ProbeError(f"--out {self.root} is an existing file: expected a folder to write into")
+        self.made: list[Path] = []  # folders this run created, outermost first
+        self.before: set[Path] | None = None  # what the folder held when this run opened it
+        self.lock: FolderLock | None = None
+        check_own_folder(self.root)
         config_path = self.root / "config.json"
         if config_path.exists():
             old = read_json(config_path)
@@ -114,29 +178,48 @@ class RunFolder:
                 raise ProbeError(f"run folder {self.root} was made with other settings ({', '.join(diff)}){hint}")
 
     def create(self) -> RunFolder:
-        """Make the folder (unless it exists) and write its config.json."""
-        config_path = self.root / "config.json"
-        self.created = not config_path.exists()
+        """Make the folder (and the parents missing), lock it, then write its config.json."""
+        self.made = [p for p in (self.root, *self.root.parents) if not p.exists()][::-1]
         self.root.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(config_path, self.config)
+        self.lock = FolderLock(self.root)
+        self.before = {p for p in self.root.rglob("*")}
+        atomic_write_json(self.root / "config.json", self.config)
         return self
 
+    def release(self) -> None:
+        """Let other runs write into the folder again."""
+        if self.lock is not None:
+            self.lock.release()
+
     def abandon(self) -> None:
-        """Remove what `create()` made, if this run made the folder and no relation finished in it."""
-        if self.created and not any(self.root.glob("*/metrics.json")):
-            shutil.rmtree(self.root, ignore_errors=True)
-            self.created = False
+        """If no relation finished, remove the files and folders this run made, and nothing else."""
+        if self.before is None or any(self.root.glob("*/metrics.json")):
+            self.release()
+            return
+        ours = sorted((p for p in self.root.rglob("*") if p not in self.before and p.name != LOCK_NAME),
+                      key=lambda p: len(p.parts), reverse=True)
+        for path in ours:
+            if path.is_dir() and not path.is_symlink():
+                if not any(path.iterdir()):
+                    path.rmdir()
+            else:
+                path.unlink(missing_ok=True)
+        self.release()
+        for folder in reversed(self.made):
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+        self.before, self.made = None, []
 
     def relation_dir(self, rid: str) -> Path:
-        return self.root / rid
+        return self.root / folder_name(rid)
 
     def is_done(self, rid: str) -> bool:
-        return (self.relation_dir(rid) / "metrics.json").exists()
+        return damaged(self.relation_dir(rid) / "metrics.json") is None
 
     def rows(self) -> list[dict]:
-        """Metrics of every finished relation, in relation-id order."""
-        found = [read_json(p) for p in self.root.glob("*/metrics.json")]
-        return sorted(found, key=lambda r: relation_key(r["relation"]))
+        """Metrics of every finished relation (one whose files are whole), in relation-id order."""
+        found = [read_json(p) for p in self.root.glob("*/metrics.json") if damaged(p) is None]
+        return sorted(({k: v for k, v in r.items() if k != "files"} for r in found), key=lambda r: relation_key(r["relation"]))
 
     def write_summary(self) -> dict:
         """results.json, relations.csv and summary.md from the finished relations; returns results."""

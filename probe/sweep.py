@@ -49,13 +49,13 @@ from probe.compare import mean_std, run_label
 from probe.data import open_data
 from probe.errors import Interrupted, ProbeError
 from probe.evaluate import evaluate_facts
-from probe.files import atomic_write_json, atomic_write_text, check_output_path, read_json, read_text
+from probe.files import atomic_write_json, atomic_write_text, read_json, read_text
 from probe.fit import FitTask, Fitted, config_fields, fit
 from probe.methods import get_method, method_config, option_names
 from probe.options import check_pack, load_template_spec, make_executor
 from probe.pack import default_pack, packed
 from probe.plots import length_points, plot_lengths
-from probe.runs import RECORDED_LATER, markdown_table, slug
+from probe.runs import RECORDED_LATER, FolderLock, check_own_folder, markdown_table, slug
 from probe.templates import compile_template, spread_virtual
 
 OPTIONS = tuple(option_names())  # the method options a grid may vary (init, reparam, ...), in the methods' order
@@ -232,8 +232,10 @@ def cells_of(grid: SweepGrid, relation_ids: list[str], out: Path = Path("."),
             for m in grid_models(grid) for s in expand_settings(grid) for r in relation_ids]
 
 
-def prepare_folder(out: Path, grid: SweepGrid, extra: dict) -> None:
-    """Create OUT or check that it was made by a grid with the same shared settings (so its cells can be reused)."""
+def prepare_folder(out: Path, grid: SweepGrid, extra: dict) -> FolderLock:
+    """Create OUT or check that it was made by a grid with the same shared settings (so its cells can be reused);
+    the folder stays locked for this sweep until the lock returned is released."""
+    check_own_folder(out, "grid.json")
     record = {**grid.shared(), **extra, "axes": grid.axes, "relations": grid.relations}
     path = out / "grid.json"
     if path.exists():
@@ -242,8 +244,11 @@ def prepare_folder(out: Path, grid: SweepGrid, extra: dict) -> None:
         if diff:
             shown = ", ".join(f"{k}: {old.get(k)!r} there, {record.get(k)!r} now" for k in diff)
             raise ProbeError(f"sweep folder {out} was made with other settings ({shown}): use another --out")
-    (out / "cells").mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    lock = FolderLock(out)
+    (out / "cells").mkdir(exist_ok=True)
     atomic_write_json(path, record)
+    return lock
 
 
 class Ready(NamedTuple):
@@ -427,7 +432,8 @@ def sweep_command(grid_path: Path, out: Path | None, data: str | None, device: s
     """`probe sweep`: check the grid and its models, run the unfinished cells (here or on Ray); returns OUT/summary.md."""
     t0 = time.time()
     spec = load_grid(grid_path)
-    check_output_path(out)
+    if out is not None:
+        check_own_folder(out, "grid.json")
     lama = open_data(data)
     ids = list(lama.relations) if spec.relations == "all" else [lama.relation(r).id for r in spec.relations]
     load_template_spec(spec.template)  # a bad template fails before any model loads
@@ -435,13 +441,14 @@ def sweep_command(grid_path: Path, out: Path | None, data: str | None, device: s
     lama.vocab_words(spec.vocab)  # checks the vocabulary name
     check_pack(pack)
     executor = make_executor(lama, spec.vocab, ray, cpus_per_worker, threads, log, jobs)
+    lock = None
     try:
         specs = executor_specs(spec, executor, device)
         pack = pack or default_pack(next(iter(specs.values())).device)
         for s in specs.values():  # every model's config and tokenizer can be read before any cell runs
             executor.check_device(s.device)
             model_info(s.name, s.device, s.dtype, s.control, check_device=executor.local)
-        prepare_folder(out, spec, {"data": str(lama.root.resolve()), "torch_threads": executor.threads, "pack": pack})
+        lock = prepare_folder(out, spec, {"data": str(lama.root.resolve()), "torch_threads": executor.threads, "pack": pack})
         cells = cells_of(spec, ids, out, specs)
         log(f"{len(cells)} cells ({len(specs)} model(s) x {len(cells) // len(specs) // len(ids)} settings x {len(ids)} "
             "relations)")
@@ -450,5 +457,7 @@ def sweep_command(grid_path: Path, out: Path | None, data: str | None, device: s
         raise Interrupted(out) from None
     finally:
         executor.close()
+        if lock is not None:
+            lock.release()
     log(f"{time.time() - t0:.0f}s in all")
     return out / "summary.md"

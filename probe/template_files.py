@@ -17,7 +17,7 @@ from probe.files import read_text
 from probe.templates import DEFAULT_SHAPES, WORDS, Template, TemplateError, parse_template
 
 GOOGLE_RE_TEMPLATES = Path(__file__).resolve().parents[1] / "templates" / "google_re.txt"  # LAMA's, shipped
-_KEY = re.compile(r"^(default|[A-Za-z0-9_][\w\-/]*)(\.(masked|causal))?$")  # default, or any relation name
+_KEY = re.compile(r"^(default|[A-Za-z0-9_][\w\-]*)(\.(masked|causal))?$")  # default, or any relation name
 
 
 @dataclass

@@ -157,6 +157,7 @@ def test_save_relation_rows_and_summary(tmp_path):
     assert md.startswith("# manual on smollm2 (test_34k, vocab common)\n")
     assert "| P19 | label P19 | N-1 | 10 | 1 | 50.00 | 80.00 | 0.600 |" in md
     assert "| all | 3 | 100 | 53.33 | 68.00 |" in md
+    run.release()  # the run's lock file goes with its lock
     assert not [p for p in (tmp_path / "run").rglob(".*")]  # no temp files anywhere
 
 

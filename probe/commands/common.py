@@ -15,6 +15,7 @@ from probe.cells import CellOutput, Executor, LoadedModel, ModelSpec
 from probe.controls import Control
 from probe.data import Fact, Relation
 from probe.errors import Interrupted
+from probe.files import folder_name
 from probe.objects import MASKED_SCORING
 from probe.runs import RunFolder, slug
 from probe.templates import CompiledTemplate
@@ -85,6 +86,10 @@ def run_folder_for(out: Path | None, name: str, model: str, several: bool, confi
 def execute(executor: Executor, runs: list[RunFolder], cells: list, desc: str, log=print) -> list[dict]:
     """Make the run folders and run the cells, keeping each run's tables current; a start refused by a cell takes
     back the folders it made; Ctrl-C keeps what finished and names the folder to resume."""
+    for cell in cells:
+        why = cell.damaged()
+        if why:
+            log(f"warning: {cell.key} was marked finished but {why}: it is run again")
     try:
         for run in runs:
             run.create()
@@ -99,7 +104,11 @@ def execute(executor: Executor, runs: list[RunFolder], cells: list, desc: str, l
         raise
     finally:
         executor.close()
-    results = [run.write_summary() for run in runs]
+    try:
+        results = [run.write_summary() for run in runs]
+    finally:
+        for run in runs:
+            run.release()
     progress.report(log)
     return results
 
@@ -118,10 +127,12 @@ def candidate_counts(candidates, dropped: int) -> dict:
 def relation_output(rid: str, metrics: dict, predictions: list[dict] | None = None,
                     files: tuple[tuple[str, bytes], ...] = ()) -> CellOutput:
     """A relation's files: any extra ones, then predictions.jsonl, then metrics.json, which marks it finished."""
+    folder_name(rid)
     out = [(f"{rid}/{name}", blob) for name, blob in files]
     if predictions is not None:
         out.append((f"{rid}/predictions.jsonl", "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions).encode()))
-    out.append((f"{rid}/metrics.json", (json.dumps(metrics, indent=2, ensure_ascii=False) + "\n").encode()))
+    listed = {**metrics, "files": [name.split("/", 1)[1] for name, _ in out]}  # a resume checks these are whole
+    out.append((f"{rid}/metrics.json", (json.dumps(listed, indent=2, ensure_ascii=False) + "\n").encode()))
     return CellOutput(out)
 
 

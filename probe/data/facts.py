@@ -10,6 +10,7 @@ from pathlib import Path
 from probe.data.base import RELATION_TYPES, Fact, FactData, Relation, dedup, infer_type, read_word_list, relation_key
 from probe.data.records import field_of, read_jsonl, read_records, record_fact, record_relation
 from probe.errors import ProbeError
+from probe.files import distinct_folders, folder_name
 
 
 class _RecordData(FactData):
@@ -28,6 +29,7 @@ class _RecordData(FactData):
     def relations(self) -> dict[str, Relation]:
         described = self.described()
         ids = {rid for split in self.records.values() for rid in split}
+        distinct_folders({rid: self.name for rid in sorted(ids)})
         out = {}
         for rid in sorted(ids, key=relation_key):
             row = described.get(rid, {})
@@ -42,9 +44,16 @@ class _RecordData(FactData):
 
 
 def _grouped(path: Path, default: str, fields: tuple[str, str] | None) -> dict[str, list[Fact]]:
+    """A file's facts by relation; two relations named apart in the file (LAMA's `pred` /a/born_in and /b/born_in)
+    that would share one folder are refused, not merged."""
     groups: dict[str, list[Fact]] = defaultdict(list)
+    source: dict[str, str] = {}
     for i, row in read_records(path):
-        groups[record_relation(row, default)].append(record_fact(row, path, i, fields))
+        rid, raw = record_relation(row, default, f"{path}:{i}")
+        if source.setdefault(rid, raw) != raw:
+            raise ProbeError(f"{path}:{i}: relations {source[rid]!r} and {raw!r} would both be {rid!r}: expected "
+                             "relations whose names differ in their last segment")
+        groups[rid].append(record_fact(row, path, i, fields))
     return {rid: dedup(facts) for rid, facts in groups.items()}
 
 
@@ -70,7 +79,7 @@ class FactsFolder(_RecordData):
         path = self.root / "relations.jsonl"
         if not path.is_file():
             return {}
-        return {field_of(row, "relation", path, i): row for i, row in read_jsonl(path)}
+        return {folder_name(field_of(row, "relation", path, i), f"{path}:{i}"): row for i, row in read_jsonl(path)}
 
     @cached_property
     def records(self) -> dict[str, dict[str, list[Fact]]]:
@@ -81,7 +90,7 @@ class FactsFolder(_RecordData):
             out[split] = {}
             for path in files:
                 facts = [f for group in _grouped(path, path.stem, self.fields).values() for f in group]
-                out[split][path.stem] = dedup(facts)  # the file names the relation
+                out[split][folder_name(path.stem, str(path))] = dedup(facts)  # the file names the relation
         return out
 
     def vocab_words(self, name: str = "common") -> list[str]:

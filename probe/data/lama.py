@@ -19,6 +19,7 @@ from probe.data.base import (
 )
 from probe.data.records import field_of, read_jsonl
 from probe.errors import ProbeError
+from probe.files import distinct_folders, folder_name
 
 
 class LamaData(FactData):
@@ -57,7 +58,7 @@ class LamaData(FactData):
         path = self.root / "relations/relations.jsonl"
         out = {}
         for i, row in read_jsonl(path):
-            rid = field_of(row, "relation", path, i)
+            rid = folder_name(field_of(row, "relation", path, i), f"{path}:{i}")
             out[rid] = Relation(
                 id=rid,
                 label=row.get("label", ""),
@@ -71,7 +72,8 @@ class LamaData(FactData):
     def relations(self) -> dict[str, Relation]:
         """The T-REx relations: those with a test file (41 in LAMA), sorted by id number."""
         test_dir = self.root / SPLITS["test_34k"]
-        ids = {p.stem for p in test_dir.glob("*.jsonl")}
+        ids = {folder_name(p.stem, str(p)) for p in test_dir.glob("*.jsonl")}
+        distinct_folders({rid: str(test_dir) for rid in sorted(ids)})
         rels = [r for rid, r in self.all_relations.items() if rid in ids]
         return {r.id: r for r in sorted(rels, key=lambda r: relation_key(r.id))}
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from probe.data.base import OBJECT_FIELDS, SUBJECT_FIELDS, Fact
 from probe.errors import ProbeError
-from probe.files import read_text
+from probe.files import MAX_JSON_DEPTH, check_depth, folder_name, read_text
 
 
 def read_jsonl(path: Path) -> list[tuple[int, dict]]:
@@ -24,9 +24,11 @@ def json_record(line: str, where: str | Path, lineno: int) -> dict | None:
     if not line.strip():
         return None
     try:
-        row = json.loads(line)
+        row = check_depth(json.loads(line), f"{where}:{lineno}")
     except json.JSONDecodeError as e:
         raise ProbeError(f"{where}:{lineno}: malformed JSON line ({e.msg})") from None
+    except RecursionError:
+        raise ProbeError(f"{where}:{lineno}: JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
     if not isinstance(row, dict):
         raise ProbeError(f"{where}:{lineno}: expected a JSON object, got {type(row).__name__}")
     return row
@@ -38,10 +40,7 @@ def read_records(path: Path) -> list[tuple[int, dict]]:
     if not path.is_file():
         raise ProbeError(f"facts file {path} not found: expected a JSONL or CSV file")
     expected = f"facts file {path}: expected JSONL (one JSON object a line) or CSV with a header row"
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError:
-        raise ProbeError(f"{expected}, as UTF-8 text") from None
+    text = read_text(path, "facts file", "JSONL (one JSON object a line) or CSV with a header row, as UTF-8 text", "utf-8-sig")
     if not text.strip():
         raise ProbeError(f"facts file {path} is empty: expected a subject and an object per row")
     suffix = path.suffix.lower()
@@ -82,13 +81,16 @@ def record_fact(row: dict, path: Path, lineno: int, fields: tuple[str, str] | No
     return Fact(sub, obj, sentence)
 
 
-def record_relation(row: dict, default: str) -> str:
-    """A record's relation: `relation`, else the last segment of LAMA's `pred` (/people/person/place_of_birth ->
-    place_of_birth), else `predicate_id`, else `default`."""
+def record_relation(row: dict, default: str, where: str = "") -> tuple[str, str]:
+    """A record's relation and what it was read from: `relation`, else the last segment of LAMA's `pred`
+    (/people/person/place_of_birth -> place_of_birth), else `predicate_id`, else `default`; a name that cannot be a
+    folder is a ProbeError naming `where`."""
     for key in ("relation", "pred", "predicate_id"):
         value = row.get(key)
         if isinstance(value, str) and value.strip():
-            return value.strip().rstrip("/").rsplit("/", 1)[-1]
-    return default
+            raw = value.strip()
+            name = raw.rstrip("/").rsplit("/", 1)[-1] if key == "pred" else raw
+            return folder_name(name, where, f"relation ({key} {raw!r})" if name != raw else "relation"), raw
+    return folder_name(default, where), default
 
 
