@@ -200,6 +200,10 @@ def eval_cmd(
     threads: ThreadsOpt = None,
     jobs: JobsOpt = None,
     max_memory: MaxMemoryOpt = None,
+    allow_download: Annotated[bool | None, typer.Option(
+        "--allow-download", show_default=False, metavar="",
+        help="With --prompts: load the hub model the run folder names (otherwise only a model named with --model or "
+             "one on this machine).")] = None,
 ) -> None:
     """Evaluate fixed prompts on one or all relations with one model load; print and save the table."""
     from probe.commands.eval import run_eval
@@ -211,7 +215,8 @@ def eval_cmd(
                       prompts_file=prompts_file, ensemble=ensemble, max_prompts=max_prompts, control=control, seed=seed,
                       facts=facts, fields=fields, template=template, from_sentences=from_sentences, ray=ray,
                       cpus_per_worker=cpus_per_worker, threads=threads, jobs=jobs, objects=objects,
-                      candidates=candidates, length_norm=length_norm, max_memory=max_memory)
+                      candidates=candidates, length_norm=length_norm, max_memory=max_memory,
+                      allow_download=allow_download)
     if prompts is None:
         return _run(run_eval, options)
     import pandas as pd
@@ -300,6 +305,10 @@ def train_cmd(
     jobs: JobsOpt = None,
     pack: PackOpt = None,
     max_memory: MaxMemoryOpt = None,
+    allow_overlap: Annotated[bool | None, typer.Option(
+        "--allow-overlap", show_default=False, metavar="",
+        help="Test facts that are also train or dev facts, without the warning (the overlap is recorded in "
+             "config.json either way).")] = None,
 ) -> None:
     """Train a prompt per relation against the frozen LM, then test it next to the manual prompt."""
     from probe.commands.train import run_train
@@ -308,7 +317,7 @@ def train_cmd(
     _run(run_train, Options(
         model=model, method=method, relation=relation, all=all_, template=template, init=init, reparam=reparam,
         option=option, threads=threads, jobs=jobs, pack=pack, max_memory=max_memory, dev_size=dev_size, preset=preset,
-        fallback=fallback,
+        fallback=fallback, allow_overlap=allow_overlap,
         split=split, vocab=vocab, data=data, out=out, resume=resume, lr=lr, epochs=epochs, min_steps=min_steps,
         batch_size=batch_size, eval_every=eval_every, patience=patience, max_train=max_train, seed=seed,
         iterations=iterations, top_k=top_k, capitals=capitals, device=device, dtype=dtype, control=control,

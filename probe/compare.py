@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from probe.data import RELATION_TYPES, relation_key
+from probe.data import RELATION_TYPES, read_jsonl, relation_key
 from probe.errors import ProbeError
 from probe.files import atomic_write_text, read_json
 from probe.methods import METHODS
@@ -157,7 +157,7 @@ def predictions_of(run: ComparedRun, rid: str) -> list[dict]:
     path = run.folder / rid / "predictions.jsonl"
     if not path.is_file():
         raise ProbeError(f"{path} not found: runs of several models are compared fact by fact, from their predictions")
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [row for _, row in read_jsonl(path)]
 
 
 def on_common_facts(runs: list[ComparedRun], relations: list[str]) -> str | None:

@@ -19,11 +19,20 @@ MAX_NAME_BYTES = 200  # a relation name becomes a folder: at most this many UTF-
 NAME_RULE = "a folder name: not empty, . or .., no / or \\, no control character, at most 200 bytes"
 
 
-def file_mode() -> int:
-    """The mode open() gives a new file under the process's umask: 0644 under umask 022."""
+def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
-    return 0o666 & ~mask
+    return mask
+
+
+def file_mode() -> int:
+    """The mode open() gives a new file under the process's umask: 0644 under umask 022."""
+    return 0o666 & ~_umask()
+
+
+def folder_mode() -> int:
+    """The mode mkdir() gives a new folder under the process's umask: 0755 under umask 022."""
+    return 0o777 & ~_umask()
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import tempfile
 import zipfile
@@ -34,6 +33,7 @@ from tqdm import tqdm
 
 from probe.data.records import first_text, json_record
 from probe.errors import ProbeError
+from probe.files import bounded_lines, folder_mode, folder_name
 from probe.template_files import GOOGLE_RE_TEMPLATES, template_sources
 
 CORPORA = ("trex", "google_re", "conceptnet", "squad")
@@ -41,7 +41,6 @@ SOURCE_FOLDERS = {"trex": "TREx", "google_re": "Google_RE", "conceptnet": "Conce
 SPLITS = ("train", "dev")
 LAYOUT = ("relations.jsonl with TREx/P*.jsonl, Google_RE/*_test.jsonl, ConceptNet/test.jsonl or Squad/test.jsonl, "
           "at the top or under one folder such as data/")
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 
 @dataclass
@@ -159,7 +158,7 @@ def corpus_of(rel: str) -> str | None:
 def iter_records(stream: IO[bytes], where: str, progress: tqdm | None = None) -> Iterator[tuple[int, dict]]:
     """(line number, object) of each non-blank line; a malformed line is a ProbeError naming `where` and the line."""
     try:
-        for lineno, raw in enumerate(stream, 1):
+        for lineno, raw in bounded_lines(stream, where):
             if progress is not None:
                 progress.update(len(raw))
             try:
@@ -231,6 +230,7 @@ class _Writer:
 
     def finish(self) -> None:
         os.replace(self.tmp, self.final)
+        self.final.chmod(folder_mode())  # mkdtemp made it 0700: the mode a plain mkdir gives
 
     def discard(self) -> None:
         for f in self.files.values():
@@ -239,10 +239,8 @@ class _Writer:
 
 
 def _relation_name(name: str, where: str) -> str:
-    """A relation name that is safe as a file name; `where` is the file (and line) it comes from."""
-    if not _SAFE_NAME.match(name):
-        raise ProbeError(f"{where}: relation {name!r} cannot name a file: expected letters, digits, '_', '-' or '.'")
-    return name
+    """A relation name that can name a file; `where` is the file (and line) it comes from."""
+    return folder_name(name, where)
 
 
 def _import_trex(src: _Source, w: _Writer, bar: tqdm | None) -> None:

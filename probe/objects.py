@@ -14,15 +14,15 @@ this module knows nothing of models beyond their tokenizer.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
 import torch
 
-from probe.data import FactData
+from probe.data import FactData, json_record
 from probe.errors import ProbeError
+from probe.files import read_text
 from probe.templates import encode_words, is_space_sensitive
 
 MASKED_SCORING = "within-word-l2r"  # Kauf & Ivanova (2023): later tokens of the same object stay masked
@@ -149,11 +149,7 @@ def read_candidates_file(path: str | Path) -> tuple[list[str], dict[str, list[st
     Returns (objects for every relation, objects by relation); an empty, unreadable or malformed file is a ProbeError.
     """
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ProbeError(f"candidates file {path}: cannot be read ({e.__class__.__name__}): expected one object a "
-                         "line, or JSONL with 'relation' and 'object'") from None
+    text = read_text(path, "candidates file", "one object a line, or JSONL with 'relation' and 'object'")
     lines = [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
     if not lines:
         raise ProbeError(f"candidates file {path} is empty: expected one object a line, or JSONL with 'relation' and "
@@ -162,10 +158,7 @@ def read_candidates_file(path: str | Path) -> tuple[list[str], dict[str, list[st
         return [line for _, line in lines], {}
     by_relation: dict[str, list[str]] = {}
     for n, line in lines:
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ProbeError(f"{path}:{n}: malformed JSON line ({e.msg})") from None
+        row = json_record(line, path, n)
         rel, obj = (row.get(k) if isinstance(row, dict) else None for k in ("relation", "object"))
         if not isinstance(rel, str) or not isinstance(obj, str) or not rel.strip() or not obj.strip():
             raise ProbeError(f"{path}:{n}: expected a JSON object with non-empty string fields 'relation' and 'object'")

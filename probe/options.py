@@ -77,6 +77,8 @@ class Options:
     objects: str | None = None  # 'single' (LAMA's protocol) or 'any'
     candidates: Path | None = None  # --objects any: a candidates file
     length_norm: bool | None = None
+    allow_download: bool | None = None  # eval --prompts: load the hub model a run folder names
+    allow_overlap: bool | None = None  # train: test facts that are also train or dev facts, without a warning
 
     def given(self) -> set[str]:
         return {f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None and getattr(self, f.name) != []}

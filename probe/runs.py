@@ -69,6 +69,8 @@ class RunConfig:
     torch_threads: int | None = None  # CPU threads of each process that computes (bfloat16 sums, so figures, depend on it)
     pack: int | None = None  # prompts trained at once (None: by the device, see probe/pack.py); rounding depends on it
     fallback: str | None = None  # "manual": relations whose trained prompt is below the manual one on dev keep it
+    overlap: dict | None = None  # per relation, test facts that are also train or dev facts (train runs)
+    allow_overlap: bool | None = None  # --allow-overlap: the overlap was known and accepted
     probe_version: str = __version__
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S"))
 

@@ -24,6 +24,7 @@ from probe.errors import ProbeError
 
 VIRTUAL, SUB, OBJ, TEXT, MANUAL, WORDS = "virtual", "sub", "obj", "text", "manual", "words"
 DEFAULT_SHAPES = {"masked": "(3, sub, 3, obj, 3)", "causal": "(3, sub, 3, obj)"}
+MAX_COUNT = 1024  # virtual tokens in one count of a shape: more than any prompt of the papers, far less than 10**20
 
 
 @dataclass(frozen=True)
@@ -96,8 +97,9 @@ def _parse_shape(text: str) -> list[Part]:
             )
         if m.group("int") is not None:
             n = int(m.group("int"))
-            if n < 1:
-                raise TemplateError(f"template {_where(text, body_start + m.start('int'))}: a virtual-token count must be at least 1")
+            if not 1 <= n <= MAX_COUNT:
+                raise TemplateError(f"template {_where(text, body_start + m.start('int'))}: a virtual-token count must be at "
+                                    f"least 1 and at most {MAX_COUNT:,}")
             parts.append(Part(VIRTUAL, n=n))
         elif m.group("word") is not None:
             word = m.group("word").lower()

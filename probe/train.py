@@ -22,6 +22,8 @@ from probe.errors import ProbeError, check_positive
 from probe.evaluate import evaluate_facts, evaluate_pack
 from probe.fit import FitLoop, FitResult, FitTask, Fitted, create_prompt
 
+MAX_LR = 1e30  # AdamW's first step scales the lr by 10 in float32 (max 3.4e38); anything near that is no learning rate
+
 
 @dataclass
 class TrainConfig:
@@ -41,8 +43,9 @@ class TrainConfig:
     retry_lr_factor: float = 0.1  # the lr of each retry, times the one before
 
     def check(self) -> None:
-        if not self.lr > 0 or not math.isfinite(self.lr):
-            raise ProbeError(f"--lr must be a positive number, got {self.lr}")
+        if not 0 < self.lr < MAX_LR:
+            raise ProbeError(f"--lr must be a positive number{' below ' + format(MAX_LR, 'g') if self.lr > 0 else ''}, "
+                             f"got {self.lr}")
         if self.weight_decay < 0:
             raise ProbeError(f"weight_decay must be at least 0, got {self.weight_decay}")
         if not 0 <= self.warmup < 1:

@@ -306,7 +306,7 @@ def test_unknown_google_re_relation_and_unsafe_conceptnet_pred(tmp_path):
     bad.unlink()
     cn = src / "ConceptNet" / "test.jsonl"
     cn.write_text(json.dumps({"sub": "a", "obj_label": "b", "pred": "../escape"}) + "\n", encoding="utf-8")
-    with pytest.raises(ProbeError, match=r"test\.jsonl:1: relation '\.\./escape' cannot name a file"):
+    with pytest.raises(ProbeError, match=r"test\.jsonl:1: relation name '\.\./escape' holds a path separator: expected a folder name"):
         quiet_import(src, tmp_path / "facts")
     assert not (tmp_path / "escape.jsonl").exists() and not (tmp_path / "facts").exists()
 

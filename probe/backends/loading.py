@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from probe.backends.base import Backend, backend_class, generic_backend
 from probe.controls import get_control, model_controls
@@ -101,6 +102,11 @@ def looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
 
 
+def is_hub_id(name: str) -> bool:
+    """Whether loading `name` would fetch it from the hub: not an alias, a .gguf file or a folder on this machine."""
+    return name.lower() not in ALIASES and not name.endswith(".gguf") and not Path(name).expanduser().exists()
+
+
 def resolve_model(name: str) -> str:
     """A model argument as a loadable path or id: the alias `smollm2` and `.gguf` files become cached folders."""
     if name.lower() in ALIASES:
@@ -167,6 +173,8 @@ def _check_settings(dtype: str, device: str, control: str) -> None:
 
 def _loading_error(name: str, e: Exception) -> ProbeError:
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if isinstance(e, SafetensorError):
+        return ProbeError(f"cannot load model {name!r}: its weights (model.safetensors) are damaged or cut short ({first})")
     return ProbeError(f"cannot load model {name!r}: expected 'smollm2', a hub id, a local model folder or a .gguf file ({first})")
 
 
@@ -243,7 +251,7 @@ def load_backend(name: str, device: str = "cpu", dtype: str = "float32", control
         tokenizer = AutoTokenizer.from_pretrained(path)
     except ProbeError:
         raise
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, SafetensorError) as e:
         raise _loading_error(name, e) from None
     get_control(control).apply(model, seed)
     if where is not None and not placed:  # a changed model: placed once its weights are drawn

@@ -119,9 +119,20 @@ def relation_row(relation: Relation) -> dict:
             **({"type_inferred": True} if relation.type_inferred else {})}
 
 
-def candidate_counts(candidates, dropped: int) -> dict:
-    """What a relation's metrics say of its candidates: how many, and why facts were dropped, if any were."""
-    return {"n_candidates": len(candidates), **({"dropped_reason": candidates.dropped_reason} if dropped else {})}
+TOO_LONG = "inputs longer than the model's context"
+
+
+def candidate_counts(candidates, drops: dict[str, int]) -> dict:
+    """What a relation's metrics say of its candidates: how many, and how many facts were dropped for each reason
+    (`drops`: reason -> count), if any were."""
+    drops = {k: v for k, v in drops.items() if v}
+    return {"n_candidates": len(candidates),
+            **({"dropped_reason": "; ".join(drops), "dropped_by_reason": drops} if drops else {})}
+
+
+def dropped_line(drops: dict[str, int]) -> str:
+    """Why facts were dropped, for an error: '3 objects that are not ...; 2 inputs longer than ...'."""
+    return "; ".join(f"{n} {reason}" for reason, n in drops.items() if n) or "none dropped"
 
 
 def relation_output(rid: str, metrics: dict, predictions: list[dict] | None = None,

@@ -12,11 +12,13 @@ from tqdm import tqdm
 from probe.batching import relation_facts
 from probe.cells import Cell, CellOutput, LoadedModel, ModelSpec
 from probe.commands.common import (
+    TOO_LONG,
     RunResult,
     candidate_counts,
     candidates_line,
     default_out,
     describe_candidates,
+    dropped_line,
     execute,
     facts_in_context,
     open_model,
@@ -79,9 +81,10 @@ class EvalCell(RelationCell):
         candidates = loaded.candidates.for_relation(relation.id)
         control = get_control(self.control)
         facts, dropped = loaded.facts(relation, self.split, self.strict)
+        drops = {candidates.dropped_reason: dropped, "facts without a cloze sentence": 0, TOO_LONG: 0}
         if self.from_sentences:
             with_sentence = [f for f in facts if f.sentence]
-            facts, dropped = with_sentence, dropped + len(facts) - len(with_sentence)
+            facts, drops["facts without a cloze sentence"] = with_sentence, len(facts) - len(with_sentence)
         warnings: list[str] = []
         if control.uses_lm:
             chosen = self.prompts or [DiscretePrompt(relation.template, None, "manual")]
@@ -89,11 +92,13 @@ class EvalCell(RelationCell):
                         [compile_template(p.template, backend.tokenizer, backend.kind) for p in chosen])
             for template in compiled:
                 facts, long = facts_in_context(loaded, relation, template, facts, candidates, warnings)
-                dropped += long
+                drops[TOO_LONG] += long
         if not facts:
-            return CellOutput(warnings=[*warnings, f"{relation.id} has no {self.split} facts left after filtering; skipped"])
+            return CellOutput(warnings=[*warnings, f"{relation.id} has no {self.split} facts left ({dropped_line(drops)}); "
+                                                   "skipped"])
         warnings += single_candidate_warning(relation.id, candidates)
-        base = {**relation_row(relation), "n_dropped": dropped, "n_facts": len(facts), **candidate_counts(candidates, dropped)}
+        base = {**relation_row(relation), "n_dropped": sum(drops.values()), "n_facts": len(facts),
+                **candidate_counts(candidates, drops)}
         if not control.uses_lm:
             train, _ = loaded.facts(relation, "train")
             result = evaluate_fixed(control.scores(train, candidates), facts, candidates)

@@ -8,6 +8,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from probe.backends import Backend, load_backend
+from probe.backends.loading import is_hub_id
 from probe.batching import relation_facts
 from probe.cells import torch_threads
 from probe.data import FactData
@@ -20,7 +21,8 @@ from probe.saved_prompts import load_prompt, saved_relations
 from probe.templates import compile_template
 from probe.vocab import CandidateChoice
 
-RERUN_FLAGS = {"prompts", "relation", "all", "data", "batch_size", "device", "model", "threads"}  # --data: the data moved
+RERUN_FLAGS = {"prompts", "relation", "all", "data", "batch_size", "device", "model", "threads",
+               "allow_download"}  # --data: the data moved
 
 
 def rerun_prompts(opts: Options, log=print) -> list[dict]:
@@ -38,6 +40,10 @@ def rerun_prompts(opts: Options, log=print) -> list[dict]:
         raise ProbeError(f"{run_dir} is not a training run folder (its config.json says command {cfg.get('command')!r})")
     if opts.model and model_names(opts, several=False) != [cfg["model"]]:
         raise ProbeError(f"run folder {run_dir} was trained on model {cfg['model']!r}, not {opts.model[0]!r}")
+    check_recorded_model(run_dir, cfg, bool(opts.model), bool(opts.allow_download))
+    spec = cfg.get("data_spec") or {"data": cfg.get("data")}
+    log(f"{run_dir} records model {cfg['model']!r}, data {opts.data or spec.get('facts') or spec.get('data')}, "
+        f"vocab {cfg.get('vocab')!r}" + (" (--data given)" if opts.data else ""))
     data = reopen_data(cfg, opts.data)
     saved = saved_relations(run_dir)
     if not saved:
@@ -57,6 +63,17 @@ def rerun_prompts(opts: Options, log=print) -> list[dict]:
         raise ProbeError(f"run folder {run_dir} was trained on a {cfg['model_kind']} LM, {cfg['model']!r} is {backend.kind}")
     candidates = run_candidates(cfg).build(backend.tokenizer, data)
     return reevaluate_run(backend, data, run_dir, candidates, batch_size, ids, opts.threads, log)
+
+
+def check_recorded_model(run_dir: Path, cfg: dict, named: bool, allow_download: bool) -> None:
+    """A run folder is data, not orders: the hub model its config names loads only if the user named it (--model)
+    or allowed downloads."""
+    model = cfg.get("model")
+    if not isinstance(model, str) or not model:
+        raise ProbeError(f"{run_dir}/config.json names no model: expected the run folder of `probe train`")
+    if is_hub_id(model) and not (named or allow_download):
+        raise ProbeError(f"run folder {run_dir} names the hub model {model!r}, which is not on this machine: pass "
+                         f"--model {model} (or --allow-download) to load it from the hub")
 
 
 def run_candidates(cfg: dict) -> CandidateChoice:

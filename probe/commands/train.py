@@ -15,11 +15,13 @@ import torch
 from probe.batching import relation_facts
 from probe.cells import CellOutput, LoadedModel, ModelSpec
 from probe.commands.common import (
+    TOO_LONG,
     RunResult,
     candidate_counts,
     candidates_line,
     default_out,
     describe_candidates,
+    dropped_line,
     execute,
     facts_in_context,
     open_model,
@@ -53,7 +55,7 @@ from probe.template_files import TemplateFile
 from probe.templates import CompiledTemplate, Template, compile_template
 
 TRAIN_FLAGS = RUN_FLAGS | {"template", "init", "reparam", "option", "train_facts", "dev_facts", "dev_split",
-                           "manual_template", "save_model", "pack", "fallback", "preset"}
+                           "manual_template", "save_model", "pack", "fallback", "preset", "allow_overlap"}
 FALLBACKS = ("manual",)
 FIT_FLAGS = {"lr", "epochs", "min_steps", "batch_size", "eval_every", "patience", "max_train", "seed", "iterations",
              "top_k", "capitals", "dev_size"}
@@ -87,10 +89,11 @@ class TrainCell(RelationCell):
         compiled = compile_template(self.template, backend.tokenizer, backend.kind, manual=relation.template)
         manual = compile_template(relation.template, backend.tokenizer, backend.kind)
         warnings: list[str] = []
-        train, _ = loaded.facts(relation, "train")
-        train, _ = facts_in_context(loaded, relation, compiled, train, candidates, warnings)
+        train, not_candidates = loaded.facts(relation, "train")
+        train, long = facts_in_context(loaded, relation, compiled, train, candidates, warnings)
         if not train:
-            msg = f"relation {relation.id} has no train facts left after filtering by the candidate vocabulary"
+            why = dropped_line({candidates.dropped_reason: not_candidates, TOO_LONG: long})
+            msg = f"relation {relation.id} has no train facts left ({why})"
             if self.strict:
                 raise ProbeError(msg)
             return CellOutput(warnings=[*warnings, f"{msg}; skipped"])
@@ -98,9 +101,10 @@ class TrainCell(RelationCell):
         dev, _ = facts_in_context(loaded, relation, compiled, dev or train, candidates, warnings)
         dev = dev or train
         test, dropped = loaded.facts(relation, self.split, self.strict)
+        drops = {candidates.dropped_reason: dropped, TOO_LONG: 0}
         for template in (compiled, manual):
             test, long = facts_in_context(loaded, relation, template, test, candidates, warnings)
-            dropped += long
+            drops[TOO_LONG] += long
         if not test:
             return CellOutput(warnings=[*warnings, f"relation {relation.id} has no {self.split} facts left after "
                                                    "filtering; skipped"])
@@ -114,7 +118,7 @@ class TrainCell(RelationCell):
         manual_dev = evaluate_facts(backend, None, manual, dev, candidates, self.batch_size).metrics
         task = FitTask(compiled, train, dev, candidates, self.fit_config, get_method(self.method), self.options,
                        relation.template, log_path, f"{relation.id} {self.position}", relation.id, manual_dev)
-        return Prepared(task, test, dropped, manual, warnings, scratch)
+        return Prepared(task, test, drops, manual, warnings, scratch)
 
     def finish(self, loaded: LoadedModel, prepared: Prepared, fitted: Fitted) -> CellOutput:
         """Test a fitted prompt next to the manual prompt; the relation's files (the prompt released once read)."""
@@ -163,7 +167,7 @@ class TrainCell(RelationCell):
         }
         metrics = {
             **relation_row(relation),
-            "n_facts": len(test), "n_dropped": prepared.dropped, **candidate_counts(candidates, prepared.dropped),
+            "n_facts": len(test), "n_dropped": sum(prepared.dropped.values()), **candidate_counts(candidates, prepared.dropped),
             "template": relation.template if fell_back else self.template.source,
             **kept_eval.metrics,
             **{f"dev_{k}": v for k, v in (manual_dev if fell_back else result.best_dev).items()},
@@ -206,7 +210,7 @@ class Prepared:
 
     task: FitTask
     test: list[Fact]
-    dropped: int
+    dropped: dict[str, int]  # test facts dropped, by reason
     manual: CompiledTemplate
     warnings: list[str]
     scratch: str | None = None
@@ -288,6 +292,9 @@ def run_train(opts: Options, log=print) -> list[RunResult]:
                          "train or dev")
     ids = relation_ids(data, opts.relation, opts.all)
     check_templates(data, ids, "--manual-template")
+    overlap = data.overlap(ids, split)
+    if overlap and not opts.allow_overlap:
+        log(overlap_warning(overlap, split))
     choice = candidate_choice(opts)
     seed = fit_config.seed
     executor = make_executor(data, choice, opts.ray, opts.cpus_per_worker, opts.threads, log, opts.jobs)
@@ -306,6 +313,7 @@ def run_train(opts: Options, log=print) -> list[RunResult]:
             template_file=opts.template, seed=seed, method_config=dataclasses.asdict(options),
             train=dataclasses.asdict(fit_config), torch_threads=executor.threads,
             pack=(opts.pack or default_pack(spec.device)) if method_cls.packable else None, fallback=opts.fallback,
+            overlap=overlap or None, allow_overlap=opts.allow_overlap or None,
         )
         run = RunFolder(opts.out or default_out(method + ("-any" if choice.objects else ""), info.name), config.to_dict(),
                         resume=bool(opts.resume))
@@ -319,6 +327,15 @@ def run_train(opts: Options, log=print) -> list[RunResult]:
     log(candidates_line(info, spec.dtype, choice, objects, n_candidates, n_source))
     (results,) = execute(executor, [run], cells, "train", log)
     return [RunResult(run, results, time.time() - t0)]
+
+
+def overlap_warning(overlap: dict[str, dict[str, int]], split: str) -> str:
+    """One line: how many test facts are also train or dev facts, in which relations."""
+    shared = sum(o["shared"] for o in overlap.values())
+    shown = ", ".join(f"{rid} {o['shared']} of {o['test']}" for rid, o in list(overlap.items())[:8])
+    more = f" and {len(overlap) - 8} more" if len(overlap) > 8 else ""
+    return (f"warning: {shared:,} {split} facts are also train or dev facts ({shown}{more}): their figures are not "
+            "held out; pass --allow-overlap to accept this (recorded in config.json)")
 
 
 def train_cells(spec: ModelSpec, model, data, ids: list[str], run: RunFolder, method: str, options, fit_config,

@@ -185,6 +185,18 @@ class FactData:
         """The same facts with these relations' manual templates (and `default` for any other)."""
         return _Retemplated(self, templates, default)
 
+    def overlap(self, ids: list[str], split: str) -> dict[str, dict[str, int]]:
+        """Per relation with any, how many of its `split` facts are also train facts, dev facts, and either (`shared`)."""
+        out = {}
+        for rid in ids:
+            test = {(f.sub, f.obj) for f in self._facts(rid, split)}
+            seen = {s: test & {(f.sub, f.obj) for f in self._facts(rid, s)} for s in ("train", "dev")
+                    if s in self.splits and s != split}
+            shared = set().union(*seen.values())
+            if shared:
+                out[rid] = {"test": len(test), **{s: len(v) for s, v in seen.items() if v}, "shared": len(shared)}
+        return out
+
     @property
     def test_splits(self) -> tuple[str, ...]:
         """The splits a trained prompt may be tested on."""
