@@ -292,7 +292,8 @@ def test_eval_prompts_honours_relation_and_batch_size(tmp_path, fake_lama):
         (run / rid / "prompt.safetensors").write_bytes(b"")
     assert saved_relations(run) == ["P19", "P36"]
     (run / "config.json").write_text(json.dumps({"command": "train", "model": "m", "data": str(fake_lama)}))
-    assert error_of("eval", "--prompts", run, "--relation", "P37") == f"{run} has no saved prompt for P37 (it has P19, P36)"
+    missing = error_of("eval", "--prompts", run, "--relation", "P37", "--model", "m")  # --model: the hub model it names
+    assert missing == f"{run} has no saved prompt for P37 (it has P19, P36)"
     assert error_of("eval", "--prompts", tmp_path / "nope") == f"run folder {tmp_path / 'nope'} does not exist"
 
 

@@ -145,4 +145,4 @@ def test_help_shows_flags_as_flags_and_brackets_as_written():
     assert "probe[ray]" in help_text
     assert "<bool>" not in help_text
     flags = [line.split()[0] for line in help_text.splitlines() if line.strip().startswith("--all")]
-    assert flags == ["--all"]
+    assert flags == ["--all", "--allow-overlap"]  # flags, not --all/--no-all

@@ -249,10 +249,10 @@ def test_bad_candidates_files(tmp_path, content, message):
     path.write_text(content, encoding="utf-8")
     with pytest.raises(ProbeError, match=message):
         read_candidates_file(path)
-    with pytest.raises(ProbeError, match="cannot be read"):
+    with pytest.raises(ProbeError, match="is a folder: expected a file of one object a line"):
         read_candidates_file(tmp_path)  # a folder
     (tmp_path / "bin.txt").write_bytes(b"\xff\xfe\x00bad")
-    with pytest.raises(ProbeError, match="cannot be read"):
+    with pytest.raises(ProbeError, match=r"is not UTF-8 text \(a binary file\?\)"):
         read_candidates_file(tmp_path / "bin.txt")
 
 

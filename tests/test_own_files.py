@@ -323,7 +323,8 @@ def test_a_template_too_long_for_the_context_says_so(tmp_path, tiny_causal_dir):
     args = ["train", "--train-facts", cap, "--facts", cap, "--manual-template", "[X] capital is [Y] .", "--model",
             tiny_causal_dir, "--vocab", "objects", "--allow-overlap", *FAST, "--out", tmp_path / "o"]
     assert_user_error(cli_in_process(*args, "--template", "(200, sub, obj)"),
-                      "relation cap has no train facts left (3 inputs longer than the model's context)", only_line=False)
+                      "relation cap has no train facts left after filtering (3 inputs longer than the model's context)",
+                      only_line=False)
     assert_user_error(cli_in_process(*args, "--template", "(100000, sub, 3, obj)"),
                       "a virtual-token count must be at least 1 and at most 1,024")
     assert not (tmp_path / "o").exists()

@@ -85,26 +85,27 @@ def run_folder_for(out: Path | None, name: str, model: str, several: bool, confi
 
 def execute(executor: Executor, runs: list[RunFolder], cells: list, desc: str, log=print) -> list[dict]:
     """Make the run folders and run the cells, keeping each run's tables current; a start refused by a cell takes
-    back the folders it made; Ctrl-C keeps what finished and names the folder to resume."""
+    back what this run made; Ctrl-C keeps what finished and names the folder to resume. The folders stay locked
+    until the run ends, however it ends."""
     for cell in cells:
         why = cell.damaged()
         if why:
             log(f"warning: {cell.key} was marked finished but {why}: it is run again")
     try:
-        for run in runs:
-            run.create()
-        progress = executor.run(cells, desc=desc)
-    except KeyboardInterrupt:
-        for run in runs:
-            run.write_summary()
-        raise Interrupted(runs[0].root if len(runs) == 1 else runs[0].root.parent) from None
-    except BaseException:
-        for run in runs:
-            run.abandon()
-        raise
-    finally:
-        executor.close()
-    try:
+        try:
+            for run in runs:
+                run.create()
+            progress = executor.run(cells, desc=desc)
+        except KeyboardInterrupt:
+            for run in runs:
+                run.write_summary()
+            raise Interrupted(runs[0].root if len(runs) == 1 else runs[0].root.parent) from None
+        except BaseException:
+            for run in runs:
+                run.abandon()
+            raise
+        finally:
+            executor.close()
         results = [run.write_summary() for run in runs]
     finally:
         for run in runs:

@@ -94,8 +94,8 @@ class EvalCell(RelationCell):
                 facts, long = facts_in_context(loaded, relation, template, facts, candidates, warnings)
                 drops[TOO_LONG] += long
         if not facts:
-            return CellOutput(warnings=[*warnings, f"{relation.id} has no {self.split} facts left ({dropped_line(drops)}); "
-                                                   "skipped"])
+            return CellOutput(warnings=[*warnings, f"{relation.id} has no {self.split} facts left after filtering; skipped "
+                                                   f"({dropped_line(drops)})"])
         warnings += single_candidate_warning(relation.id, candidates)
         base = {**relation_row(relation), "n_dropped": sum(drops.values()), "n_facts": len(facts),
                 **candidate_counts(candidates, drops)}

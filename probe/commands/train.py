@@ -93,7 +93,7 @@ class TrainCell(RelationCell):
         train, long = facts_in_context(loaded, relation, compiled, train, candidates, warnings)
         if not train:
             why = dropped_line({candidates.dropped_reason: not_candidates, TOO_LONG: long})
-            msg = f"relation {relation.id} has no train facts left ({why})"
+            msg = f"relation {relation.id} has no train facts left after filtering ({why})"
             if self.strict:
                 raise ProbeError(msg)
             return CellOutput(warnings=[*warnings, f"{msg}; skipped"])
@@ -293,8 +293,6 @@ def run_train(opts: Options, log=print) -> list[RunResult]:
     ids = relation_ids(data, opts.relation, opts.all)
     check_templates(data, ids, "--manual-template")
     overlap = data.overlap(ids, split)
-    if overlap and not opts.allow_overlap:
-        log(overlap_warning(overlap, split))
     choice = candidate_choice(opts)
     seed = fit_config.seed
     executor = make_executor(data, choice, opts.ray, opts.cpus_per_worker, opts.threads, log, opts.jobs)
@@ -325,6 +323,8 @@ def run_train(opts: Options, log=print) -> list[RunResult]:
         executor.close()
         raise
     log(candidates_line(info, spec.dtype, choice, objects, n_candidates, n_source))
+    if overlap and not opts.allow_overlap:
+        log(overlap_warning(overlap, split))
     (results,) = execute(executor, [run], cells, "train", log)
     return [RunResult(run, results, time.time() - t0)]
 
