@@ -330,7 +330,7 @@ def compare_cmd(
     """One table of methods against relations (P@1), macro/micro on the shared relations, gain over manual, plots."""
     import pandas as pd
 
-    from probe.compare import check_compare_out, compare_runs, load_runs, write_comparison
+    from probe.comparison import check_compare_out, compare_runs, load_runs, write_comparison
     from probe.sweep import draw_sweeps, is_sweep_folder
 
     if out is not None:
@@ -353,7 +353,7 @@ def compare_cmd(
         typer.echo("")
         typer.echo(cmp.summary.drop(columns=["model"]).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     if cmp.seeds is not None:
-        from probe.compare import seed_table
+        from probe.comparison import seed_table
 
         typer.echo("\nruns that differ only by seed (mean ± sample std over seeds):")
         typer.echo(seed_table(cmp.seeds).to_string(index=False))

@@ -26,7 +26,7 @@ from probe.commands.common import (
 )
 from probe.controls import CONTROLS, get_control
 from probe.errors import ProbeError, check_positive
-from probe.evaluate import evaluate_ensemble, evaluate_fixed
+from probe.evaluator import evaluate_ensemble, evaluate_fixed
 from probe.methods import get_method
 from probe.options import (
     RUN_FLAGS,
@@ -120,7 +120,7 @@ def single_candidate_warning(rid: str, candidates) -> list[str]:
     return []
 
 
-def run_eval(opts: Options, log=print) -> list[RunResult]:
+def run_eval(opts: Options, log=print, loaded=None) -> list[RunResult]:
     """`probe eval`: fixed prompts (manual, a prompts file) or a control on the relations asked for, for one model or
     several (one run folder each). Every check runs before a folder is made."""
     t0 = time.time()
@@ -185,6 +185,8 @@ def run_eval(opts: Options, log=print) -> list[RunResult]:
     if not control.uses_lm:
         method = None
     executor = make_executor(data, choice, opts.ray, opts.cpus_per_worker, opts.threads, log, opts.jobs)
+    if loaded is not None:  # the Python API: a model already loaded, `loaded(data, candidates)` its LoadedModel
+        executor.loaded = loaded(data, choice)
     name = f"discrete-{slug(Path(opts.prompts_file).stem)}" if chosen else (method or control.name)
     name += "-cloze" if opts.from_sentences else ""
     name += "-any" if choice.objects else ""

@@ -12,7 +12,7 @@ from probe.batching import relation_facts
 from probe.cells import torch_threads
 from probe.data import FactData
 from probe.errors import ProbeError, check_positive
-from probe.evaluate import evaluate_facts
+from probe.evaluator import evaluate_facts
 from probe.files import read_json
 from probe.objects import ObjectsSpec
 from probe.options import Options, check_threads, model_names, relation_ids, reopen_data

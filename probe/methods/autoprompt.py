@@ -24,7 +24,7 @@ from probe.backends import Backend, PromptInputs
 from probe.batching import Batch, make_batches
 from probe.data import Fact
 from probe.errors import ProbeError, check_positive
-from probe.evaluate import evaluate_facts
+from probe.evaluator import evaluate_facts
 from probe.fit import FitLoop, FitResult, FitTask, Fitted, create_prompt
 from probe.methods.base import MethodConfig, PromptMethod, option
 from probe.templates import OBJ, SUB, TEXT, VIRTUAL, CompiledTemplate, Template, encode_words, manual_word_slots

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from probe.backends import Backend
 from probe.batching import make_batches
 from probe.errors import ProbeError, check_positive
-from probe.evaluate import evaluate_facts, evaluate_pack
+from probe.evaluator import evaluate_facts, evaluate_pack
 from probe.fit import FitLoop, FitResult, FitTask, Fitted, create_prompt
 
 
