@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import sys
 import time
 from pathlib import Path
@@ -107,9 +109,16 @@ JobsOpt = Annotated[int | None, typer.Option(
                          "the one loaded model, torch's CPU threads shared among them (default 1: one after another). "
                          "On a CPU with N cores, --jobs N runs N fits at once with one torch thread each, as --ray's "
                          "workers do, without Ray. CPU only; finetune and prefix-tuning fits run alone.")]
+def _packable() -> dict[bool, list[str]]:
+    from probe.methods import METHODS
+
+    return {p: [n for n, c in METHODS.items() if c.can_fit() and c.packable == p] for p in (True, False)}
+
+
+PACKABLE = _packable()
 PackOpt = Annotated[int | None, typer.Option(
-    "--pack", help="Prompts trained at once in one pass of the LM (ptuning, ptuning-mlp, prompt-tuning, prefix-tuning, "
-                   "autoprompt; `probe train` refuses it for finetune, a sweep fits finetune cells one by one; default 1 "
+    "--pack", help=f"Prompts trained at once in one pass of the LM ({', '.join(PACKABLE[True])}; `probe train` refuses "
+                   f"it for {', '.join(PACKABLE[False])}, a sweep fits their cells one by one; default 1 "
                    "on a CPU, where a pack gains little, 64 on a GPU, fewer if its memory says so). --pack 1 fits one "
                    "relation after another; the figures of a pack's relations may move by float rounding with the "
                    "pack.")]
@@ -226,7 +235,47 @@ def eval_cmd(
         raise typer.Exit(1)
 
 
+def _presets_help() -> str:
+    from probe.methods import METHODS
+
+    named = [f"{n}: {', '.join(getattr(c.fit_config_class, 'presets', {}))}" for n, c in METHODS.items()
+             if getattr(c.fit_config_class, "presets", None)]
+    return (f"A named set of the method's fit settings ({'; '.join(named)}; described in the README). Flags given "
+            "override it.")
+
+
+PRESET_HELP = _presets_help()
+
+
+def with_settings(command):
+    """The command with a flag for every method setting (--lr, --iterations, --init, ...: built from the methods' config
+    classes, probe.methods.method_settings), listed after its own; the values given reach it as `settings`.
+    `refresh()` builds the flags again (a method registered since)."""
+    base = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.name != "settings"]
+
+    @functools.wraps(command)
+    def wrapper(**kwargs):
+        given = {k: kwargs.pop(k) for k in list(kwargs) if k in wrapper.setting_names}
+        return command(**kwargs, settings={k: v for k, v in given.items() if v is not None})
+
+    def refresh() -> None:
+        from probe.methods import method_settings
+
+        found = {name: s for name, s in method_settings().items() if name not in {p.name for p in base}}
+        extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
+            s.kind | None, typer.Option(help=s.help(), **({"show_default": False, "metavar": ""} if s.kind is bool
+                                                          else {}))]) for name, s in found.items()]
+        wrapper.__signature__ = inspect.Signature(base + extra)
+        wrapper.__annotations__ = {p.name: p.annotation for p in base + extra}
+        wrapper.setting_names = set(found)
+
+    wrapper.refresh = refresh
+    refresh()
+    return wrapper
+
+
 @app.command("train")
+@with_settings
 def train_cmd(
     model: RunModelOpt = None,
     method: Annotated[str | None, typer.Option(
@@ -237,11 +286,6 @@ def train_cmd(
     template: Annotated[str | None, typer.Option(
         help="Template file (see templates/) or inline shape; default (3,sub,3,obj,3) masked, (3,sub,3,obj) causal "
              "((6,sub,obj) for prefix-tuning).")] = None,
-    init: Annotated[str | None, typer.Option(
-        help="prompt-tuning and prefix-tuning: random, vocab or template (default vocab); autoprompt: neutral or "
-             "manual (start the search from the manual prompt's words; default neutral).")] = None,
-    reparam: Annotated[str | None, typer.Option(
-        help="prefix-tuning: mlp (train an MLP over a small embedding, folded away at save) or none.")] = None,
     option: Annotated[list[str] | None, typer.Option(
         "--option", "-o", help="A method option as NAME=VALUE (repeatable), e.g. -o init=template: any option the "
                                "method declares (--init and --reparam are two of them).")] = None,
@@ -250,27 +294,7 @@ def train_cmd(
     data: DataOpt = None,
     out: OutOpt = None,
     resume: ResumeOpt = None,
-    lr: Annotated[float | None, typer.Option(
-        help="Gradient methods: AdamW learning rate (default: the method's, chosen on dev: 1e-3, or 1e-2 for "
-             "prompt-tuning).")] = None,
-    epochs: Annotated[int | None, typer.Option(help="Gradient methods: passes over the train facts (default 2).")] = None,
-    min_steps: Annotated[int | None, typer.Option(
-        help="Gradient methods: at least this many steps, so small relations get more passes (default 100).")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Train facts per step (default 16).")] = None,
-    eval_every: Annotated[int | None, typer.Option(help="Gradient methods: steps between dev evaluations (default 25).")] = None,
-    patience: Annotated[int | None, typer.Option(
-        help="Dev checks without a gain before stopping (default 4; autoprompt: iterations, default 10).")] = None,
-    max_train: Annotated[int | None, typer.Option(help="Gradient methods: at most this many train facts (default 0: all).")] = None,
-    seed: Annotated[int | None, typer.Option(help="Random seed (default 13).")] = None,
-    iterations: Annotated[int | None, typer.Option(help="autoprompt: search iterations, one trigger slot each (default 30).")] = None,
-    top_k: Annotated[int | None, typer.Option(help="autoprompt: candidate tokens re-scored per iteration (default 10).")] = None,
-    capitals: Annotated[bool | None, typer.Option(help="autoprompt: allow capitalised trigger tokens (default yes).",
-                                                  show_default=False, metavar="")] = None,
-    dev_size: Annotated[int | None, typer.Option(
-        help="autoprompt: dev checks on a fixed sample of this many dev facts (default 0: all).")] = None,
-    preset: Annotated[str | None, typer.Option(
-        help="A named set of the method's fit settings; autoprompt: paper (AutoPrompt's LAMA budget: 1,000 "
-             "iterations, 10 candidates, batch 20, dev checks on 100 facts). Flags given override it.")] = None,
+    preset: Annotated[str | None, typer.Option(help=PRESET_HELP)] = None,
     fallback: Annotated[str | None, typer.Option(
         help="manual: a relation whose trained prompt is below its manual prompt on dev keeps the manual prompt "
              "(the results say so per relation). Default: keep the trained prompt, flagged below_manual.")] = None,
@@ -300,21 +324,20 @@ def train_cmd(
     jobs: JobsOpt = None,
     pack: PackOpt = None,
     max_memory: MaxMemoryOpt = None,
+    settings: dict | None = None,
 ) -> None:
-    """Train a prompt per relation against the frozen LM, then test it next to the manual prompt."""
+    """Train a prompt per relation against the frozen LM, then test it next to the manual prompt. The method's settings
+    (--lr, --epochs, --iterations, --init, ...) are listed last, each with the methods that take it."""
     from probe.commands.train import run_train
     from probe.options import Options
 
     _run(run_train, Options(
-        model=model, method=method, relation=relation, all=all_, template=template, init=init, reparam=reparam,
-        option=option, threads=threads, jobs=jobs, pack=pack, max_memory=max_memory, dev_size=dev_size, preset=preset,
-        fallback=fallback,
-        split=split, vocab=vocab, data=data, out=out, resume=resume, lr=lr, epochs=epochs, min_steps=min_steps,
-        batch_size=batch_size, eval_every=eval_every, patience=patience, max_train=max_train, seed=seed,
-        iterations=iterations, top_k=top_k, capitals=capitals, device=device, dtype=dtype, control=control,
-        facts=facts, train_facts=train_facts, dev_facts=dev_facts, dev_split=dev_split, fields=fields,
+        model=model, method=method, relation=relation, all=all_, template=template, option=option, threads=threads,
+        jobs=jobs, pack=pack, max_memory=max_memory, preset=preset, fallback=fallback, split=split, vocab=vocab,
+        data=data, out=out, resume=resume, device=device, dtype=dtype, control=control, facts=facts,
+        train_facts=train_facts, dev_facts=dev_facts, dev_split=dev_split, fields=fields,
         manual_template=manual_template, save_model=save_model, ray=ray, cpus_per_worker=cpus_per_worker,
-        objects=objects, candidates=candidates, length_norm=length_norm))
+        objects=objects, candidates=candidates, length_norm=length_norm, settings=settings))
 
 
 @app.command("compare")
@@ -486,6 +509,7 @@ def ray_address_default(argv: list[str]) -> list[str]:
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit code 2; Ctrl-C exits 130."""
     sys.argv[1:] = ray_address_default(sys.argv[1:])
+    train_cmd.refresh()  # the method settings' flags, of every method registered now
     try:
         app()
     except ProbeError as e:

@@ -286,16 +286,12 @@ def train(model: Model, relations: str | Sequence[str], *, method: str = "ptunin
     method_cls = fittable_method(method)
     option_values, fit_values = split_settings(method, settings)
     if out is not None:
-        from probe.commands.train import FIT_FLAGS, run_train
+        from probe.commands.train import run_train
 
-        extra = sorted(set(fit_values) - FIT_FLAGS)
-        if extra:
-            raise ProbeError(f"setting {extra[0]!r} has no `probe train` flag: leave out `out=` to use it")
         opts = Options(model=[model.name], method=method, relation=ids, all=all_ or None, split=split, vocab=vocab,
                        data=None if data is None else str(data), out=Path(out), device=model.spec.device,
                        dtype=None if model.spec.dtype == "bfloat16" else model.spec.dtype, template=template,
-                       fallback=fallback, preset=preset, pack=pack, threads=threads,
-                       option=[f"{k}={v}" for k, v in option_values.items()] or None, **fit_values)
+                       fallback=fallback, preset=preset, pack=pack, threads=threads, settings=settings)
         (run,) = run_train(opts, log=logger.info, loaded=model.loaded)
         return _from_folder(run.folder.root, run.results, predictions)
     options = method_config(method, **option_values)

@@ -23,7 +23,7 @@ from probe.commands.eval import RelationCell
 from probe.commands.fit_cell import Prepared, check_fallback, finish_fit, prepare_fit
 from probe.controls import CONTROLS, get_control
 from probe.errors import ProbeError
-from probe.fit import Fitted, config_fields, fit
+from probe.fit import Fitted, fit, settings_of
 from probe.methods import get_method, method_config, parse_options
 from probe.options import (
     RUN_FLAGS,
@@ -43,10 +43,8 @@ from probe.runs import RunConfig, RunFolder
 from probe.template_files import TemplateFile
 from probe.templates import Template, compile_template
 
-TRAIN_FLAGS = RUN_FLAGS | {"template", "init", "reparam", "option", "train_facts", "dev_facts", "dev_split",
-                           "manual_template", "save_model", "pack", "fallback", "preset"}
-FIT_FLAGS = {"lr", "epochs", "min_steps", "batch_size", "eval_every", "patience", "max_train", "seed", "iterations",
-             "top_k", "capitals", "dev_size"}
+TRAIN_FLAGS = RUN_FLAGS | {"template", "option", "train_facts", "dev_facts", "dev_split", "manual_template", "save_model",
+                           "pack", "fallback", "preset"}
 
 
 @dataclass
@@ -102,15 +100,28 @@ def fittable_method(name: str):
 
 
 def method_options(opts: Options, method: str):
-    """The method's options from --init, --reparam and --option NAME=VALUE, checked by the method."""
+    """The method's options from their flags (--init, --reparam, ...) and --option NAME=VALUE, checked by the method."""
     given = parse_options(opts.option)
-    for name in ("init", "reparam"):
-        value = getattr(opts, name)
-        if value is not None:
-            if name in given:
-                raise ProbeError(f"--{name} is given twice (also as --option {name}=...)")
-            given[name] = value
+    settings = opts.method_settings()
+    for f in get_method(method).config_class.options():
+        if f.name in settings:
+            if f.name in given:
+                raise ProbeError(f"--{f.name.replace('_', '-')} is given twice (also as --option {f.name}=...)")
+            given[f.name] = settings[f.name]
     return method_config(method, **given)
+
+
+def method_fit_config(opts: Options, method: str):
+    """The method's fit settings from their flags (--lr, --iterations, ...) and --preset, checked by the method."""
+    method_cls = get_method(method)
+    fit_names = {f.name for f in settings_of(method_cls.fit_config_class)}
+    return method_cls.fit_config(opts.preset, **{k: v for k, v in opts.method_settings().items() if k in fit_names})
+
+
+def setting_names(method: str) -> set[str]:
+    """The settings a method takes: its options and its fit settings."""
+    method_cls = get_method(method)
+    return {f.name for f in method_cls.config_class.options()} | {f.name for f in settings_of(method_cls.fit_config_class)}
 
 
 def compiled_templates(model, data, ids: list[str], method: str, options, templates: TemplateFile) -> dict:
@@ -134,8 +145,7 @@ def run_train(opts: Options, log=print, loaded=None) -> list[RunResult]:
     t0 = time.time()
     method = opts.method or "ptuning"
     method_cls = fittable_method(method)
-    fit_fields = config_fields(method_cls.fit_config_class)
-    opts.refuse(TRAIN_FLAGS | (FIT_FLAGS & fit_fields), f"method {method!r}")
+    opts.refuse(TRAIN_FLAGS | setting_names(method), f"method {method!r}")
     control = get_control(opts.control)
     if not control.trainable:
         trainable = ", ".join(n for n, c in CONTROLS.items() if c.trainable)
@@ -153,7 +163,7 @@ def run_train(opts: Options, log=print, loaded=None) -> list[RunResult]:
             raise ProbeError(f"method {method!r} trains the LM's weights in {method_cls.lm_dtype}: --dtype {dtype} does "
                              "not apply")
         dtype = method_cls.lm_dtype
-    fit_config = method_cls.fit_config(opts.preset, **{k: getattr(opts, k) for k in FIT_FLAGS & fit_fields})
+    fit_config = method_fit_config(opts, method)
     check_pack(opts.pack, method_cls)
     if (opts.jobs or 1) > 1 and not method_cls.beside_others:
         raise ProbeError(f"--jobs runs fits beside each other on one LM; method {method!r} changes the LM while it fits, "
