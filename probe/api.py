@@ -37,8 +37,8 @@ from probe.evaluator import evaluate_facts
 from probe.fit import config_fields
 from probe.methods import get_method, method_config
 from probe.metrics import aggregate
-from probe.options import Options, check_templates, load_data, load_template_spec, relation_ids
-from probe.pack import packed
+from probe.options import Options, check_pack, check_templates, load_data, load_template_spec, relation_ids
+from probe.pack import default_pack, packed
 from probe.runs import summary_table
 from probe.saved_prompts import load_prompt as load_prompt_file
 from probe.templates import compile_template
@@ -275,7 +275,7 @@ def split_settings(method: str, settings: dict[str, Any]) -> tuple[dict, dict]:
 
 def train(model: Model, relations: str | Sequence[str], *, method: str = "ptuning", data: str | Path | None = None,
           split: str | None = None, vocab: str = "common", template: str | None = None, fallback: str | None = None,
-          preset: str | None = None, pack: int = 1, threads: int | None = None, predictions: bool = False,
+          preset: str | None = None, pack: int | None = None, threads: int | None = None, predictions: bool = False,
           out: str | Path | None = None, **settings: Any) -> Results:
     """Train a prompt per relation against the frozen LM, then test it next to the manual prompt, as `probe train`
     does. `settings`: the method's options (init, reparam, ...) and fit settings (lr, epochs, max_train, seed, ...);
@@ -295,6 +295,7 @@ def train(model: Model, relations: str | Sequence[str], *, method: str = "ptunin
         (run,) = run_train(opts, log=logger.info, loaded=model.loaded)
         return _from_folder(run.folder.root, run.results, predictions)
     options = method_config(method, **option_values)
+    check_pack(pack, method_cls)
     method_cls.check_settings(options, template is not None)
     check_fallback(fallback)
     if method_cls.lm_dtype not in (None, model.spec.dtype):
@@ -316,7 +317,7 @@ def train(model: Model, relations: str | Sequence[str], *, method: str = "ptunin
     cells = [TrainCell(rid, model.spec, Path("."), method, options, fit_config, templates_of[rid][0], split, {},
                        len(ids) == 1, f"[{i}/{len(ids)}]", fallback=fallback) for i, rid in enumerate(ids, 1)]
     if method_cls.packable:
-        cells = packed(cells, pack)
+        cells = packed(cells, pack or default_pack(model.spec.device))
     return _results(_collect(loaded, cells, threads), predictions, trained=True)
 
 
