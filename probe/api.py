@@ -29,18 +29,18 @@ from probe.backends import Backend, load_backend
 from probe.backends.loading import resolve_device
 from probe.cells import CellOutput, LoadedModel, ModelSpec, torch_threads
 from probe.commands.eval import EvalCell
-from probe.commands.train import TrainCell, compiled_templates, fittable_method
+from probe.commands.train import TrainCell, compiled_templates
 from probe.comparison import Comparison, compare_runs, load_runs
 from probe.data import Fact, FactData
 from probe.errors import ProbeError
 from probe.evaluator import evaluate_facts
-from probe.fit import config_fields
-from probe.methods import get_method, method_config
+from probe.methods import get_method
 from probe.metrics import aggregate
-from probe.options import Options, check_pack, check_templates, load_data, load_template_spec, relation_ids
+from probe.options import Options, check_pack, check_templates, load_data, relation_ids
 from probe.pack import default_pack, packed
 from probe.runs import summary_table
 from probe.saved_prompts import load_prompt as load_prompt_file
+from probe.spec import resolve_fit
 from probe.templates import compile_template
 from probe.vocab import CandidateChoice, build_candidates
 
@@ -261,18 +261,6 @@ def evaluate(model: Model, relations: str | Sequence[str] = "all", *, method: st
     return _results(_collect(loaded, cells, threads), predictions, trained=False)
 
 
-def split_settings(method: str, settings: dict[str, Any]) -> tuple[dict, dict]:
-    """A method's keyword settings: (its options, its fit settings); any other name is a ProbeError listing both."""
-    cls = fittable_method(method)
-    options = {f.name for f in cls.config_class.options()}
-    fit_fields = config_fields(cls.fit_config_class)
-    unknown = sorted(set(settings) - options - fit_fields)
-    if unknown:
-        raise ProbeError(f"setting {unknown[0]!r} does not apply to method {method!r} (it takes "
-                         f"{', '.join(sorted(options | fit_fields))})")
-    return ({k: v for k, v in settings.items() if k in options}, {k: v for k, v in settings.items() if k in fit_fields})
-
-
 def train(model: Model, relations: str | Sequence[str], *, method: str = "ptuning", data: str | Path | None = None,
           split: str | None = None, vocab: str = "common", template: str | None = None, fallback: str | None = None,
           preset: str | None = None, pack: int | None = None, threads: int | None = None, predictions: bool = False,
@@ -280,11 +268,10 @@ def train(model: Model, relations: str | Sequence[str], *, method: str = "ptunin
     """Train a prompt per relation against the frozen LM, then test it next to the manual prompt, as `probe train`
     does. `settings`: the method's options (init, reparam, ...) and fit settings (lr, epochs, max_train, seed, ...);
     `out`: also write the CLI's run folder there."""
-    from probe.commands.fit_cell import check_fallback
-
     ids, all_ = _relations(relations)
-    method_cls = fittable_method(method)
-    option_values, fit_values = split_settings(method, settings)
+    fit = resolve_fit(method, settings, preset=preset, template=template, fallback=fallback, dtype=model.spec.dtype)
+    method_cls, options, fit_config = fit.method_class, fit.config, fit.fit_config
+    check_pack(pack, method_cls)
     if out is not None:
         from probe.commands.train import run_train
 
@@ -294,15 +281,6 @@ def train(model: Model, relations: str | Sequence[str], *, method: str = "ptunin
                        fallback=fallback, preset=preset, pack=pack, threads=threads, settings=settings)
         (run,) = run_train(opts, log=logger.info, loaded=model.loaded)
         return _from_folder(run.folder.root, run.results, predictions)
-    options = method_config(method, **option_values)
-    check_pack(pack, method_cls)
-    method_cls.check_settings(options, template is not None)
-    check_fallback(fallback)
-    if method_cls.lm_dtype not in (None, model.spec.dtype):
-        raise ProbeError(f"method {method!r} trains the LM's weights in {method_cls.lm_dtype}: load the model with "
-                         f"dtype={method_cls.lm_dtype!r}")
-    fit_config = method_cls.fit_config(preset, **fit_values)
-    templates = load_template_spec(template, method)
     fact_data = load_data(Options(data=None if data is None else str(data)), None, fit_config.seed)
     split = fact_data.split_name(split)
     if split not in fact_data.test_splits:
@@ -313,7 +291,7 @@ def train(model: Model, relations: str | Sequence[str], *, method: str = "ptunin
     fact_data.vocab_words(vocab)
     loaded = model.loaded(fact_data, CandidateChoice(vocab))
     loaded.remote = True  # train logs go to scratch folders, returned with the files, then removed
-    templates_of = compiled_templates(model.backend, fact_data, ids, method, options, templates)
+    templates_of = compiled_templates(model.backend, fact_data, ids, method, options, fit.templates)
     cells = [TrainCell(rid, model.spec, Path("."), method, options, fit_config, templates_of[rid][0], split, {},
                        len(ids) == 1, f"[{i}/{len(ids)}]", fallback=fallback) for i, rid in enumerate(ids, 1)]
     if method_cls.packable:

@@ -83,7 +83,7 @@ def test_train_gives_the_figures_of_probe_train_and_a_prompt_object(tiny_model, 
 
 @pytest.mark.parametrize(("call", "message"), [
     (lambda m, d: probe.train(m, relations="P19", data=d, method="manual"), "method 'manual' has nothing to train"),
-    (lambda m, d: probe.train(m, relations="P19", data=d, top_k=3), "setting 'top_k' does not apply to method 'ptuning'"),
+    (lambda m, d: probe.train(m, relations="P19", data=d, top_k=3), "--top-k does not apply to method 'ptuning'"),
     (lambda m, d: probe.train(m, relations="P19", data=d, fallback="best"), "--fallback 'best': expected manual"),
     (lambda m, d: probe.evaluate(m, relations="P999", data=d), "P999"),
     (lambda m, d: probe.evaluate(m, relations=["P19"], data=d, method="ptuning"), "method 'ptuning' is trained"),

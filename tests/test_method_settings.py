@@ -81,5 +81,5 @@ def test_the_toy_setting_is_a_flag_a_grid_key_and_a_keyword(toy, tiny_causal_dir
     res = probe.train(model, relations="P19", method="toy", shrink=2.0, data=fake_lama, min_steps=2, epochs=1,
                       batch_size=2, eval_every=1, seed=1)
     assert Toy.seen == [0.5, 0.25, 2.0] and res.prompts["P19"].config["train"]["shrink"] == 2.0
-    with pytest.raises(ProbeError, match="setting 'shrink' does not apply to method 'ptuning'"):
+    with pytest.raises(ProbeError, match="--shrink does not apply to method 'ptuning'"):
         probe.train(model, relations="P19", method="ptuning", shrink=2.0, data=fake_lama)

@@ -31,15 +31,6 @@ from probe.methods import FixedPrompt, get_method
 from probe.saved_prompts import prompt_bytes, safetensors_bytes
 from probe.templates import CompiledTemplate, Template, compile_template
 
-FALLBACKS = ("manual",)  # what a prompt below the manual prompt on dev gives way to
-
-
-def check_fallback(fallback: str | None) -> None:
-    """--fallback is None or one of FALLBACKS."""
-    if fallback is not None and fallback not in FALLBACKS:
-        raise ProbeError(f"--fallback {fallback!r}: expected {' or '.join(FALLBACKS)} (the relation's manual prompt "
-                         "where the trained one is below it on dev)")
-
 
 @dataclass
 class Prepared:

@@ -20,10 +20,10 @@ from probe.commands.common import (
     relation_output,
 )
 from probe.commands.eval import RelationCell
-from probe.commands.fit_cell import Prepared, check_fallback, finish_fit, prepare_fit
+from probe.commands.fit_cell import Prepared, finish_fit, prepare_fit
 from probe.controls import CONTROLS, get_control
 from probe.errors import ProbeError
-from probe.fit import Fitted, fit, settings_of
+from probe.fit import Fitted, fit
 from probe.methods import get_method, method_config, parse_options
 from probe.options import (
     RUN_FLAGS,
@@ -33,13 +33,13 @@ from probe.options import (
     check_pack,
     check_templates,
     load_data,
-    load_template_spec,
     make_executor,
     model_names,
     relation_ids,
 )
 from probe.pack import default_pack, packed
 from probe.runs import RunConfig, RunFolder
+from probe.spec import fittable_method, resolve_fit
 from probe.template_files import TemplateFile
 from probe.templates import Template, compile_template
 
@@ -91,37 +91,18 @@ class TrainCell(RelationCell):
         return self.finish(loaded, prepared, fit(loaded.backend, prepared.task))
 
 
-def fittable_method(name: str):
-    """The class of a method that can be trained; one that cannot is a ProbeError."""
-    method_cls = get_method(name)
-    if not method_cls.can_fit():
-        raise ProbeError(f"method {name!r} has nothing to train: use `probe eval --method {name}`")
-    return method_cls
-
-
-def method_options(opts: Options, method: str):
-    """The method's options from their flags (--init, --reparam, ...) and --option NAME=VALUE, checked by the method."""
-    given = parse_options(opts.option)
+def given_settings(opts: Options, method: str) -> dict:
+    """The method's settings as given: their flags (--lr, --init, ...) and --option NAME=VALUE (a method option)."""
+    pairs = parse_options(opts.option)
+    takes = {f.name for f in get_method(method).config_class.options()}
+    for name in pairs:
+        if name not in takes:
+            method_config(method, **{name: pairs[name]})  # the method's own error: what it takes
     settings = opts.method_settings()
-    for f in get_method(method).config_class.options():
-        if f.name in settings:
-            if f.name in given:
-                raise ProbeError(f"--{f.name.replace('_', '-')} is given twice (also as --option {f.name}=...)")
-            given[f.name] = settings[f.name]
-    return method_config(method, **given)
-
-
-def method_fit_config(opts: Options, method: str):
-    """The method's fit settings from their flags (--lr, --iterations, ...) and --preset, checked by the method."""
-    method_cls = get_method(method)
-    fit_names = {f.name for f in settings_of(method_cls.fit_config_class)}
-    return method_cls.fit_config(opts.preset, **{k: v for k, v in opts.method_settings().items() if k in fit_names})
-
-
-def setting_names(method: str) -> set[str]:
-    """The settings a method takes: its options and its fit settings."""
-    method_cls = get_method(method)
-    return {f.name for f in method_cls.config_class.options()} | {f.name for f in settings_of(method_cls.fit_config_class)}
+    for name in pairs:
+        if name in settings:
+            raise ProbeError(f"--{name.replace('_', '-')} is given twice (also as --option {name}=...)")
+    return {**settings, **pairs}
 
 
 def compiled_templates(model, data, ids: list[str], method: str, options, templates: TemplateFile) -> dict:
@@ -145,30 +126,23 @@ def run_train(opts: Options, log=print, loaded=None) -> list[RunResult]:
     t0 = time.time()
     method = opts.method or "ptuning"
     method_cls = fittable_method(method)
-    opts.refuse(TRAIN_FLAGS | setting_names(method), f"method {method!r}")
+    opts.refuse(TRAIN_FLAGS | set(opts.method_settings()), f"method {method!r}")
     control = get_control(opts.control)
     if not control.trainable:
         trainable = ", ".join(n for n, c in CONTROLS.items() if c.trainable)
         raise ProbeError(f"--control {control.name!r} does not apply to `probe train`: expected one of {trainable}")
     (name,) = model_names(opts, several=False)
-    options = method_options(opts, method)
-    method_cls.check_settings(options, opts.template is not None)
-    check_fallback(opts.fallback)
+    fit_spec = resolve_fit(method, given_settings(opts, method), preset=opts.preset, template=opts.template,
+                           fallback=opts.fallback, dtype=opts.dtype)
+    options, fit_config, templates = fit_spec.config, fit_spec.fit_config, fit_spec.templates
     if opts.save_model and not method_cls.trains_lm:
         raise ProbeError(f"--save-model applies to methods that train the LM's weights; {method!r} trains a prompt, "
                          "which every run saves")
-    dtype = opts.dtype
-    if method_cls.lm_dtype is not None:
-        if dtype not in (None, method_cls.lm_dtype):
-            raise ProbeError(f"method {method!r} trains the LM's weights in {method_cls.lm_dtype}: --dtype {dtype} does "
-                             "not apply")
-        dtype = method_cls.lm_dtype
-    fit_config = method_fit_config(opts, method)
+    dtype = fit_spec.dtype or opts.dtype
     check_pack(opts.pack, method_cls)
     if (opts.jobs or 1) > 1 and not method_cls.beside_others:
         raise ProbeError(f"--jobs runs fits beside each other on one LM; method {method!r} changes the LM while it fits, "
                          "so its relations run one after another (leave --jobs out)")
-    templates = load_template_spec(opts.template, method)
     check_new_folder(opts.out, opts.resume)
     data = load_data(opts, opts.manual_template, fit_config.seed)
     split = data.split_name(opts.split)

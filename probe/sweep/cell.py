@@ -11,9 +11,9 @@ from pathlib import Path
 from probe.cells import Cell, CellOutput, LoadedModel, ModelSpec
 from probe.commands.fit_cell import Prepared, finish_fit, prepare_fit
 from probe.fit import Fitted, config_fields, fit
-from probe.methods import get_method, method_config
-from probe.options import load_template_spec
+from probe.methods import get_method
 from probe.runs import slug
+from probe.spec import FitSpec, resolve_fit
 from probe.sweep.grid import NOT_APPLICABLE, OPTIONS, SweepGrid, expand_settings, grid_models
 from probe.templates import spread_virtual
 
@@ -46,6 +46,17 @@ class SweepCell(Cell):
     def beside_others(self) -> bool:
         return get_method(self.method).beside_others
 
+    @property
+    def fit_spec(self) -> FitSpec:
+        """The cell's fit, resolved by the one function `probe train`'s flags and `probe.train`'s keywords go through:
+        the grid's [train] settings of its method, its options, its seed, the grid's template and fallback."""
+        method_cls = get_method(self.method)
+        train = {k: v for k, v in self.grid.train.items() if k in config_fields(method_cls.fit_config_class)}
+        options = {k: v for k, v in self.options.items() if v != NOT_APPLICABLE}
+        return resolve_fit(self.method, {**train, **options, "seed": self.seed}, template=self.grid.template,
+                           template_given=self.grid.template is not None or bool(self.grid.axes.get("length")),
+                           fallback=self.grid.fallback)
+
     def settings(self) -> dict:
         return {"model": self.model.name, "method": self.method, "length": self.length, **self.options,
                 "seed": self.seed, "relation": self.relation}
@@ -77,24 +88,20 @@ def cells_of(grid: SweepGrid, relation_ids: list[str], out: Path = Path("."),
             for m in grid_models(grid) for s in expand_settings(grid) for r in relation_ids]
 
 
-def cell_template(loaded: LoadedModel, cell: SweepCell, grid: SweepGrid):
+def cell_template(loaded: LoadedModel, cell: SweepCell, spec: FitSpec):
     """The cell's template for its relation: the grid's (or the method's default shape), spread to the cell's length."""
     backend, relation = loaded.backend, loaded.data.relation(cell.relation)
-    config = method_config(cell.method, **{k: v for k, v in cell.options.items() if v != NOT_APPLICABLE})
-    template = load_template_spec(grid.template, cell.method).template_for(relation.id, backend.kind)
+    template = spec.templates.template_for(relation.id, backend.kind)
     if cell.length:
         template = spread_virtual(template, cell.length)
-    return get_method(cell.method).relation_template(template, relation.template, backend.kind, config), config
+    return spec.method_class.relation_template(template, relation.template, backend.kind, spec.config)
 
 
 def prepare_cell(loaded: LoadedModel, cell: SweepCell, grid: SweepGrid) -> Prepared | CellOutput:
-    """A cell's fit task and what testing it needs: the one fit cell's, with the grid's settings."""
-    template, config = cell_template(loaded, cell, grid)
-    method_cls = get_method(cell.method)
-    fit_config = method_cls.fit_config(**{k: v for k, v in grid.train.items() if k in config_fields(method_cls.fit_config_class)},
-                                       seed=cell.seed)
-    return prepare_fit(loaded, cell.relation, template, cell.method, config, fit_config,
-                       loaded.data.split_name(grid.split), strict=True, desc=cell.key)
+    """A cell's fit task and what testing it needs: the one fit cell's, with the cell's FitSpec."""
+    spec = cell.fit_spec
+    return prepare_fit(loaded, cell.relation, cell_template(loaded, cell, spec), cell.method, spec.config,
+                       spec.fit_config, loaded.data.split_name(grid.split), strict=True, desc=cell.key)
 
 
 ROW_METRICS = ("fit_failed", "below_manual", "kept")  # what a sweep row repeats of a relation's metrics besides figures

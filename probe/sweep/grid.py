@@ -8,12 +8,12 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from probe.commands.fit_cell import check_fallback
 from probe.errors import ProbeError
 from probe.files import read_text
 from probe.fit import config_fields
 from probe.methods import get_method, method_config, option_names
 from probe.runs import slug
+from probe.spec import check_fallback
 
 OPTIONS = tuple(option_names())  # the method options a grid may vary (init, reparam, ...), in the methods' order
 AXES = ("model", "method", "length", *OPTIONS, "seed")
