@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-import inspect
 import sys
 import time
 from pathlib import Path
@@ -12,6 +10,7 @@ from typing import Annotated
 import typer
 
 from probe.errors import CellsFailed, Interrupted, ProbeError
+from probe.flags import packable_methods, presets_help, with_settings
 
 # rich_markup_mode=None: help texts are plain text, so `probe[ray]` and `[X] ... [Y]` print as written
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False, rich_markup_mode=None,
@@ -27,27 +26,9 @@ ModelOpt = Annotated[str, typer.Option("--model", "-m", help="'smollm2', a hub i
 
 
 def _print_results(results: dict) -> None:
-    from probe.runs import relations_table, summary_table
+    from probe.commands.common import results_text
 
-    rel = relations_table(results["relations"])
-    typer.echo(rel.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
-    typer.echo("")
-    typer.echo("macro = mean over relations, micro = mean over facts; P@k in %, MRR as a fraction")
-    typer.echo(summary_table(results["summary"]).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-    if "summary_manual" in results:
-        typer.echo("\nthe manual prompt on the same facts:")
-        typer.echo(summary_table(results["summary_manual"]).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-    if "by_length" in results:
-        from probe.runs import length_table
-
-        typer.echo("\nby the gold object's token count (facts, micro P@1):")
-        typer.echo(length_table(results).to_string(index=False, float_format=lambda v: f"{v:.2f}"))
-    if results.get("fit_failed"):
-        typer.echo(f"\nnot trained (dev P@1 never rose above its start, after every retry): {', '.join(results['fit_failed'])}")
-    if results.get("below_manual"):
-        kept = f"; the manual prompt kept for {', '.join(results['kept_manual'])}" if results.get("kept_manual") else ""
-        typer.echo(f"\nbelow the manual prompt on dev ({len(results['below_manual'])}): {', '.join(results['below_manual'])}"
-                   + kept)
+    typer.echo(results_text(results))
 
 
 def _log(message: str) -> None:
@@ -109,13 +90,7 @@ JobsOpt = Annotated[int | None, typer.Option(
                          "the one loaded model, torch's CPU threads shared among them (default 1: one after another). "
                          "On a CPU with N cores, --jobs N runs N fits at once with one torch thread each, as --ray's "
                          "workers do, without Ray. CPU only; finetune and prefix-tuning fits run alone.")]
-def _packable() -> dict[bool, list[str]]:
-    from probe.methods import METHODS
-
-    return {p: [n for n, c in METHODS.items() if c.can_fit() and c.packable == p] for p in (True, False)}
-
-
-PACKABLE = _packable()
+PACKABLE = packable_methods()
 PackOpt = Annotated[int | None, typer.Option(
     "--pack", help=f"Prompts trained at once in one pass of the LM ({', '.join(PACKABLE[True])}; `probe train` refuses "
                    f"it for {', '.join(PACKABLE[False])}, a sweep fits their cells one by one; default 1 "
@@ -223,55 +198,12 @@ def eval_cmd(
                       candidates=candidates, length_norm=length_norm, max_memory=max_memory)
     if prompts is None:
         return _run(run_eval, options)
-    import pandas as pd
+    from probe.commands.rerun import rerun_table
 
-    rows = rerun_prompts(options, log=_log)
-    df = pd.DataFrame(rows)[["relation", "type", "n_facts", "saved_p1", "p1", "saved_p10", "p10", "saved_mrr", "mrr"]]
-    df["same"] = [all(r[k] == r[f"saved_{k}"] for k in ("p1", "p10", "mrr")) for r in rows]
-    typer.echo(df.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-    same = int(df["same"].sum())
-    typer.echo(f"\n{same} of {len(df)} relations reproduce the saved test figures exactly")
-    if same != len(df):
+    text, all_same = rerun_table(rerun_prompts(options, log=_log))
+    typer.echo(text)
+    if not all_same:
         raise typer.Exit(1)
-
-
-def _presets_help() -> str:
-    from probe.methods import METHODS
-
-    named = [f"{n}: {', '.join(getattr(c.fit_config_class, 'presets', {}))}" for n, c in METHODS.items()
-             if getattr(c.fit_config_class, "presets", None)]
-    return (f"A named set of the method's fit settings ({'; '.join(named)}; described in the README). Flags given "
-            "override it.")
-
-
-PRESET_HELP = _presets_help()
-
-
-def with_settings(command):
-    """The command with a flag for every method setting (--lr, --iterations, --init, ...: built from the methods' config
-    classes, probe.methods.method_settings), listed after its own; the values given reach it as `settings`.
-    `refresh()` builds the flags again (a method registered since)."""
-    base = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.name != "settings"]
-
-    @functools.wraps(command)
-    def wrapper(**kwargs):
-        given = {k: kwargs.pop(k) for k in list(kwargs) if k in wrapper.setting_names}
-        return command(**kwargs, settings={k: v for k, v in given.items() if v is not None})
-
-    def refresh() -> None:
-        from probe.methods import method_settings
-
-        found = {name: s for name, s in method_settings().items() if name not in {p.name for p in base}}
-        extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
-            s.kind | None, typer.Option(help=s.help(), **({"show_default": False, "metavar": ""} if s.kind is bool
-                                                          else {}))]) for name, s in found.items()]
-        wrapper.__signature__ = inspect.Signature(base + extra)
-        wrapper.__annotations__ = {p.name: p.annotation for p in base + extra}
-        wrapper.setting_names = set(found)
-
-    wrapper.refresh = refresh
-    refresh()
-    return wrapper
 
 
 @app.command("train")
@@ -294,7 +226,7 @@ def train_cmd(
     data: DataOpt = None,
     out: OutOpt = None,
     resume: ResumeOpt = None,
-    preset: Annotated[str | None, typer.Option(help=PRESET_HELP)] = None,
+    preset: Annotated[str | None, typer.Option(help=presets_help())] = None,
     fallback: Annotated[str | None, typer.Option(
         help="manual: a relation whose trained prompt is below its manual prompt on dev keeps the manual prompt "
              "(the results say so per relation). Default: keep the trained prompt, flagged below_manual.")] = None,

@@ -135,3 +135,27 @@ def facts_in_context(loaded: LoadedModel, relation: Relation, compiled: Compiled
         warnings.append(f"{relation.id}: {len(long)} fact(s) longer than the model's context of "
                         f"{loaded.backend.max_positions:,} tokens dropped, e.g. subject {shown!r} ({n:,} tokens)")
     return kept, len(long)
+
+
+def results_text(results: dict) -> str:
+    """What `probe eval` and `probe train` print of a run's results: the relations, the summary (and the manual
+    prompt's), P@1 by object length, the relations not trained or below the manual prompt."""
+    from probe.runs import length_table, relations_table, summary_table
+
+    lines = [relations_table(results["relations"]).to_string(index=False, float_format=lambda v: f"{v:.2f}"), "",
+             "macro = mean over relations, micro = mean over facts; P@k in %, MRR as a fraction",
+             summary_table(results["summary"]).to_string(index=False, float_format=lambda v: f"{v:.3f}")]
+    if "summary_manual" in results:
+        lines += ["\nthe manual prompt on the same facts:",
+                  summary_table(results["summary_manual"]).to_string(index=False, float_format=lambda v: f"{v:.3f}")]
+    if "by_length" in results:
+        lines += ["\nby the gold object's token count (facts, micro P@1):",
+                  length_table(results).to_string(index=False, float_format=lambda v: f"{v:.2f}")]
+    if results.get("fit_failed"):
+        lines.append(f"\nnot trained (dev P@1 never rose above its start, after every retry): "
+                     f"{', '.join(results['fit_failed'])}")
+    if results.get("below_manual"):
+        kept = f"; the manual prompt kept for {', '.join(results['kept_manual'])}" if results.get("kept_manual") else ""
+        lines.append(f"\nbelow the manual prompt on dev ({len(results['below_manual'])}): "
+                     f"{', '.join(results['below_manual'])}" + kept)
+    return "\n".join(lines)
