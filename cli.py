@@ -25,12 +25,6 @@ DataOpt = Annotated[str | None, typer.Option("--data", help="LAMA folder (defaul
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="'smollm2', a hub id, a local folder or a .gguf file.")]
 
 
-def _print_results(results: dict) -> None:
-    from probe.commands.common import results_text
-
-    typer.echo(results_text(results))
-
-
 def _log(message: str) -> None:
     typer.echo(message, err=True)
 
@@ -126,6 +120,8 @@ LengthNormOpt = Annotated[bool | None, typer.Option(
 
 def _run(command, options) -> None:
     """Run a command (eval or train); Ctrl-C keeps what finished, says where, and exits 130; failed cells exit 1."""
+    from probe.commands.common import results_text
+
     try:
         runs = command(options, log=_log)
     except Interrupted as e:
@@ -137,7 +133,7 @@ def _run(command, options) -> None:
     for run in runs:
         if len(runs) > 1:
             typer.echo(f"\n== {run.results['config']['model']}")
-        _print_results(run.results)
+        typer.echo(results_text(run.results))
         typer.echo(f"\nsaved {run.folder.root}/results.json, relations.csv, summary.md ({run.seconds:.1f}s in all)")
 
 
@@ -187,7 +183,7 @@ def eval_cmd(
 ) -> None:
     """Evaluate fixed prompts on one or all relations with one model load; print and save the table."""
     from probe.commands.eval import run_eval
-    from probe.commands.rerun import rerun_prompts
+    from probe.commands.rerun import rerun_prompts, rerun_table
     from probe.options import Options
 
     options = Options(model=model, method=method, relation=relation, all=all_, split=split, vocab=vocab, data=data,
@@ -198,8 +194,6 @@ def eval_cmd(
                       candidates=candidates, length_norm=length_norm, max_memory=max_memory)
     if prompts is None:
         return _run(run_eval, options)
-    from probe.commands.rerun import rerun_table
-
     text, all_same = rerun_table(rerun_prompts(options, log=_log))
     typer.echo(text)
     if not all_same:
