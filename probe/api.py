@@ -36,11 +36,11 @@ from probe.errors import ProbeError
 from probe.evaluator import evaluate_facts
 from probe.methods import get_method
 from probe.metrics import aggregate
-from probe.options import Options, check_pack, check_templates, load_data, relation_ids
+from probe.options import Options, check_templates, load_data, relation_ids
 from probe.pack import default_pack, packed
 from probe.runs import summary_table
 from probe.saved_prompts import load_prompt as load_prompt_file
-from probe.spec import resolve_fit
+from probe.spec import resolve_train
 from probe.templates import compile_template
 from probe.vocab import CandidateChoice, build_candidates
 
@@ -269,32 +269,28 @@ def train(model: Model, relations: str | Sequence[str], *, method: str = "ptunin
     does. `settings`: the method's options (init, reparam, ...) and fit settings (lr, epochs, max_train, seed, ...);
     `out`: also write the CLI's run folder there."""
     ids, all_ = _relations(relations)
-    fit = resolve_fit(method, settings, preset=preset, template=template, fallback=fallback, dtype=model.spec.dtype)
-    method_cls, options, fit_config = fit.method_class, fit.config, fit.fit_config
-    check_pack(pack, method_cls)
+    opts = Options(model=[model.name], method=method, relation=ids, all=all_ or None, split=split, vocab=vocab,
+                   data=None if data is None else str(data), out=None if out is None else Path(out),
+                   device=model.spec.device, dtype=None if model.spec.dtype == "bfloat16" else model.spec.dtype,
+                   template=template, fallback=fallback, preset=preset, pack=pack, threads=threads, settings=settings)
     if out is not None:
         from probe.commands.train import run_train
 
-        opts = Options(model=[model.name], method=method, relation=ids, all=all_ or None, split=split, vocab=vocab,
-                       data=None if data is None else str(data), out=Path(out), device=model.spec.device,
-                       dtype=None if model.spec.dtype == "bfloat16" else model.spec.dtype, template=template,
-                       fallback=fallback, preset=preset, pack=pack, threads=threads, settings=settings)
         (run,) = run_train(opts, log=logger.info, loaded=model.loaded)
         return _from_folder(run.folder.root, run.results, predictions)
-    fact_data = load_data(Options(data=None if data is None else str(data)), None, fit_config.seed)
-    split = fact_data.split_name(split)
-    if split not in fact_data.test_splits:
-        raise ProbeError(f"--split {split!r}: a trained prompt is tested on {' or '.join(fact_data.test_splits)}, never "
-                         "on train or dev")
-    ids = relation_ids(fact_data, ids, all_ or None)
-    check_templates(fact_data, ids, "--manual-template")
-    fact_data.vocab_words(vocab)
-    loaded = model.loaded(fact_data, CandidateChoice(vocab))
+    spec = resolve_train(opts)  # every check `probe train` makes, with its messages
+    fit = spec.fit
+    if spec.dtype not in (None, model.spec.dtype):
+        raise ProbeError(f"method {method!r} trains the LM's weights in {spec.dtype}: load the model with "
+                         f"dtype={spec.dtype!r}")
+    loaded = model.loaded(spec.data, spec.candidates)
     loaded.remote = True  # train logs go to scratch folders, returned with the files, then removed
-    templates_of = compiled_templates(model.backend, fact_data, ids, method, options, fit.templates)
-    cells = [TrainCell(rid, model.spec, Path("."), method, options, fit_config, templates_of[rid][0], split, {},
-                       len(ids) == 1, f"[{i}/{len(ids)}]", fallback=fallback) for i, rid in enumerate(ids, 1)]
-    if method_cls.packable:
+    ids = list(spec.relations)
+    templates_of = compiled_templates(model.backend, spec.data, ids, fit.method, fit.config, fit.templates)
+    cells = [TrainCell(rid, model.spec, Path("."), fit.method, fit.config, fit.fit_config, templates_of[rid][0],
+                       spec.split, {}, len(ids) == 1, f"[{i}/{len(ids)}]", fallback=fit.fallback)
+             for i, rid in enumerate(ids, 1)]
+    if fit.method_class.packable:
         cells = packed(cells, pack or default_pack(model.spec.device))
     return _results(_collect(loaded, cells, threads), predictions, trained=True)
 

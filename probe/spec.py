@@ -1,19 +1,40 @@
-"""A fit, resolved: `FitSpec` is what one prompt's fit is (method, its options, its fit settings, templates,
-fallback, seed), made by one function, `resolve_fit`, from `probe train`'s flags, a sweep grid's cell or `probe.train`'s
-keywords. Every default is taken and every check made there, before any folder is made or any model loads; a sweep is
-a list of them (one per setting and seed)."""
+"""Runs and fits, resolved.
+
+`FitSpec` is what one prompt's fit is (method, its options, its fit settings, templates, fallback, seed), made by one
+function, `resolve_fit`, from `probe train`'s flags, a sweep grid's cell or `probe.train`'s keywords; a sweep is a list
+of them (one per setting and seed). `RunSpec` is a `probe train` run (model, data, relations, split, candidates, the
+fit, the folder, the executor), made by `resolve_train` from the flags or `probe.train`'s arguments. Every default is
+taken and every check made there, before any folder is made or any model loads."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from probe.controls import CONTROLS, Control, get_control
+from probe.data import FactData
 from probe.errors import ProbeError
 from probe.fit import config_fields
-from probe.methods import MethodConfig, PromptMethod, get_method, method_config
-from probe.options import load_template_spec
+from probe.methods import MethodConfig, PromptMethod, get_method, method_config, parse_options
+from probe.options import (
+    RUN_FLAGS,
+    Options,
+    candidate_choice,
+    check_new_folder,
+    check_pack,
+    check_templates,
+    load_data,
+    load_template_spec,
+    model_names,
+    relation_ids,
+)
 from probe.template_files import TemplateFile
+from probe.vocab import CandidateChoice
+
+TRAIN_FLAGS = RUN_FLAGS | {"template", "option", "train_facts", "dev_facts", "dev_split", "manual_template", "save_model",
+                           "pack", "fallback", "preset"}
 
 FALLBACKS = ("manual",)  # what a prompt below the manual prompt on dev gives way to
 
@@ -81,3 +102,75 @@ def resolve_fit(method: str | None, settings: Mapping[str, Any] | None = None, *
     except TypeError as e:  # a value of the wrong kind for a fit setting
         raise ProbeError(f"method {method!r}: {e}") from None
     return FitSpec(method, config, fit_config, load_template_spec(template, method), fallback, method_cls.lm_dtype)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """A `probe train` run, resolved and checked: the model (name, device and dtype as asked, control), the data and
+    its relations, the test split, the candidates, the fit, the run folder, and where the cells run."""
+
+    model: str
+    device: str | None
+    dtype: str | None  # the method's (finetune: float32), else as asked (None: bfloat16)
+    control: Control
+    data: FactData
+    relations: tuple[str, ...]
+    split: str
+    candidates: CandidateChoice
+    fit: FitSpec
+    out: Path | None = None
+    resume: bool = False
+    save_model: bool = False
+    template_file: str | None = None
+    ray: str | None = None
+    cpus_per_worker: int | None = None
+    threads: int | None = None
+    jobs: int | None = None
+    pack: int | None = None
+    max_memory: str | None = None
+
+
+def given_settings(opts: Options, method: str) -> dict:
+    """The method's settings as given: their flags (--lr, --init, ...) and --option NAME=VALUE (a method option)."""
+    pairs = parse_options(opts.option)
+    takes = {f.name for f in get_method(method).config_class.options()}
+    for name in pairs:
+        if name not in takes:
+            method_config(method, **{name: pairs[name]})  # the method's own error: what it takes
+    settings = opts.method_settings()
+    for name in pairs:
+        if name in settings:
+            raise ProbeError(f"--{name.replace('_', '-')} is given twice (also as --option {name}=...)")
+    return {**settings, **pairs}
+
+
+def resolve_train(opts: Options) -> RunSpec:
+    """`probe train`'s flags (or `probe.train`'s arguments) as a RunSpec: every check that needs no model."""
+    method = opts.method or "ptuning"
+    method_cls = fittable_method(method)
+    opts.refuse(TRAIN_FLAGS | set(opts.method_settings()), f"method {method!r}")
+    control = get_control(opts.control)
+    if not control.trainable:
+        trainable = ", ".join(n for n, c in CONTROLS.items() if c.trainable)
+        raise ProbeError(f"--control {control.name!r} does not apply to `probe train`: expected one of {trainable}")
+    (name,) = model_names(opts, several=False)
+    fit = resolve_fit(method, given_settings(opts, method), preset=opts.preset, template=opts.template,
+                      fallback=opts.fallback, dtype=opts.dtype)
+    if opts.save_model and not method_cls.trains_lm:
+        raise ProbeError(f"--save-model applies to methods that train the LM's weights; {method!r} trains a prompt, "
+                         "which every run saves")
+    check_pack(opts.pack, method_cls)
+    if (opts.jobs or 1) > 1 and not method_cls.beside_others:
+        raise ProbeError(f"--jobs runs fits beside each other on one LM; method {method!r} changes the LM while it fits, "
+                         "so its relations run one after another (leave --jobs out)")
+    check_new_folder(opts.out, opts.resume)
+    data = load_data(opts, opts.manual_template, fit.seed)
+    split = data.split_name(opts.split)
+    if split not in data.test_splits:
+        raise ProbeError(f"--split {split!r}: a trained prompt is tested on {' or '.join(data.test_splits)}, never on "
+                         "train or dev")
+    ids = relation_ids(data, opts.relation, opts.all)
+    check_templates(data, ids, "--manual-template")
+    return RunSpec(name, opts.device, fit.dtype or opts.dtype, control, data, tuple(ids), split, candidate_choice(opts),
+                   fit, opts.out, bool(opts.resume), bool(opts.save_model), opts.template, opts.ray, opts.cpus_per_worker,
+                   opts.threads, opts.jobs, opts.pack, opts.max_memory)

@@ -21,30 +21,15 @@ from probe.commands.common import (
 )
 from probe.commands.eval import RelationCell
 from probe.commands.fit_cell import Prepared, finish_fit, prepare_fit
-from probe.controls import CONTROLS, get_control
 from probe.errors import ProbeError
 from probe.fit import Fitted, fit
-from probe.methods import get_method, method_config, parse_options
-from probe.options import (
-    RUN_FLAGS,
-    Options,
-    candidate_choice,
-    check_new_folder,
-    check_pack,
-    check_templates,
-    load_data,
-    make_executor,
-    model_names,
-    relation_ids,
-)
+from probe.methods import get_method
+from probe.options import Options, make_executor
 from probe.pack import default_pack, packed
 from probe.runs import RunConfig, RunFolder
-from probe.spec import fittable_method, resolve_fit
+from probe.spec import TRAIN_FLAGS, RunSpec, fittable_method, given_settings, resolve_train  # noqa: F401 (there before)
 from probe.template_files import TemplateFile
 from probe.templates import Template, compile_template
-
-TRAIN_FLAGS = RUN_FLAGS | {"template", "option", "train_facts", "dev_facts", "dev_split", "manual_template", "save_model",
-                           "pack", "fallback", "preset"}
 
 
 @dataclass
@@ -91,20 +76,6 @@ class TrainCell(RelationCell):
         return self.finish(loaded, prepared, fit(loaded.backend, prepared.task))
 
 
-def given_settings(opts: Options, method: str) -> dict:
-    """The method's settings as given: their flags (--lr, --init, ...) and --option NAME=VALUE (a method option)."""
-    pairs = parse_options(opts.option)
-    takes = {f.name for f in get_method(method).config_class.options()}
-    for name in pairs:
-        if name not in takes:
-            method_config(method, **{name: pairs[name]})  # the method's own error: what it takes
-    settings = opts.method_settings()
-    for name in pairs:
-        if name in settings:
-            raise ProbeError(f"--{name.replace('_', '-')} is given twice (also as --option {name}=...)")
-    return {**settings, **pairs}
-
-
 def compiled_templates(model, data, ids: list[str], method: str, options, templates: TemplateFile) -> dict:
     """(template, compiled) per relation for a method, on the model's tokenizer (a ModelInfo or a Backend): every
     template is checked before any folder is made or any training starts."""
@@ -123,41 +94,21 @@ def compiled_templates(model, data, ids: list[str], method: str, options, templa
 
 def run_train(opts: Options, log=print, loaded=None) -> list[RunResult]:
     """`probe train`: fit one prompt per relation against the frozen LM, then test it next to the manual prompt."""
+    return train_run(resolve_train(opts), log, loaded)
+
+
+def train_run(run_spec: RunSpec, log=print, loaded=None) -> list[RunResult]:
+    """Run a resolved `probe train` (`loaded(data, candidates)`: the Python API's model, already loaded)."""
     t0 = time.time()
-    method = opts.method or "ptuning"
-    method_cls = fittable_method(method)
-    opts.refuse(TRAIN_FLAGS | set(opts.method_settings()), f"method {method!r}")
-    control = get_control(opts.control)
-    if not control.trainable:
-        trainable = ", ".join(n for n, c in CONTROLS.items() if c.trainable)
-        raise ProbeError(f"--control {control.name!r} does not apply to `probe train`: expected one of {trainable}")
-    (name,) = model_names(opts, several=False)
-    fit_spec = resolve_fit(method, given_settings(opts, method), preset=opts.preset, template=opts.template,
-                           fallback=opts.fallback, dtype=opts.dtype)
-    options, fit_config, templates = fit_spec.config, fit_spec.fit_config, fit_spec.templates
-    if opts.save_model and not method_cls.trains_lm:
-        raise ProbeError(f"--save-model applies to methods that train the LM's weights; {method!r} trains a prompt, "
-                         "which every run saves")
-    dtype = fit_spec.dtype or opts.dtype
-    check_pack(opts.pack, method_cls)
-    if (opts.jobs or 1) > 1 and not method_cls.beside_others:
-        raise ProbeError(f"--jobs runs fits beside each other on one LM; method {method!r} changes the LM while it fits, "
-                         "so its relations run one after another (leave --jobs out)")
-    check_new_folder(opts.out, opts.resume)
-    data = load_data(opts, opts.manual_template, fit_config.seed)
-    split = data.split_name(opts.split)
-    if split not in data.test_splits:
-        raise ProbeError(f"--split {split!r}: a trained prompt is tested on {' or '.join(data.test_splits)}, never on "
-                         "train or dev")
-    ids = relation_ids(data, opts.relation, opts.all)
-    check_templates(data, ids, "--manual-template")
-    choice = candidate_choice(opts)
-    seed = fit_config.seed
-    executor = make_executor(data, choice, opts.ray, opts.cpus_per_worker, opts.threads, log, opts.jobs)
-    if loaded is not None:  # the Python API: a model already loaded, `loaded(data, candidates)` its LoadedModel
+    fit_spec, data, ids, split, choice = run_spec.fit, run_spec.data, list(run_spec.relations), run_spec.split, \
+        run_spec.candidates
+    method, method_cls, seed = fit_spec.method, fit_spec.method_class, fit_spec.seed
+    executor = make_executor(data, choice, run_spec.ray, run_spec.cpus_per_worker, run_spec.threads, log, run_spec.jobs)
+    if loaded is not None:
         executor.loaded = loaded(data, choice)
     try:
-        spec, info = open_model(name, opts.device, dtype, executor, control, seed, opts.max_memory)
+        spec, info = open_model(run_spec.model, run_spec.device, run_spec.dtype, executor, run_spec.control, seed,
+                                run_spec.max_memory)
         candidates = choice.build(info.tokenizer, data)
         objects, n_candidates, n_source = describe_candidates(choice, candidates, info.kind, ids)
         if len(ids) == 1:
@@ -168,14 +119,15 @@ def run_train(opts: Options, log=print, loaded=None) -> list[RunResult]:
         config = RunConfig.of(
             "train", info, data, n_candidates=n_candidates, n_vocab_words=n_source, objects=objects or None,
             method=method, split=split, vocab=choice.vocab, batch_size=128, device=spec.device,
-            template_file=opts.template, seed=seed, method_config=dataclasses.asdict(options),
-            train=dataclasses.asdict(fit_config), torch_threads=executor.threads,
-            pack=(opts.pack or default_pack(spec.device)) if method_cls.packable else None, fallback=opts.fallback,
+            template_file=run_spec.template_file, seed=seed, method_config=dataclasses.asdict(fit_spec.config),
+            train=dataclasses.asdict(fit_spec.fit_config), torch_threads=executor.threads,
+            pack=(run_spec.pack or default_pack(spec.device)) if method_cls.packable else None,
+            fallback=fit_spec.fallback,
         )
-        run = RunFolder(opts.out or default_out(method + ("-any" if choice.objects else ""), info.name), config.to_dict(),
-                        resume=bool(opts.resume))
-        cells = train_cells(spec, info, data, ids, run, method, options, fit_config, templates, split, bool(opts.save_model),
-                            opts.fallback)
+        run = RunFolder(run_spec.out or default_out(method + ("-any" if choice.objects else ""), info.name),
+                        config.to_dict(), resume=run_spec.resume)
+        cells = train_cells(spec, info, data, ids, run, method, fit_spec.config, fit_spec.fit_config,
+                            fit_spec.templates, split, run_spec.save_model, fit_spec.fallback)
         if method_cls.packable:
             cells = packed(cells, config.pack)
     except BaseException:
