@@ -34,13 +34,12 @@ from probe.comparison import Comparison, compare_runs, load_runs
 from probe.data import Fact, FactData
 from probe.errors import ProbeError
 from probe.evaluator import evaluate_facts
-from probe.methods import get_method
 from probe.metrics import aggregate
-from probe.options import Options, check_templates, load_data, relation_ids
+from probe.options import Options
 from probe.pack import default_pack, packed
 from probe.runs import summary_table
 from probe.saved_prompts import load_prompt as load_prompt_file
-from probe.spec import resolve_train
+from probe.spec import resolve_eval, resolve_train
 from probe.templates import compile_template
 from probe.vocab import CandidateChoice, build_candidates
 
@@ -227,37 +226,19 @@ def evaluate(model: Model, relations: str | Sequence[str] = "all", *, method: st
     """Evaluate fixed prompts (the relations' manual templates, or a prompts file: .jsonl, TSV or a folder of them) on
     `relations` ("all" or ids), as `probe eval` does; `out`: also write the CLI's run folder there."""
     ids, all_ = _relations(relations)
+    opts = Options(model=[model.name], method=method if prompts is None else None, relation=ids, all=all_ or None,
+                   split=split, vocab=vocab, data=None if data is None else str(data),
+                   out=None if out is None else Path(out), batch_size=batch_size, device=model.spec.device,
+                   dtype=model.spec.dtype, prompts_file=None if prompts is None else Path(prompts), threads=threads)
     if out is not None:
         from probe.commands.eval import run_eval
 
-        opts = Options(model=[model.name], method=method if prompts is None else None, relation=ids, all=all_ or None,
-                       split=split, vocab=vocab, data=None if data is None else str(data), out=Path(out),
-                       batch_size=batch_size, device=model.spec.device, dtype=model.spec.dtype,
-                       prompts_file=None if prompts is None else Path(prompts), threads=threads)
         (run,) = run_eval(opts, log=logger.info, loaded=model.loaded)
         return _from_folder(run.folder.root, run.results, predictions)
-    method_cls = get_method(method)
-    if method_cls.can_fit():
-        raise ProbeError(f"method {method!r} is trained: use probe.train(model, method={method!r})")
-    fact_data = load_data(Options(data=None if data is None else str(data)))
-    ids = relation_ids(fact_data, ids, all_ or None)
-    split = fact_data.split_name(split)
-    chosen = None
-    if prompts is not None:
-        from probe.prompt_files import read_prompts
-
-        prompt_set = read_prompts(Path(prompts))
-        prompt_set.check_relations(fact_data.relations)
-        chosen = prompt_set.chosen(ids, 1, strict=bool(relations != "all"))
-        if not chosen:
-            raise ProbeError(f"prompts file {prompts} has no prompt for the relations asked for")
-        ids = list(chosen)
-    else:
-        check_templates(fact_data, ids, "--template")
-    fact_data.vocab_words(vocab)  # checks the vocabulary name
-    loaded = model.loaded(fact_data, CandidateChoice(vocab))
-    cells = [EvalCell(rid, model.spec, Path("."), split, batch_size, len(ids) == 1, chosen[rid] if chosen else None)
-             for rid in ids]
+    spec = resolve_eval(opts, log=logger.warning)  # every check `probe eval` makes, with its messages
+    loaded = model.loaded(spec.data, spec.candidates)
+    cells = [EvalCell(rid, model.spec, Path("."), spec.split, spec.batch_size, len(spec.relations) == 1,
+                      spec.chosen[rid] if spec.chosen else None) for rid in spec.relations]
     return _results(_collect(loaded, cells, threads), predictions, trained=False)
 
 

@@ -15,13 +15,14 @@ from typing import Any
 
 from probe.controls import CONTROLS, Control, get_control
 from probe.data import FactData
-from probe.errors import ProbeError
+from probe.errors import ProbeError, check_positive
 from probe.fit import config_fields
 from probe.methods import MethodConfig, PromptMethod, get_method, method_config, parse_options
 from probe.options import (
     RUN_FLAGS,
     Options,
     candidate_choice,
+    check_model_slugs,
     check_new_folder,
     check_pack,
     check_templates,
@@ -30,9 +31,13 @@ from probe.options import (
     model_names,
     relation_ids,
 )
+from probe.prompt_files import read_prompts
+from probe.runs import default_out, slug
 from probe.template_files import TemplateFile
 from probe.vocab import CandidateChoice
 
+EVAL_FLAGS = RUN_FLAGS | {"batch_size", "seed", "prompts_file", "ensemble", "max_prompts", "template", "from_sentences"}
+PROMPT_FLAGS = {"method", "prompts_file", "ensemble", "max_prompts", "template", "from_sentences"}
 TRAIN_FLAGS = RUN_FLAGS | {"template", "option", "train_facts", "dev_facts", "dev_split", "manual_template", "save_model",
                            "pack", "fallback", "preset"}
 
@@ -174,3 +179,107 @@ def resolve_train(opts: Options) -> RunSpec:
     return RunSpec(name, opts.device, fit.dtype or opts.dtype, control, data, tuple(ids), split, candidate_choice(opts),
                    fit, opts.out, bool(opts.resume), bool(opts.save_model), opts.template, opts.ray, opts.cpus_per_worker,
                    opts.threads, opts.jobs, opts.pack, opts.max_memory)
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """A `probe eval` run, resolved and checked: its models (one run folder each), the data and relations, the split,
+    the candidates, the prompts (the manual template, chosen prompts of a prompts file, cloze sentences) or the
+    control, the run folder(s) and where the cells run."""
+
+    models: tuple[str, ...]
+    control: Control
+    method: str | None  # manual, discrete (a prompts file), None (a control without the LM)
+    name: str  # the default run folder's name
+    data: FactData
+    relations: tuple[str, ...]
+    split: str
+    candidates: CandidateChoice
+    batch_size: int = 128
+    seed: int | None = None
+    chosen: dict | None = None  # relation -> its DiscretePrompts, from --prompts-file
+    prompts_file: Path | None = None
+    prompts_info: tuple = ()  # what the run config records of the prompts file, as items
+    ensemble: bool = False
+    max_prompts: int = 1
+    from_sentences: bool = False
+    out: Path | None = None
+    resume: bool = False
+    device: str | None = None
+    dtype: str | None = None
+    ray: str | None = None
+    cpus_per_worker: int | None = None
+    threads: int | None = None
+    jobs: int | None = None
+    max_memory: str | None = None
+
+
+def resolve_eval(opts: Options, log=print) -> EvalSpec:
+    """`probe eval`'s flags (or `probe.evaluate`'s arguments) as an EvalSpec: every check that needs no model."""
+    if opts.prompts is not None:
+        raise ProbeError("internal: saved prompts go through rerun_prompts")
+    opts.refuse(EVAL_FLAGS, "`probe eval`")
+    control = get_control(opts.control)
+    method = opts.method or "manual"
+    if method in CONTROLS:
+        raise ProbeError(f"{method} is a control, not a method: use --control {method}")
+    method_cls = get_method(method)
+    if method_cls.can_fit():
+        raise ProbeError(f"method {method!r} is trained: use `probe train --method {method}`, then `probe eval --prompts RUN`")
+    if not control.uses_lm:
+        opts.refuse(EVAL_FLAGS - PROMPT_FLAGS - {"seed"}, f"--control {control.name} ({control.summary}, with no prompt)")
+    if opts.seed is not None and not control.seeded:
+        seeded = " or ".join(n for n, c in CONTROLS.items() if c.seeded)
+        raise ProbeError(f"--seed applies to --control {seeded} only (a fixed prompt has nothing random)")
+    seed = (13 if opts.seed is None else opts.seed) if control.seeded else None
+    if opts.prompts_file is None and (opts.ensemble or opts.max_prompts is not None):
+        raise ProbeError("--ensemble and --max-prompts need --prompts-file")
+    max_prompts = opts.max_prompts if opts.max_prompts is not None else (0 if opts.ensemble else 1)
+    if max_prompts < 0 or (max_prompts != 1 and not opts.ensemble):
+        raise ProbeError(f"--max-prompts {max_prompts}: several prompts per relation need --ensemble (0 means all)")
+    batch_size = 128 if opts.batch_size is None else opts.batch_size
+    check_positive(batch_size=batch_size)
+    if opts.from_sentences and (opts.prompts_file is not None or opts.template is not None):
+        raise ProbeError("--from-sentences evaluates each fact's cloze sentence: it does not go with --template or "
+                         "--prompts-file")
+    names = model_names(opts, several=True)
+    several = len(names) > 1
+    out = opts.out
+    if several:  # one parent folder, a run folder per model in it
+        check_model_slugs(names, "given with --model")
+        out = out or default_out(opts.method or opts.control or "manual", "models")
+        check_new_folder(out, True)
+        for name in names:
+            check_new_folder(Path(out) / slug(name), opts.resume)
+    else:
+        check_new_folder(out, opts.resume)
+    data = load_data(opts, opts.template)
+    ids = relation_ids(data, opts.relation, opts.all)
+    split = data.split_name(opts.split)
+    if not opts.from_sentences and opts.prompts_file is None and control.uses_lm:
+        check_templates(data, ids, "--template")
+    choice = candidate_choice(opts)
+    if choice.objects is None:
+        data.vocab_words(choice.vocab)  # checks the vocabulary name
+    chosen, prompts_info = None, {}
+    if opts.prompts_file is not None:
+        prompt_set = read_prompts(opts.prompts_file)
+        prompt_set.check_relations(data.relations)
+        chosen = prompt_set.chosen(ids, max_prompts, strict=bool(opts.relation))
+        if not chosen:
+            raise ProbeError(f"prompts file {opts.prompts_file} has no prompt for the relations asked for")
+        if len(chosen) < len(ids):
+            log(f"warning: no prompt in {opts.prompts_file} for {', '.join(r for r in ids if r not in chosen)}; skipped")
+        ids = list(chosen)
+        method = "discrete"
+        prompts_info = {"prompts_file": str(Path(opts.prompts_file).resolve()), "prompts_format": prompt_set.format,
+                        "ensemble": bool(opts.ensemble), "prompts_per_relation": {r: len(p) for r, p in chosen.items()}}
+    if not control.uses_lm:
+        method = None
+    name = f"discrete-{slug(Path(opts.prompts_file).stem)}" if chosen else (method or control.name)
+    name += "-cloze" if opts.from_sentences else ""
+    name += "-any" if choice.objects else ""
+    return EvalSpec(tuple(names), control, method, name, data, tuple(ids), split, choice, batch_size, seed, chosen,
+                    opts.prompts_file, tuple(prompts_info.items()), bool(opts.ensemble), max_prompts,
+                    bool(opts.from_sentences), out, bool(opts.resume), opts.device, opts.dtype, opts.ray,
+                    opts.cpus_per_worker, opts.threads, opts.jobs, opts.max_memory)

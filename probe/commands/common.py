@@ -4,7 +4,6 @@ it, the candidates line, run folders, a relation's files, and running the cells.
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from probe.controls import Control
 from probe.data import Fact, Relation
 from probe.errors import Interrupted
 from probe.objects import MASKED_SCORING
-from probe.runs import RunFolder, slug
+from probe.runs import RunFolder, default_out, slug  # noqa: F401 (default_out: there before)
 from probe.templates import CompiledTemplate
 from probe.vocab import CandidateChoice
 
@@ -68,10 +67,6 @@ def candidates_line(info: ModelInfo, dtype: str, choice: CandidateChoice, object
     sizes = objects["candidates_per_relation"].values()
     return (f"{head}: objects of any length, {n:,} distinct candidates ({objects['candidates']}), "
             f"{min(sizes):,} to {max(sizes):,} per relation")
-
-
-def default_out(name: str, model: str) -> Path:
-    return Path("runs") / f"{name}-{slug(model)}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def run_folder_for(out: Path | None, name: str, model: str, several: bool, config: dict, resume: bool) -> RunFolder:
