@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from probe.errors import CellsFailed, Interrupted, ProbeError
+from probe.flags import packable_methods, presets_help, with_settings
 
 # rich_markup_mode=None: help texts are plain text, so `probe[ray]` and `[X] ... [Y]` print as written
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False, rich_markup_mode=None,
@@ -22,30 +23,6 @@ app.add_typer(templates_app, name="templates")
 
 DataOpt = Annotated[str | None, typer.Option("--data", help="LAMA folder (default: $PROBE_DATA, else data/lama).")]
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="'smollm2', a hub id, a local folder or a .gguf file.")]
-
-
-def _print_results(results: dict) -> None:
-    from probe.runs import relations_table, summary_table
-
-    rel = relations_table(results["relations"])
-    typer.echo(rel.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
-    typer.echo("")
-    typer.echo("macro = mean over relations, micro = mean over facts; P@k in %, MRR as a fraction")
-    typer.echo(summary_table(results["summary"]).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-    if "summary_manual" in results:
-        typer.echo("\nthe manual prompt on the same facts:")
-        typer.echo(summary_table(results["summary_manual"]).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-    if "by_length" in results:
-        from probe.runs import length_table
-
-        typer.echo("\nby the gold object's token count (facts, micro P@1):")
-        typer.echo(length_table(results).to_string(index=False, float_format=lambda v: f"{v:.2f}"))
-    if results.get("fit_failed"):
-        typer.echo(f"\nnot trained (dev P@1 never rose above its start, after every retry): {', '.join(results['fit_failed'])}")
-    if results.get("below_manual"):
-        kept = f"; the manual prompt kept for {', '.join(results['kept_manual'])}" if results.get("kept_manual") else ""
-        typer.echo(f"\nbelow the manual prompt on dev ({len(results['below_manual'])}): {', '.join(results['below_manual'])}"
-                   + kept)
 
 
 def _log(message: str) -> None:
@@ -107,9 +84,10 @@ JobsOpt = Annotated[int | None, typer.Option(
                          "the one loaded model, torch's CPU threads shared among them (default 1: one after another). "
                          "On a CPU with N cores, --jobs N runs N fits at once with one torch thread each, as --ray's "
                          "workers do, without Ray. CPU only; finetune and prefix-tuning fits run alone.")]
+PACKABLE = packable_methods()
 PackOpt = Annotated[int | None, typer.Option(
-    "--pack", help="Prompts trained at once in one pass of the LM (ptuning, ptuning-mlp, prompt-tuning, prefix-tuning, "
-                   "autoprompt; `probe train` refuses it for finetune, a sweep fits finetune cells one by one; default 1 "
+    "--pack", help=f"Prompts trained at once in one pass of the LM ({', '.join(PACKABLE[True])}; `probe train` refuses "
+                   f"it for {', '.join(PACKABLE[False])}, a sweep fits their cells one by one; default 1 "
                    "on a CPU, where a pack gains little, 64 on a GPU, fewer if its memory says so). --pack 1 fits one "
                    "relation after another; the figures of a pack's relations may move by float rounding with the "
                    "pack.")]
@@ -142,6 +120,8 @@ LengthNormOpt = Annotated[bool | None, typer.Option(
 
 def _run(command, options) -> None:
     """Run a command (eval or train); Ctrl-C keeps what finished, says where, and exits 130; failed cells exit 1."""
+    from probe.commands.common import results_text
+
     try:
         runs = command(options, log=_log)
     except Interrupted as e:
@@ -153,7 +133,7 @@ def _run(command, options) -> None:
     for run in runs:
         if len(runs) > 1:
             typer.echo(f"\n== {run.results['config']['model']}")
-        _print_results(run.results)
+        typer.echo(results_text(run.results))
         typer.echo(f"\nsaved {run.folder.root}/results.json, relations.csv, summary.md ({run.seconds:.1f}s in all)")
 
 
@@ -207,7 +187,7 @@ def eval_cmd(
 ) -> None:
     """Evaluate fixed prompts on one or all relations with one model load; print and save the table."""
     from probe.commands.eval import run_eval
-    from probe.commands.rerun import rerun_prompts
+    from probe.commands.rerun import rerun_prompts, rerun_table
     from probe.options import Options
 
     options = Options(model=model, method=method, relation=relation, all=all_, split=split, vocab=vocab, data=data,
@@ -219,19 +199,14 @@ def eval_cmd(
                       allow_download=allow_download)
     if prompts is None:
         return _run(run_eval, options)
-    import pandas as pd
-
-    rows = rerun_prompts(options, log=_log)
-    df = pd.DataFrame(rows)[["relation", "type", "n_facts", "saved_p1", "p1", "saved_p10", "p10", "saved_mrr", "mrr"]]
-    df["same"] = [all(r[k] == r[f"saved_{k}"] for k in ("p1", "p10", "mrr")) for r in rows]
-    typer.echo(df.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-    same = int(df["same"].sum())
-    typer.echo(f"\n{same} of {len(df)} relations reproduce the saved test figures exactly")
-    if same != len(df):
+    text, all_same = rerun_table(rerun_prompts(options, log=_log))
+    typer.echo(text)
+    if not all_same:
         raise typer.Exit(1)
 
 
 @app.command("train")
+@with_settings
 def train_cmd(
     model: RunModelOpt = None,
     method: Annotated[str | None, typer.Option(
@@ -242,11 +217,6 @@ def train_cmd(
     template: Annotated[str | None, typer.Option(
         help="Template file (see templates/) or inline shape; default (3,sub,3,obj,3) masked, (3,sub,3,obj) causal "
              "((6,sub,obj) for prefix-tuning).")] = None,
-    init: Annotated[str | None, typer.Option(
-        help="prompt-tuning and prefix-tuning: random, vocab or template (default vocab); autoprompt: neutral or "
-             "manual (start the search from the manual prompt's words; default neutral).")] = None,
-    reparam: Annotated[str | None, typer.Option(
-        help="prefix-tuning: mlp (train an MLP over a small embedding, folded away at save) or none.")] = None,
     option: Annotated[list[str] | None, typer.Option(
         "--option", "-o", help="A method option as NAME=VALUE (repeatable), e.g. -o init=template: any option the "
                                "method declares (--init and --reparam are two of them).")] = None,
@@ -255,27 +225,7 @@ def train_cmd(
     data: DataOpt = None,
     out: OutOpt = None,
     resume: ResumeOpt = None,
-    lr: Annotated[float | None, typer.Option(
-        help="Gradient methods: AdamW learning rate (default: the method's, chosen on dev: 1e-3, or 1e-2 for "
-             "prompt-tuning).")] = None,
-    epochs: Annotated[int | None, typer.Option(help="Gradient methods: passes over the train facts (default 2).")] = None,
-    min_steps: Annotated[int | None, typer.Option(
-        help="Gradient methods: at least this many steps, so small relations get more passes (default 100).")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Train facts per step (default 16).")] = None,
-    eval_every: Annotated[int | None, typer.Option(help="Gradient methods: steps between dev evaluations (default 25).")] = None,
-    patience: Annotated[int | None, typer.Option(
-        help="Dev checks without a gain before stopping (default 4; autoprompt: iterations, default 10).")] = None,
-    max_train: Annotated[int | None, typer.Option(help="Gradient methods: at most this many train facts (default 0: all).")] = None,
-    seed: Annotated[int | None, typer.Option(help="Random seed (default 13).")] = None,
-    iterations: Annotated[int | None, typer.Option(help="autoprompt: search iterations, one trigger slot each (default 30).")] = None,
-    top_k: Annotated[int | None, typer.Option(help="autoprompt: candidate tokens re-scored per iteration (default 10).")] = None,
-    capitals: Annotated[bool | None, typer.Option(help="autoprompt: allow capitalised trigger tokens (default yes).",
-                                                  show_default=False, metavar="")] = None,
-    dev_size: Annotated[int | None, typer.Option(
-        help="autoprompt: dev checks on a fixed sample of this many dev facts (default 0: all).")] = None,
-    preset: Annotated[str | None, typer.Option(
-        help="A named set of the method's fit settings; autoprompt: paper (AutoPrompt's LAMA budget: 1,000 "
-             "iterations, 10 candidates, batch 20, dev checks on 100 facts). Flags given override it.")] = None,
+    preset: Annotated[str | None, typer.Option(help=presets_help())] = None,
     fallback: Annotated[str | None, typer.Option(
         help="manual: a relation whose trained prompt is below its manual prompt on dev keeps the manual prompt "
              "(the results say so per relation). Default: keep the trained prompt, flagged below_manual.")] = None,
@@ -309,21 +259,21 @@ def train_cmd(
         "--allow-overlap", show_default=False, metavar="",
         help="Test facts that are also train or dev facts, without the warning (the overlap is recorded in "
              "config.json either way).")] = None,
+    settings: dict | None = None,
 ) -> None:
-    """Train a prompt per relation against the frozen LM, then test it next to the manual prompt."""
+    """Train a prompt per relation against the frozen LM, then test it next to the manual prompt. The method's settings
+    (--lr, --epochs, --iterations, --init, ...) are listed last, each with the methods that take it."""
     from probe.commands.train import run_train
     from probe.options import Options
 
     _run(run_train, Options(
-        model=model, method=method, relation=relation, all=all_, template=template, init=init, reparam=reparam,
-        option=option, threads=threads, jobs=jobs, pack=pack, max_memory=max_memory, dev_size=dev_size, preset=preset,
-        fallback=fallback, allow_overlap=allow_overlap,
-        split=split, vocab=vocab, data=data, out=out, resume=resume, lr=lr, epochs=epochs, min_steps=min_steps,
-        batch_size=batch_size, eval_every=eval_every, patience=patience, max_train=max_train, seed=seed,
-        iterations=iterations, top_k=top_k, capitals=capitals, device=device, dtype=dtype, control=control,
-        facts=facts, train_facts=train_facts, dev_facts=dev_facts, dev_split=dev_split, fields=fields,
+        model=model, method=method, relation=relation, all=all_, template=template, option=option, threads=threads,
+        jobs=jobs, pack=pack, max_memory=max_memory, preset=preset, fallback=fallback, allow_overlap=allow_overlap,
+        split=split, vocab=vocab,
+        data=data, out=out, resume=resume, device=device, dtype=dtype, control=control, facts=facts,
+        train_facts=train_facts, dev_facts=dev_facts, dev_split=dev_split, fields=fields,
         manual_template=manual_template, save_model=save_model, ray=ray, cpus_per_worker=cpus_per_worker,
-        objects=objects, candidates=candidates, length_norm=length_norm))
+        objects=objects, candidates=candidates, length_norm=length_norm, settings=settings))
 
 
 @app.command("compare")
@@ -339,7 +289,7 @@ def compare_cmd(
     """One table of methods against relations (P@1), macro/micro on the shared relations, gain over manual, plots."""
     import pandas as pd
 
-    from probe.compare import check_compare_out, compare_runs, load_runs, write_comparison
+    from probe.comparison import check_compare_out, compare_runs, load_runs, write_comparison
     from probe.sweep import draw_sweeps, is_sweep_folder
 
     if out is not None:
@@ -362,7 +312,7 @@ def compare_cmd(
         typer.echo("")
         typer.echo(cmp.summary.drop(columns=["model"]).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     if cmp.seeds is not None:
-        from probe.compare import seed_table
+        from probe.comparison import seed_table
 
         typer.echo("\nruns that differ only by seed (mean ± sample std over seeds):")
         typer.echo(seed_table(cmp.seeds).to_string(index=False))
@@ -495,6 +445,7 @@ def ray_address_default(argv: list[str]) -> list[str]:
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit code 2; Ctrl-C exits 130."""
     sys.argv[1:] = ray_address_default(sys.argv[1:])
+    train_cmd.refresh()  # the method settings' flags, of every method registered now
     try:
         app()
     except ProbeError as e:

@@ -24,7 +24,7 @@ import probe_old.vocab
 from probe.backends import load_backend
 from probe.batching import relation_facts
 from probe.data import LamaData
-from probe.evaluate import evaluate_facts
+from probe.evaluator import evaluate_facts
 from probe.methods.manual import ManualPrompt
 from probe.templates import compile_template
 from probe.vocab import build_candidates

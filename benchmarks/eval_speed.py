@@ -19,7 +19,7 @@ from tqdm import tqdm
 from probe.backends import load_backend
 from probe.batching import filter_facts, make_batches
 from probe.data import LamaData
-from probe.evaluate import evaluate_facts
+from probe.evaluator import evaluate_facts
 from probe.methods import get_method
 from probe.metrics import ranks_of
 from probe.templates import compile_template

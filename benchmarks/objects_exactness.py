@@ -13,7 +13,7 @@ import argparse
 from probe.backends import load_backend
 from probe.batching import relation_facts
 from probe.data import open_data
-from probe.evaluate import evaluate_facts
+from probe.evaluator import evaluate_facts
 from probe.methods.manual import ManualPrompt
 from probe.objects import object_candidates
 from probe.templates import compile_template

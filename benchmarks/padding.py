@@ -10,7 +10,7 @@ import argparse
 from probe.backends import load_backend
 from probe.batching import filter_facts, make_batches
 from probe.data import LamaData
-from probe.evaluate import by_input
+from probe.evaluator import by_input
 from probe.templates import compile_template
 from probe.vocab import build_candidates
 

@@ -1,7 +1,11 @@
 """How probe scales with the model: random-weight Llama models of three shapes, with SmolLM2's tokenizer.
 
     PROBE_DATA=../shared/lama python benchmarks/scale.py [--shapes 135m,1.7b,8b] [--steps 20] [--full] [--pack N]
-        [--relations P1376,P36,...] [--no-manual]
+        [--relations P1376,P36,...] [--no-manual] [--tokenizer DIR]
+
+`--tokenizer DIR`: a folder holding only a tokenizer and a config.json (SmolLM2's: copy tokenizer*.json,
+special_tokens_map.json and config.json from the converted folder), so that it runs where the SmolLM2 package is not,
+such as a borrowed GPU machine. It runs through the Python API (probe.evaluate, probe.train), as a notebook would.
 
 Random weights need no download; the shapes set the cost: 135m is SmolLM2-135M's config, 1.7b has hidden size 2048
 and 24 layers, 8b hidden size 4096, 32 layers and 8 key/value heads. For each shape it prints:
@@ -19,25 +23,16 @@ import argparse
 import json
 import resource
 import subprocess
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 import torch
 
-from probe.backends import backend_class, gguf_cache_folder, smollm2_gguf
-from probe.cells import InProcess, LoadedModel
-from probe.commands.common import execute
-from probe.commands.eval import eval_cells
-from probe.commands.train import train_cells
+import probe
+from probe.backends import backend_class
+from probe.cells import ModelSpec
 from probe.data import open_data
-from probe.fit import config_fields
-from probe.methods import get_method, method_config
-from probe.options import load_template_spec
-from probe.pack import default_pack, packed
-from probe.runs import RunConfig, RunFolder
-from probe.vocab import CandidateChoice
 
 SHAPES = {  # config overrides of SmolLM2-135M's
     "135m": {},
@@ -48,11 +43,16 @@ SHAPES = {  # config overrides of SmolLM2-135M's
 }
 
 
-def random_model(shape: str, device: str, dtype: torch.dtype):
-    """A backend over a Llama of the shape's config with random weights (drawn on the device), SmolLM2's tokenizer."""
+def random_model(shape: str, device: str, dtype: torch.dtype, tokenizer_dir: Path | None = None) -> probe.Model:
+    """A Llama of the shape's config with random weights (drawn on the device), with SmolLM2's tokenizer and config
+    (from `tokenizer_dir`, else the converted SmolLM2 folder)."""
     from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
 
-    folder = gguf_cache_folder(smollm2_gguf())
+    if tokenizer_dir is None:
+        from probe.backends import gguf_cache_folder, smollm2_gguf
+
+        tokenizer_dir = gguf_cache_folder(smollm2_gguf())
+    folder = tokenizer_dir
     config = AutoConfig.from_pretrained(folder)
     for key, value in SHAPES[shape].items():
         setattr(config, key, value)
@@ -60,7 +60,8 @@ def random_model(shape: str, device: str, dtype: torch.dtype):
     with torch.device(device):
         model = LlamaForCausalLM._from_config(config, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    return backend_class(config, "causal")(model, tokenizer, f"random-{shape}", device)
+    backend = backend_class(config, "causal")(model, tokenizer, f"random-{shape}", device)
+    return probe.Model(backend, ModelSpec.of(backend))
 
 
 class BusySampler:
@@ -100,66 +101,46 @@ def peak_memory_gib(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def run_cells(loaded, data, cells, run, desc) -> dict:
-    (results,) = execute(InProcess(data, loaded=loaded), [run], cells, desc, log=lambda m: None)
-    return results
-
-
-def bench(shape: str, args, data, out: Path) -> dict:
+def bench(shape: str, args, out: Path | None) -> dict:
     device = args.device
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
-    backend = random_model(shape, device, torch.bfloat16)
+    model = random_model(shape, device, torch.bfloat16, args.tokenizer)
     load_s = time.time() - t0
-    choice = CandidateChoice("common")
-    candidates = choice.build(backend.tokenizer, data)
-    loaded = LoadedModel(backend, data, candidates)
-    ids = args.relations.split(",") if args.relations else list(data.relations)
-    row = {"shape": shape, "device": device, "params_b": sum(p.numel() for p in backend.model.parameters()) / 1e9,
+    ids = args.relations.split(",") if args.relations else "all"
+    row = {"shape": shape, "device": device, "params_b": sum(p.numel() for p in model.backend.model.parameters()) / 1e9,
            "load_s": round(load_s, 1)}
-
     if not args.no_manual:
-        row.update(manual(backend, data, candidates, loaded, ids, args, out / f"{shape}-manual"))
-    row.update(ptuning(backend, data, candidates, loaded, ids, args, device, out / f"{shape}-ptuning"))
-    del loaded, backend
+        row.update(manual(model, ids, args, out / f"{shape}-manual" if out else None))
+    row.update(ptuning(model, ids, args, device, out / f"{shape}-ptuning" if out else None))
+    del model
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
     return row
 
 
-def manual(backend, data, candidates, loaded, ids, args, folder: Path) -> dict:
+def manual(model: probe.Model, ids, args, folder: Path | None) -> dict:
     """Manual prompts on the relations: facts a second."""
-    config = RunConfig.of("eval", backend, data, candidates, method="manual", split="test_34k", vocab="common",
-                          batch_size=args.batch_size).to_dict()
-    run = RunFolder(folder, config)
     t0 = time.time()
-    results = run_cells(loaded, data, eval_cells(loaded.spec, run, ids, "test_34k", args.batch_size), run, "eval")
+    results = probe.evaluate(model, relations=ids, method="manual", batch_size=args.batch_size, out=folder)
     seconds = time.time() - t0
-    facts = results["summary"]["all"]["facts"]
-    return dict(manual_s=round(seconds, 1), manual_facts_per_s=round(facts / seconds, 1),
-                manual_macro_p1=round(results["summary"]["all"]["macro_p1"], 3))
+    return dict(manual_s=round(seconds, 1), manual_facts_per_s=round(results.n_facts / seconds, 1),
+                manual_macro_p1=round(results.macro_p1, 3))
 
 
-def ptuning(backend, data, candidates, loaded, ids, args, device: str, folder: Path) -> dict:
+def ptuning(model: probe.Model, ids, args, device: str, folder: Path | None) -> dict:
     """Packed P-tuning on the relations: prompt-steps a second, wall time, GPU busy share, peak memory."""
-    method = get_method("ptuning")
     settings = {} if args.full else {"min_steps": args.steps, "epochs": 1, "max_train": args.steps * 16,
                                      "eval_every": args.steps, "retries": 0}
-    fit_config = method.fit_config(**{k: v for k, v in settings.items() if k in config_fields(method.fit_config_class)})
-    pack = args.pack or default_pack(device)
-    config = RunConfig.of("train", backend, data, candidates, method="ptuning", split="test_34k", vocab="common",
-                          batch_size=128, pack=pack).to_dict()
-    run = RunFolder(folder, config)
-    cells = train_cells(loaded.spec, backend, data, ids, run, "ptuning", method_config("ptuning"), fit_config,
-                        load_template_spec(None, "ptuning"), "test_34k")
+    pack = args.pack  # None: the device's default (probe train's)
     t0 = time.time()
     with BusySampler() as busy:
-        results = run_cells(loaded, data, packed(cells, pack), run, "train")
+        results = probe.train(model, relations=ids, method="ptuning", pack=pack, out=folder, **settings)
     seconds = time.time() - t0
-    steps = sum(json.loads((run.root / r["relation"] / "config.json").read_text())["steps"] for r in results["relations"])
-    return dict(pack=pack, train_s=round(seconds, 1), prompt_steps=steps, prompt_steps_per_s=round(steps / seconds, 2),
-                train_macro_p1=round(results["summary"]["all"]["macro_p1"], 3), gpu_busy=busy.summary(),
+    steps = sum(p.config["steps"] for p in results.prompts.values())
+    return dict(pack=pack or "default", train_s=round(seconds, 1), prompt_steps=steps, prompt_steps_per_s=round(steps / seconds, 2),
+                train_macro_p1=round(results.macro_p1, 3), gpu_busy=busy.summary(),
                 peak_memory_gib=round(peak_memory_gib(device), 1))
 
 
@@ -173,15 +154,16 @@ def main() -> None:
     parser.add_argument("--relations", default=None, help="comma list of relations (default: all 41)")
     parser.add_argument("--no-manual", action="store_true", help="skip the manual-prompt evaluation")
     parser.add_argument("--batch-size", type=int, default=128, help="facts per evaluation batch")
-    parser.add_argument("--out", type=Path, default=None, help="where the run folders go (default: a temporary folder)")
+    parser.add_argument("--out", type=Path, default=None, help="where the run folders go (default: none written)")
+    parser.add_argument("--tokenizer", type=Path, default=None,
+                        help="a folder with only a tokenizer and a config.json (default: the converted SmolLM2 folder)")
     args = parser.parse_args()
     shapes = (args.shapes or ("135m,1.7b,8b" if args.device.startswith("cuda") else "135m")).split(",")
-    data = open_data(None)
-    out = args.out or Path(tempfile.mkdtemp(prefix="probe-scale-"))
+    open_data(None)  # the data is there before any model is drawn
     if args.device.startswith("cuda"):
         print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
     for shape in shapes:
-        print(json.dumps(bench(shape, args, data, out)), flush=True)
+        print(json.dumps(bench(shape, args, args.out)), flush=True)
 
 
 if __name__ == "__main__":

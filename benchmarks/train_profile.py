@@ -17,7 +17,7 @@ import torch
 from probe.backends import load_backend
 from probe.batching import make_batches
 from probe.data import open_data
-from probe.evaluate import evaluate_facts
+from probe.evaluator import evaluate_facts
 from probe.methods import get_method
 from probe.templates import compile_template, parse_template
 from probe.vocab import CandidateChoice
@@ -88,7 +88,7 @@ def main() -> None:
 
 def fit_times(backend, args, relation, compiled, train, dev, candidates, data) -> None:
     """A relation's seconds as `probe train` spends them."""
-    import probe.train as train_module
+    import probe.trainer as train_module
     from probe.fit import FitTask, fit
     from probe.methods.manual import ManualPrompt
 

@@ -200,12 +200,6 @@ def strict_json(entry: dict) -> dict:
     return {**{k: None if k in bad else v for k, v in entry.items()}, "nonfinite": bad}
 
 
-def check_output_path(path: Path | None, flag: str = "--out") -> None:
-    """An output folder must not be an existing file (checked before anything is made)."""
-    if path is not None and Path(path).exists() and not Path(path).is_dir():
-        raise ProbeError(f"{flag} {path} is an existing file: expected a folder to write into")
-
-
 class JsonlLog:
     """A training log: one JSON object a line, flushed as written; does nothing without a path."""
 

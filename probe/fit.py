@@ -29,6 +29,17 @@ def config_fields(config_class) -> set[str]:
     return {f.name for f in fields(config_class)}
 
 
+def setting(default: Any, help: str) -> Any:
+    """A fit setting users set, declared once in a method's fit config class (a dataclass): it becomes a flag of
+    `probe train` (--NAME), a key of a sweep grid's [train] table and a keyword of `probe.train`, with this help."""
+    return field(default=default, metadata={"setting": True, "help": help})
+
+
+def settings_of(config_class) -> list:
+    """The fields of a fit config class made with `setting(...)`, in declaration order."""
+    return [f for f in fields(config_class) if f.metadata.get("setting")] if config_class is not None else []
+
+
 @dataclass
 class FitTask:
     """One prompt to fit against a loaded LM: a method and its options on one relation's compiled template, the train

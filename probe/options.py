@@ -22,9 +22,11 @@ from probe.templates import DEFAULT_SHAPES
 from probe.vocab import CandidateChoice
 
 
-@dataclass
+@dataclass(init=False)
 class Options:
-    """The flags of `probe eval` and `probe train` as the user gave them; None: not given."""
+    """The flags of `probe eval` and `probe train` as the user gave them; None: not given. A method's settings (its
+    options and fit settings: --lr, --iterations, --init, ...) are not fields: they come in `settings`, by name, and
+    any other keyword given to Options is one of them (`Options(lr=0.01)` is `Options(settings={"lr": 0.01})`)."""
 
     model: list[str] | None = None  # several for `probe eval` (one run folder each)
     method: str | None = None
@@ -35,29 +37,17 @@ class Options:
     data: str | None = None
     out: Path | None = None
     resume: bool | None = None
-    batch_size: int | None = None
+    batch_size: int | None = None  # `probe eval`'s facts per batch (in `probe train`, the fit setting)
     device: str | None = None
     dtype: str | None = None
     control: str | None = None
-    seed: int | None = None
+    seed: int | None = None  # `probe eval --control`'s seed (in `probe train`, the fit setting)
     prompts: Path | None = None
     prompts_file: Path | None = None
     ensemble: bool | None = None
     max_prompts: int | None = None
     template: str | None = None
-    init: str | None = None
-    reparam: str | None = None
     option: list[str] | None = None  # method options as NAME=VALUE
-    lr: float | None = None
-    epochs: int | None = None
-    min_steps: int | None = None
-    eval_every: int | None = None
-    patience: int | None = None
-    max_train: int | None = None
-    iterations: int | None = None
-    top_k: int | None = None
-    capitals: bool | None = None
-    dev_size: int | None = None
     facts: Path | None = None
     train_facts: Path | None = None
     dev_facts: Path | None = None
@@ -80,8 +70,24 @@ class Options:
     allow_download: bool | None = None  # eval --prompts: load the hub model a run folder names
     allow_overlap: bool | None = None  # train: test facts that are also train or dev facts, without a warning
 
+    settings: dict | None = None  # the method's settings given, by name (see probe.methods.method_settings)
+
+    def __init__(self, settings: dict | None = None, **given):
+        for f in dataclasses.fields(self):
+            if f.name != "settings":
+                setattr(self, f.name, given.pop(f.name, None))
+        self.settings = {k: v for k, v in {**(settings or {}), **given}.items() if v is not None}
+
+    def method_settings(self) -> dict:
+        """The settings of the method given, by name: `settings`, with --seed and --batch-size (fields, since
+        `probe eval` has them too)."""
+        shared = {k: getattr(self, k) for k in ("seed", "batch_size") if getattr(self, k) is not None}
+        return {**shared, **(self.settings or {})}
+
     def given(self) -> set[str]:
-        return {f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None and getattr(self, f.name) != []}
+        flags = {f.name for f in dataclasses.fields(self) if f.name != "settings"
+                 and getattr(self, f.name) is not None and getattr(self, f.name) != []}
+        return flags | set(self.settings or {})
 
     def refuse(self, allowed: set[str], where: str) -> None:
         """A given flag outside `allowed` is an error naming it and `where` it was given."""

@@ -2,7 +2,7 @@
 
 `fit_pack` trains the tasks of a pack with at most `slots` of them at once: each step takes the next batch of every
 task in a slot and runs them as one pass (`Backend.pack_loss`); each prompt keeps its own optimizer, lr schedule,
-dev checks, patience, retry and log (`probe.train`), and since the LM is frozen and rows are independent, each gets
+dev checks, patience, retry and log (`probe.trainer`), and since the LM is frozen and rows are independent, each gets
 exactly its own gradient. A task that stops early leaves and the next one takes its slot. Methods fit another way
 (fine-tuning) run one after another; AutoPrompt's searches run in step (`search_together`).
 

@@ -41,6 +41,11 @@ def slug(model: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in name.removesuffix(".gguf")) or "model"
 
 
+def default_out(name: str, model: str) -> Path:
+    """runs/<name>-<model>-<time>: a run folder's default."""
+    return Path("runs") / f"{name}-{slug(model)}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
 @dataclass
 class RunConfig:
     """What produced a run folder: saved as its config.json, and compared key by key on --resume."""

@@ -20,7 +20,7 @@ from probe.backends import PromptInputs
 from probe.batching import collate
 from probe.commands.rerun import reevaluate_run
 from probe.data import Fact, LamaData
-from probe.evaluate import evaluate_facts
+from probe.evaluator import evaluate_facts
 from probe.fit import FitTask, fit
 from probe.methods import autoprompt, get_method
 from probe.methods.autoprompt import (

@@ -17,7 +17,7 @@ from probe.backends.masked import MaskedLM, _head_transform
 from probe.batching import collate
 from probe.data import Fact
 from probe.errors import ProbeError
-from probe.evaluate import evaluate_facts
+from probe.evaluator import evaluate_facts
 from probe.methods.manual import ManualPrompt
 from probe.templates import Encoded, compile_template
 from probe.vocab import build_candidates
@@ -501,7 +501,7 @@ def test_unknown_control_is_a_probe_error(tiny_causal_dir):
 def test_random_model_runs_are_labelled_and_recorded(tmp_path, tiny_causal_dir):
     from conftest import make_fake_lama
 
-    from probe.compare import run_label
+    from probe.comparison import run_label
 
     lama = make_fake_lama(tmp_path / "lama")
     out = tmp_path / "run"

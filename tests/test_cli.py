@@ -316,7 +316,7 @@ def test_a_comma_list_of_relations(tmp_path, tiny_masked_dir, fake_lama):
 
 
 def test_majority_control_is_recorded_and_labelled(tmp_path, tiny_masked_dir, fake_lama):
-    from probe.compare import run_label
+    from probe.comparison import run_label
 
     out = tmp_path / "run"
     res = invoke("eval", "--model", tiny_masked_dir, "--control", "majority", "-r", "P36", "--data", fake_lama, "--out", out)

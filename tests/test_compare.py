@@ -10,11 +10,11 @@ from conftest import assert_user_error, cli_in_process, make_fake_lama, write_js
 from typer.testing import CliRunner
 
 import cli
-from probe.compare import compare_runs, load_runs, run_label, write_comparison
+from probe.comparison import compare_runs, load_runs, run_label, write_comparison
 from probe.controls import CONTROLS, majority_scores
 from probe.data import Fact
 from probe.errors import ProbeError
-from probe.evaluate import evaluate_fixed
+from probe.evaluator import evaluate_fixed
 from probe.methods import METHODS, get_method
 from probe.runs import RunFolder
 from probe.vocab import build_candidates
@@ -230,7 +230,7 @@ def _seeded_run(root, name: str, method: str, seed, p1: dict[str, float], failed
 
 
 def test_runs_that_differ_only_by_seed_are_grouped_with_mean_and_std(tmp_path):
-    from probe.compare import seed_table
+    from probe.comparison import seed_table
 
     folders = [_seeded_run(tmp_path, "manual", "manual", None, {"P19": 10.0, "P36": 30.0})]
     for seed, (a, b) in zip((1, 2, 3), ((40, 20), (42, 22), (44, 24)), strict=True):
@@ -301,7 +301,7 @@ def test_seed_groups_alike_but_for_a_setting_are_told_apart_by_it(tmp_path):
     """Two groups of ptuning seeds that differ only by `pack`: two rows and two series, each named by its pack."""
     import json as _json
 
-    from probe.compare import run_series
+    from probe.comparison import run_series
 
     folders = []
     for pack, shift in ((None, 0.0), (4, 2.0)):

@@ -18,7 +18,7 @@ from probe.backends.loading import parse_max_memory
 from probe.batching import collate
 from probe.data import Fact
 from probe.errors import ProbeError
-from probe.evaluate import evaluate_facts
+from probe.evaluator import evaluate_facts
 from probe.methods import get_method
 from probe.templates import compile_template
 from probe.vocab import build_candidates

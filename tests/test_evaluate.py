@@ -1,4 +1,4 @@
-"""probe.batching, probe.evaluate and `probe eval`'s cells: batches, filtering, and metrics equal to a by-hand forward."""
+"""probe.batching, probe.evaluator and `probe eval`'s cells: batches, filtering, and metrics equal to a by-hand forward."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from probe.backends.llama import _distinct_tokens_after
 from probe.batching import collate, filter_facts, make_batches, relation_facts
 from probe.data import Fact, LamaData
 from probe.errors import ProbeError
-from probe.evaluate import evaluate_facts
+from probe.evaluator import evaluate_facts
 from probe.methods import METHODS, get_method
 from probe.methods.base import PromptMethod
 from probe.methods.manual import ManualPrompt
@@ -257,7 +257,7 @@ def test_in_training_a_batch_runs_as_one_sequence_with_the_padded_loss_and_gradi
 def test_a_first_token_that_inputs_share_runs_once_per_distinct_token(causal_backend, monkeypatch, template):
     """Subjects that begin alike ("Dante", "Dante Alighieri") run their first token once, across batches;
     ranks and top-10 equal those of the full inputs, and each row continues its own start."""
-    import probe.evaluate as ev
+    import probe.evaluator as ev
 
     b = causal_backend
     cands = build_candidates(b.tokenizer, WORDS)

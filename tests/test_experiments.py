@@ -13,7 +13,7 @@ import pytest
 from conftest import assert_user_error, cli_in_process
 from test_train import default_splits, make_lama
 
-from probe.compare import compare_runs, load_runs
+from probe.comparison import compare_runs, load_runs
 from probe.errors import ProbeError
 from probe.methods import get_method
 from probe.sweep import cells_of, load_grid
@@ -30,7 +30,7 @@ def manual_lama(root, backend):
     from test_train import CANDIDATES, SUBJECTS
 
     from probe.data import Fact
-    from probe.evaluate import evaluate_facts
+    from probe.evaluator import evaluate_facts
     from probe.templates import compile_template
     from probe.vocab import build_candidates
 
@@ -230,7 +230,7 @@ batch_size = 4
 def test_compare_draws_runs_of_other_seeds_as_one_bar(tmp_path):
     from conftest import write_relation
 
-    from probe.compare import manual_points, run_series, series_figures
+    from probe.comparison import manual_points, run_series, series_figures
     from probe.runs import RunFolder
 
     folders = []

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 import cli
 from probe.data import Fact, FactFiles, FactsFolder, infer_type, open_data
 from probe.errors import ProbeError
-from probe.evaluate import evaluate_facts
+from probe.evaluator import evaluate_facts
 from probe.methods.manual import ManualPrompt
 from probe.templates import ClozeTemplate, compile_template
 from probe.vocab import build_candidates

@@ -13,12 +13,12 @@ from conftest import assert_user_error, cli_in_process, make_fake_lama, train_he
 from probe.backends import load_backend
 from probe.batching import relation_facts
 from probe.data import LamaData
-from probe.evaluate import evaluate_facts
+from probe.evaluator import evaluate_facts
 from probe.methods import get_method
 from probe.options import load_template_spec
 from probe.runs import RunConfig, RunFolder
 from probe.templates import compile_template
-from probe.train import TrainConfig
+from probe.trainer import TrainConfig
 from probe.vocab import build_candidates
 
 SUBJECTS = ["Dante", "Victor", "Hugo", "Alighieri", "Besancon", "Aaron", "Abbey", "Abraham", "Abel", "Abigail"]

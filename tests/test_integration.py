@@ -200,7 +200,7 @@ def test_objects_any_on_smollm2_p19(lama_dir):
 
     from probe.backends import load_backend
     from probe.batching import collate
-    from probe.evaluate import evaluate_facts
+    from probe.evaluator import evaluate_facts
     from probe.methods.manual import ManualPrompt
     from probe.objects import ObjectsSpec, RelationCandidates, object_candidates
     from probe.templates import compile_template

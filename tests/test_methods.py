@@ -15,7 +15,7 @@ from probe.methods.prefix_tuning import PrefixTuning
 from probe.methods.prompt_tuning import PromptTuning, PromptTuningConfig
 from probe.methods.ptuning import PTuningConfig, PTuningEncoder, PTuningMLP
 from probe.templates import compile_template
-from probe.train import TrainConfig
+from probe.trainer import TrainConfig
 
 MANUAL = "[X] was born in [Y] ."
 SHAPES = {"masked": "(3, sub, 3, obj, 3)", "causal": "(3, sub, 3, obj)"}

@@ -15,13 +15,13 @@ from probe.backends.causal import CausalLM
 from probe.batching import collate
 from probe.data import Fact, LamaData
 from probe.errors import ProbeError
-from probe.evaluate import evaluate_facts
+from probe.evaluator import evaluate_facts
 from probe.fit import FitTask, fit
 from probe.methods import get_method
 from probe.methods.manual import ManualPrompt
 from probe.objects import ObjectsSpec, RelationCandidates, object_candidates, read_candidates_file
 from probe.templates import compile_template
-from probe.train import TrainConfig
+from probe.trainer import TrainConfig
 from probe.vocab import build_candidates
 
 CITIES = ["Paris", "London", "Buenos Aires", "Saint Petersburg", "Rome", "New York", "New Delhi", "Berlin",

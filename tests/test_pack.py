@@ -23,7 +23,7 @@ from probe.methods import get_method
 from probe.pack import Pack, fit_pack, packed
 from probe.saved_prompts import prompt_bytes
 from probe.templates import compile_template
-from probe.train import TrainConfig
+from probe.trainer import TrainConfig
 
 TOL = 1e-5
 SHAPES = {"masked": "(2, sub, 2, obj, 1)", "causal": "(2, sub, 2, obj)"}

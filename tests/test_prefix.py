@@ -155,7 +155,7 @@ def test_prefix_tuning_learns_a_learnable_relation(request, which, reparam):
     from test_train import MANUAL as TRAIN_MANUAL
     from test_train import learnable_problem
 
-    from probe.train import TrainConfig, train_prompt
+    from probe.trainer import TrainConfig, train_prompt
 
     backend = request.getfixturevalue(which)
     cands, train, dev, manual_p1 = learnable_problem(backend)

@@ -13,7 +13,7 @@ import cli
 from probe.batching import collate
 from probe.data import Fact, LamaData
 from probe.errors import ProbeError
-from probe.evaluate import evaluate_ensemble
+from probe.evaluator import evaluate_ensemble
 from probe.methods.manual import ManualPrompt
 from probe.prompt_files import DiscretePrompt, read_prompts
 from probe.runs import RunConfig, RunFolder

@@ -217,7 +217,7 @@ def test_objects_of_any_length_on_ray_give_the_same_run(local_ray, tiny_causal_d
 
 def test_compare_of_two_models_uses_only_the_facts_both_keep(tmp_path):
     """A fact one model drops is left out of the other's figures too."""
-    from probe.compare import compare_runs, load_runs
+    from probe.comparison import compare_runs, load_runs
     from probe.runs import RunFolder
 
     for model, ranks in (("a", {"Paris": 1, "Rome": 3, "Berlin": 1}), ("b", {"Paris": 2, "Rome": 1})):

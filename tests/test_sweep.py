@@ -12,10 +12,10 @@ from test_train import default_splits, make_lama
 import probe.sweep
 from probe.batching import relation_facts
 from probe.cells import InProcess, LoadedModel
-from probe.compare import mean_std
+from probe.comparison import mean_std
 from probe.data import LamaData
 from probe.errors import ProbeError
-from probe.evaluate import evaluate_facts
+from probe.evaluator import evaluate_facts
 from probe.fit import FitTask, fit
 from probe.methods import get_method, method_config
 from probe.methods.autoprompt import TriggerSearchConfig
@@ -23,7 +23,7 @@ from probe.methods.prompt_tuning import PromptTuning
 from probe.options import load_template_spec
 from probe.sweep import SweepCell, cells_of, grid_models, load_grid, prepare_folder, run_sweep, summarise
 from probe.templates import compile_template, parse_template, spread_virtual
-from probe.train import TrainConfig
+from probe.trainer import TrainConfig
 from probe.vocab import build_candidates
 
 
@@ -105,13 +105,13 @@ def test_sweep_runs_resumes_and_summarises(causal_backend, tmp_path, monkeypatch
     out = tmp_path / "sweep"
     prepare_folder(out, grid, {"data": "x"})
     ran = []
-    real = probe.sweep.run_cell
+    real = probe.sweep.cell.run_cell
 
     def counting(loaded, cell, *args):
         ran.append(cell)
         return real(loaded, cell, *args)
 
-    monkeypatch.setattr(probe.sweep, "run_cell", counting)
+    monkeypatch.setattr(probe.sweep.cell, "run_cell", counting)
     cells = cells_of(grid, ["P19", "P36"])
     assert len(cells) == 8  # 2 inits x 2 seeds x 2 relations
     (out / "cells").mkdir(exist_ok=True)
@@ -222,13 +222,13 @@ batch_size = 4
     out = tmp_path / "sweep"
     prepare_folder(out, grid, {"data": "x"})
     fitted = []
-    real = probe.sweep.fit
+    real = probe.sweep.cell.fit
 
     def spy(backend, task):
         fitted.append((task.method.name, task.config))
         return real(backend, task)
 
-    monkeypatch.setattr(probe.sweep, "fit", spy)
+    monkeypatch.setattr(probe.sweep.cell, "fit", spy)
     df = sweep_here(causal_backend, lama, grid, ["P19"], cands, out)
     assert df["method"].tolist() == ["autoprompt", "autoprompt", "prompt-tuning", "prompt-tuning"]
     # each method got its own settings from [train], and the cell's seed
@@ -343,7 +343,7 @@ def test_a_cell_finished_by_another_process_is_skipped(causal_backend, tmp_path,
                                                                               "dev_p1": 5.0}))
         return {**cell.settings(), "p1": 10.0 * cell.seed, "dev_p1": 0.0}
 
-    monkeypatch.setattr(probe.sweep, "run_cell", fake_cell)
+    monkeypatch.setattr(probe.sweep.cell, "run_cell", fake_cell)
     df = sweep_here(causal_backend, lama, grid, ["P19"], [], out)
     assert ran == [1, 3]
     assert sorted(df["p1"]) == [5.0, 10.0, 30.0]

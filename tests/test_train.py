@@ -22,13 +22,13 @@ from typer.testing import CliRunner
 
 import cli
 import probe.fit
-import probe.train
+import probe.trainer
 from probe.batching import collate, make_batches
 from probe.cells import torch_threads
 from probe.commands.rerun import reevaluate_run
 from probe.data import Fact, LamaData
 from probe.errors import Interrupted, ProbeError
-from probe.evaluate import evaluate_facts
+from probe.evaluator import evaluate_facts
 from probe.files import atomic_write_bytes
 from probe.fit import FitTask
 from probe.methods import get_method
@@ -39,7 +39,7 @@ from probe.options import load_template_spec
 from probe.runs import RunConfig, RunFolder
 from probe.saved_prompts import load_prompt, prompt_bytes
 from probe.templates import DEFAULT_SHAPES, TemplateError, compile_template, parse_template
-from probe.train import TrainConfig, train_prompt
+from probe.trainer import TrainConfig, train_prompt
 from probe.vocab import build_candidates
 
 # Single tokens for both tiny tokenizers (WordPiece 'Paris', SmolLM2 ' Paris').
@@ -536,16 +536,16 @@ def test_max_train_subsamples_deterministically(causal_backend, monkeypatch):
     cands = candidates_for(backend)
     compiled = compile_template(shape_for(backend), backend.tokenizer, backend.kind)
     facts = [Fact(s, CANDIDATES[i % 4]) for i, s in enumerate(SUBJECTS)]
-    import probe.train
+    import probe.trainer
 
     used = []
-    real = probe.train.make_batches
+    real = probe.trainer.make_batches
 
     def spy(compiled_, facts_, *a, **k):
         used.append(list(facts_))
         return real(compiled_, facts_, *a, **k)
 
-    monkeypatch.setattr(probe.train, "make_batches", spy)
+    monkeypatch.setattr(probe.trainer, "make_batches", spy)
     for _ in range(2):
         torch.manual_seed(0)
         method = PTuningEncoder.create(backend, compiled, MANUAL)
@@ -1020,7 +1020,7 @@ def test_cli_train_refuses_a_non_test_split(tiny_causal_dir, tmp_path, split):
 def test_an_absurd_lr_is_retried_lower_and_the_retry_learns(causal_backend, tmp_path):
     """lr 1e20 turns the prompt into NaN (a real divergence, which once ranked every gold first); the retry at
     lr 1e20 * 1e-21 = 0.1 learns."""
-    from probe.train import train_with_retries
+    from probe.trainer import train_with_retries
 
     backend = causal_backend
     cands, train, dev, manual_p1 = learnable_problem(backend)
@@ -1064,7 +1064,7 @@ def test_a_fit_that_never_rises_is_flagged_in_the_results(masked_backend, tmp_pa
 def test_a_fit_is_trained_only_when_dev_p1_rises_above_its_start(devs, failed, kept, tmp_path):
     """The divergence rule reads dev P@1: a fit whose MRR alone improves keeps the starting state, best step 0,
     and counts as failed (so it is retried, then flagged), as P31 and P39 showed in an all-41 run."""
-    from probe.train import FitLoop
+    from probe.trainer import FitLoop
 
     figures = iter([{"p1": p1, "mrr": mrr} for p1, mrr in devs])
     states = iter(range(len(devs)))

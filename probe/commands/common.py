@@ -4,7 +4,6 @@ it, the candidates line, run folders, a relation's files, and running the cells.
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from probe.data import Fact, Relation
 from probe.errors import Interrupted
 from probe.files import folder_name
 from probe.objects import MASKED_SCORING
-from probe.runs import RunFolder, slug
+from probe.runs import RunFolder, default_out, slug  # noqa: F401 (default_out: there before)
 from probe.templates import CompiledTemplate
 from probe.vocab import CandidateChoice
 
@@ -69,10 +68,6 @@ def candidates_line(info: ModelInfo, dtype: str, choice: CandidateChoice, object
     sizes = objects["candidates_per_relation"].values()
     return (f"{head}: objects of any length, {n:,} distinct candidates ({objects['candidates']}), "
             f"{min(sizes):,} to {max(sizes):,} per relation")
-
-
-def default_out(name: str, model: str) -> Path:
-    return Path("runs") / f"{name}-{slug(model)}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def run_folder_for(out: Path | None, name: str, model: str, several: bool, config: dict, resume: bool) -> RunFolder:
@@ -158,3 +153,27 @@ def facts_in_context(loaded: LoadedModel, relation: Relation, compiled: Compiled
         warnings.append(f"{relation.id}: {len(long)} fact(s) longer than the model's context of "
                         f"{loaded.backend.max_positions:,} tokens dropped, e.g. subject {shown!r} ({n:,} tokens)")
     return kept, len(long)
+
+
+def results_text(results: dict) -> str:
+    """What `probe eval` and `probe train` print of a run's results: the relations, the summary (and the manual
+    prompt's), P@1 by object length, the relations not trained or below the manual prompt."""
+    from probe.runs import length_table, relations_table, summary_table
+
+    lines = [relations_table(results["relations"]).to_string(index=False, float_format=lambda v: f"{v:.2f}"), "",
+             "macro = mean over relations, micro = mean over facts; P@k in %, MRR as a fraction",
+             summary_table(results["summary"]).to_string(index=False, float_format=lambda v: f"{v:.3f}")]
+    if "summary_manual" in results:
+        lines += ["\nthe manual prompt on the same facts:",
+                  summary_table(results["summary_manual"]).to_string(index=False, float_format=lambda v: f"{v:.3f}")]
+    if "by_length" in results:
+        lines += ["\nby the gold object's token count (facts, micro P@1):",
+                  length_table(results).to_string(index=False, float_format=lambda v: f"{v:.2f}")]
+    if results.get("fit_failed"):
+        lines.append(f"\nnot trained (dev P@1 never rose above its start, after every retry): "
+                     f"{', '.join(results['fit_failed'])}")
+    if results.get("below_manual"):
+        kept = f"; the manual prompt kept for {', '.join(results['kept_manual'])}" if results.get("kept_manual") else ""
+        lines.append(f"\nbelow the manual prompt on dev ({len(results['below_manual'])}): "
+                     f"{', '.join(results['below_manual'])}" + kept)
+    return "\n".join(lines)

@@ -16,7 +16,6 @@ from probe.commands.common import (
     RunResult,
     candidate_counts,
     candidates_line,
-    default_out,
     describe_candidates,
     dropped_line,
     execute,
@@ -26,28 +25,13 @@ from probe.commands.common import (
     relation_row,
     run_folder_for,
 )
-from probe.controls import CONTROLS, get_control
-from probe.errors import ProbeError, check_positive
-from probe.evaluate import evaluate_ensemble, evaluate_fixed
-from probe.methods import get_method
-from probe.options import (
-    RUN_FLAGS,
-    Options,
-    candidate_choice,
-    check_model_slugs,
-    check_new_folder,
-    check_templates,
-    load_data,
-    make_executor,
-    model_names,
-    relation_ids,
-)
-from probe.prompt_files import DiscretePrompt, read_prompts
-from probe.runs import RunConfig, RunFolder, slug
+from probe.controls import get_control
+from probe.evaluator import evaluate_ensemble, evaluate_fixed
+from probe.options import Options, make_executor
+from probe.prompt_files import DiscretePrompt
+from probe.runs import RunConfig, RunFolder
+from probe.spec import EVAL_FLAGS, PROMPT_FLAGS, EvalSpec, resolve_eval  # noqa: F401 (flags: there before)
 from probe.templates import ClozeTemplate, compile_template
-
-EVAL_FLAGS = RUN_FLAGS | {"batch_size", "seed", "prompts_file", "ensemble", "max_prompts", "template", "from_sentences"}
-PROMPT_FLAGS = {"method", "prompts_file", "ensemble", "max_prompts", "template", "from_sentences"}
 
 
 @dataclass
@@ -125,96 +109,42 @@ def single_candidate_warning(rid: str, candidates) -> list[str]:
     return []
 
 
-def run_eval(opts: Options, log=print) -> list[RunResult]:
+def run_eval(opts: Options, log=print, loaded=None) -> list[RunResult]:
     """`probe eval`: fixed prompts (manual, a prompts file) or a control on the relations asked for, for one model or
-    several (one run folder each). Every check runs before a folder is made."""
+    several (one run folder each). Every check runs before a folder is made (`resolve_eval`)."""
+    return eval_run(resolve_eval(opts, log), log, loaded)
+
+
+def eval_run(es: EvalSpec, log=print, loaded=None) -> list[RunResult]:
+    """Run a resolved `probe eval` (`loaded(data, candidates)`: the Python API's model, already loaded)."""
     t0 = time.time()
-    if opts.prompts is not None:
-        raise ProbeError("internal: saved prompts go through rerun_prompts")
-    opts.refuse(EVAL_FLAGS, "`probe eval`")
-    control = get_control(opts.control)
-    method = opts.method or "manual"
-    if method in CONTROLS:
-        raise ProbeError(f"{method} is a control, not a method: use --control {method}")
-    method_cls = get_method(method)
-    if method_cls.can_fit():
-        raise ProbeError(f"method {method!r} is trained: use `probe train --method {method}`, then `probe eval --prompts RUN`")
-    if not control.uses_lm:
-        opts.refuse(EVAL_FLAGS - PROMPT_FLAGS - {"seed"}, f"--control {control.name} ({control.summary}, with no prompt)")
-    if opts.seed is not None and not control.seeded:
-        seeded = " or ".join(n for n, c in CONTROLS.items() if c.seeded)
-        raise ProbeError(f"--seed applies to --control {seeded} only (a fixed prompt has nothing random)")
-    seed = (13 if opts.seed is None else opts.seed) if control.seeded else None
-    if opts.prompts_file is None and (opts.ensemble or opts.max_prompts is not None):
-        raise ProbeError("--ensemble and --max-prompts need --prompts-file")
-    max_prompts = opts.max_prompts if opts.max_prompts is not None else (0 if opts.ensemble else 1)
-    if max_prompts < 0 or (max_prompts != 1 and not opts.ensemble):
-        raise ProbeError(f"--max-prompts {max_prompts}: several prompts per relation need --ensemble (0 means all)")
-    batch_size = 128 if opts.batch_size is None else opts.batch_size
-    check_positive(batch_size=batch_size)
-    if opts.from_sentences and (opts.prompts_file is not None or opts.template is not None):
-        raise ProbeError("--from-sentences evaluates each fact's cloze sentence: it does not go with --template or "
-                         "--prompts-file")
-    names = model_names(opts, several=True)
-    several = len(names) > 1
-    out = opts.out
-    if several:  # one parent folder, a run folder per model in it
-        check_model_slugs(names, "given with --model")
-        out = out or default_out(opts.method or opts.control or "manual", "models")
-        check_new_folder(out, True)
-        for name in names:
-            check_new_folder(Path(out) / slug(name), opts.resume)
-    else:
-        check_new_folder(out, opts.resume)
-    data = load_data(opts, opts.template)
-    ids = relation_ids(data, opts.relation, opts.all)
-    split = data.split_name(opts.split)
-    if not opts.from_sentences and opts.prompts_file is None and control.uses_lm:
-        check_templates(data, ids, "--template")
-    choice = candidate_choice(opts)
-    if choice.objects is None:
-        data.vocab_words(choice.vocab)  # checks the vocabulary name
-    chosen, prompts_info = None, {}
-    if opts.prompts_file is not None:
-        prompt_set = read_prompts(opts.prompts_file)
-        prompt_set.check_relations(data.relations)
-        chosen = prompt_set.chosen(ids, max_prompts, strict=bool(opts.relation))
-        if not chosen:
-            raise ProbeError(f"prompts file {opts.prompts_file} has no prompt for the relations asked for")
-        if len(chosen) < len(ids):
-            log(f"warning: no prompt in {opts.prompts_file} for {', '.join(r for r in ids if r not in chosen)}; skipped")
-        ids = list(chosen)
-        method = "discrete"
-        prompts_info = {"prompts_file": str(Path(opts.prompts_file).resolve()), "prompts_format": prompt_set.format,
-                        "ensemble": bool(opts.ensemble), "prompts_per_relation": {r: len(p) for r, p in chosen.items()}}
-    if not control.uses_lm:
-        method = None
-    executor = make_executor(data, choice, opts.ray, opts.cpus_per_worker, opts.threads, log, opts.jobs)
-    name = f"discrete-{slug(Path(opts.prompts_file).stem)}" if chosen else (method or control.name)
-    name += "-cloze" if opts.from_sentences else ""
-    name += "-any" if choice.objects else ""
+    data, ids, split, choice, chosen, control = es.data, list(es.relations), es.split, es.candidates, es.chosen, es.control
+    several = len(es.models) > 1
+    executor = make_executor(data, choice, es.ray, es.cpus_per_worker, es.threads, log, es.jobs)
+    if loaded is not None:  # the Python API: a model already loaded, `loaded(data, candidates)` its LoadedModel
+        executor.loaded = loaded(data, choice)
     runs, cells = [], []
     try:
-        for model in names:
-            spec, info = open_model(model, opts.device, opts.dtype, executor, control, seed, opts.max_memory)
+        for model in es.models:
+            spec, info = open_model(model, es.device, es.dtype, executor, control, es.seed, es.max_memory)
             candidates = choice.build(info.tokenizer, data)
             objects, n_candidates, n_source = describe_candidates(choice, candidates, info.kind, ids)
             if control.uses_lm:  # every template compiles for this tokenizer before a folder is made
-                check_compiles(info, data, ids, chosen, bool(opts.from_sentences))
+                check_compiles(info, data, ids, chosen, es.from_sentences)
             if len(ids) == 1:
                 relation_facts(data, data.relation(ids[0]), split, candidates, strict=True)
             log(candidates_line(info, spec.dtype, choice, objects, n_candidates, n_source))
             config = RunConfig.of(
                 "eval", info, data, n_candidates=n_candidates, n_vocab_words=n_source, objects=objects or None,
-                method=method, split=split, vocab=choice.vocab, batch_size=batch_size, control=control.name,
-                template_file=str(opts.prompts_file) if opts.prompts_file is not None else None,
-                seed=seed, device=spec.device, torch_threads=executor.threads,
-                method_config={"ensemble": bool(opts.ensemble), "max_prompts": max_prompts} if chosen else None,
-                prompts=prompts_info, from_sentences=bool(opts.from_sentences) or None,
+                method=es.method, split=split, vocab=choice.vocab, batch_size=es.batch_size, control=control.name,
+                template_file=str(es.prompts_file) if es.prompts_file is not None else None,
+                seed=es.seed, device=spec.device, torch_threads=executor.threads,
+                method_config={"ensemble": es.ensemble, "max_prompts": es.max_prompts} if chosen else None,
+                prompts=dict(es.prompts_info), from_sentences=es.from_sentences or None,
             )
-            run = run_folder_for(out, name, info.name, several, config.to_dict(), bool(opts.resume))
+            run = run_folder_for(es.out, es.name, info.name, several, config.to_dict(), es.resume)
             runs.append(run)
-            cells += eval_cells(spec, run, ids, split, batch_size, chosen, control.name, bool(opts.from_sentences))
+            cells += eval_cells(spec, run, ids, split, es.batch_size, chosen, control.name, es.from_sentences)
     except BaseException:
         executor.close()
         raise

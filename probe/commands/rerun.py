@@ -13,7 +13,7 @@ from probe.batching import relation_facts
 from probe.cells import torch_threads
 from probe.data import FactData
 from probe.errors import ProbeError, check_positive
-from probe.evaluate import evaluate_facts
+from probe.evaluator import evaluate_facts
 from probe.files import read_json
 from probe.objects import ObjectsSpec
 from probe.options import Options, check_threads, model_names, relation_ids, reopen_data
@@ -116,3 +116,16 @@ def reevaluate_run(backend: Backend, data: FactData, run_dir: Path, candidates, 
         log(f"warning: --threads {threads}: {', '.join(other)} were fit with other torch thread counts (in brackets); "
             "on CPU their figures may not reproduce")
     return rows
+
+
+def rerun_table(rows: list[dict]) -> tuple[str, bool]:
+    """What `probe eval --prompts` prints: saved and recomputed figures side by side, how many reproduce; and whether
+    all do."""
+    import pandas as pd
+
+    df = pd.DataFrame(rows)[["relation", "type", "n_facts", "saved_p1", "p1", "saved_p10", "p10", "saved_mrr", "mrr"]]
+    df["same"] = [all(r[k] == r[f"saved_{k}"] for k in ("p1", "p10", "mrr")) for r in rows]
+    same = int(df["same"].sum())
+    text = (df.to_string(index=False, float_format=lambda v: f"{v:.3f}")
+            + f"\n\n{same} of {len(df)} relations reproduce the saved test figures exactly")
+    return text, same == len(df)

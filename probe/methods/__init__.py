@@ -9,8 +9,11 @@ the trainer read everything else from the class.
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
+from typing import Any
 
 from probe.errors import ProbeError
+from probe.fit import settings_of
 from probe.methods.autoprompt import AutoPrompt
 from probe.methods.base import FixedPrompt, MethodConfig, PromptMethod, option
 from probe.methods.finetune import FineTune
@@ -76,6 +79,53 @@ def _typed(field: dataclasses.Field, value):
         raise ProbeError(f"option {field.name} {value!r}: expected a {kind.__name__}") from None
 
 
+@dataclass(frozen=True)
+class Setting:
+    """A setting some methods take, by name: a method option (`option(...)` in its config class) or a fit setting
+    (`setting(...)` in its fit config class). The CLI's flags, a sweep grid's keys and `probe.train`'s keywords are
+    built from these; nothing else names them."""
+
+    name: str
+    kind: type  # bool, int, float or str
+    fit: bool  # a fit setting (else a method option)
+    declared: tuple[tuple[str, str, Any], ...]  # (method, its help, its default), in the methods' order
+
+    @property
+    def methods(self) -> list[str]:
+        return [m for m, _, _ in self.declared]
+
+    def help(self) -> str:
+        """One help text: what it is for each method (grouped), with the defaults."""
+        fittable = [n for n, c in METHODS.items() if c.can_fit()]
+        groups: dict[str, list[tuple[str, Any]]] = {}
+        for method, text, default in self.declared:
+            groups.setdefault(text, []).append((method, default))
+        parts = []
+        for text, members in groups.items():
+            defaults: dict[str, list[str]] = {}
+            for method, default in members:
+                defaults.setdefault(str(default), []).append(method)
+            if len(defaults) == 1:
+                shown = f"default {next(iter(defaults))}"
+            else:
+                shown = "default " + "; ".join(f"{d} for {', '.join(ms)}" for d, ms in defaults.items())
+            who = "" if [m for m, _ in members] == fittable else f"{', '.join(m for m, _ in members)}: "
+            parts.append(f"{who}{text} ({shown})")
+        return "; ".join(parts) + "."
+
+
+def method_settings() -> dict[str, Setting]:
+    """Every setting of every registered method, by name, in the order the methods declare them."""
+    found: dict[str, tuple[type, bool, list]] = {}
+    for cls in METHODS.values():
+        declared = [(f, False, f.default) for f in cls.config_class.options()]
+        if cls.fit_config_class is not None:
+            declared += [(f, True, cls.default_lr if f.name == "lr" else f.default) for f in settings_of(cls.fit_config_class)]
+        for f, fit, default in declared:
+            found.setdefault(f.name, (type(f.default), fit, []))[2].append((cls.name, f.metadata.get("help", ""), default))
+    return {name: Setting(name, kind, fit, tuple(declared)) for name, (kind, fit, declared) in found.items()}
+
+
 def method_list() -> str:
     """The methods with their options, as the README and --help list them."""
     lines = []
@@ -86,5 +136,5 @@ def method_list() -> str:
     return "\n".join(lines)
 
 
-__all__ = ["METHODS", "FixedPrompt", "GradientPrompt", "MethodConfig", "PromptMethod", "get_method", "method_config",
-           "method_list", "option", "option_names", "parse_options"]
+__all__ = ["METHODS", "FixedPrompt", "GradientPrompt", "MethodConfig", "PromptMethod", "Setting", "get_method",
+           "method_config", "method_list", "method_settings", "option", "option_names", "parse_options"]

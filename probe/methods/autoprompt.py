@@ -24,8 +24,8 @@ from probe.backends import Backend, PromptInputs
 from probe.batching import Batch, make_batches
 from probe.data import Fact
 from probe.errors import ProbeError, check_positive
-from probe.evaluate import evaluate_facts
-from probe.fit import FitLoop, FitResult, FitTask, Fitted, create_prompt
+from probe.evaluator import evaluate_facts
+from probe.fit import FitLoop, FitResult, FitTask, Fitted, create_prompt, setting
 from probe.methods.base import MethodConfig, PromptMethod, option
 from probe.templates import OBJ, SUB, TEXT, VIRTUAL, CompiledTemplate, Template, encode_words, manual_word_slots
 from probe.vocab import CandidateVocab
@@ -59,13 +59,13 @@ class TriggerSearchConfig:
         "paper": {"iterations": 1000, "top_k": 10, "batch_size": 20, "dev_size": 100, "patience": 0},
     }
 
-    iterations: int = 30
-    top_k: int = 10  # candidate tokens re-scored per iteration
-    batch_size: int = 16
-    patience: int = 10  # iterations without a dev gain before stopping (0: never stop early)
-    capitals: bool = True  # allow capitalised tokens as triggers
-    dev_size: int = 0  # dev checks on a fixed seeded sample of this many dev facts (0: every dev fact)
-    seed: int = 13
+    iterations: int = setting(30, "search iterations, one trigger slot each")
+    top_k: int = setting(10, "candidate tokens re-scored per iteration")
+    batch_size: int = setting(16, "train facts per step")
+    patience: int = setting(10, "iterations without a dev gain before stopping (0: never stop early)")
+    capitals: bool = setting(True, "allow capitalised trigger tokens")
+    dev_size: int = setting(0, "dev checks on a fixed sample of this many dev facts (0: all)")
+    seed: int = setting(13, "random seed")
 
     def check(self) -> None:
         check_positive(iterations=self.iterations, top_k=self.top_k, batch_size=self.batch_size)

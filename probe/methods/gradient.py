@@ -1,4 +1,4 @@
-"""The base of the methods fit by gradient descent against the frozen LM (`probe.train`)."""
+"""The base of the methods fit by gradient descent against the frozen LM (`probe.trainer`)."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ from collections.abc import Iterator
 
 from probe.fit import FitResult, FitTask, Fitted
 from probe.methods.base import PromptMethod
-from probe.train import TrainConfig, train_pack, train_with_retries
+from probe.trainer import TrainConfig, train_pack, train_with_retries
 
 
 class GradientPrompt(PromptMethod):
-    """A method fit by the one trainer (`probe.train.train_prompt`): AdamW on its parameters, the LM frozen; run again
+    """A method fit by the one trainer (`probe.trainer.train_prompt`): AdamW on its parameters, the LM frozen; run again
     at a lower lr when dev never rises above its start (`train_with_retries`). Several fits of such methods can share
     one pass of the LM (`probe.pack`)."""
 

@@ -19,8 +19,8 @@ from tqdm import tqdm
 from probe.backends import Backend
 from probe.batching import make_batches
 from probe.errors import ProbeError, check_positive
-from probe.evaluate import evaluate_facts, evaluate_pack
-from probe.fit import FitLoop, FitResult, FitTask, Fitted, create_prompt
+from probe.evaluator import evaluate_facts, evaluate_pack
+from probe.fit import FitLoop, FitResult, FitTask, Fitted, create_prompt, setting
 
 MAX_LR = 1e30  # AdamW's first step scales the lr by 10 in float32 (max 3.4e38); anything near that is no learning rate
 
@@ -29,16 +29,16 @@ MAX_LR = 1e30  # AdamW's first step scales the lr by 10 in float32 (max 3.4e38);
 class TrainConfig:
     """How a gradient method is fit; defaults chosen on the dev split (see BENCHMARKS.md)."""
 
-    lr: float = 1e-3
+    lr: float = setting(1e-3, "AdamW learning rate (each method's default chosen on dev)")
     weight_decay: float = 0.0
-    batch_size: int = 16
-    epochs: int = 2
-    min_steps: int = 100  # small relations get more passes, so that every prompt sees this many steps
+    batch_size: int = setting(16, "train facts per step")
+    epochs: int = setting(2, "passes over the train facts")
+    min_steps: int = setting(100, "at least this many steps, so small relations get more passes")
     warmup: float = 0.1  # share of steps with a linear warm-up, then linear decay to 0
-    eval_every: int = 25  # steps between dev evaluations
-    patience: int = 4  # dev evaluations without improvement before stopping
-    max_train: int = 0  # 0: all train facts
-    seed: int = 13
+    eval_every: int = setting(25, "steps between dev evaluations")
+    patience: int = setting(4, "dev checks without a gain before stopping")
+    max_train: int = setting(0, "at most this many train facts (0: all)")
+    seed: int = setting(13, "random seed")
     retries: int = 1  # a fit whose dev figures never rise above their start is run again, at a lower lr
     retry_lr_factor: float = 0.1  # the lr of each retry, times the one before
 

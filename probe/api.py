@@ -1,0 +1,297 @@
+"""probe from Python: load a model once, evaluate and train prompts, get pandas tables back.
+
+    import probe
+    model = probe.load_model("smollm2")
+    manual = probe.evaluate(model, relations=["P36"])
+    manual.summary                      # macro / micro P@1, P@10, MRR per relation type
+    run = probe.train(model, relations=["P36"], method="ptuning", seed=13)
+    run.relations                       # one row per relation: test, dev and manual figures, flags
+    run.prompts["P36"].save("p36")      # a trained prompt; probe.load_prompt("p36") reads it back
+
+The functions run the same cells as the CLI (`probe eval`, `probe train`): the figures are the same. Without `out=`
+nothing is written; with it, the run folder is the CLI's. Mistakes raise ProbeError with the CLI's one-line messages,
+before any model loads where the CLI checks them; progress goes to tqdm, warnings and per-relation lines to the
+`probe` logger (`logging.getLogger("probe").setLevel(logging.ERROR)` silences them).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from probe.backends import Backend, load_backend
+from probe.backends.loading import resolve_device
+from probe.cells import CellOutput, LoadedModel, ModelSpec, torch_threads
+from probe.commands.eval import EvalCell
+from probe.commands.train import TrainCell, compiled_templates
+from probe.comparison import Comparison, compare_runs, load_runs
+from probe.data import Fact, FactData
+from probe.errors import ProbeError
+from probe.evaluator import evaluate_facts
+from probe.metrics import aggregate
+from probe.options import Options
+from probe.pack import default_pack, packed
+from probe.runs import summary_table
+from probe.saved_prompts import load_prompt as load_prompt_file
+from probe.spec import resolve_eval, resolve_train
+from probe.templates import compile_template
+from probe.vocab import CandidateChoice, build_candidates
+
+logger = logging.getLogger("probe")
+
+
+@dataclass
+class Model:
+    """A loaded LM, reused by every call: its name, kind (masked or causal), device and dtype."""
+
+    backend: Backend
+    spec: ModelSpec
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def kind(self) -> str:
+        return self.backend.kind
+
+    def loaded(self, data: FactData, candidates: CandidateChoice) -> LoadedModel:
+        """What cells run against: this model, the data and its candidates."""
+        return LoadedModel(self.backend, data, candidates.build(self.backend.tokenizer, data), self.spec)
+
+
+def load_model(name: str = "smollm2", device: str = "auto", dtype: str = "bfloat16") -> Model:
+    """Load a model once: 'smollm2', a hub id, a local folder or a .gguf file; device auto (a GPU when there is
+    one), cpu, cuda or cuda:N; dtype bfloat16, float32 or float16 (as `probe eval --model --device --dtype`)."""
+    device = resolve_device(device)
+    backend = load_backend(name, device=device, dtype=dtype)
+    return Model(backend, ModelSpec(name, device, dtype))
+
+
+@dataclass
+class TrainedPrompt:
+    """A trained prompt of one relation: its template, metrics (test, dev and the manual prompt's), its run config,
+    and the saved tensors. `save(dir)` writes it as a run folder's relation folder; `probe.load_prompt` reads it."""
+
+    relation: str
+    metrics: dict
+    config: dict
+    tensors: bytes  # prompt.safetensors
+
+    @property
+    def template(self) -> str:
+        return self.config["template"]
+
+    @property
+    def manual_template(self) -> str:
+        return self.config["manual_template"]
+
+    def save(self, folder: str | Path) -> Path:
+        """prompt.safetensors, config.json and metrics.json in `folder` (made if needed); returns it."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "prompt.safetensors").write_bytes(self.tensors)
+        for name, value in (("config.json", self.config), ("metrics.json", self.metrics)):
+            (folder / name).write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        return folder
+
+    def score(self, model: Model, facts: Iterable[tuple[str, str]], candidates: Sequence[str] | None = None,
+              batch_size: int = 128) -> pd.DataFrame:
+        """Rank `candidates` (default: the facts' objects) for each (subject, object) pair given as plain Python
+        values; one row per fact: subject, object, rank of the object, the top 10 words."""
+        pairs = [(str(s), str(o)) for s, o in facts]
+        if not pairs:
+            raise ProbeError("no facts given: expected (subject, object) pairs")
+        words = list(dict.fromkeys(candidates if candidates is not None else [o for _, o in pairs]))
+        vocab = build_candidates(model.backend.tokenizer, words)
+        kept = [Fact(s, o) for s, o in pairs if o in vocab.index]
+        if len(kept) < len(pairs):
+            missing = next(o for _, o in pairs if o not in vocab.index)
+            raise ProbeError(f"object {missing!r} is not one token of {model.name} among the candidates: a single-token "
+                             "candidate is needed")
+        compiled = compile_template(self.template, model.backend.tokenizer, model.kind, manual=self.manual_template)
+        prompt = load_prompt_file_bytes(self.tensors).to(model.backend.device)
+        result = evaluate_facts(model.backend, prompt, compiled, kept, vocab, batch_size)
+        return pd.DataFrame([{"subject": p["sub"], "object": p["obj"], "rank": p["rank"], "top10": p["top10"]}
+                             for p in result.predictions()])
+
+
+def load_prompt_file_bytes(blob: bytes):
+    """A FixedPrompt from prompt.safetensors bytes."""
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".safetensors") as f:
+        f.write(blob)
+        f.flush()
+        return load_prompt_file(f.name)
+
+
+def load_prompt(folder: str | Path) -> TrainedPrompt:
+    """A trained prompt saved by `TrainedPrompt.save`, or a relation folder of a `probe train` run."""
+    from probe.files import read_json
+
+    folder = Path(folder)
+    if not (folder / "prompt.safetensors").is_file():
+        raise ProbeError(f"{folder} holds no saved prompt (expected prompt.safetensors, config.json, metrics.json)")
+    config, metrics = read_json(folder / "config.json"), read_json(folder / "metrics.json")
+    load_prompt_file(folder / "prompt.safetensors")  # a damaged file fails here
+    return TrainedPrompt(config["relation"], metrics, config, (folder / "prompt.safetensors").read_bytes())
+
+
+@dataclass
+class Results:
+    """A run's figures: `relations` (a row per relation), `summary` (macro and micro per relation type),
+    `predictions` (per relation, a row per fact, when asked for), `prompts` (train: the trained prompts), and the run
+    folder when `out=` was given."""
+
+    relations: pd.DataFrame
+    summary: pd.DataFrame
+    predictions: dict[str, pd.DataFrame] | None = None
+    prompts: dict[str, TrainedPrompt] = field(default_factory=dict)
+    folder: Path | None = None
+    rows: list[dict] = field(default_factory=list, repr=False)
+
+    @property
+    def macro_p1(self) -> float:
+        """Macro P@1 over every relation (in %)."""
+        return float(aggregate(self.rows)["all"]["macro_p1"])
+
+    @property
+    def n_facts(self) -> int:
+        return int(sum(r["n_facts"] for r in self.rows))
+
+
+def _collect(loaded: LoadedModel, cells: list, threads: int | None) -> dict[str, CellOutput]:
+    """Run cells against a loaded model here, one after another, writing nothing: each finished cell's output."""
+    import torch
+
+    outputs: dict[str, CellOutput] = {}
+    with torch_threads(threads or torch.get_num_threads()):
+        for cell in cells:
+            for member, output in cell.outputs(loaded):
+                for warning in output.warnings:
+                    logger.warning(warning)
+                if output.message:
+                    logger.info(output.message)
+                outputs[member.key] = output
+    return outputs
+
+
+def _results(outputs: dict[str, CellOutput], predictions: bool, trained: bool) -> Results:
+    """Results from cells' outputs: each relation's metrics.json, predictions.jsonl and, trained, its prompt."""
+    rows, preds, prompts = [], {}, {}
+    for rid, output in outputs.items():
+        files = {name.split("/", 1)[1]: blob for name, blob in output.files}
+        if "metrics.json" not in files:
+            continue  # skipped (a warning said why)
+        rows.append(json.loads(files["metrics.json"]))
+        if predictions and "predictions.jsonl" in files:
+            preds[rid] = pd.DataFrame([json.loads(x) for x in files["predictions.jsonl"].decode().splitlines()])
+        if trained and "prompt.safetensors" in files:
+            prompts[rid] = TrainedPrompt(rid, rows[-1], json.loads(files["config.json"]), files["prompt.safetensors"])
+    if not rows:
+        raise ProbeError("no relation was left to evaluate (the warnings say why)")
+    return Results(pd.DataFrame(rows), summary_table(aggregate(rows)), preds if predictions else None, prompts, None,
+                   rows)
+
+
+def _from_folder(folder: Path, results: dict, predictions: bool) -> Results:
+    """Results of a run the CLI's way, from its folder."""
+    rows = results["relations"]
+    preds = None
+    if predictions:
+        preds = {r["relation"]: pd.read_json(folder / r["relation"] / "predictions.jsonl", lines=True) for r in rows}
+    prompts = {r["relation"]: load_prompt(folder / r["relation"]) for r in rows
+               if (folder / r["relation"] / "prompt.safetensors").is_file()}
+    return Results(pd.DataFrame(rows), summary_table(results["summary"]), preds, prompts, folder, rows)
+
+
+def _relations(relations: str | Sequence[str] | None) -> tuple[list[str] | None, bool]:
+    """`relations`: "all", an id, or ids (a comma list works too)."""
+    if relations is None or relations == "all":
+        return None, relations == "all"
+    return ([relations] if isinstance(relations, str) else list(relations)), False
+
+
+def evaluate(model: Model, relations: str | Sequence[str] = "all", *, method: str = "manual",
+             prompts: str | Path | None = None, data: str | Path | None = None, split: str | None = None,
+             vocab: str = "common", batch_size: int = 128, threads: int | None = None, predictions: bool = False,
+             out: str | Path | None = None) -> Results:
+    """Evaluate fixed prompts (the relations' manual templates, or a prompts file: .jsonl, TSV or a folder of them) on
+    `relations` ("all" or ids), as `probe eval` does; `out`: also write the CLI's run folder there."""
+    ids, all_ = _relations(relations)
+    opts = Options(model=[model.name], method=method if prompts is None else None, relation=ids, all=all_ or None,
+                   split=split, vocab=vocab, data=None if data is None else str(data),
+                   out=None if out is None else Path(out), batch_size=batch_size, device=model.spec.device,
+                   dtype=model.spec.dtype, prompts_file=None if prompts is None else Path(prompts), threads=threads)
+    if out is not None:
+        from probe.commands.eval import run_eval
+
+        (run,) = run_eval(opts, log=logger.info, loaded=model.loaded)
+        return _from_folder(run.folder.root, run.results, predictions)
+    spec = resolve_eval(opts, log=logger.warning)  # every check `probe eval` makes, with its messages
+    loaded = model.loaded(spec.data, spec.candidates)
+    cells = [EvalCell(rid, model.spec, Path("."), spec.split, spec.batch_size, len(spec.relations) == 1,
+                      spec.chosen[rid] if spec.chosen else None) for rid in spec.relations]
+    return _results(_collect(loaded, cells, threads), predictions, trained=False)
+
+
+def train(model: Model, relations: str | Sequence[str], *, method: str = "ptuning", data: str | Path | None = None,
+          split: str | None = None, vocab: str = "common", template: str | None = None, fallback: str | None = None,
+          preset: str | None = None, pack: int | None = None, threads: int | None = None, predictions: bool = False,
+          out: str | Path | None = None, **settings: Any) -> Results:
+    """Train a prompt per relation against the frozen LM, then test it next to the manual prompt, as `probe train`
+    does. `settings`: the method's options (init, reparam, ...) and fit settings (lr, epochs, max_train, seed, ...);
+    `out`: also write the CLI's run folder there."""
+    ids, all_ = _relations(relations)
+    opts = Options(model=[model.name], method=method, relation=ids, all=all_ or None, split=split, vocab=vocab,
+                   data=None if data is None else str(data), out=None if out is None else Path(out),
+                   device=model.spec.device, dtype=None if model.spec.dtype == "bfloat16" else model.spec.dtype,
+                   template=template, fallback=fallback, preset=preset, pack=pack, threads=threads, settings=settings)
+    if out is not None:
+        from probe.commands.train import run_train
+
+        (run,) = run_train(opts, log=logger.info, loaded=model.loaded)
+        return _from_folder(run.folder.root, run.results, predictions)
+    spec = resolve_train(opts)  # every check `probe train` makes, with its messages
+    fit = spec.fit
+    if spec.dtype not in (None, model.spec.dtype):
+        raise ProbeError(f"method {method!r} trains the LM's weights in {spec.dtype}: load the model with "
+                         f"dtype={spec.dtype!r}")
+    loaded = model.loaded(spec.data, spec.candidates)
+    loaded.remote = True  # train logs go to scratch folders, returned with the files, then removed
+    ids = list(spec.relations)
+    templates_of = compiled_templates(model.backend, spec.data, ids, fit.method, fit.config, fit.templates)
+    cells = [TrainCell(rid, model.spec, Path("."), fit.method, fit.config, fit.fit_config, templates_of[rid][0],
+                       spec.split, {}, len(ids) == 1, f"[{i}/{len(ids)}]", fallback=fit.fallback)
+             for i, rid in enumerate(ids, 1)]
+    if fit.method_class.packable:
+        cells = packed(cells, pack or default_pack(model.spec.device))
+    return _results(_collect(loaded, cells, threads), predictions, trained=True)
+
+
+def compare(runs: Sequence[str | Path | Results], allow_mixed: bool = False) -> Comparison:
+    """`probe compare` on run folders (or Results written with `out=`): `.per_relation` and `.summary` DataFrames
+    (P@1 per relation and method; macro/micro on the shared relations, gain over manual), `.seeds` for runs that
+    differ only by seed, `.notes`."""
+    folders = []
+    for run in runs:
+        if isinstance(run, Results):
+            if run.folder is None:
+                raise ProbeError("a run compared must have a folder: pass out= to probe.evaluate or probe.train")
+            folders.append(run.folder)
+        else:
+            folders.append(Path(run))
+    loaded = load_runs(folders)
+    if not loaded:
+        raise ProbeError("no finished run folder among the runs given")
+    return compare_runs(loaded, allow_mixed=allow_mixed)
+
+
+__all__ = ["Model", "Results", "TrainedPrompt", "compare", "evaluate", "load_model", "load_prompt", "train"]

@@ -1,0 +1,102 @@
+"""The Python API (probe/api.py) on tiny models: the CLI's figures, no folder without `out=`, trained prompts as
+objects, ProbeError with the CLI's messages."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pandas as pd
+import pytest
+from conftest import cli_in_process
+
+import probe
+from probe.errors import ProbeError
+
+TRAIN = {"seed": 1, "min_steps": 3, "epochs": 1, "batch_size": 2, "eval_every": 1}
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_causal_dir):
+    return probe.load_model(str(tiny_causal_dir), device="cpu")
+
+
+def test_evaluate_gives_the_figures_of_probe_eval_and_writes_nothing(tiny_model, tiny_causal_dir, fake_lama, tmp_path,
+                                                                     monkeypatch):
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    res = probe.evaluate(tiny_model, relations=["P19", "P36"], data=fake_lama, threads=1, predictions=True)
+    assert list(work.iterdir()) == []  # no run folder without out=
+    proc = cli_in_process("eval", "-m", tiny_causal_dir, "-r", "P19,P36", "--data", fake_lama, "--threads", "1",
+                          "--out", tmp_path / "cli")
+    assert proc.returncode == 0, proc.stderr
+    cli = json.loads((tmp_path / "cli" / "results.json").read_text())
+    assert isinstance(res.relations, pd.DataFrame) and list(res.relations["relation"]) == ["P19", "P36"]
+    for row in cli["relations"]:
+        ours = res.relations.set_index("relation").loc[row["relation"]]
+        assert (ours["p1"], ours["p10"], ours["mrr"], ours["n_facts"]) == (row["p1"], row["p10"], row["mrr"],
+                                                                            row["n_facts"])
+    assert res.macro_p1 == cli["summary"]["all"]["macro_p1"]
+    assert set(res.summary["group"]) >= {"all"}
+    preds = [json.loads(x) for x in (tmp_path / "cli" / "P19" / "predictions.jsonl").read_text().splitlines()]
+    assert res.predictions["P19"]["rank"].tolist() == [p["rank"] for p in preds]
+    # out= writes the CLI's run folder, with the same figures
+    again = probe.evaluate(tiny_model, relations=["P19", "P36"], data=fake_lama, threads=1, out=tmp_path / "api")
+    assert again.folder == tmp_path / "api" and again.macro_p1 == res.macro_p1
+    assert (tmp_path / "api" / "P19" / "predictions.jsonl").read_text() == (tmp_path / "cli" / "P19" /
+                                                                           "predictions.jsonl").read_text()
+
+
+def test_train_gives_the_figures_of_probe_train_and_a_prompt_object(tiny_model, tiny_causal_dir, fake_lama, tmp_path,
+                                                                   monkeypatch, caplog):
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    with caplog.at_level(logging.INFO, logger="probe"):
+        res = probe.train(tiny_model, relations="P19", method="prompt-tuning", data=fake_lama, threads=1,
+                          init="random", **TRAIN)
+    assert list(work.iterdir()) == []
+    assert any("P19" in r.getMessage() and "test P@1" in r.getMessage() for r in caplog.records)
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in TRAIN.items()]
+    proc = cli_in_process("train", "-m", tiny_causal_dir, "--method", "prompt-tuning", "--init", "random", "-r", "P19",
+                          "--data", fake_lama, "--threads", "1", "--out", tmp_path / "cli", *flags)
+    assert proc.returncode == 0, proc.stderr
+    (row,) = json.loads((tmp_path / "cli" / "results.json").read_text())["relations"]
+    (ours,) = res.relations.to_dict("records")
+    for key in ("p1", "p10", "mrr", "dev_p1", "manual_p1", "manual_dev_p1", "below_manual", "fit_failed", "n_facts"):
+        assert ours[key] == row[key], key
+    prompt = res.prompts["P19"]
+    assert prompt.tensors == (tmp_path / "cli" / "P19" / "prompt.safetensors").read_bytes()
+    assert prompt.metrics["p1"] == row["p1"] and prompt.template == "(3, sub, 3, obj)"
+    # save and load_prompt: the same prompt; scoring plain Python facts ranks them as the evaluator does
+    back = probe.load_prompt(prompt.save(tmp_path / "saved"))
+    assert back.tensors == prompt.tensors and back.metrics == prompt.metrics
+    scored = back.score(tiny_model, [("Dante", "Florence"), ("Victor", "Paris")], candidates=["Florence", "Paris", "Rome"])
+    assert list(scored.columns) == ["subject", "object", "rank", "top10"]
+    assert set(scored["rank"]) <= {1, 2, 3} and all(len(t) == 3 for t in scored["top10"])
+    assert all(t[r - 1] == o for t, r, o in zip(scored["top10"], scored["rank"], scored["object"], strict=True))
+    # compare takes run folders and Results written with out=
+    cmp = probe.compare([tmp_path / "cli"])
+    assert isinstance(cmp.per_relation, pd.DataFrame) and "P19" in set(cmp.per_relation["relation"])
+
+
+@pytest.mark.parametrize(("call", "message"), [
+    (lambda m, d: probe.train(m, relations="P19", data=d, method="manual"), "method 'manual' has nothing to train"),
+    (lambda m, d: probe.train(m, relations="P19", data=d, top_k=3), "--top-k does not apply to method 'ptuning'"),
+    (lambda m, d: probe.train(m, relations="P19", data=d, fallback="best"), "--fallback 'best': expected manual"),
+    (lambda m, d: probe.evaluate(m, relations="P999", data=d), "P999"),
+    (lambda m, d: probe.evaluate(m, relations=["P19"], data=d, method="ptuning"), "method 'ptuning' is trained"),
+])
+def test_mistakes_raise_probe_errors(call, message, tiny_model, fake_lama):
+    with pytest.raises(ProbeError, match=message.replace("(", r"\(")):
+        call(tiny_model, fake_lama)
+
+
+def test_import_probe_stays_light():
+    """`import probe` loads the API only when it is used (torch and transformers load with it)."""
+    import subprocess
+    import sys
+
+    code = "import sys, probe; assert 'probe.api' not in sys.modules and 'torch' not in sys.modules; probe.load_model"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
