@@ -252,3 +252,33 @@ def test_an_adapter_of_another_kind_or_base_model_is_refused(tmp_path, lama, tin
                       "--out does not apply to `probe eval --prompts` with PEFT adapters")
     assert_user_error(cli_in_process("eval", "--prompts", prompt, "--data", lama, "--all"),
                       "no probe_prompt.json says its relation: give it with --relation")
+
+
+@pytest.mark.integration
+def test_prompt_tuning_on_p1376_with_smollm2_round_trips_through_peft(tmp_path, lama_dir, smollm2_dir):
+    """The issue's case: prompt-tuning (10, sub, obj) on P1376 with SmolLM2 in float32 (few steps), exported, scored
+    through PeftModel on the converted folder, and imported back: the same P@1 and MRR."""
+    from probe.backends import load_backend
+    from probe.data import open_data
+    from probe.vocab import CandidateChoice
+
+    run = tmp_path / "run"
+    proc = cli_in_process("train", "--model", "smollm2", "--data", lama_dir, "-r", "P1376", "--method", "prompt-tuning",
+                          "--template", "(10, sub, obj)", "--dtype", "float32", "--max-train", "32", "--epochs", "1",
+                          "--min-steps", "8", "--eval-every", "4", "--out", run)
+    assert proc.returncode == 0, proc.stderr
+    out = export(run, tmp_path / "peft")
+    config = json.loads((out / "P1376" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(Path(smollm2_dir).resolve()) and config["num_virtual_tokens"] == 10
+    backend = load_backend("smollm2")
+    data = open_data(str(lama_dir))
+    candidates = CandidateChoice("common").build(backend.tokenizer, data)
+    saved = json.loads((run / "P1376" / "metrics.json").read_text())
+    facts = data.facts("P1376", "test_34k")
+    via_peft, peft_logits = peft_scoring(smollm2_dir, out / "P1376", facts, candidates)
+    ours = probe_logits(backend, run, "P1376", facts, candidates)
+    assert len(ours) == saved["n_facts"]
+    assert (peft_logits - ours).abs().max().item() < 1e-5 * max(1.0, ours.abs().max().item())
+    assert via_peft["p1"] == saved["p1"] and via_peft["mrr"] == pytest.approx(saved["mrr"], abs=1e-12)
+    again = imported(out, lama_dir)["P1376"]
+    assert {k: again[k] for k in ("p1", "p10", "mrr")} == {k: saved[k] for k in ("p1", "p10", "mrr")}
