@@ -362,7 +362,7 @@ def eval_peft(opts: Options, log=print) -> list[dict]:
     adapters = read_adapters(opts.prompts)
     data = load_data(opts, opts.template)
     asked = relation_ids(data, opts.relation, opts.all) if opts.relation or opts.all else None
-    if len(adapters) == 1 and adapters[0].relation is None:
+    if len(adapters) == 1 and (adapters[0].relation is None or (asked and len(asked) == 1)):  # -r names its relation
         if not asked or len(asked) != 1:
             raise ProbeError(f"{adapters[0].folder}: no {PROBE_PROMPT} says its relation: give it with --relation")
         adapters[0].relation = asked[0]

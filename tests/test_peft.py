@@ -82,8 +82,9 @@ def probe_logits(backend, run: Path, rid: str, facts: list[Fact], candidates) ->
         return torch.cat([s for f in facts for _, s in scored_batches(backend, prompt, compiled, [f], candidates, 1)])
 
 
-def imported(folder: Path, lama: Path, **kw) -> dict[str, dict]:
-    rows = eval_peft(Options(prompts=folder, data=str(lama), dtype="float32", device="cpu", **kw), log=lambda *_: None)
+def imported(folder: Path, lama: Path | None, **kw) -> dict[str, dict]:
+    rows = eval_peft(Options(prompts=folder, data=lama and str(lama), dtype="float32", device="cpu", **kw),
+                     log=lambda *_: None)
     return {r["relation"]: r for r in rows}
 
 
@@ -120,6 +121,10 @@ def test_an_exported_prompt_scores_the_same_through_peft(model, method, template
     out = export(run, tmp_path / "peft")
     ids = relations.split(",")
     assert sorted(p.name for p in out.iterdir()) == [*ids, "probe_export.json"]
+    first = (out / ids[0] / "adapter_model.safetensors").read_bytes()
+    (out / "notes.txt").write_text("mine")  # a folder probe exported into: written again, over its own files only
+    export(run, out)
+    assert (out / "notes.txt").read_text() == "mine" and (out / ids[0] / "adapter_model.safetensors").read_bytes() == first
     data = open_data(str(lama))
     candidates = CandidateChoice("common").build(backend.tokenizer, data)
     again = imported(out, lama)
@@ -196,6 +201,24 @@ def test_an_adapter_made_by_peft_evaluates_as_peft_scores_it(kind, tmp_path, lam
     via_peft, _ = peft_scoring(tiny_causal_dir, folder, facts, candidates, "[X] is", True)
     got = imported(folder.parent, lama, template="[X] is [Y]")["P19"]
     assert {k: got[k] for k in ("p1", "p10", "mrr")} == pytest.approx(via_peft, abs=1e-12)
+
+
+def test_an_adapter_evaluates_on_your_own_facts(tmp_path, tiny_causal_dir, causal_backend):
+    """--facts: a file of your own, its name the relation, --relation naming the one adapter's relation, objects as
+    the candidates; the figures are PEFT's on the same input."""
+    from probe.data import open_data
+    from probe.vocab import CandidateChoice
+
+    facts_file = tmp_path / "capitals.csv"
+    facts_file.write_text("country,capital\nFrance,Paris\nItaly,Rome\nGermany,Berlin\nSpain,Madrid\nJapan,Tokyo\n")
+    folder = make_adapter(tiny_causal_dir, peft_config("PROMPT_TUNING"), tmp_path / "pt")
+    got = imported(folder, None, facts=facts_file, fields="country,capital", template="The capital of [X] is [Y] .",
+                   vocab="objects", relation=["capitals"])["capitals"]
+    data = open_data(None, facts_file, fields="country,capital")
+    candidates = CandidateChoice("objects").build(causal_backend.tokenizer, data)
+    via_peft, _ = peft_scoring(tiny_causal_dir, folder, data.facts("capitals", "test"), candidates,
+                               "The capital of [X] is", True)
+    assert got["n_facts"] == 5 and {k: got[k] for k in ("p1", "p10", "mrr")} == pytest.approx(via_peft, abs=1e-12)
 
 
 # ---- refusals: one error line, before a model loads or anything is written ----------------------------------------
