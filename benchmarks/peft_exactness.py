@@ -47,18 +47,25 @@ def main() -> None:
         cands = candidates.for_relation(rid)
         compiled = compile_template(rel_cfg["template"], backend.tokenizer, "causal", manual=rel_cfg["manual_template"])
         prompt = load_prompt(args.run / rid / "prompt.safetensors").prompt_inputs()
-        with torch.no_grad():
-            ours = torch.cat([s for f in facts for _, s in scored_batches(backend, prompt, compiled, [f], cands, 1)])
+        with torch.no_grad():  # batched by length as probe evaluates; a subject has one input
+            scored = {f.sub: row for batch, scores in scored_batches(backend, prompt, compiled, facts, cands, 128)
+                      for f, row in zip(batch.facts, scores, strict=True)}
+        ours = torch.stack([scored[f.sub] for f in facts])
         tok = AutoTokenizer.from_pretrained(adapter["base_model_name_or_path"])
         base = AutoModelForCausalLM.from_pretrained(adapter["base_model_name_or_path"], dtype=backend.dtype)
         model = PeftModel.from_pretrained(base, str(folder)).eval()
         t0, rows = time.time(), []
-        with torch.no_grad():
-            for fact in facts:
-                text = meta["input_template"].replace("[X]", fact.sub)
-                ids = torch.tensor([tok(text, add_special_tokens=meta["add_special_tokens"]).input_ids])
-                rows.append(model(input_ids=ids).logits[0, -1, cands.token_ids].float())
-        theirs = torch.stack(rows)
+        with torch.no_grad():  # right-padded batches of 64 inputs
+            for start in range(0, len(facts), 64):
+                encoded = [tok(meta["input_template"].replace("[X]", f.sub),
+                               add_special_tokens=meta["add_special_tokens"]).input_ids for f in facts[start:start + 64]]
+                width = max(map(len, encoded))
+                ids = torch.tensor([e + [tok.pad_token_id or 0] * (width - len(e)) for e in encoded])
+                mask = torch.tensor([[1] * len(e) + [0] * (width - len(e)) for e in encoded])
+                logits = model(input_ids=ids, attention_mask=mask).logits[:, -width:]  # prompt tuning adds rows
+                last = torch.tensor([len(e) - 1 for e in encoded])
+                rows.append(logits[torch.arange(len(encoded)), last][:, cands.token_ids].float())
+        theirs = torch.cat(rows)
         gold = torch.tensor([cands.index[f.obj] for f in facts])
         peft = relation_metrics(ranks_of(theirs, gold).tolist())
         print(f"{rid} {adapter['peft_type']} ({adapter['num_virtual_tokens']} virtual tokens): {len(facts)} facts; "

@@ -56,16 +56,25 @@ def peft_scoring(model_dir: Path, adapter: Path, facts: list[Fact], candidates, 
     meta = json.loads(meta_file.read_text()) if meta_file.exists() else {"input_template": text,
                                                                          "add_special_tokens": special}
     facts = [f for f in facts if f.obj in candidates.index]
-    rows = []
-    with torch.no_grad():
-        for fact in facts:
-            text = meta["input_template"].replace("[X]", fact.sub)
-            ids = torch.tensor([tok(text, add_special_tokens=meta["add_special_tokens"]).input_ids])
-            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, -1]
-            rows.append(logits[candidates.token_ids].float())
-    scores = torch.stack(rows)
+    texts = [meta["input_template"].replace("[X]", f.sub) for f in facts]
+    scores = peft_logits(model, tok, texts, meta["add_special_tokens"], candidates.token_ids)
     gold = torch.tensor([candidates.index[f.obj] for f in facts])
     return relation_metrics(ranks_of(scores, gold).tolist()), scores
+
+
+def peft_logits(model, tok, texts: list[str], special: bool, token_ids: torch.Tensor, batch: int = 64) -> torch.Tensor:
+    """The candidates' logits after each text, through PEFT's forward, in right-padded batches."""
+    rows = []
+    with torch.no_grad():
+        for start in range(0, len(texts), batch):
+            encoded = [tok(t, add_special_tokens=special).input_ids for t in texts[start:start + batch]]
+            width = max(map(len, encoded))
+            ids = torch.tensor([e + [tok.pad_token_id or 0] * (width - len(e)) for e in encoded])
+            mask = torch.tensor([[1] * len(e) + [0] * (width - len(e)) for e in encoded])
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, -width:]  # prompt tuning adds virtual rows
+            last = torch.tensor([len(e) - 1 for e in encoded])
+            rows.append(logits[torch.arange(len(encoded)), last][:, token_ids].float())
+    return torch.cat(rows)
 
 
 def probe_logits(backend, run: Path, rid: str, facts: list[Fact], candidates) -> torch.Tensor:
@@ -78,8 +87,14 @@ def probe_logits(backend, run: Path, rid: str, facts: list[Fact], candidates) ->
     compiled = compile_template(cfg["template"], backend.tokenizer, "causal", manual=cfg["manual_template"])
     prompt = load_prompt(run / rid / "prompt.safetensors").prompt_inputs()
     facts = [f for f in facts if f.obj in candidates.index]
+    return by_fact(scored_batches(backend, prompt, compiled, facts, candidates, 128), facts)
+
+
+def by_fact(batches, facts: list[Fact]) -> torch.Tensor:
+    """Scores from batches (sorted by length) as rows in the order of `facts` (a subject has one input)."""
     with torch.no_grad():
-        return torch.cat([s for f in facts for _, s in scored_batches(backend, prompt, compiled, [f], candidates, 1)])
+        rows = {f.sub: row for batch, scores in batches for f, row in zip(batch.facts, scores, strict=True)}
+    return torch.stack([rows[f.sub] for f in facts])
 
 
 def imported(folder: Path, lama: Path | None, **kw) -> dict[str, dict]:
@@ -157,8 +172,7 @@ def adapter_logits(backend, folder: Path, text: str, special: bool, facts: list[
     compiled = peft_template(adapter.config["num_virtual_tokens"], input_parts(text, "test"), backend.tokenizer, special)
     prompt = fit_adapter(backend, adapter).prompt_inputs()
     facts = [f for f in facts if f.obj in candidates.index]
-    with torch.no_grad():
-        return torch.cat([s for f in facts for _, s in scored_batches(backend, prompt, compiled, [f], candidates, 1)])
+    return by_fact(scored_batches(backend, prompt, compiled, facts, candidates, 128), facts)
 
 
 def peft_config(kind: str):
