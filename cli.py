@@ -151,7 +151,10 @@ def eval_cmd(
     batch_size: Annotated[int | None, typer.Option(help="Facts per batch (default 128).")] = None,
     device: RunDeviceOpt = None,
     dtype: RunDtypeOpt = None,
-    prompts: Annotated[Path | None, typer.Option(help="Run folder of `probe train`: re-evaluate its saved prompts.")] = None,
+    prompts: Annotated[Path | None, typer.Option(
+        help="Run folder of `probe train`: re-evaluate its saved prompts. Or a PEFT prompt adapter folder (prompt, "
+             "P- or prefix-tuning), or a folder of them named by relation: evaluate them on --split, virtual tokens "
+             "first.")] = None,
     prompts_file: Annotated[Path | None, typer.Option(
         help="Fixed [X] ... [Y] prompts: a .jsonl of {relation, template}, a 'P19<TAB>template' text file, "
              "or a folder of P*.jsonl / P*.txt (LPAQA, ParaRel).")] = None,
@@ -199,6 +202,10 @@ def eval_cmd(
                       allow_download=allow_download)
     if prompts is None:
         return _run(run_eval, options)
+    from probe.peft_adapters import describe, eval_peft, is_peft_folder
+
+    if is_peft_folder(prompts):  # PEFT prompt adapters (probe/peft_adapters.py)
+        return typer.echo(describe(eval_peft(options, log=_log)))
     text, all_same = rerun_table(rerun_prompts(options, log=_log))
     typer.echo(text)
     if not all_same:
@@ -337,6 +344,26 @@ def explain_cmd(
 
     path = explain_run(run_dir, relation, k, data, log=typer.echo)
     typer.echo(f"saved {path}")
+
+
+@app.command("export")
+def export_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder of `probe train` (a causal LM, a trained prompt).")],
+    to: Annotated[str, typer.Option("--to", help="The format: peft (PEFT adapter folders, probe[peft] loads them).")],
+    out: Annotated[Path, typer.Option(help="A new or empty folder (or one probe exported into): one adapter per "
+                                           "relation in <out>/<relation>/.")],
+    relation: RelationOpt = None,
+) -> None:
+    """Write a run's trained prompts as PEFT adapters: prompt-tuning, P-tuning and AutoPrompt as PROMPT_TUNING,
+    prefix-tuning as PREFIX_TUNING, with probe_prompt.json beside each (the input text, [X] the subject)."""
+    from probe.errors import ProbeError
+    from probe.peft_adapters import export_peft
+
+    if to != "peft":
+        raise ProbeError(f"--to {to!r}: expected peft")
+    ids = [r.strip() for given in relation or [] for r in given.split(",") if r.strip()]
+    for folder in export_peft(run_dir, out, ids or None, log=_log):
+        typer.echo(f"wrote {folder}")
 
 
 @templates_app.command("check")
