@@ -113,6 +113,11 @@ PackOpt = Annotated[int | None, typer.Option(
                    "on a CPU, where a pack gains little, 64 on a GPU, fewer if its memory says so). --pack 1 fits one "
                    "relation after another; the figures of a pack's relations may move by float rounding with the "
                    "pack.")]
+ReportToOpt = Annotated[list[str] | None, typer.Option(
+    "--report-to", help="Report each fit's train log (loss, lr, dev figures at every check) and test figures, and the "
+                        "run's config, to an experiment tracker: tensorboard (event files in RUN/tensorboard), mlflow "
+                        "(RUN/mlruns, or $MLFLOW_TRACKING_URI), wandb (offline in RUN/wandb unless $WANDB_MODE), or none "
+                        "(default). Repeatable; each needs its extra, e.g. pip install 'probe[mlflow]'.")]
 MaxMemoryOpt = Annotated[str | None, typer.Option(
     "--max-memory", help="Place the model over several devices with accelerate's device map, at most this much on "
                          "each: 0:70GiB,1:70GiB (and cpu:200GiB to spill over). Several GPUs are used by themselves "
@@ -300,6 +305,7 @@ def train_cmd(
     jobs: JobsOpt = None,
     pack: PackOpt = None,
     max_memory: MaxMemoryOpt = None,
+    report_to: ReportToOpt = None,
 ) -> None:
     """Train a prompt per relation against the frozen LM, then test it next to the manual prompt."""
     from probe.commands.train import run_train
@@ -314,7 +320,7 @@ def train_cmd(
         iterations=iterations, top_k=top_k, capitals=capitals, device=device, dtype=dtype, control=control,
         facts=facts, train_facts=train_facts, dev_facts=dev_facts, dev_split=dev_split, fields=fields,
         manual_template=manual_template, save_model=save_model, ray=ray, cpus_per_worker=cpus_per_worker,
-        objects=objects, candidates=candidates, length_norm=length_norm))
+        objects=objects, candidates=candidates, length_norm=length_norm, report_to=report_to))
 
 
 @app.command("compare")
@@ -439,6 +445,7 @@ def sweep_cmd(
     threads: ThreadsOpt = None,
     jobs: JobsOpt = None,
     pack: PackOpt = None,
+    report_to: ReportToOpt = None,
 ) -> None:
     """Train every cell of a grid (model x method x length x method options x seed x relation); tables of mean ± std
     over seeds."""
@@ -446,7 +453,7 @@ def sweep_cmd(
 
     try:
         summary = sweep_command(grid, out, data, device, log=_log, ray=ray, cpus_per_worker=cpus_per_worker,
-                                threads=threads, pack=pack, jobs=jobs)
+                                threads=threads, pack=pack, jobs=jobs, report_to=report_to)
     except Interrupted as e:
         typer.echo(f"interrupted: finished cells are saved in {e.folder}; rerun the same command to continue", err=True)
         raise typer.Exit(130) from None

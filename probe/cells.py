@@ -13,8 +13,10 @@ Two executors run cells behind one interface (`Executor`), with the same results
 
 from __future__ import annotations
 
+import os
 import queue
 import sys
+import tempfile
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -116,6 +118,15 @@ class LoadedModel:
     def load(cls, spec: ModelSpec, data: FactData, candidates: CandidateChoice | str) -> LoadedModel:
         backend = spec.load()
         return cls(backend, data, CandidateChoice.of(candidates).build(backend.tokenizer, data), spec)
+
+    def log_path(self, folder: Path, name: str, fresh: bool = False) -> Path:
+        """Where a fit's log streams: `folder/name` in process (to follow it), a scratch file on a Ray worker; `fresh`:
+        its folder made and an old file removed."""
+        path = (Path(tempfile.gettempdir()) / f"probe-logs-{os.getpid()}" if self.remote else Path(folder)) / name
+        if fresh:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.unlink(missing_ok=True)
+        return path
 
     def facts(self, relation: Relation, split: str, strict: bool = False) -> tuple[list[Fact], int]:
         """A split's facts whose object is a candidate, and how many were dropped; strict: none left is an error."""

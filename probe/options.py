@@ -78,6 +78,7 @@ class Options:
     objects: str | None = None  # 'single' (LAMA's protocol) or 'any'
     candidates: Path | None = None  # --objects any: a candidates file
     length_norm: bool | None = None
+    report_to: list[str] | None = None  # experiment trackers (probe/tracking.py)
 
     def given(self) -> set[str]:
         return {f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None and getattr(self, f.name) != []}

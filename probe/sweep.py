@@ -57,6 +57,7 @@ from probe.pack import default_pack, packed
 from probe.plots import length_points, plot_lengths
 from probe.runs import RECORDED_LATER, markdown_table, slug
 from probe.templates import compile_template, spread_virtual
+from probe.tracking import check_report_to, reported
 
 OPTIONS = tuple(option_names())  # the method options a grid may vary (init, reparam, ...), in the methods' order
 AXES = ("model", "method", "length", *OPTIONS, "seed")
@@ -120,13 +121,22 @@ class SweepCell(Cell):
         return prepare_cell(loaded, self, self.grid)
 
     def finish(self, loaded: LoadedModel, prepared: Ready, fitted: Fitted) -> CellOutput:
-        """Test the fitted prompt; the cell's row as its one file."""
-        row = finish_cell(loaded, self, prepared, fitted)
-        return CellOutput([(self.marker, (json.dumps(row, indent=2, ensure_ascii=False) + "\n").encode())])
+        """Test the fitted prompt; the cell's train log and its row (the marker)."""
+        return self.output(loaded, finish_cell(loaded, self, prepared, fitted))
 
     def run(self, loaded: LoadedModel) -> CellOutput:
-        row = run_cell(loaded, self, self.grid)
-        return CellOutput([(self.marker, (json.dumps(row, indent=2, ensure_ascii=False) + "\n").encode())])
+        return self.output(loaded, run_cell(loaded, self, self.grid))
+
+    def log_path(self, loaded: LoadedModel, fresh: bool = False) -> Path:
+        return loaded.log_path(Path(self.root) / "cells", f"{self.key}.train_log.jsonl", fresh)
+
+    def output(self, loaded: LoadedModel, row: dict) -> CellOutput:
+        """Its train log (a scratch one removed once read), then its row, which marks it done."""
+        log = self.log_path(loaded)
+        files = [(f"cells/{log.name}", log.read_bytes())] if log.exists() else []
+        if loaded.remote:
+            log.unlink(missing_ok=True)
+        return CellOutput([*files, (self.marker, (json.dumps(row, indent=2, ensure_ascii=False) + "\n").encode())])
 
 
 def load_grid(path: str | Path) -> SweepGrid:
@@ -276,7 +286,7 @@ def prepare_cell(loaded: LoadedModel, cell: SweepCell, grid: SweepGrid) -> Ready
     if not train or not test:
         raise ProbeError(f"relation {relation.id} has no train or {split} facts left after filtering")
     task = FitTask(compiled, train, dev or train, candidates, fit_config, method_cls, config, relation.template,
-                   desc=cell.key, relation=relation.id)
+                   cell.log_path(loaded, fresh=True), desc=cell.key, relation=relation.id)
     return Ready(task, test, template, t0)
 
 
@@ -423,10 +433,11 @@ def summarise(df: pd.DataFrame) -> pd.DataFrame:
 
 def sweep_command(grid_path: Path, out: Path | None, data: str | None, device: str | None = None, log=print,
                   ray: str | None = None, cpus_per_worker: int | None = None, threads: int | None = None,
-                  pack: int | None = None, jobs: int | None = None) -> Path:
+                  pack: int | None = None, jobs: int | None = None, report_to: list[str] | None = None) -> Path:
     """`probe sweep`: check the grid and its models, run the unfinished cells (here or on Ray); returns OUT/summary.md."""
     t0 = time.time()
     spec = load_grid(grid_path)
+    trackers = check_report_to(report_to)
     check_output_path(out)
     lama = open_data(data)
     ids = list(lama.relations) if spec.relations == "all" else [lama.relation(r).id for r in spec.relations]
@@ -442,6 +453,7 @@ def sweep_command(grid_path: Path, out: Path | None, data: str | None, device: s
             executor.check_device(s.device)
             model_info(s.name, s.device, s.dtype, s.control, check_device=executor.local)
         prepare_folder(out, spec, {"data": str(lama.root.resolve()), "torch_threads": executor.threads, "pack": pack})
+        executor = reported(executor, trackers, out, read_json(out / "grid.json"))
         cells = cells_of(spec, ids, out, specs)
         log(f"{len(cells)} cells ({len(specs)} model(s) x {len(cells) // len(specs) // len(ids)} settings x {len(ids)} "
             "relations)")

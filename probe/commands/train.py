@@ -51,9 +51,10 @@ from probe.runs import RunConfig, RunFolder
 from probe.saved_prompts import prompt_bytes, safetensors_bytes
 from probe.template_files import TemplateFile
 from probe.templates import CompiledTemplate, Template, compile_template
+from probe.tracking import check_report_to, reported
 
 TRAIN_FLAGS = RUN_FLAGS | {"template", "init", "reparam", "option", "train_facts", "dev_facts", "dev_split",
-                           "manual_template", "save_model", "pack", "fallback", "preset"}
+                           "manual_template", "save_model", "pack", "fallback", "preset", "report_to"}
 FALLBACKS = ("manual",)
 FIT_FLAGS = {"lr", "epochs", "min_steps", "batch_size", "eval_every", "patience", "max_train", "seed", "iterations",
              "top_k", "capitals", "dev_size"}
@@ -280,6 +281,7 @@ def run_train(opts: Options, log=print) -> list[RunResult]:
         raise ProbeError(f"--jobs runs fits beside each other on one LM; method {method!r} changes the LM while it fits, "
                          "so its relations run one after another (leave --jobs out)")
     templates = load_template_spec(opts.template, method)
+    trackers = check_report_to(opts.report_to)
     check_new_folder(opts.out, opts.resume)
     data = load_data(opts, opts.manual_template, fit_config.seed)
     split = data.split_name(opts.split)
@@ -309,6 +311,7 @@ def run_train(opts: Options, log=print) -> list[RunResult]:
         )
         run = RunFolder(opts.out or default_out(method + ("-any" if choice.objects else ""), info.name), config.to_dict(),
                         resume=bool(opts.resume))
+        executor = reported(executor, trackers, run.root, run.config)
         cells = train_cells(spec, info, data, ids, run, method, options, fit_config, templates, split, bool(opts.save_model),
                             opts.fallback)
         if method_cls.packable:
