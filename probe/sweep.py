@@ -19,6 +19,7 @@ option value a method does not take is left out of that method's cells ("-" in t
     OUT/grid.json         the grid as read, with the settings every cell shares
     OUT/cells/KEY.json    one finished cell: its settings and test/dev metrics (a cell is skipped once this exists,
                           so several processes can share a folder, e.g. one per grid file listing the axes in another order)
+    OUT/cells/KEY.train_log.jsonl  the cell's fit, as a run's RELATION/train_log.jsonl (what --report-to reports)
 
 `probe sweep GRID --ray` runs the cells on Ray (probe/ray_cells.py) instead of one after another here.
     OUT/cells.csv         one row per cell
