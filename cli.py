@@ -114,10 +114,11 @@ PackOpt = Annotated[int | None, typer.Option(
                    "relation after another; the figures of a pack's relations may move by float rounding with the "
                    "pack.")]
 ReportToOpt = Annotated[list[str] | None, typer.Option(
-    "--report-to", help="Report each fit's train log (loss, lr, dev figures at every check) and test figures, and the "
-                        "run's config, to an experiment tracker: tensorboard (event files in RUN/tensorboard), mlflow "
-                        "(RUN/mlruns, or $MLFLOW_TRACKING_URI), wandb (offline in RUN/wandb unless $WANDB_MODE), or none "
-                        "(default). Repeatable; each needs its extra, e.g. pip install 'probe[mlflow]'.")]
+    "--report-to", metavar="TRACKER",
+    help="Report each fit's train log (loss, lr, dev figures at every check) and test figures, and the run's config, "
+         "to an experiment tracker: tensorboard (event files in RUN/tensorboard), mlflow (RUN/mlruns, or "
+         "$MLFLOW_TRACKING_URI), wandb (offline in RUN/wandb unless $WANDB_MODE), or none (default). Repeatable; each "
+         "needs its extra, e.g. pip install 'probe[mlflow]'.")]
 MaxMemoryOpt = Annotated[str | None, typer.Option(
     "--max-memory", help="Place the model over several devices with accelerate's device map, at most this much on "
                          "each: 0:70GiB,1:70GiB (and cpu:200GiB to spill over). Several GPUs are used by themselves "
