@@ -9,7 +9,7 @@ A fit retried at a lower lr has its later attempts as series of their own, `<key
 
 Nothing leaves the machine unless the tracker is configured to send it: TensorBoard writes event files in
 `<run>/tensorboard`, mlflow a file store in `<run>/mlruns` unless MLFLOW_TRACKING_URI is set, wandb runs offline
-unless WANDB_MODE is set.
+unless WANDB_MODE is set; mlflow's usage telemetry and wandb's error reports are off unless their variables say so.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
@@ -87,6 +88,7 @@ class MLflow(Tracker):
     name, module = "mlflow", "mlflow"
 
     def __init__(self, root: Path, run_name: str, params: dict[str, ParamValue]):
+        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # read when mlflow is imported
         from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
 
@@ -104,8 +106,6 @@ class MLflow(Tracker):
             self.client.log_batch(self.run_id, params=items[i:i + 100])
 
     def log(self, step: int, values: dict[str, float]) -> None:
-        import time
-
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
@@ -123,6 +123,7 @@ class Wandb(Tracker):
     name, module = "wandb", "wandb"
 
     def __init__(self, root: Path, run_name: str, params: dict[str, ParamValue]):
+        os.environ.setdefault("WANDB_ERROR_REPORTING", "false")
         import wandb
 
         self.series: set[str] = set()
@@ -130,13 +131,14 @@ class Wandb(Tracker):
                               config=params, mode=os.environ.get("WANDB_MODE") or "offline")
 
     def log(self, step: int, values: dict[str, float]) -> None:
-        for series in {tag.rsplit("/", 1)[0] for tag in values}:
+        by_series: dict[str, dict[str, float]] = {}
+        for tag, value in values.items():
+            by_series.setdefault(tag.rsplit("/", 1)[0], {})[tag] = value
+        for series, mine in by_series.items():
             if series not in self.series:
                 self.series.add(series)
                 self.run.define_metric(f"{series}/step", hidden=True)
                 self.run.define_metric(f"{series}/*", step_metric=f"{series}/step")
-        for series in sorted({tag.rsplit("/", 1)[0] for tag in values}):
-            mine = {t: v for t, v in values.items() if t.rsplit("/", 1)[0] == series}
             self.run.log({f"{series}/step": step, **mine})
 
     def close(self) -> None:
