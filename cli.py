@@ -91,6 +91,12 @@ PackOpt = Annotated[int | None, typer.Option(
                    "on a CPU, where a pack gains little, 64 on a GPU, fewer if its memory says so). --pack 1 fits one "
                    "relation after another; the figures of a pack's relations may move by float rounding with the "
                    "pack.")]
+ReportToOpt = Annotated[list[str] | None, typer.Option(
+    "--report-to", metavar="TRACKER",
+    help="Report each fit's train log (loss, lr, dev figures at every check) and test figures, and the run's config, "
+         "to an experiment tracker: tensorboard (event files in RUN/tensorboard), mlflow (RUN/mlruns, or "
+         "$MLFLOW_TRACKING_URI), wandb (offline in RUN/wandb unless $WANDB_MODE), or none (default). Repeatable; each "
+         "needs its extra, e.g. pip install 'probe[mlflow]'.")]
 MaxMemoryOpt = Annotated[str | None, typer.Option(
     "--max-memory", help="Place the model over several devices with accelerate's device map, at most this much on "
                          "each: 0:70GiB,1:70GiB (and cpu:200GiB to spill over). Several GPUs are used by themselves "
@@ -266,6 +272,7 @@ def train_cmd(
         "--allow-overlap", show_default=False, metavar="",
         help="Test facts that are also train or dev facts, without the warning (the overlap is recorded in "
              "config.json either way).")] = None,
+    report_to: ReportToOpt = None,
     settings: dict | None = None,
 ) -> None:
     """Train a prompt per relation against the frozen LM, then test it next to the manual prompt. The method's settings
@@ -280,7 +287,7 @@ def train_cmd(
         data=data, out=out, resume=resume, device=device, dtype=dtype, control=control, facts=facts,
         train_facts=train_facts, dev_facts=dev_facts, dev_split=dev_split, fields=fields,
         manual_template=manual_template, save_model=save_model, ray=ray, cpus_per_worker=cpus_per_worker,
-        objects=objects, candidates=candidates, length_norm=length_norm, settings=settings))
+        objects=objects, candidates=candidates, length_norm=length_norm, report_to=report_to, settings=settings))
 
 
 @app.command("compare")
@@ -425,6 +432,7 @@ def sweep_cmd(
     threads: ThreadsOpt = None,
     jobs: JobsOpt = None,
     pack: PackOpt = None,
+    report_to: ReportToOpt = None,
 ) -> None:
     """Train every cell of a grid (model x method x length x method options x seed x relation); tables of mean ± std
     over seeds."""
@@ -432,7 +440,7 @@ def sweep_cmd(
 
     try:
         summary = sweep_command(grid, out, data, device, log=_log, ray=ray, cpus_per_worker=cpus_per_worker,
-                                threads=threads, pack=pack, jobs=jobs)
+                                threads=threads, pack=pack, jobs=jobs, report_to=report_to)
     except Interrupted as e:
         typer.echo(f"interrupted: finished cells are saved in {e.folder}; rerun the same command to continue", err=True)
         raise typer.Exit(130) from None

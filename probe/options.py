@@ -69,6 +69,7 @@ class Options:
     length_norm: bool | None = None
     allow_download: bool | None = None  # eval --prompts: load the hub model a run folder names
     allow_overlap: bool | None = None  # train: test facts that are also train or dev facts, without a warning
+    report_to: list[str] | None = None  # experiment trackers (probe/tracking.py)
 
     settings: dict | None = None  # the method's settings given, by name (see probe.methods.method_settings)
 

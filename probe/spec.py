@@ -34,12 +34,13 @@ from probe.options import (
 from probe.prompt_files import read_prompts
 from probe.runs import default_out, slug
 from probe.template_files import TemplateFile
+from probe.tracking import check_report_to
 from probe.vocab import CandidateChoice
 
 EVAL_FLAGS = RUN_FLAGS | {"batch_size", "seed", "prompts_file", "ensemble", "max_prompts", "template", "from_sentences"}
 PROMPT_FLAGS = {"method", "prompts_file", "ensemble", "max_prompts", "template", "from_sentences"}
 TRAIN_FLAGS = RUN_FLAGS | {"template", "option", "train_facts", "dev_facts", "dev_split", "manual_template", "save_model",
-                           "pack", "fallback", "preset", "allow_overlap"}
+                           "pack", "fallback", "preset", "allow_overlap", "report_to"}
 
 FALLBACKS = ("manual",)  # what a prompt below the manual prompt on dev gives way to
 
@@ -134,6 +135,7 @@ class RunSpec:
     pack: int | None = None
     max_memory: str | None = None
     allow_overlap: bool = False  # test facts that are also train or dev facts, accepted without a warning
+    report_to: tuple[str, ...] = ()  # experiment trackers (probe/tracking.py), checked installed
 
 
 def given_settings(opts: Options, method: str) -> dict:
@@ -169,6 +171,7 @@ def resolve_train(opts: Options) -> RunSpec:
     if (opts.jobs or 1) > 1 and not method_cls.beside_others:
         raise ProbeError(f"--jobs runs fits beside each other on one LM; method {method!r} changes the LM while it fits, "
                          "so its relations run one after another (leave --jobs out)")
+    trackers = check_report_to(opts.report_to)
     check_new_folder(opts.out, opts.resume)
     data = load_data(opts, opts.manual_template, fit.seed)
     split = data.split_name(opts.split)
@@ -179,7 +182,7 @@ def resolve_train(opts: Options) -> RunSpec:
     check_templates(data, ids, "--manual-template")
     return RunSpec(name, opts.device, fit.dtype or opts.dtype, control, data, tuple(ids), split, candidate_choice(opts),
                    fit, opts.out, bool(opts.resume), bool(opts.save_model), opts.template, opts.ray, opts.cpus_per_worker,
-                   opts.threads, opts.jobs, opts.pack, opts.max_memory, bool(opts.allow_overlap))
+                   opts.threads, opts.jobs, opts.pack, opts.max_memory, bool(opts.allow_overlap), tuple(trackers))
 
 
 @dataclass(frozen=True)

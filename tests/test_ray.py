@@ -334,3 +334,20 @@ def test_cuda_on_a_ray_cluster_without_gpus_is_refused(local_ray, tiny_causal_di
         run_eval(Options(model=[str(tiny_causal_dir)], all=True, data=str(lama), out=tmp_path / "o", device="cuda",
                          ray="local"), log=lambda m: None)
     assert not (tmp_path / "o").exists()
+
+
+def test_a_sweep_on_ray_is_reported_by_the_driver(local_ray, tiny_causal_dir, lama, tmp_path):
+    """Each cell's train log comes back from its worker beside its row, and the driver reports it (--report-to)."""
+    pytest.importorskip("tensorboard")
+    from test_tracking import expected_series, f32, tensorboard_scalars
+
+    grid = grid_file(tmp_path / "g.toml", tiny_causal_dir)
+    sweep_command(grid, tmp_path / "ray", str(lama), log=lambda m: None, ray="local", report_to=["tensorboard"])
+    logs = sorted((tmp_path / "ray" / "cells").glob("*.train_log.jsonl"))
+    assert len(logs) == 4  # 2 relations x 2 seeds
+    scalars = tensorboard_scalars(tmp_path / "ray" / "tensorboard")
+    for log in logs:
+        key = log.name.removesuffix(".train_log.jsonl")
+        expected = expected_series(log, key)
+        assert expected[f"{key}/loss"] and expected[f"{key}/dev_p1"]
+        assert all(scalars[tag] == f32(points) for tag, points in expected.items())

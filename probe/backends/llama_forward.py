@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from probe.backends.packed import PackedLinear
 
 FUSED_SOFTMAX_KEYS = 64  # from this many keys on, torch's softmax is cheaper than the written-out one
+SDPA_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)  # scaled_dot_product_attention(enable_gqa)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -161,7 +162,10 @@ class LlamaForward:
         gradient flows (its backward on CPU is slower than the eager one's)."""
         B, _, Lq, d = q.shape
         if fused:
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None].to(q.dtype), scale=scale, enable_gqa=True)
+            if not SDPA_GQA:  # torch < 2.5: each KV head repeated for its query heads
+                k, v = (t.repeat_interleave(self.n_heads // self.n_kv, dim=1) for t in (k, v))
+            gqa = {"enable_gqa": True} if SDPA_GQA else {}
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None].to(q.dtype), scale=scale, **gqa)
         out = self._attend(q.reshape(B, self.n_kv, -1, d), k, v, mask.view(-1, 1, 1, Lq, k.shape[2]), scale)
         return out.view(B, self.n_heads, Lq, d)
 

@@ -141,6 +141,18 @@ def _quiet_transformers() -> None:
     logging.getLogger("transformers").setLevel(logging.ERROR)
 
 
+def check_torch_for_transformers() -> None:
+    """transformers disables PyTorch below the torch it requires (5.6-5.14: 2.4, 5.15-5.19: 2.5, 5.20 on: 2.6): a
+    ProbeError saying which transformers fits the torch installed."""
+    import transformers
+    from transformers.utils import is_torch_available
+
+    if not is_torch_available():
+        raise ProbeError(f"transformers {transformers.__version__} does not run on torch {torch.__version__} (it needs a "
+                         "newer one): pip install 'transformers<5.15' for torch 2.4, 'transformers<5.20' for torch 2.5, "
+                         "or a newer torch")
+
+
 def check_device_name(device: str) -> None:
     """auto, cpu, cuda or cuda:N; anything else is a ProbeError (before torch is asked)."""
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
@@ -189,6 +201,7 @@ def model_info(name: str, device: str = "cpu", dtype: str = "float32", control: 
     from transformers import AutoConfig, AutoTokenizer
 
     _quiet_transformers()
+    check_torch_for_transformers()
     try:
         path = resolve_model(name)
         kind = model_kind(AutoConfig.from_pretrained(path))
@@ -238,6 +251,7 @@ def load_backend(name: str, device: str = "cpu", dtype: str = "float32", control
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
     _quiet_transformers()
+    check_torch_for_transformers()
     try:
         path = resolve_model(name)
         config = AutoConfig.from_pretrained(path)

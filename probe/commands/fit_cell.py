@@ -71,7 +71,7 @@ def _manual_eval(loaded: LoadedModel, relation: str, split: str, manual: Compile
 
 def prepare_fit(loaded: LoadedModel, relation_id: str, template: Template, method: str, options, fit_config,
                 split: str, *, strict: bool = False, desc: str = "", log_dir: Path | None = None,
-                batch_size: int = 128) -> Prepared | CellOutput:
+                log_name: str = "train_log.jsonl", batch_size: int = 128) -> Prepared | CellOutput:
     """A relation's fit task and what testing it needs; a CellOutput (warnings, no files) when it is skipped.
 
     Facts longer than the model's context are dropped (a warning says so); `log_dir`: where train_log.jsonl streams
@@ -107,7 +107,7 @@ def prepare_fit(loaded: LoadedModel, relation_id: str, template: Template, metho
     scratch, log_path = None, None
     if log_dir is not None or loaded.remote:
         scratch = tempfile.mkdtemp(prefix="probe-train-") if loaded.remote else None
-        log_path = Path(scratch or log_dir) / "train_log.jsonl"
+        log_path = Path(scratch or log_dir) / log_name
         log_path.parent.mkdir(parents=True, exist_ok=True)
         log_path.unlink(missing_ok=True)
     # the manual prompt's dev figures: what a trained prompt is retried, then flagged, for staying below

@@ -30,6 +30,7 @@ from probe.runs import RunConfig, RunFolder
 from probe.spec import TRAIN_FLAGS, RunSpec, fittable_method, given_settings, resolve_train  # noqa: F401 (there before)
 from probe.template_files import TemplateFile
 from probe.templates import Template, compile_template
+from probe.tracking import reported
 
 
 @dataclass
@@ -127,6 +128,7 @@ def train_run(run_spec: RunSpec, log=print, loaded=None) -> list[RunResult]:
         )
         run = RunFolder(run_spec.out or default_out(method + ("-any" if choice.objects else ""), info.name),
                         config.to_dict(), resume=run_spec.resume)
+        executor = reported(executor, list(run_spec.report_to), run.root, run.config)
         cells = train_cells(spec, info, data, ids, run, method, fit_spec.config, fit_spec.fit_config,
                             fit_spec.templates, split, run_spec.save_model, fit_spec.fallback)
         if method_cls.packable:

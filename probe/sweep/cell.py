@@ -74,9 +74,12 @@ class SweepCell(Cell):
         return done if isinstance(done, CellOutput) else row_output(self, done)
 
 
-def row_output(cell: SweepCell, row: dict, warnings: list[str] | None = None) -> CellOutput:
-    """A finished cell's row as its one file, cells/KEY.json (its marker), with what its fit warned about."""
-    return CellOutput([(cell.marker, (json.dumps(row, indent=2, ensure_ascii=False) + "\n").encode())],
+def row_output(cell: SweepCell, row: dict, warnings: list[str] | None = None,
+               log: bytes | None = None) -> CellOutput:
+    """A finished cell's files: its train log (cells/KEY.train_log.jsonl, what --report-to reports), then its row,
+    cells/KEY.json (its marker), with what its fit warned about."""
+    files = [(f"cells/{cell.key}.train_log.jsonl", log)] if log is not None else []
+    return CellOutput([*files, (cell.marker, (json.dumps(row, indent=2, ensure_ascii=False) + "\n").encode())],
                       warnings=list(warnings or []))
 
 
@@ -101,7 +104,8 @@ def prepare_cell(loaded: LoadedModel, cell: SweepCell, grid: SweepGrid) -> Prepa
     """A cell's fit task and what testing it needs: the one fit cell's, with the cell's FitSpec."""
     spec = cell.fit_spec
     return prepare_fit(loaded, cell.relation, cell_template(loaded, cell, spec), cell.method, spec.config,
-                       spec.fit_config, loaded.data.split_name(grid.split), strict=True, desc=cell.key)
+                       spec.fit_config, loaded.data.split_name(grid.split), strict=True, desc=cell.key,
+                       log_dir=Path(cell.root) / "cells", log_name=f"{cell.key}.train_log.jsonl")
 
 
 ROW_METRICS = ("fit_failed", "below_manual", "kept")  # what a sweep row repeats of a relation's metrics besides figures
@@ -119,7 +123,8 @@ def finish_cell(loaded: LoadedModel, cell: SweepCell, prepared: Prepared, fitted
         "best_step": fitted.result.best_step, **{k: m[k] for k in ROW_METRICS if k in m},
         "seconds": round(time.time() - prepared.t0, 1),
     }
-    return row_output(cell, row, tested.warnings)
+    log = next((blob for name, blob in tested.files if name == "train_log.jsonl"), None)
+    return row_output(cell, row, tested.warnings, log)
 
 
 def run_cell(loaded: LoadedModel, cell: SweepCell, grid: SweepGrid) -> CellOutput:

@@ -21,6 +21,7 @@ from probe.runs import RECORDED_LATER, FolderLock, check_own_folder
 from probe.sweep.cell import cells_of
 from probe.sweep.grid import SHARED_KEYS, SweepGrid, grid_models, load_grid
 from probe.sweep.tables import write_tables
+from probe.tracking import check_report_to, reported
 
 
 def prepare_folder(out: Path, grid: SweepGrid, extra: dict) -> FolderLock:
@@ -68,10 +69,11 @@ def executor_specs(grid: SweepGrid, executor: Executor, device: str | None = Non
 
 def sweep_command(grid_path: Path, out: Path | None, data: str | None, device: str | None = None, log=print,
                   ray: str | None = None, cpus_per_worker: int | None = None, threads: int | None = None,
-                  pack: int | None = None, jobs: int | None = None) -> Path:
+                  pack: int | None = None, jobs: int | None = None, report_to: list[str] | None = None) -> Path:
     """`probe sweep`: check the grid and its models, run the unfinished cells (here or on Ray); returns OUT/summary.md."""
     t0 = time.time()
     spec = load_grid(grid_path)
+    trackers = check_report_to(report_to)
     if out is not None:
         check_own_folder(out, "grid.json")
     lama = open_data(data)
@@ -89,6 +91,7 @@ def sweep_command(grid_path: Path, out: Path | None, data: str | None, device: s
             executor.check_device(s.device)
             model_info(s.name, s.device, s.dtype, s.control, check_device=executor.local)
         lock = prepare_folder(out, spec, {"data": str(lama.root.resolve()), "torch_threads": executor.threads, "pack": pack})
+        executor = reported(executor, trackers, out, read_json(out / "grid.json"))
         cells = cells_of(spec, ids, out, specs)
         log(f"{len(cells)} cells ({len(specs)} model(s) x {len(cells) // len(specs) // len(ids)} settings x {len(ids)} "
             "relations)")
