@@ -1,0 +1,97 @@
+"""BEAR (LM Pub Quiz's layout) and statement scoring, checked against lm-pub-quiz's own `Evaluator`.
+
+The reference runs with LM Pub Quiz's defaults, named here: `Evaluator.from_model(model, tokenizer, model_type=...)`
+(so `capitalize=True`, `conditional_score=False`: every token of the statement scored; causal LMs with
+`ensure_bos_token_added=True`; masked LMs with `pll_metric="within_word_l2r"`), `evaluate_instance(...,
+reduction="sum")` (or "mean"), and for accuracy `evaluate_relation(relation, template_index=t, reduction="sum",
+metric="accuracy")`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from probe.data import BearData, open_data
+from probe.errors import ProbeError
+from probe.statements import gold_ranks, statement_scores
+
+BEAR_FIXTURE = Path(__file__).parent / "fixtures" / "bear"
+SHARED_BEAR = Path(__file__).resolve().parents[1].parent / "shared" / "bear"
+
+
+def lm_pub_quiz_evaluator(backend):
+    lpq = pytest.importorskip("lm_pub_quiz")
+    model_type = "CLM" if backend.kind == "causal" else "MLM"
+    return lpq.Evaluator.from_model(model=backend.model, tokenizer=backend.tokenizer, model_type=model_type,
+                                    device="cpu")
+
+
+def reference_scores(evaluator, template: str, subjects: list[str], answers: list[str], reduction: str = "sum"):
+    return torch.tensor([evaluator.evaluate_instance(template=template, answers=answers, subject=s,
+                                                     reduction=reduction, batch_size=16) for s in subjects],
+                        dtype=torch.float64)
+
+
+def stable_order(scores: torch.Tensor) -> list[list[int]]:
+    """Each row's answers sorted by score, descending, ties in answer order (LM Pub Quiz's `sort_scores`)."""
+    return [sorted(range(len(row)), key=lambda i: -row[i]) for row in scores.tolist()]
+
+
+def test_bear_folder_is_read_as_it_is():
+    data = open_data(BEAR_FIXTURE)
+    assert isinstance(data, BearData) and list(data.relations) == ["P36", "P37", "P50"]
+    rel = data.relation("P50")
+    assert rel.templates == ("[X] was written by [Y].", "The author of [X] is [Y].", "[Y] wrote [X].")
+    assert rel.answers[:2] == ("Victor Hugo", "Dante Alighieri") and rel.domains == ("Arts",)
+    assert [(f.sub, f.obj) for f in data.facts("P50")][:2] == [("Les Misérables", "Victor Hugo"),
+                                                              ("the Divine Comedy", "Dante Alighieri")]
+    assert data.split_name(None) == "test" and open_data(BEAR_FIXTURE / "BEAR").relations.keys() == data.relations.keys()
+
+
+def test_a_malformed_bear_folder_is_one_error(tmp_path):
+    (tmp_path / "metadata_relations.json").write_text('{"P1": {"templates": ["no slots"], "answer_space_labels": ["a"]}}')
+    (tmp_path / "P1.jsonl").write_text('{"sub_label": "x", "answer_idx": 0}\n')
+    with pytest.raises(ProbeError, match="one \\[X\\] and one \\[Y\\]"):
+        open_data(tmp_path).relations
+
+
+@pytest.mark.parametrize("kind", ["causal", "masked"])
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_statement_scores_equal_lm_pub_quiz(kind, reduction, request):
+    backend = request.getfixturevalue(f"{kind}_backend")
+    evaluator = lm_pub_quiz_evaluator(backend)
+    data = open_data(BEAR_FIXTURE)
+    for rel in data.relations.values():
+        subjects = [f.sub for f in data.facts(rel.id)]
+        for template in rel.templates:
+            ours = statement_scores(backend, template, subjects, list(rel.answers), reduction, batch_size=3)
+            ref = reference_scores(evaluator, template, subjects, list(rel.answers), reduction)
+            assert torch.allclose(ours, ref, atol=1e-4, rtol=0), (rel.id, template, (ours - ref).abs().max())
+            assert stable_order(ours) == stable_order(ref)
+
+
+@pytest.mark.parametrize("kind", ["causal", "masked"])
+def test_accuracy_per_template_equals_lm_pub_quiz(kind, request):
+    lpq = pytest.importorskip("lm_pub_quiz")
+    backend = request.getfixturevalue(f"{kind}_backend")
+    evaluator = lm_pub_quiz_evaluator(backend)
+    data = open_data(BEAR_FIXTURE)
+    dataset = lpq.Dataset.from_path(str(BEAR_FIXTURE / "BEAR"))
+    for relation in dataset:
+        rel = data.relation(relation.relation_code)
+        facts = data.facts(rel.id)
+        gold = torch.tensor([rel.answers.index(f.obj) for f in facts])
+        for t, template in enumerate(rel.templates):
+            ours = statement_scores(backend, template, [f.sub for f in facts], list(rel.answers))
+            accuracy = (gold_ranks(ours, gold) == 1).double().mean().item()
+            ref = evaluator.evaluate_relation(relation, template_index=t, reduction="sum", metric="accuracy")
+            assert accuracy == pytest.approx(ref.metric_values["accuracy"])
+
+
+def test_gold_ranks_break_ties_by_answer_order():
+    scores = torch.tensor([[1.0, 3.0, 3.0, 0.0], [2.0, 2.0, 2.0, 2.0]], dtype=torch.float64)
+    assert gold_ranks(scores, torch.tensor([2, 0])).tolist() == [2, 1]
+    assert gold_ranks(scores, torch.tensor([1, 3])).tolist() == [1, 4]
