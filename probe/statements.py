@@ -56,7 +56,7 @@ def encode(tokenizer, kind: str, texts: list[str]) -> list[Encoded]:
     special_first = False
     if kind == "causal":
         if tokenizer.bos_token is None:
-            raise ProbeError(f"--score statement: the tokenizer of this causal LM has no BOS token to start statements")
+            raise ProbeError("--score statement: the tokenizer of this causal LM has no BOS token to start statements")
         saved = getattr(tokenizer, "add_bos_token", None)
         try:
             tokenizer.add_bos_token = True

@@ -55,7 +55,7 @@ def test_a_malformed_bear_folder_is_one_error(tmp_path):
     (tmp_path / "metadata_relations.json").write_text('{"P1": {"templates": ["no slots"], "answer_space_labels": ["a"]}}')
     (tmp_path / "P1.jsonl").write_text('{"sub_label": "x", "answer_idx": 0}\n')
     with pytest.raises(ProbeError, match="one \\[X\\] and one \\[Y\\]"):
-        open_data(tmp_path).relations
+        _ = open_data(tmp_path).relations
 
 
 @pytest.mark.parametrize("kind", ["causal", "masked"])

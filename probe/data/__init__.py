@@ -70,6 +70,7 @@ def open_data(data: str | Path | None = None, facts: str | Path | dict | None = 
     return LamaData(root)  # says what is missing
 
 
-__all__ = ["DEFAULT_DATA_DIR", "BearData", "BearRelation", "ENV_VAR", "RELATION_TYPES", "SPLITS", "VOCABS", "Fact", "FactData", "FactFiles", "FactsFolder",
+__all__ = ["DEFAULT_DATA_DIR", "BearData", "BearRelation", "bear_folder", "ENV_VAR",
+           "RELATION_TYPES", "SPLITS", "VOCABS", "Fact", "FactData", "FactFiles", "FactsFolder",
            "LamaData", "Relation", "dedup", "infer_type", "json_record", "open_data", "read_jsonl", "read_records",
            "read_word_list", "record_fact", "record_relation", "relation_key", "resolve_data_dir"]
