@@ -200,6 +200,13 @@ def eval_cmd(
     threads: ThreadsOpt = None,
     jobs: JobsOpt = None,
     max_memory: MaxMemoryOpt = None,
+    score: Annotated[str | None, typer.Option(
+        help="object (default for LAMA and facts folders): rank objects by their log-likelihood after the prompt; "
+             "statement (default for a BEAR folder): by the whole filled template's, on each of the relation's "
+             "templates, as LM Pub Quiz.")] = None,
+    reduction: Annotated[str | None, typer.Option(
+        help="With --score statement: sum (default, LM Pub Quiz's) or mean of the statement's token log-likelihoods.")
+    ] = None,
 ) -> None:
     """Evaluate fixed prompts on one or all relations with one model load; print and save the table."""
     from probe.commands.eval import run_eval
@@ -211,7 +218,8 @@ def eval_cmd(
                       prompts_file=prompts_file, ensemble=ensemble, max_prompts=max_prompts, control=control, seed=seed,
                       facts=facts, fields=fields, template=template, from_sentences=from_sentences, ray=ray,
                       cpus_per_worker=cpus_per_worker, threads=threads, jobs=jobs, objects=objects,
-                      candidates=candidates, length_norm=length_norm, max_memory=max_memory)
+                      candidates=candidates, length_norm=length_norm, max_memory=max_memory, score=score,
+                      reduction=reduction)
     if prompts is None:
         return _run(run_eval, options)
     import pandas as pd

@@ -78,6 +78,8 @@ class Options:
     objects: str | None = None  # 'single' (LAMA's protocol) or 'any'
     candidates: Path | None = None  # --objects any: a candidates file
     length_norm: bool | None = None
+    score: str | None = None  # 'object' or 'statement' (default: statement for a BEAR folder, else object)
+    reduction: str | None = None  # --score statement: 'sum' (default) or 'mean'
 
     def given(self) -> set[str]:
         return {f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None and getattr(self, f.name) != []}

@@ -95,3 +95,48 @@ def test_gold_ranks_break_ties_by_answer_order():
     scores = torch.tensor([[1.0, 3.0, 3.0, 0.0], [2.0, 2.0, 2.0, 2.0]], dtype=torch.float64)
     assert gold_ranks(scores, torch.tensor([2, 0])).tolist() == [2, 1]
     assert gold_ranks(scores, torch.tensor([1, 3])).tolist() == [1, 4]
+
+
+def test_eval_on_a_bear_folder_scores_statements(tiny_causal_dir, causal_backend, tmp_path):
+    from conftest import cli_in_process
+
+    from probe.files import read_json
+
+    out = tmp_path / "run"
+    proc = cli_in_process("eval", "--model", tiny_causal_dir, "--data", BEAR_FIXTURE, "--all", "--dtype", "float32",
+                          "--out", out)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    config = read_json(out / "config.json")
+    assert config["score"] == "statement" and config["reduction"] == "sum"
+    rows = {r["relation"]: r for r in read_json(out / "results.json")["relations"]}
+    data = open_data(BEAR_FIXTURE)
+    for rid, rel in data.relations.items():
+        facts = data.facts(rid)
+        gold = torch.tensor([rel.answers.index(f.obj) for f in facts])
+        expected = [100 * (gold_ranks(statement_scores(causal_backend, t, [f.sub for f in facts], list(rel.answers)),
+                                      gold) == 1).double().mean().item() for t in rel.templates]
+        assert rows[rid]["p1_by_template"] == pytest.approx(expected)
+        assert rows[rid]["p1"] == pytest.approx(sum(expected) / 3)
+    report = read_json(out / "bear.json")
+    assert report["macro_accuracy"] == pytest.approx(sum(r["p1"] for r in rows.values()) / 3)
+    geo = [rows["P36"], rows["P37"]]  # P37 is in two domains: half its instances count for each (LM Pub Quiz's rule)
+    weights = [6, 5 / 2]
+    assert report["domains"]["Geographic"]["accuracy"] == pytest.approx(
+        sum(w * r["p1"] for w, r in zip(weights, geo, strict=True)) / sum(weights))
+    assert (out / "bear.md").read_text().startswith("# Statements")
+
+
+@pytest.mark.parametrize(("args", "fragments"), [
+    (("--score", "words"), ("--score 'words'", "statement")),
+    (("--reduction", "mean", "--score", "object"), ("--reduction applies to --score statement",)),
+    (("--reduction", "max"), ("--reduction 'max'", "sum")),
+    (("--vocab", "common"), ("--vocab does not apply", "--score statement")),
+    (("--method", "ptuning"), ("--method ptuning does not apply",)),
+])
+def test_statement_flags_that_do_not_apply_are_one_error(args, fragments, tmp_path):
+    from conftest import assert_user_error, cli_in_process
+
+    out = tmp_path / "run"
+    proc = cli_in_process("eval", "--data", BEAR_FIXTURE, "--relation", "P36", "--out", out, *args)
+    assert_user_error(proc, *fragments)
+    assert not out.exists()

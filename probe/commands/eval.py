@@ -126,6 +126,10 @@ def run_eval(opts: Options, log=print) -> list[RunResult]:
     t0 = time.time()
     if opts.prompts is not None:
         raise ProbeError("internal: saved prompts go through rerun_prompts")
+    from probe.commands.statements import run_statement_eval, score_choice
+
+    if score_choice(opts) == "statement":
+        return run_statement_eval(opts, log)
     opts.refuse(EVAL_FLAGS, "`probe eval`")
     control = get_control(opts.control)
     method = opts.method or "manual"
@@ -205,7 +209,7 @@ def run_eval(opts: Options, log=print) -> list[RunResult]:
                 template_file=str(opts.prompts_file) if opts.prompts_file is not None else None,
                 seed=seed, device=spec.device, torch_threads=executor.threads,
                 method_config={"ensemble": bool(opts.ensemble), "max_prompts": max_prompts} if chosen else None,
-                prompts=prompts_info, from_sentences=bool(opts.from_sentences) or None,
+                prompts=prompts_info, from_sentences=bool(opts.from_sentences) or None, score="object",
             )
             run = run_folder_for(out, name, info.name, several, config.to_dict(), bool(opts.resume))
             runs.append(run)
