@@ -222,6 +222,12 @@ def eval_cmd(
                       reduction=reduction)
     if prompts is None:
         return _run(run_eval, options)
+    from probe.data import bear_folder
+
+    if data is not None and bear_folder(Path(data)) is not None:
+        from probe.commands.bear_prompts import run_prompts_on_bear
+
+        return _run(run_prompts_on_bear, options)  # prompts trained on LAMA, on BEAR's facts and answers
     import pandas as pd
 
     rows = rerun_prompts(options, log=_log)

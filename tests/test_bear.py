@@ -140,3 +140,69 @@ def test_statement_flags_that_do_not_apply_are_one_error(args, fragments, tmp_pa
     proc = cli_in_process("eval", "--data", BEAR_FIXTURE, "--relation", "P36", "--out", out, *args)
     assert_user_error(proc, *fragments)
     assert not out.exists()
+
+
+@pytest.mark.integration
+def test_smollm2_statements_equal_lm_pub_quiz_on_a_bear_subset(smollm2_dir):
+    """SmolLM2 in float32 on the first 2 instances of 3 BEAR relations (one with [Y] before [X] in a template, one
+    with multi-token answers), every template: log-likelihoods to 1e-4, the same order of answers, the same accuracy."""
+    if not (SHARED_BEAR / "BEAR").is_dir():
+        pytest.skip(f"BEAR is not at {SHARED_BEAR}")
+    from probe.backends import load_backend
+
+    backend = load_backend(str(smollm2_dir), dtype="float32")
+    evaluator = lm_pub_quiz_evaluator(backend)
+    data = open_data(SHARED_BEAR)
+    for rid in ("P1376", "P6", "P103"):
+        rel = data.relation(rid)
+        facts = data.facts(rid)[:2]
+        gold = torch.tensor([rel.answers.index(f.obj) for f in facts])
+        for template in rel.templates:
+            subjects = [f.sub for f in facts]
+            ours = statement_scores(backend, template, subjects, list(rel.answers))
+            ref = reference_scores(evaluator, template, subjects, list(rel.answers))
+            assert torch.allclose(ours, ref, atol=1e-4, rtol=0), (rid, template, (ours - ref).abs().max())
+            assert stable_order(ours) == stable_order(ref)
+            ref_correct = [row.index(max(row)) == g for row, g in zip(ref.tolist(), gold.tolist(), strict=True)]
+            assert (gold_ranks(ours, gold) == 1).tolist() == ref_correct
+
+
+def test_trained_prompts_on_bear(tiny_causal_dir, causal_backend, fake_lama, tmp_path):
+    """A prompt trained on (fake) LAMA, evaluated on the BEAR folder's facts and answers of the shared relations;
+    the relations only one side has are listed and skipped; the manual templates of both are reported beside it."""
+    from conftest import cli_in_process
+
+    from probe.evaluate import evaluate_facts
+    from probe.files import read_json
+    from probe.objects import object_candidates
+    from probe.saved_prompts import load_prompt
+    from probe.templates import compile_template
+
+    trained = tmp_path / "trained"
+    proc = cli_in_process("train", "--method", "ptuning", "--model", tiny_causal_dir, "--data", fake_lama,
+                          "--relation", "P19,P36,P37", "--epochs", "1", "--dtype", "float32", "--objects", "any",
+                          "--out", trained)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = tmp_path / "on-bear"
+    proc = cli_in_process("eval", "--prompts", trained, "--data", BEAR_FIXTURE, "--out", out)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "only in the run: P19" in proc.stderr and "P50" in proc.stderr
+    config = read_json(out / "config.json")
+    assert config["skipped"] == {"only_in_run": ["P19"], "only_in_data": ["P50"]}
+    rows = {r["relation"]: r for r in read_json(out / "results.json")["relations"]}
+    assert sorted(rows) == ["P36", "P37"]
+    data = open_data(BEAR_FIXTURE)
+    for rid, row in rows.items():
+        rel, facts = data.relation(rid), data.facts(rid)
+        saved = read_json(trained / rid / "config.json")
+        candidates = object_candidates(causal_backend.tokenizer, list(rel.answers))
+        compiled = compile_template(saved["template"], causal_backend.tokenizer, "causal", manual=saved["manual_template"])
+        expected = evaluate_facts(causal_backend, load_prompt(trained / rid / "prompt.safetensors"), compiled, facts,
+                                  candidates).metrics
+        assert row["p1"] == pytest.approx(expected["p1"]) and row["mrr"] == pytest.approx(expected["mrr"])
+        assert row["lama_template"] == saved["manual_template"] and row["bear_templates"] == list(rel.templates)
+        gold = torch.tensor([rel.answers.index(f.obj) for f in facts])
+        bear = [100 * (gold_ranks(statement_scores(causal_backend, t, [f.sub for f in facts], list(rel.answers)), gold)
+                       == 1).double().mean().item() for t in rel.templates]
+        assert row["bear_p1_by_template"] == pytest.approx(bear)
+    assert (out / "bear_vs_manual.png").stat().st_size > 0 and "LAMA manual (object)" in (out / "bear.md").read_text()
