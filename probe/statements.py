@@ -7,8 +7,9 @@ first; special tokens and padding not scored), so that the scores are the same n
   statements of one subject share their leading tokens: those run once as a prompt (`Batch`), and what follows
   (the answer and the template's words after it) forms a token trie after it (probe/objects.py `Contexts`, the same
   trie and tree attention `--objects any` uses), so every answer's tail continues from the prompt's keys and values
-  and shared nodes run once. Subjects whose tails are the same (the template ends in [Y] ...) share one trie and run
-  as rows of one batch;
+  and shared nodes run once. Subjects whose tails are the same share one trie and run as rows of one batch. Where
+  [Y] comes before [X], the roles swap: each answer with the words up to the subject is a prompt, and the subjects'
+  tails (the subject and the words after it) the trie;
 - masked LMs: the within-word left-to-right pseudo-log-likelihood of every token of the statement, each read with
   itself and the rest of its word (the tokenizer's word ids) masked.
 `mean` divides by the number of tokens scored.
@@ -86,7 +87,11 @@ def statement_scores(backend: Backend, template: str, subjects: list[str], answe
                      reduction: str = "sum", batch_size: int = 64) -> torch.Tensor:
     """Log-likelihoods (S, A), float64, of every answer's statement for each subject, reduced by `sum` or `mean`."""
     encoded = [encode(backend.tokenizer, backend.kind, [fill(template, s, a) for a in answers]) for s in subjects]
-    if backend.kind == "causal":
+    if backend.kind == "causal" and template.find("[Y]") < template.find("[X]"):
+        # the answer comes first: each answer's statements share it and the words up to the subject, so the
+        # answers are the prompts and the subjects' tails the trie
+        sums = _causal(backend, [list(col) for col in zip(*encoded, strict=True)], batch_size).T.contiguous()
+    elif backend.kind == "causal":
         sums = _causal(backend, encoded, batch_size)
     else:
         sums = _masked(backend, encoded)
@@ -97,7 +102,8 @@ def statement_scores(backend: Backend, template: str, subjects: list[str], answe
 
 
 def _causal(backend: Backend, encoded: list[list[Encoded]], batch_size: int) -> torch.Tensor:
-    """Summed log-likelihoods (S, A): each subject's shared leading tokens as a prompt, the tails as a trie after it."""
+    """Summed log-likelihoods (R, C) of a matrix of statements: the tokens a row's statements share are its prompt,
+    what follows in each a tail; rows whose tails are the same share one trie of them and run as one batch."""
     out = torch.zeros(len(encoded), len(encoded[0]), dtype=torch.float64)
     groups: dict[tuple, list[tuple[int, tuple[int, ...]]]] = {}
     for s, row in enumerate(encoded):
