@@ -206,3 +206,19 @@ def test_trained_prompts_on_bear(tiny_causal_dir, causal_backend, fake_lama, tmp
                        == 1).double().mean().item() for t in rel.templates]
         assert row["bear_p1_by_template"] == pytest.approx(bear)
     assert (out / "bear_vs_manual.png").stat().st_size > 0 and "LAMA manual (object)" in (out / "bear.md").read_text()
+
+
+def test_score_object_on_a_bear_folder_ranks_its_answer_space(tiny_causal_dir, tmp_path):
+    """--score object keeps today's evaluator: the first template, the relation's answers as --objects any's
+    candidates."""
+    from conftest import cli_in_process
+
+    from probe.files import read_json
+
+    out = tmp_path / "run"
+    proc = cli_in_process("eval", "--model", tiny_causal_dir, "--data", BEAR_FIXTURE, "--relation", "P50", "--score",
+                          "object", "--objects", "any", "--dtype", "float32", "--out", out)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert read_json(out / "config.json")["score"] == "object"
+    row = read_json(out / "P50" / "metrics.json")
+    assert row["n_candidates"] == 5 and row["n_facts"] == 4 and row["template"] == "[X] was written by [Y]."

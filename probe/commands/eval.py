@@ -44,7 +44,8 @@ from probe.prompt_files import DiscretePrompt, read_prompts
 from probe.runs import RunConfig, RunFolder, slug
 from probe.templates import ClozeTemplate, compile_template
 
-EVAL_FLAGS = RUN_FLAGS | {"batch_size", "seed", "prompts_file", "ensemble", "max_prompts", "template", "from_sentences"}
+EVAL_FLAGS = RUN_FLAGS | {"batch_size", "seed", "prompts_file", "ensemble", "max_prompts", "template", "from_sentences",
+                        "score"}
 PROMPT_FLAGS = {"method", "prompts_file", "ensemble", "max_prompts", "template", "from_sentences"}
 
 

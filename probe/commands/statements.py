@@ -54,9 +54,8 @@ def relation_templates(relation) -> list[str]:
 
 def relation_answers(data: FactData, rid: str) -> list[str]:
     """The answer space: a BEAR relation's own, else every distinct object of the relation across its splits."""
-    answers = getattr(data.relation(rid), "answers", ())
-    if answers:
-        return list(answers)
+    if data.relation(rid).answers:
+        return list(data.relation(rid).answers)
     return list(dict.fromkeys(f.obj for s in data.splits for f in data.facts(rid, s)))
 
 

@@ -19,10 +19,9 @@ RELATION_INFO = "relation_info.json"
 
 @dataclass(frozen=True)
 class BearRelation(Relation):
-    """A relation with all its templates, its answer space (labels, in order) and its domains."""
+    """A relation with all its templates (`template` is the first) and its domains; `answers` is its answer space."""
 
     templates: tuple[str, ...] = ()
-    answers: tuple[str, ...] = ()
     domains: tuple[str, ...] = ()
 
 
