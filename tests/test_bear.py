@@ -222,3 +222,23 @@ def test_score_object_on_a_bear_folder_ranks_its_answer_space(tiny_causal_dir, t
     assert read_json(out / "config.json")["score"] == "object"
     row = read_json(out / "P50" / "metrics.json")
     assert row["n_candidates"] == 5 and row["n_facts"] == 4 and row["template"] == "[X] was written by [Y]."
+
+
+def test_score_statement_on_a_lama_folder(tiny_causal_dir, causal_backend, fake_lama, tmp_path):
+    """LAMA data as statements: the manual template, the relation's objects as answers, the test split."""
+    from conftest import cli_in_process
+
+    from probe.files import read_json
+
+    out = tmp_path / "run"
+    proc = cli_in_process("eval", "--model", tiny_causal_dir, "--data", fake_lama, "--relation", "P36", "--score",
+                          "statement", "--reduction", "mean", "--dtype", "float32", "--out", out)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    row = read_json(out / "P36" / "metrics.json")
+    facts = open_data(fake_lama).facts("P36", "test")
+    answers = list(dict.fromkeys(f.obj for f in facts))
+    scores = statement_scores(causal_backend, "The capital of [X] is [Y] .", [f.sub for f in facts], answers, "mean")
+    gold = torch.tensor([answers.index(f.obj) for f in facts])
+    assert row["n_candidates"] == 3 and row["templates"] == ["The capital of [X] is [Y] ."]
+    assert row["p1"] == pytest.approx(100 * (gold_ranks(scores, gold) == 1).double().mean().item())
+    assert read_json(out / "config.json")["reduction"] == "mean"
