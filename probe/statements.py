@@ -58,12 +58,16 @@ def encode(tokenizer, kind: str, texts: list[str]) -> list[Encoded]:
     if kind == "causal":
         if tokenizer.bos_token is None:
             raise ProbeError("--score statement: the tokenizer of this causal LM has no BOS token to start statements")
+        had = hasattr(tokenizer, "add_bos_token")
         saved = getattr(tokenizer, "add_bos_token", None)
         try:
             tokenizer.add_bos_token = True
             enc = run(texts)
         finally:
-            tokenizer.add_bos_token = saved
+            if had:
+                tokenizer.add_bos_token = saved
+            else:
+                del tokenizer.add_bos_token
         if enc["input_ids"][0][0] != tokenizer.bos_token_id:
             enc = run([tokenizer.bos_token + t for t in texts])
             special_first = True

@@ -123,7 +123,11 @@ def run_statement_eval(opts: Options, log=print) -> list[RunResult]:
         executor.close()
         raise
     (results,) = execute(executor, [run], cells, "eval", log)
-    results["bear"] = write_statement_report(run.root, results["relations"])
+    results["bear"] = report = write_statement_report(run.root, results["relations"])
+    if report:
+        log(f"statements: macro accuracy {report['macro_accuracy']:.2f}, micro (LM Pub Quiz's) "
+            f"{report['micro_accuracy']:.2f} over {report['relations']} relations; by domain and template in "
+            f"{run.root / 'bear.md'}")
     return [RunResult(run, results, time.time() - t0)]
 
 
