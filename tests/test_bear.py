@@ -242,3 +242,17 @@ def test_score_statement_on_a_lama_folder(tiny_causal_dir, causal_backend, fake_
     assert row["n_candidates"] == 3 and row["templates"] == ["The capital of [X] is [Y] ."]
     assert row["p1"] == pytest.approx(100 * (gold_ranks(scores, gold) == 1).double().mean().item())
     assert read_json(out / "config.json")["reduction"] == "mean"
+
+
+def test_statement_scores_through_the_generic_causal_backend(causal_backend):
+    """The transformers forward (KV cache and a 4-D tree mask), not the Llama fast path, gives the same numbers."""
+    from probe.backends.base import generic_backend
+
+    generic = generic_backend("causal")(causal_backend.model, causal_backend.tokenizer, "tiny-generic")
+    evaluator = lm_pub_quiz_evaluator(causal_backend)
+    rel = open_data(BEAR_FIXTURE).relation("P50")
+    subjects = [f.sub for f in open_data(BEAR_FIXTURE).facts("P50")]
+    for template in rel.templates:
+        ours = statement_scores(generic, template, subjects, list(rel.answers))
+        ref = reference_scores(evaluator, template, subjects, list(rel.answers))
+        assert torch.allclose(ours, ref, atol=1e-4, rtol=0), (template, (ours - ref).abs().max())
