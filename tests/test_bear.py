@@ -132,6 +132,9 @@ def test_eval_on_a_bear_folder_scores_statements(tiny_causal_dir, causal_backend
     (("--reduction", "max"), ("--reduction 'max'", "sum")),
     (("--vocab", "common"), ("--vocab does not apply", "--score statement")),
     (("--method", "ptuning"), ("--method ptuning does not apply",)),
+    (("--jobs", "2"), ("--jobs does not apply",)),
+    (("--prompts", "no-such-run"), ("run folder no-such-run does not exist",)),
+    (("--prompts", "no-such-run", "--vocab", "common"), ("--vocab does not apply to `probe eval --prompts RUN --data BEAR`",)),
 ])
 def test_statement_flags_that_do_not_apply_are_one_error(args, fragments, tmp_path):
     from conftest import assert_user_error, cli_in_process
