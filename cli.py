@@ -193,6 +193,13 @@ def eval_cmd(
         "--allow-download", show_default=False, metavar="",
         help="With --prompts: load the hub model the run folder names (otherwise only a model named with --model or "
              "one on this machine).")] = None,
+    score: Annotated[str | None, typer.Option(
+        help="object (default for LAMA and facts folders): rank objects by their log-likelihood after the prompt; "
+             "statement (default for a BEAR folder): by the whole filled template's, on each of the relation's "
+             "templates, as LM Pub Quiz.")] = None,
+    reduction: Annotated[str | None, typer.Option(
+        help="With --score statement: sum (default, LM Pub Quiz's) or mean of the statement's token log-likelihoods.")
+    ] = None,
 ) -> None:
     """Evaluate fixed prompts on one or all relations with one model load; print and save the table."""
     from probe.commands.eval import run_eval
@@ -205,11 +212,16 @@ def eval_cmd(
                       facts=facts, fields=fields, template=template, from_sentences=from_sentences, ray=ray,
                       cpus_per_worker=cpus_per_worker, threads=threads, jobs=jobs, objects=objects,
                       candidates=candidates, length_norm=length_norm, max_memory=max_memory,
-                      allow_download=allow_download)
+                      allow_download=allow_download, score=score, reduction=reduction)
     if prompts is None:
         return _run(run_eval, options)
+    from probe.data import bear_folder
     from probe.peft_adapters import describe, eval_peft, is_peft_folder
 
+    if data is not None and bear_folder(Path(data)) is not None:
+        from probe.commands.bear_prompts import run_prompts_on_bear
+
+        return _run(run_prompts_on_bear, options)  # prompts trained on LAMA, on BEAR's facts and answers
     if is_peft_folder(prompts):  # PEFT prompt adapters (probe/peft_adapters.py)
         return typer.echo(describe(eval_peft(options, log=_log)))
     text, all_same = rerun_table(rerun_prompts(options, log=_log))

@@ -178,12 +178,15 @@ class RelationCandidates:
 
     def words(self, rid: str) -> list[str]:
         """The relation's candidate objects: from the file (its lines for every relation, or the relation's
-        records), else every distinct object of the relation across train, dev and test."""
+        records), else the relation's answer space where the data names one (BEAR), else every distinct object of the
+        relation across train, dev and test."""
         if self.spec.candidates_file:
             words = self.by_relation.get(rid, []) + self.shared
             if not words:
                 raise ProbeError(f"candidates file {self.spec.candidates_file} has no candidates for relation {rid}")
             return words
+        if self.data.relation(rid).answers:  # the data's own answer space (BEAR)
+            return list(self.data.relation(rid).answers)
         splits = ("train", "dev", self.data.test_split)
         return list(dict.fromkeys(f.obj for s in splits for f in self.data.facts(rid, s)))
 

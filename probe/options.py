@@ -70,6 +70,8 @@ class Options:
     allow_download: bool | None = None  # eval --prompts: load the hub model a run folder names
     allow_overlap: bool | None = None  # train: test facts that are also train or dev facts, without a warning
     report_to: list[str] | None = None  # experiment trackers (probe/tracking.py)
+    score: str | None = None  # 'object' or 'statement' (default: statement for a BEAR folder, else object)
+    reduction: str | None = None  # --score statement: 'sum' (default) or 'mean'
 
     settings: dict | None = None  # the method's settings given, by name (see probe.methods.method_settings)
 

@@ -29,8 +29,9 @@ from probe.metrics import aggregate, pooled_breakdown
 # Keys of a run config that must agree for --resume to reuse a folder.
 IDENTITY_KEYS = ("command", "model", "method", "split", "vocab", "data", "template_file", "seed", "dtype",
                  "method_config", "train", "control", "objects", "candidates", "length_norm", "torch_threads", "pack",
-                 "fallback")
-RECORDED_LATER = ("torch_threads", "pack")  # compared only where the folder's config records them (older runs do not)
+                 "fallback", "score", "reduction")
+# compared only where the folder's config records them (older runs do not)
+RECORDED_LATER = ("torch_threads", "pack", "score", "reduction")
 __all__ = ["IDENTITY_KEYS", "RunConfig", "RunFolder", "atomic_write_bytes", "atomic_write_json", "atomic_write_text",
            "markdown_table", "read_json", "relations_table", "slug", "summary_markdown", "summary_table"]
 
@@ -73,6 +74,8 @@ class RunConfig:
     from_sentences: bool | None = None  # cloze sentences instead of templates (causal LMs: the text before [MASK])
     torch_threads: int | None = None  # CPU threads of each process that computes (bfloat16 sums, so figures, depend on it)
     pack: int | None = None  # prompts trained at once (None: by the device, see probe/pack.py); rounding depends on it
+    score: str | None = None  # "statement": answers ranked by their whole statement's log-likelihood (probe/statements.py)
+    reduction: str | None = None  # --score statement: sum (LM Pub Quiz's default) or mean over the statement's tokens
     fallback: str | None = None  # "manual": relations whose trained prompt is below the manual one on dev keep it
     overlap: dict | None = None  # per relation, test facts that are also train or dev facts (train runs)
     allow_overlap: bool | None = None  # --allow-overlap: the overlap was known and accepted

@@ -37,7 +37,8 @@ from probe.template_files import TemplateFile
 from probe.tracking import check_report_to
 from probe.vocab import CandidateChoice
 
-EVAL_FLAGS = RUN_FLAGS | {"batch_size", "seed", "prompts_file", "ensemble", "max_prompts", "template", "from_sentences"}
+EVAL_FLAGS = RUN_FLAGS | {"batch_size", "seed", "prompts_file", "ensemble", "max_prompts", "template", "from_sentences",
+                         "score"}
 PROMPT_FLAGS = {"method", "prompts_file", "ensemble", "max_prompts", "template", "from_sentences"}
 TRAIN_FLAGS = RUN_FLAGS | {"template", "option", "train_facts", "dev_facts", "dev_split", "manual_template", "save_model",
                            "pack", "fallback", "preset", "allow_overlap", "report_to"}

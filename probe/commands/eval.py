@@ -111,7 +111,12 @@ def single_candidate_warning(rid: str, candidates) -> list[str]:
 
 def run_eval(opts: Options, log=print, loaded=None) -> list[RunResult]:
     """`probe eval`: fixed prompts (manual, a prompts file) or a control on the relations asked for, for one model or
-    several (one run folder each). Every check runs before a folder is made (`resolve_eval`)."""
+    several (one run folder each). Every check runs before a folder is made (`resolve_eval`). A BEAR folder (or
+    `--score statement`) ranks whole statements instead (probe/commands/statements.py)."""
+    from probe.commands.statements import run_statement_eval, score_choice
+
+    if opts.prompts is None and score_choice(opts) == "statement":
+        return run_statement_eval(opts, log)
     return eval_run(resolve_eval(opts, log), log, loaded)
 
 
@@ -140,7 +145,7 @@ def eval_run(es: EvalSpec, log=print, loaded=None) -> list[RunResult]:
                 template_file=str(es.prompts_file) if es.prompts_file is not None else None,
                 seed=es.seed, device=spec.device, torch_threads=executor.threads,
                 method_config={"ensemble": es.ensemble, "max_prompts": es.max_prompts} if chosen else None,
-                prompts=dict(es.prompts_info), from_sentences=es.from_sentences or None,
+                prompts=dict(es.prompts_info), from_sentences=es.from_sentences or None, score="object",
             )
             run = run_folder_for(es.out, es.name, info.name, several, config.to_dict(), es.resume)
             runs.append(run)

@@ -4,7 +4,8 @@ Three sources behind one interface (`FactData`), opened by `open_data`:
 - `LamaData`: a LAMA folder laid out like `shared/lama` (relations/relations.jsonl, trex/<split>/P*.jsonl, vocab/);
 - `FactsFolder`: any folder `<name>/{train,dev,test}/<relation>.jsonl` with an optional `relations.jsonl`
   (what `probe data import` builds from LAMA's data.zip);
-- `FactFiles`: JSONL or CSV files of one's own (`--facts`, `--train-facts`, `--dev-facts`).
+- `FactFiles`: JSONL or CSV files of one's own (`--facts`, `--train-facts`, `--dev-facts`);
+- `BearData`: a folder in LM Pub Quiz's layout (BEAR: metadata_relations.json and P*.jsonl), every template kept.
 A record is LAMA's (`sub_label`, `obj_label`; also `sub`/`obj`, `pred`, `masked_sentences`) or `subject`/`object`,
 or names its fields with `--fields SUBJECT,OBJECT`.
 To add a format: a module here with a `FactData` subclass, opened by `open_data`.
@@ -29,6 +30,7 @@ from probe.data.base import (
     relation_key,
     resolve_data_dir,
 )
+from probe.data.bear import BearData, BearRelation, bear_folder
 from probe.data.facts import FactFiles, FactsFolder
 from probe.data.lama import LamaData
 from probe.data.records import json_record, read_jsonl, read_records, record_fact, record_relation
@@ -55,6 +57,10 @@ def open_data(data: str | Path | None = None, facts: str | Path | dict | None = 
     if dev_split:
         raise ProbeError("--dev-split applies to --train-facts (facts files) only")
     root = resolve_data_dir(data)
+    if bear_folder(root) is not None:
+        if fields:
+            raise ProbeError("--fields does not apply to a BEAR folder (its records are LM Pub Quiz's)")
+        return BearData(root)
     if (root / "relations" / "relations.jsonl").exists() or (root / "trex").is_dir():
         if fields:
             raise ProbeError("--fields does not apply to a LAMA folder (its records are LAMA's)")
@@ -64,6 +70,7 @@ def open_data(data: str | Path | None = None, facts: str | Path | dict | None = 
     return LamaData(root)  # says what is missing
 
 
-__all__ = ["DEFAULT_DATA_DIR", "ENV_VAR", "RELATION_TYPES", "SPLITS", "VOCABS", "Fact", "FactData", "FactFiles", "FactsFolder",
+__all__ = ["DEFAULT_DATA_DIR", "BearData", "BearRelation", "bear_folder", "ENV_VAR",
+           "RELATION_TYPES", "SPLITS", "VOCABS", "Fact", "FactData", "FactFiles", "FactsFolder",
            "LamaData", "Relation", "dedup", "infer_type", "json_record", "open_data", "read_jsonl", "read_records",
            "read_word_list", "record_fact", "record_relation", "relation_key", "resolve_data_dir"]

@@ -40,6 +40,7 @@ class Relation:
     template: str
     description: str = ""
     type_inferred: bool = False  # the type was read off the facts, not given
+    answers: tuple[str, ...] = ()  # the relation's answer space, where the data names one (BEAR); else its objects
 
 
 @dataclass(frozen=True)
