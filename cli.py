@@ -200,6 +200,11 @@ def eval_cmd(
     threads: ThreadsOpt = None,
     jobs: JobsOpt = None,
     max_memory: MaxMemoryOpt = None,
+    consistency: Annotated[bool | None, typer.Option(
+        "--consistency", show_default=False, metavar="",
+        help="ParaRel consistency: every pattern of --prompts-file (default: the LAMA folder's prompts/pararel) on the "
+             "same facts (ParaRel's own by default), ranking each relation's objects; the graphs are read from "
+             "<prompts-file>_graphs. With --prompts RUN, the run's trained prompt is one more node.")] = None,
 ) -> None:
     """Evaluate fixed prompts on one or all relations with one model load; print and save the table."""
     from probe.commands.eval import run_eval
@@ -212,6 +217,8 @@ def eval_cmd(
                       facts=facts, fields=fields, template=template, from_sentences=from_sentences, ray=ray,
                       cpus_per_worker=cpus_per_worker, threads=threads, jobs=jobs, objects=objects,
                       candidates=candidates, length_norm=length_norm, max_memory=max_memory)
+    if consistency:
+        return _run_consistency(options)
     if prompts is None:
         return _run(run_eval, options)
     import pandas as pd
@@ -224,6 +231,25 @@ def eval_cmd(
     typer.echo(f"\n{same} of {len(df)} relations reproduce the saved test figures exactly")
     if same != len(df):
         raise typer.Exit(1)
+
+
+def _run_consistency(options) -> None:
+    """`probe eval --consistency`: run, then print the per-relation and macro consistency tables."""
+    from probe.commands.consistency import consistency_tables, run_consistency
+
+    try:
+        run = run_consistency(options, log=_log)[0]
+    except Interrupted as e:
+        typer.echo(f"interrupted: finished relations are saved in {e.folder}; rerun with --resume to continue", err=True)
+        raise typer.Exit(130) from None
+    except CellsFailed as e:
+        typer.echo(f"error: {e}; the others are saved, rerun with --resume to retry these", err=True)
+        raise typer.Exit(1) from None
+    per, macro = consistency_tables(run.results)
+    typer.echo(per.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+    typer.echo("\nmacro (mean over relations where defined), in %:")
+    typer.echo(macro.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+    typer.echo(f"\nsaved {run.folder.root}/results.json, consistency.md, consistency.png ({run.seconds:.1f}s in all)")
 
 
 @app.command("train")
