@@ -10,7 +10,7 @@ LAMA/group scores count them:
 - `consistency`: the share of edges (ordered pattern pairs of the graph), over subjects, whose two patterns give the
   same answer; by edge type: syntactic only, lexical only, both (edges with a determiner change count only overall);
 - `lama_acc`: the first pattern's accuracy over the fact rows; `group_acc`: rows every pattern gets right;
-  `group_unacc`: rows where every pattern gives the same wrong answer (neither filtered);
+  `group_unacc`: rows where every pattern gives the same wrong answer (no a/an filter in these three);
 - `consistent_subjects`: subjects whose unfiltered patterns all give one answer;
 - `knowledgeable_consistency` / `unknowledgeable_consistency`: consistency over the subjects that at least one
   unfiltered pattern gets right / that none does.
