@@ -223,10 +223,13 @@ def run_consistency(opts: Options, log=print) -> list[RunResult]:
             prompts={"prompts_format": prompt_set.format, "prompts_per_relation": {r: len(p) for r, p in patterns.items()}},
         )
         run = run_folder_for(opts.out, "consistency", info.name, False, config.to_dict(), bool(opts.resume))
+        no_facts = [rid for rid in patterns if facts_dir and not (facts_dir / f"{rid}.jsonl").is_file()]
+        if no_facts:
+            log(f"warning: no ParaRel facts in {facts_dir} for {', '.join(no_facts)}; skipped")
         cells = [ConsistencyCell(rid, spec, run.root, split, patterns[rid], edges[rid],
                                  str(facts_dir / f"{rid}.jsonl") if facts_dir else None, objects == "any",
                                  bool(opts.length_norm), batch_size, saved.get(rid))
-                 for rid in patterns if not facts_dir or (facts_dir / f"{rid}.jsonl").is_file()]
+                 for rid in patterns if rid not in no_facts]
     except BaseException:
         executor.close()
         raise
