@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import networkx as nx
 import pytest
+import torch
 
 from probe.consistency import Edge, a_an_mismatch, consistency_metrics, macro, prompt_metrics, read_graph
 from probe.data import Fact
@@ -275,6 +276,31 @@ def test_shipped_graphs_are_read(lama_dir):
 # End to end on the tiny models
 # ---------------------------------------------------------------------------------------------
 
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory, request) -> dict:
+    """Tiny masked and causal LMs with a wide initialisation, so that their answers differ from subject to subject
+    and from pattern to pattern (the shared tiny models give one answer to everything)."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    from tests.conftest import save_tiny_llama
+
+    tok = request.getfixturevalue("wordpiece_tokenizer")
+    config = BertConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=128, max_position_embeddings=64, pad_token_id=tok.pad_token_id,
+                        initializer_range=0.5)
+    torch.manual_seed(1)
+    masked = tmp_path_factory.mktemp("wide-bert")
+    BertForMaskedLM(config).save_pretrained(masked)
+    tok.save_pretrained(masked)
+    dirs = {"masked": masked}
+    try:
+        bpe = request.getfixturevalue("bpe_tokenizer")
+    except pytest.skip.Exception:
+        return dirs
+    dirs["causal"] = save_tiny_llama(tmp_path_factory.mktemp("wide-llama"), bpe, seed=1, initializer_range=0.5)
+    return dirs
+
 TINY_PATTERNS = {
     "P36": ["The capital of [X] is [Y] .", "[X] has the capital [Y] .", "[Y] is the capital of [X] .",
             "[X] , whose capital is [Y] ."],
@@ -313,9 +339,11 @@ def recomputed(run: Path, rid: str, data_root: Path) -> tuple[dict, dict]:
 
 
 @pytest.mark.parametrize("kind", ["masked", "causal"])
-def test_cli_consistency_tiny(tmp_path, kind, request):
+def test_cli_consistency_tiny(tmp_path, kind, tiny_dirs):
+    if kind not in tiny_dirs:
+        pytest.skip("SmolLM2's tokenizer (for the tiny causal LM) is not here")
     root = tiny_pararel(tmp_path / "lama")
-    model = request.getfixturevalue(f"tiny_{kind}_dir")
+    model = tiny_dirs[kind]
     out = tmp_path / "run"
     proc = cli_in_process("eval", "--consistency", "--model", str(model), "--data", str(root), "--all",
                           "--out", str(out), "--dtype", "float32")
@@ -333,11 +361,13 @@ def test_cli_consistency_tiny(tmp_path, kind, request):
     assert list(skipped) == (["[Y] is the capital of [X] ."] if kind == "causal" else [])
     n = 3 if kind == "causal" else 4
     assert json.loads((out / "P36" / "metrics.json").read_text())["n_edges"] == n * (n - 1)
+    assert any(0 < r["consistency"] < 100 for r in results["relations"])  # the answers differ between patterns
     assert results["consistency"]["consistency"] == pytest.approx(
         sum(r["consistency"] for r in results["relations"]) / 2)
 
 
-def test_cli_consistency_trained_prompt(tmp_path, tiny_masked_dir):
+def test_cli_consistency_trained_prompt(tmp_path, tiny_dirs):
+    tiny_masked_dir = tiny_dirs["masked"]
     root = tiny_pararel(tmp_path / "lama")
     train = tmp_path / "train"
     proc = cli_in_process("train", "--model", str(tiny_masked_dir), "--data", str(root), "-r", "P36", "-r", "P37",
@@ -396,3 +426,27 @@ def test_smollm2_pararel_two_relations(tmp_path, lama_dir, smollm2_dir):
         edges = [e for e in read_graph(graphs / f"{rid}.jsonl") if e.source in patterns and e.target in patterns]
         assert_matches_pararel(metrics, pararel_figures(patterns, edges, rows, top1))
         assert all("[Y]" in p.split("[X]")[0] for p in metrics["patterns_skipped"])  # only [Y]-before-[X] ones
+
+
+def test_masked_answers_match_pararels_query(tmp_path, tiny_dirs):
+    """ParaRel's run_query asks transformers' fill-mask pipeline with the relation's objects as targets; probe's
+    answer of every pattern and subject is that pipeline's top-1 on the tiny BERT."""
+    from transformers import pipeline
+
+    tiny_masked_dir = tiny_dirs["masked"]
+    root = tiny_pararel(tmp_path / "lama")
+    out = tmp_path / "run"
+    proc = cli_in_process("eval", "--consistency", "--model", str(tiny_masked_dir), "--data", str(root), "--all",
+                          "--out", str(out), "--dtype", "float32")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    fill = pipeline("fill-mask", model=str(tiny_masked_dir), tokenizer=str(tiny_masked_dir), device=-1)
+    seen = set()
+    for rid, patterns in TINY_PATTERNS.items():
+        preds = [json.loads(line) for line in (out / rid / "predictions.jsonl").read_text().splitlines()]
+        objects = sorted({r["obj"] for r in preds})
+        for p in patterns:
+            for r in preds:
+                text = p.replace("[X]", r["sub"]).replace("[Y]", fill.tokenizer.mask_token)
+                assert fill(text, targets=objects, top_k=len(objects))[0]["token_str"] == r["answers"][p], (p, r)
+                seen.add(r["answers"][p])
+    assert len(seen) >= 4  # the answers differ: the pipeline's ranking is checked, not one constant
