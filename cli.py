@@ -123,7 +123,9 @@ RunDtypeOpt = Annotated[str | None, typer.Option("--dtype", help="bfloat16 (defa
 RelationOpt = Annotated[list[str] | None, typer.Option(
     "--relation", "-r", help="Relation id, e.g. P19; repeat it or give a comma list (P19,P20).")]
 AllOpt = Annotated[bool | None, typer.Option("--all", help="Every T-REx relation.", show_default=False, metavar="")]
-SplitOpt = Annotated[str | None, typer.Option(help="test_34k (default; alias test), test_29k, dev or train.")]
+SplitOpt = Annotated[str | None, typer.Option(
+    help="test_34k (default; alias test), test_29k, dev or train; with --consistency also pararel (ParaRel's facts, "
+         "its default).")]
 VocabOpt = Annotated[str | None, typer.Option(
     help="Candidate vocabulary: common (default, LAMA's), 29k (P-tuning's), objects (every object of the facts), or a "
          "file of your own (one word a line).")]
