@@ -417,7 +417,7 @@ def test_smollm2_pararel_two_relations(tmp_path, lama_dir, smollm2_dir, bpe_toke
     for rid in ("P264", "P463"):
         metrics = json.loads((out / rid / "metrics.json").read_text())
         preds = [json.loads(line) for line in (out / rid / "predictions.jsonl").read_text().splitlines()]
-        patterns = [json.loads(line)["pattern"] for line in (lama_dir / "prompts" / "pararel" / f"{rid}.jsonl")
+        patterns = [json.loads(line)["pattern"].strip() for line in (lama_dir / "prompts" / "pararel" / f"{rid}.jsonl")
                     .read_text().splitlines()]
         patterns = [p for p in patterns if p not in metrics["patterns_skipped"]]
         top1 = {p: {r["sub"]: r["answers"][p] for r in preds} for p in patterns}
