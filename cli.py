@@ -107,7 +107,9 @@ RunDtypeOpt = Annotated[str | None, typer.Option("--dtype", help="bfloat16 (defa
 RelationOpt = Annotated[list[str] | None, typer.Option(
     "--relation", "-r", help="Relation id, e.g. P19; repeat it or give a comma list (P19,P20).")]
 AllOpt = Annotated[bool | None, typer.Option("--all", help="Every T-REx relation.", show_default=False, metavar="")]
-SplitOpt = Annotated[str | None, typer.Option(help="test_34k (default; alias test), test_29k, dev or train.")]
+SplitOpt = Annotated[str | None, typer.Option(
+    help="test_34k (default; alias test), test_29k, dev or train; with --consistency also pararel (ParaRel's facts, "
+         "its default).")]
 VocabOpt = Annotated[str | None, typer.Option(
     help="Candidate vocabulary: common (default, LAMA's), 29k (P-tuning's), objects (every object of the facts), or a "
          "file of your own (one word a line).")]
@@ -124,8 +126,9 @@ LengthNormOpt = Annotated[bool | None, typer.Option(
     "--length-norm", show_default=False, metavar="",
     help="With --objects any: divide a candidate's log-likelihood by its token count.")]
 
-def _run(command, options) -> None:
-    """Run a command (eval or train); Ctrl-C keeps what finished, says where, and exits 130; failed cells exit 1."""
+def _run(command, options, report=None) -> None:
+    """Run a command (eval, train, consistency); Ctrl-C keeps what finished, says where, and exits 130; failed cells
+    exit 1. `report(run)`: what is printed of each run (default: the results table)."""
     from probe.commands.common import results_text
 
     try:
@@ -139,6 +142,9 @@ def _run(command, options) -> None:
     for run in runs:
         if len(runs) > 1:
             typer.echo(f"\n== {run.results['config']['model']}")
+        if report is not None:
+            report(run)
+            continue
         typer.echo(results_text(run.results))
         typer.echo(f"\nsaved {run.folder.root}/results.json, relations.csv, summary.md ({run.seconds:.1f}s in all)")
 
@@ -200,6 +206,11 @@ def eval_cmd(
     reduction: Annotated[str | None, typer.Option(
         help="With --score statement: sum (default, LM Pub Quiz's) or mean of the statement's token log-likelihoods.")
     ] = None,
+    consistency: Annotated[bool | None, typer.Option(
+        "--consistency", show_default=False, metavar="",
+        help="ParaRel consistency: every pattern of --prompts-file (default: the LAMA folder's prompts/pararel) on the "
+             "same facts (ParaRel's own by default), ranking each relation's objects; the graphs are read from "
+             "<prompts-file>_graphs. With --prompts RUN, the run's trained prompt is one more node.")] = None,
 ) -> None:
     """Evaluate fixed prompts on one or all relations with one model load; print and save the table."""
     from probe.commands.eval import run_eval
@@ -213,6 +224,8 @@ def eval_cmd(
                       cpus_per_worker=cpus_per_worker, threads=threads, jobs=jobs, objects=objects,
                       candidates=candidates, length_norm=length_norm, max_memory=max_memory,
                       allow_download=allow_download, score=score, reduction=reduction)
+    if consistency:
+        return _run_consistency(options)
     if prompts is None:
         return _run(run_eval, options)
     from probe.data import bear_folder
@@ -228,6 +241,20 @@ def eval_cmd(
     typer.echo(text)
     if not all_same:
         raise typer.Exit(1)
+
+
+def _run_consistency(options) -> None:
+    """`probe eval --consistency`: run, then print the per-relation and macro consistency tables."""
+    from probe.commands.consistency import consistency_tables, run_consistency
+
+    def report(run) -> None:
+        per, macro = consistency_tables(run.results)
+        typer.echo(per.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+        typer.echo("\nmacro (mean over relations where defined), in %:")
+        typer.echo(macro.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+        typer.echo(f"\nsaved {run.folder.root}/results.json, consistency.md, consistency.png ({run.seconds:.1f}s in all)")
+
+    _run(run_consistency, options, report)
 
 
 @app.command("train")

@@ -97,3 +97,26 @@ def plot_lengths(points: pd.DataFrame, references: dict[str, float], path: Path)
         ax.set_xlabel("virtual tokens (log scale)")
         ax.set_ylabel("macro P@1 (%), mean ± std over seeds")
         ax.set_title("P@1 against prompt length")
+
+
+def plot_consistency(rows: list[dict], path: Path) -> bool:
+    """ParaRel: per relation, consistency against the first pattern's accuracy (lama_acc), labelled by relation id
+    (and, with a trained prompt, its agreement with the patterns against its accuracy); False when nothing to draw."""
+    points = [(r["lama_acc"], r["consistency"], r["relation"]) for r in rows
+              if r.get("consistency") is not None and r.get("lama_acc") is not None]
+    if not points:
+        return False
+    prompt = [(r["prompt_acc"], r["prompt_agreement"]) for r in rows if r.get("prompt_agreement") is not None]
+    with png_axes(path, (7, 5.5), legend_outside=True) as ax:
+        ax.scatter([p[0] for p in points], [p[1] for p in points], label="patterns: consistency", alpha=0.7)
+        for x, y, rid in points:
+            ax.annotate(rid, (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
+        if prompt:
+            ax.scatter([p[0] for p in prompt], [p[1] for p in prompt], marker="^", alpha=0.7,
+                       label="trained prompt: agreement with the patterns")
+        ax.set_xlim(0, 100)
+        ax.set_ylim(0, 100)
+        ax.set_xlabel("accuracy (%): the first pattern (lama_acc), or the trained prompt")
+        ax.set_ylabel("consistency (%)")
+        ax.set_title("ParaRel consistency against accuracy, one point per relation")
+    return True
