@@ -195,11 +195,14 @@ def make_adapter(model_dir: Path, config, folder: Path, seed: int = 3) -> Path:
 
 
 @pytest.mark.parametrize("kind", ["PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING"])
-def test_an_adapter_made_by_peft_evaluates_as_peft_scores_it(kind, tmp_path, lama, tiny_causal_dir, causal_backend):
+def test_an_adapter_made_by_peft_evaluates_as_peft_scores_it(kind, tmp_path, lama, tiny_causal_dir):
     """get_peft_model's adapter, in a folder named after its relation and without probe_prompt.json: the relation's
     manual template after the virtual tokens, fed with special tokens; probe's figures are PEFT's."""
+    from probe.backends import load_backend
     from probe.data import open_data
     from probe.vocab import CandidateChoice
+
+    causal_backend = load_backend(str(tiny_causal_dir))  # its own: the shared one has been cast and restored by others
 
     folder = make_adapter(tiny_causal_dir, peft_config(kind), tmp_path / "adapters" / "P19")
     data = open_data(str(lama))
