@@ -124,6 +124,7 @@ def test_eval_on_a_bear_folder_scores_statements(tiny_causal_dir, causal_backend
     assert report["domains"]["Geographic"]["accuracy"] == pytest.approx(
         sum(w * r["p1"] for w, r in zip(weights, geo, strict=True)) / sum(weights))
     assert (out / "bear.md").read_text().startswith("# Statements")
+    assert (out / "templates.png").stat().st_size > 0
 
 
 @pytest.mark.parametrize(("args", "fragments"), [

@@ -4,7 +4,6 @@ mean per relation, then macro and micro over relations and by domain (bear.json,
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 
@@ -21,6 +20,7 @@ from probe.files import atomic_write_json, atomic_write_text
 from probe.metrics import relation_metrics
 from probe.objects import ObjectsSpec
 from probe.options import Options, check_new_folder, load_data, make_executor, model_names, relation_ids
+from probe.plots import plot_manual_scatter
 from probe.runs import RunConfig, markdown_table
 from probe.statements import REDUCTIONS, gold_ranks, statement_scores
 from probe.vocab import CandidateChoice
@@ -157,7 +157,8 @@ def statement_report(rows: list[dict]) -> dict:
 
 
 def write_statement_report(root, rows: list[dict]) -> dict:
-    """bear.json and bear.md in the run folder: the report above, and a row per relation with each template's."""
+    """bear.json and bear.md in the run folder: the report above, and a row per relation with each template's;
+    templates.png: per relation, each other template's accuracy against the first's (where there are several)."""
     import pandas as pd
 
     report = statement_report(rows)
@@ -175,5 +176,9 @@ def write_statement_report(root, rows: list[dict]) -> dict:
             f"{', '.join(f'{a:.2f}' for a in report['macro_accuracy_by_template'])}\n\n"
             + (markdown_table(domains) + "\n\n" if len(domains) else "") + markdown_table(table) + "\n")
     atomic_write_text(root / "bear.md", text)
-    json.dumps(report)  # plain JSON types only
+    several = [r for r in rows if len(r["p1_by_template"]) > 1]
+    first = [r["p1_by_template"][0] for r in several]
+    plot_manual_scatter({f"template {t + 1}": (first, [r["p1_by_template"][t] for r in several])
+                         for t in range(1, max((len(r["p1_by_template"]) for r in several), default=1))
+                         if all(len(r["p1_by_template"]) > t for r in several)}, root / "templates.png")
     return report
