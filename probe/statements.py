@@ -51,8 +51,8 @@ def encode(tokenizer, kind: str, texts: list[str]) -> list[Encoded]:
     the tokenizer adds none), every non-special token scored but the first; masked LMs with their special tokens,
     every non-special token scored."""
     def run(batch: list[str]):
-        return tokenizer(batch, padding=True, add_special_tokens=True, return_special_tokens_mask=True,
-                         return_attention_mask=True)
+        return tokenizer(batch, padding=False, add_special_tokens=True, return_special_tokens_mask=True,
+                         return_attention_mask=True)  # unpadded: a tokenizer without a pad token works too
 
     special_first = False
     if kind == "causal":
