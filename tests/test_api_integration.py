@@ -10,14 +10,16 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, run_cli
+from conftest import REPO, lama_root, run_cli
 
 pytestmark = pytest.mark.integration
 
 
 def run_python(code: str, cwd, timeout: float = 1200) -> subprocess.CompletedProcess:
-    """`code` in a fresh interpreter that imports this checkout's probe."""
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    """`code` in a fresh interpreter that imports this checkout's probe, with PROBE_DATA the real LAMA folder as an
+    absolute path (make test gives it relative to the checkout, and the code runs elsewhere)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "PROBE_DATA": str(lama_root().resolve())}
     return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout)
 
