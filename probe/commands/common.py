@@ -82,7 +82,7 @@ def execute(executor: Executor, runs: list[RunFolder], cells: list, desc: str, l
     """Make the run folders and run the cells, keeping each run's tables current; a start refused by a cell takes
     back what this run made; Ctrl-C keeps what finished and names the folder to resume. The folders stay locked
     until the run ends, however it ends."""
-    for cell in cells:
+    for cell in (m for c in cells for m in c.members):  # a pack's members, each with its own files
         why = cell.damaged()
         if why:
             log(f"warning: {cell.key} was marked finished but {why}: it is run again")
