@@ -238,11 +238,6 @@ class _Writer:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def _relation_name(name: str, where: str) -> str:
-    """A relation name that can name a file; `where` is the file (and line) it comes from."""
-    return folder_name(name, where)
-
-
 def _import_trex(src: _Source, w: _Writer, bar: tqdm | None) -> None:
     if "relations.jsonl" not in src.files:
         raise ProbeError(f"{src.where('relations.jsonl')} not found: expected LAMA's T-REx relations.jsonl beside TREx/")
@@ -258,7 +253,7 @@ def _import_trex(src: _Source, w: _Writer, bar: tqdm | None) -> None:
         rid = Path(rel).stem
         if rid not in entries:
             raise ProbeError(f"{src.where(rel)}: relation {rid} is not in relations.jsonl: expected an entry with its template there")
-        _relation_name(rid, src.where(rel))
+        folder_name(rid, src.where(rel))
         w.summary.files_read += 1
         w.touch("test", rid)
         with src.open(rel) as f:
@@ -312,7 +307,7 @@ def _import_google_re(src: _Source, w: _Writer, bar: tqdm | None) -> None:
 
 def _import_conceptnet(src: _Source, w: _Writer, bar: tqdm | None) -> None:
     for where, row, pred in _records_with_pred(src, "ConceptNet/test.jsonl", w, bar, "HasSubevent"):
-        w.write("test", _relation_name(pred, where), row)
+        w.write("test", folder_name(pred, where), row)
     w.entries = [{"relation": r, "label": r, "type": ""} for r in w.summary.relations]
 
 

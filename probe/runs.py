@@ -122,7 +122,6 @@ class FolderLock:
     def __init__(self, root: Path):
         self.path = Path(root) / LOCK_NAME
         while True:
-            self.existed = self.path.exists()
             self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
             try:
                 fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
