@@ -67,3 +67,18 @@ def test_max_memory_is_read_and_checked():
 def test_a_bad_max_memory_is_one_error_line_before_any_model_loads(tmp_path, fake_lama):
     proc = cli_in_process("eval", "-r", "P19", "--data", fake_lama, "--model", tmp_path / "no-model", "--max-memory", "lots")
     assert_user_error(proc, "--max-memory 'lots': expected DEVICE:AMOUNT pairs")
+
+
+def test_the_offload_folder_goes_with_the_model(tiny_causal_dir, tmp_path, monkeypatch):
+    """The folder made for weights on disk is removed when the model is freed; nothing else in the temp folder is."""
+    import gc
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    (tmp_path / "users-file").write_text("kept")
+    split = load_backend(str(tiny_causal_dir), device_map=MAPS["a layer on disk"])
+    (made,) = [p.name for p in tmp_path.iterdir() if p.name.startswith("probe-offload-")]
+    assert scores_of(split)[0].shape == (len(FACTS), len(WORDS))
+    del split
+    gc.collect()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["users-file"], made

@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import tempfile
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -252,6 +253,7 @@ def load_backend(name: str, device: str = "cpu", dtype: str = "float32", control
 
     _quiet_transformers()
     check_torch_for_transformers()
+    offload = None
     try:
         path = resolve_model(name)
         config = AutoConfig.from_pretrained(path)
@@ -259,14 +261,19 @@ def load_backend(name: str, device: str = "cpu", dtype: str = "float32", control
         auto = AutoModelForMaskedLM if kind == "masked" else AutoModelForCausalLM
         placed = {}
         if where is not None and not get_control(control).changes_model:
-            placed = {"device_map": where, "max_memory": max_memory,
-                      "offload_folder": tempfile.mkdtemp(prefix="probe-offload-")}
+            offload = tempfile.mkdtemp(prefix="probe-offload-")
+            placed = {"device_map": where, "max_memory": max_memory, "offload_folder": offload}
         model = auto.from_pretrained(path, dtype=DTYPES[dtype], **placed)
         tokenizer = AutoTokenizer.from_pretrained(path)
     except ProbeError:
+        _remove_offload(offload)
         raise
     except (OSError, ValueError, KeyError, SafetensorError) as e:
+        _remove_offload(offload)
         raise _loading_error(name, e) from None
+    except BaseException:
+        _remove_offload(offload)
+        raise
     get_control(control).apply(model, seed)
     if where is not None and not placed:  # a changed model: placed once its weights are drawn
         from accelerate import dispatch_model, infer_auto_device_map
@@ -274,7 +281,10 @@ def load_backend(name: str, device: str = "cpu", dtype: str = "float32", control
         if where == "auto":
             where = infer_auto_device_map(model, max_memory=max_memory,
                                           no_split_module_classes=getattr(model, "_no_split_modules", None))
-        model = dispatch_model(model, device_map=where, offload_dir=tempfile.mkdtemp(prefix="probe-offload-"))
+        offload = tempfile.mkdtemp(prefix="probe-offload-")
+        model = dispatch_model(model, device_map=where, offload_dir=offload)
+    if offload is not None:  # the folder probe made for weights off every device goes with the model
+        weakref.finalize(model, _remove_offload, offload)
     if where is None:
         model.to(device)
     else:
@@ -283,6 +293,12 @@ def load_backend(name: str, device: str = "cpu", dtype: str = "float32", control
     if offloaded(model):  # weights that hooks bring in as each layer runs: only the transformers forward calls them
         cls = generic_backend(kind)
     return cls(model, tokenizer, name, device, control)
+
+
+def _remove_offload(folder: str | None) -> None:
+    """Remove an offload folder that `load_backend` made (and only such a folder)."""
+    if folder is not None and Path(folder).name.startswith("probe-offload-"):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def offloaded(model) -> bool:
