@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from probe.errors import CellsFailed, Interrupted, ProbeError
+from probe.errors import CellsFailed, Interrupted, ProbeError, SettingError
 from probe.flags import packable_methods, presets_help, with_settings
 
 # rich_markup_mode=None: help texts are plain text, so `probe[ray]` and `[X] ... [Y]` print as written
@@ -402,11 +402,10 @@ def export_cmd(
 ) -> None:
     """Write a run's trained prompts as PEFT adapters: prompt-tuning, P-tuning and AutoPrompt as PROMPT_TUNING,
     prefix-tuning as PREFIX_TUNING, with probe_prompt.json beside each (the input text, [X] the subject)."""
-    from probe.errors import ProbeError
     from probe.peft_adapters import export_peft
 
     if to != "peft":
-        raise ProbeError(f"--to {to!r}: expected peft")
+        raise SettingError(f"--to {to!r}: expected peft")
     ids = [r.strip() for given in relation or [] for r in given.split(",") if r.strip()]
     for folder in export_peft(run_dir, out, ids or None, log=_log):
         typer.echo(f"wrote {folder}")
@@ -426,7 +425,7 @@ def templates_check(
         if len(e.problems) > 1:  # every bad line, then the one error line
             for problem in e.problems:
                 typer.echo(f"  {problem}", err=True)
-            raise ProbeError(f"{file}: {len(e.problems)} lines are not valid templates (listed above)") from None
+            raise TemplateError(f"{file}: {len(e.problems)} lines are not valid templates (listed above)") from None
         raise
     for key, t in tf.entries.items():
         slots = sum(p.kind == WORDS for p in t.parts)

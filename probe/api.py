@@ -32,7 +32,7 @@ from probe.commands.eval import EvalCell
 from probe.commands.train import TrainCell, compiled_templates
 from probe.comparison import Comparison, compare_runs, load_runs
 from probe.data import Fact, FactData
-from probe.errors import ProbeError
+from probe.errors import DataError, ModelError, RunFolderError
 from probe.evaluator import evaluate_facts
 from probe.metrics import aggregate
 from probe.options import Options
@@ -107,13 +107,13 @@ class TrainedPrompt:
         values; one row per fact: subject, object, rank of the object, the top 10 words."""
         pairs = [(str(s), str(o)) for s, o in facts]
         if not pairs:
-            raise ProbeError("no facts given: expected (subject, object) pairs")
+            raise DataError("no facts given: expected (subject, object) pairs")
         words = list(dict.fromkeys(candidates if candidates is not None else [o for _, o in pairs]))
         vocab = build_candidates(model.backend.tokenizer, words)
         kept = [Fact(s, o) for s, o in pairs if o in vocab.index]
         if len(kept) < len(pairs):
             missing = next(o for _, o in pairs if o not in vocab.index)
-            raise ProbeError(f"object {missing!r} is not one token of {model.name} among the candidates: a single-token "
+            raise DataError(f"object {missing!r} is not one token of {model.name} among the candidates: a single-token "
                              "candidate is needed")
         compiled = compile_template(self.template, model.backend.tokenizer, model.kind, manual=self.manual_template)
         prompt = load_prompt_file_bytes(self.tensors).to(model.backend.device)
@@ -138,7 +138,7 @@ def load_prompt(folder: str | Path) -> TrainedPrompt:
 
     folder = Path(folder)
     if not (folder / "prompt.safetensors").is_file():
-        raise ProbeError(f"{folder} holds no saved prompt (expected prompt.safetensors, config.json, metrics.json)")
+        raise RunFolderError(f"{folder} holds no saved prompt (expected prompt.safetensors, config.json, metrics.json)")
     config, metrics = read_json(folder / "config.json"), read_json(folder / "metrics.json")
     load_prompt_file(folder / "prompt.safetensors")  # a damaged file fails here
     return TrainedPrompt(config["relation"], metrics, config, (folder / "prompt.safetensors").read_bytes())
@@ -196,7 +196,7 @@ def _results(outputs: dict[str, CellOutput], predictions: bool, trained: bool) -
         if trained and "prompt.safetensors" in files:
             prompts[rid] = TrainedPrompt(rid, rows[-1], json.loads(files["config.json"]), files["prompt.safetensors"])
     if not rows:
-        raise ProbeError("no relation was left to evaluate (the warnings say why)")
+        raise DataError("no relation was left to evaluate (the warnings say why)")
     return Results(pd.DataFrame(rows), summary_table(aggregate(rows)), preds if predictions else None, prompts, None,
                    rows)
 
@@ -262,7 +262,7 @@ def train(model: Model, relations: str | Sequence[str], *, method: str = "ptunin
     spec = resolve_train(opts)  # every check `probe train` makes, with its messages
     fit = spec.fit
     if spec.dtype not in (None, model.spec.dtype):
-        raise ProbeError(f"method {method!r} trains the LM's weights in {spec.dtype}: load the model with "
+        raise ModelError(f"method {method!r} trains the LM's weights in {spec.dtype}: load the model with "
                          f"dtype={spec.dtype!r}")
     loaded = model.loaded(spec.data, spec.candidates)
     loaded.remote = True  # train logs go to scratch folders, returned with the files, then removed
@@ -284,13 +284,13 @@ def compare(runs: Sequence[str | Path | Results], allow_mixed: bool = False) -> 
     for run in runs:
         if isinstance(run, Results):
             if run.folder is None:
-                raise ProbeError("a run compared must have a folder: pass out= to probe.evaluate or probe.train")
+                raise RunFolderError("a run compared must have a folder: pass out= to probe.evaluate or probe.train")
             folders.append(run.folder)
         else:
             folders.append(Path(run))
     loaded = load_runs(folders)
     if not loaded:
-        raise ProbeError("no finished run folder among the runs given")
+        raise RunFolderError("no finished run folder among the runs given")
     return compare_runs(loaded, allow_mixed=allow_mixed)
 
 

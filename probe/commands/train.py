@@ -21,7 +21,7 @@ from probe.commands.common import (
 )
 from probe.commands.eval import RelationCell
 from probe.commands.fit_cell import Prepared, finish_fit, prepare_fit
-from probe.errors import ProbeError
+from probe.errors import DataError
 from probe.fit import Fitted, fit
 from probe.methods import get_method
 from probe.options import Options, make_executor
@@ -116,7 +116,7 @@ def train_run(run_spec: RunSpec, log=print, loaded=None) -> list[RunResult]:
         if len(ids) == 1:
             rel = data.relation(ids[0])
             if not relation_facts(data, rel, "train", candidates, strict=False)[0]:
-                raise ProbeError(f"relation {rel.id} has no train facts left after filtering by the candidate vocabulary")
+                raise DataError(f"relation {rel.id} has no train facts left after filtering by the candidate vocabulary")
             relation_facts(data, rel, split, candidates, strict=True)
         config = RunConfig.of(
             "train", info, data, n_candidates=n_candidates, n_vocab_words=n_source, objects=objects or None,

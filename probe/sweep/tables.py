@@ -10,7 +10,7 @@ import pandas as pd
 
 from probe.cells import Cell
 from probe.comparison import mean_std, run_label
-from probe.errors import ProbeError
+from probe.errors import RunFolderError
 from probe.files import atomic_write_text, read_json
 from probe.plots import length_points, plot_lengths
 from probe.runs import markdown_table, slug
@@ -83,7 +83,7 @@ def draw_sweeps(sweeps: list[Path], runs: list, out: Path) -> list[Path]:
     for sweep in sweeps:
         rows = [read_json(p) for p in sorted(Path(sweep, "cells").glob("*.json"))]
         if not rows:
-            raise ProbeError(f"sweep folder {sweep} holds no finished cell (cells/*.json)")
+            raise RunFolderError(f"sweep folder {sweep} holds no finished cell (cells/*.json)")
         cells = pd.DataFrame(rows)
         name = f"{slug(Path(sweep).name)}-length"
         draw_lengths(cells, summarise(cells), Path(out), {**reference_runs(sweep), **references}, name)
