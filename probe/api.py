@@ -12,6 +12,9 @@ The functions run the same cells as the CLI (`probe eval`, `probe train`): the f
 nothing is written; with it, the run folder is the CLI's. Mistakes raise ProbeError with the CLI's one-line messages,
 before any model loads where the CLI checks them; progress goes to tqdm, warnings and per-relation lines to the
 `probe` logger (`logging.getLogger("probe").setLevel(logging.ERROR)` silences them).
+
+`probe eval` and `probe train` are `eval_command` and `train_command` (probe/commands/dispatch.py) on the flags as an
+`Options`; `evaluate` and `train` call them too when they write a run folder (`out=`).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import pandas as pd
 from probe.backends import Backend, load_backend
 from probe.backends.loading import resolve_device
 from probe.cells import CellOutput, LoadedModel, ModelSpec, torch_threads
+from probe.commands.dispatch import CommandResult, eval_command, train_command
 from probe.commands.eval import EvalCell
 from probe.commands.train import TrainCell, compiled_templates
 from probe.comparison import Comparison, compare_runs, load_runs
@@ -231,9 +235,7 @@ def evaluate(model: Model, relations: str | Sequence[str] = "all", *, method: st
                    out=None if out is None else Path(out), batch_size=batch_size, device=model.spec.device,
                    dtype=model.spec.dtype, prompts_file=None if prompts is None else Path(prompts), threads=threads)
     if out is not None:
-        from probe.commands.eval import run_eval
-
-        (run,) = run_eval(opts, log=logger.info, loaded=model.loaded)
+        (run,) = eval_command(opts, log=logger.info, loaded=model.loaded).runs
         return _from_folder(run.folder.root, run.results, predictions)
     spec = resolve_eval(opts, log=logger.warning)  # every check `probe eval` makes, with its messages
     loaded = model.loaded(spec.data, spec.candidates)
@@ -255,9 +257,7 @@ def train(model: Model, relations: str | Sequence[str], *, method: str = "ptunin
                    device=model.spec.device, dtype=None if model.spec.dtype == "bfloat16" else model.spec.dtype,
                    template=template, fallback=fallback, preset=preset, pack=pack, threads=threads, settings=settings)
     if out is not None:
-        from probe.commands.train import run_train
-
-        (run,) = run_train(opts, log=logger.info, loaded=model.loaded)
+        (run,) = train_command(opts, log=logger.info, loaded=model.loaded).runs
         return _from_folder(run.folder.root, run.results, predictions)
     spec = resolve_train(opts)  # every check `probe train` makes, with its messages
     fit = spec.fit
@@ -294,4 +294,5 @@ def compare(runs: Sequence[str | Path | Results], allow_mixed: bool = False) -> 
     return compare_runs(loaded, allow_mixed=allow_mixed)
 
 
-__all__ = ["Model", "Results", "TrainedPrompt", "compare", "evaluate", "load_model", "load_prompt", "train"]
+__all__ = ["CommandResult", "Model", "Results", "TrainedPrompt", "compare", "eval_command", "evaluate", "load_model",
+           "load_prompt", "train", "train_command"]
