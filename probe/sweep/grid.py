@@ -18,6 +18,22 @@ from probe.spec import check_fallback
 OPTIONS = tuple(option_names())  # the method options a grid may vary (init, reparam, ...), in the methods' order
 AXES = ("model", "method", "length", *OPTIONS, "seed")
 SETTING = ("model", "method", "length", *OPTIONS)  # what a summary row is; seeds and relations are averaged
+# (the three above: as at import; the functions below also take the methods registered since)
+
+
+def grid_options() -> tuple[str, ...]:
+    """The method options a grid may vary (init, reparam, ...): those of the methods registered now, in their order."""
+    return tuple(option_names())
+
+
+def grid_axes() -> tuple[str, ...]:
+    """The axes a grid may name: model, method, length, every method option registered now, seed."""
+    return ("model", "method", "length", *grid_options(), "seed")
+
+
+def setting_columns() -> tuple[str, ...]:
+    """What a summary row is (seeds and relations are averaged): model, method, length and the options."""
+    return ("model", "method", "length", *grid_options())
 SHARED_KEYS = ("model", "template", "split", "vocab", "dtype", "control", "train", "fallback")  # must agree to resume a folder
 NOT_APPLICABLE = "-"
 
@@ -59,9 +75,10 @@ def load_grid(path: str | Path) -> SweepGrid:
     axes = raw["axes"]
     if not isinstance(axes, dict) or "method" not in axes:
         raise SettingError(f"{path}: [axes] must be a table with at least `method`")
+    known_axes = grid_axes()
     for name, values in axes.items():
-        if name not in AXES:
-            raise SettingError(f"{path}: unknown axis {name!r}: expected one of {', '.join(AXES)}")
+        if name not in known_axes:
+            raise SettingError(f"{path}: unknown axis {name!r}: expected one of {', '.join(known_axes)}")
         if not isinstance(values, list) or not values:
             raise SettingError(f"{path}: axis {name!r} must be a non-empty list, got {values!r}")
     bad = [m for m in axes.get("model", []) if not isinstance(m, str) or not m]
@@ -112,7 +129,8 @@ def expand_settings(grid: SweepGrid, source: str | Path = "grid") -> list[dict]:
         if not cls.can_fit():
             raise SettingError(f"{source}: method {name!r} has nothing to train, so nothing to sweep")
     takes = {m: [f.name for f in get_method(m).config_class.options()] for m in axes["method"]}
-    for option in OPTIONS:
+    options_now = grid_options()
+    for option in options_now:
         for value in axes.get(option, []):
             takers = [m for m in axes["method"] if option in takes[m]]
             if not takers:
@@ -123,14 +141,14 @@ def expand_settings(grid: SweepGrid, source: str | Path = "grid") -> list[dict]:
                 except ProbeError as e:
                     raise SettingError(f"{source}: axis {option} value {value!r} does not exist for {m}: {e}") from None
     for m in axes["method"]:
-        choices = [axes.get(o, [None]) if o in takes[m] else [None] for o in OPTIONS]
+        choices = [axes.get(o, [None]) if o in takes[m] else [None] for o in options_now]
         for length, *values, seed in itertools.product(axes.get("length", [0]), *choices, axes.get("seed", [13])):
-            config = method_config(m, **dict(zip(OPTIONS, values, strict=True)))  # fills in the method's defaults
+            config = method_config(m, **dict(zip(options_now, values, strict=True)))  # fills in the method's defaults
             try:
                 get_method(m).check_settings(config, grid.template is not None or bool(axes.get("length")))
             except ProbeError as e:
                 raise SettingError(f"{source}: {m}: {e} (a sweep's template and length axis count as a template)") from None
-            options = {o: getattr(config, o) if o in takes[m] else NOT_APPLICABLE for o in OPTIONS}
+            options = {o: getattr(config, o) if o in takes[m] else NOT_APPLICABLE for o in options_now}
             settings.append({"method": m, "length": length, "options": options, "seed": seed})
     return list({(s["method"], s["length"], *s["options"].values(), s["seed"]): s for s in settings}.values())
 
