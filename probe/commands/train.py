@@ -103,7 +103,8 @@ def train_run(run_spec: RunSpec, log=print, loaded=None) -> list[RunResult]:
     t0 = time.time()
     fit_spec, data, ids, split, choice = run_spec.fit, run_spec.data, list(run_spec.relations), run_spec.split, \
         run_spec.candidates
-    method, method_cls, seed = fit_spec.method, fit_spec.method_class, fit_spec.seed
+    method, seed = fit_spec.method, fit_spec.fit_config.seed
+    method_cls = get_method(method)
     overlap = data.overlap(ids, split)
     executor = make_executor(data, choice, run_spec.ray, run_spec.cpus_per_worker, run_spec.threads, log, run_spec.jobs)
     if loaded is not None:
