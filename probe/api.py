@@ -118,7 +118,7 @@ class TrainedPrompt:
         if len(kept) < len(pairs):
             missing = next(o for _, o in pairs if o not in vocab.index)
             raise DataError(f"object {missing!r} is not one token of {model.name} among the candidates: a single-token "
-                             "candidate is needed")
+                            "candidate is needed")
         compiled = compile_template(self.template, model.backend.tokenizer, model.kind, manual=self.manual_template)
         prompt = load_prompt_file_bytes(self.tensors).to(model.backend.device)
         result = evaluate_facts(model.backend, prompt, compiled, kept, vocab, batch_size)

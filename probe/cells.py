@@ -343,7 +343,7 @@ class InProcess(Executor):
         resolved = resolve_device(device)
         if resolved != "cpu" and self.jobs > 1:
             raise SettingError(f"--jobs {self.jobs} applies to the CPU; on {resolved} use --pack, which trains many "
-                             "prompts in one pass of the LM")
+                               "prompts in one pass of the LM")
 
     def close(self) -> None:
         """Nothing to shut down."""

@@ -56,13 +56,13 @@ def read_graph(path: Path) -> list[Edge]:
     """A graph file: one {"from", "to", "syntactic_change", "lexical_change", "determiner_change"} a line."""
     if not path.is_file():
         raise DataError(f"graph file {path} not found: expected JSONL edges (from, to, syntactic_change, "
-                         "lexical_change, determiner_change)")
+                        "lexical_change, determiner_change)")
     edges = []
     for i, row in read_jsonl(path):
         flags = [row.get(k) for k in ("syntactic_change", "lexical_change", "determiner_change")]
         if not all(isinstance(row.get(k), str) for k in ("from", "to")) or not all(isinstance(f, bool) for f in flags):
             raise DataError(f"{path}:{i}: expected 'from' and 'to' patterns and true/false syntactic_change, "
-                             "lexical_change and determiner_change")
+                            "lexical_change and determiner_change")
         edges.append(Edge(row["from"].strip(), row["to"].strip(), *flags))
     return edges
 

@@ -109,7 +109,7 @@ def check_explainable(config: dict, run_dir: Path) -> None:
         what = ("learns the LM's weights, no prompt vectors" if method in METHODS and METHODS[method].trains_lm
                 else "its prompt is real tokens")
         raise RunFolderError(f"{run_dir} is a run of the method {method!r}: {what}, nothing to explain (explain reads runs of "
-                         f"{readable})")
+                             f"{readable})")
 
 
 def explain_run(run_dir: Path, relations: list[str] | None, k: int, data: str | None, log=print) -> Path:

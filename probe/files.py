@@ -89,7 +89,7 @@ def distinct_folders(names: dict[str, str], what: str = "relations") -> None:
         other = seen.setdefault(name.casefold(), name)
         if other != name:
             raise DataError(f"{what} {other!r} and {name!r} ({where}) would share one folder: expected names that differ "
-                             "in more than case")
+                            "in more than case")
 
 
 def bounded_lines(stream: IO[bytes], where: str | Path) -> Iterator[tuple[int, bytes]]:

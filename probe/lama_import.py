@@ -300,7 +300,7 @@ def _import_google_re(src: _Source, w: _Writer, bar: tqdm | None) -> None:
             name = pred.rstrip("/").rsplit("/", 1)[-1]
             if name not in templates:
                 raise DataError(f"{where}: unknown Google-RE relation {name!r} (pred {pred!r}): expected one "
-                                 f"of {', '.join(templates)}, the relations of {GOOGLE_RE_TEMPLATES}")
+                                f"of {', '.join(templates)}, the relations of {GOOGLE_RE_TEMPLATES}")
             w.write("test", name, row)
     w.entries = [{"relation": k, "template": t, "label": k.replace("_", " "), "type": ""} for k, t in templates.items()]
 
@@ -348,7 +348,7 @@ def import_lama(source: str | Path, out: str | Path, train_dev: str | Path | Non
         clash = [c for c in corpora if (out / c).exists()]
         if clash:
             raise RunFolderError(f"output folder {out} already holds {', '.join(c + '/' for c in clash)}: expected a new folder "
-                             "or one without the corpora to import")
+                                 "or one without the corpora to import")
         created = not out.exists()
         out.mkdir(parents=True, exist_ok=True)
         writers: list[_Writer] = []

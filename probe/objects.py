@@ -153,7 +153,7 @@ def read_candidates_file(path: str | Path) -> tuple[list[str], dict[str, list[st
     lines = [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
     if not lines:
         raise DataError(f"candidates file {path} is empty: expected one object a line, or JSONL with 'relation' and "
-                         "'object'")
+                        "'object'")
     if not lines[0][1].startswith("{"):
         return [line for _, line in lines], {}
     by_relation: dict[str, list[str]] = {}

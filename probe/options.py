@@ -146,7 +146,7 @@ def check_templates(data: FactData, ids: list[str], flag: str) -> None:
     missing = [rid for rid in ids if not data.relation(rid).template]
     if missing:
         raise TemplateError(f"relation {missing[0]!r} has no template: give {flag} '[X] ... [Y] .' (one for every relation) "
-                         f"or a template file with a '{missing[0]}: [X] ... [Y]' line")
+                            f"or a template file with a '{missing[0]}: [X] ... [Y]' line")
 
 
 def load_template_spec(spec: str | None, method: str | None = None) -> TemplateFile:
@@ -197,7 +197,7 @@ def candidate_choice(opts: Options) -> CandidateChoice:
         return CandidateChoice(opts.vocab or "common")
     if opts.vocab is not None:
         raise SettingError("--vocab applies to --objects single: with --objects any the candidates are each relation's "
-                         "objects, or --candidates FILE")
+                           "objects, or --candidates FILE")
     if opts.candidates is not None:
         read_candidates_file(opts.candidates)  # an empty or unreadable file fails here, before any model loads
     spec = ObjectsSpec(str(Path(opts.candidates).resolve()) if opts.candidates is not None else None, bool(opts.length_norm))
@@ -216,7 +216,7 @@ def check_pack(pack: int | None, method_cls=None) -> None:
     check_positive(pack=pack)
     if method_cls is not None and not method_cls.packable and pack > 1:
         raise SettingError(f"--pack applies to the methods whose fits share passes of the LM (ptuning, prompt-tuning, "
-                         f"autoprompt, ...); {method_cls.name!r} is fit one relation after another")
+                           f"autoprompt, ...); {method_cls.name!r} is fit one relation after another")
 
 
 def make_executor(data: FactData, candidates: CandidateChoice | str, ray: str | None = None,

@@ -63,7 +63,7 @@ def real_parts(template: Template, where: str) -> tuple[Part, ...]:
     k = next((i for i, p in enumerate(parts) if p.kind not in (VIRTUAL, WORDS)), len(parts))
     if k == 0 or any(p.kind in (VIRTUAL, WORDS) for p in parts[k:]):
         raise TemplateError(f"{where}: template {template.source!r} has virtual tokens after real ones, and PEFT puts "
-                         "every virtual token before the input; train with the virtual tokens first, e.g. (10, sub, obj)")
+                            "every virtual token before the input; train with the virtual tokens first, e.g. (10, sub, obj)")
     return parts[k:]
 
 
@@ -195,13 +195,13 @@ def export_peft(run_dir: Path, out: Path, relations: list[str] | None = None, lo
     method = get_method(cfg.get("method", "ptuning"))
     if cfg.get("model_kind") != "causal":
         raise RunFolderError(f"{run_dir} was trained on a {cfg.get('model_kind')} LM: PEFT has no task type that predicts a "
-                         "masked token, so only causal-LM prompts export")
+                             "masked token, so only causal-LM prompts export")
     if method.trains_lm:
         raise RunFolderError(f"{run_dir} was trained with method {method.name!r}, which trains the LM itself: there is no "
-                         "prompt to export")
+                             "prompt to export")
     if cfg.get("control", "none") != "none":
         raise RunFolderError(f"{run_dir} was trained under --control {cfg['control']}: its model is no base model that "
-                         "from_pretrained loads")
+                             "from_pretrained loads")
     saved = saved_relations(run_dir)
     missing = [r for r in relations or [] if r not in saved]
     if missing:
@@ -244,7 +244,7 @@ def write_adapter(backend: Backend, folder: Path, out: Path, rel_cfg: dict, part
         heads, head_dim = kv_heads(backend)
         if prompt.keys.shape[-1] != heads * head_dim or prompt.values.shape[-1] != heads * head_dim:
             raise RunFolderError(f"{folder}: keys of width {prompt.keys.shape[-1]} for {heads} key/value heads of "
-                             f"{head_dim}: PEFT's prefix layout does not fit this model")
+                                 f"{head_dim}: PEFT's prefix layout does not fit this model")
         keys, values = cached_kv(backend, lead + [compiled.placeholder_id] * n, list(range(len(lead), len(lead) + n)),
                                  (prompt.keys, prompt.values))
         tensor = torch.stack([keys, values], dim=1).permute(2, 0, 1, 3).reshape(keys.shape[1], -1)  # [k0 v0 k1 v1 ...]
@@ -368,7 +368,7 @@ def eval_peft(opts: Options, log=print) -> list[dict]:
     for a in adapters:
         if a.relation not in data.relations:
             raise DataError(f"{a.folder} is for relation {a.relation!r}, which {data.name} does not hold "
-                             f"(a folder of adapters names each after its relation, or its {PROBE_PROMPT} does)")
+                            f"(a folder of adapters names each after its relation, or its {PROBE_PROMPT} does)")
     adapters = [a for a in adapters if asked is None or a.relation in asked]
     if not adapters:
         raise RunFolderError(f"{opts.prompts} has no adapter for {', '.join(asked or [])}")

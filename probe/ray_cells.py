@@ -126,7 +126,7 @@ class RayExecutor(Executor):
         slots = self.gpus or sum(int(n.get("CPU", 0)) // cpus_per_worker for n in nodes)  # a worker fits on one node
         if slots < 1:
             raise SettingError(f"no node of the Ray cluster has --cpus-per-worker {cpus_per_worker} CPUs (the largest has "
-                             f"{max((int(n.get('CPU', 0)) for n in nodes), default=0)})")
+                               f"{max((int(n.get('CPU', 0)) for n in nodes), default=0)})")
         self.slots = min(slots, workers) if workers else slots
         kind = "GPU" if self.gpus else f"{cpus_per_worker} CPU"
         log(f"Ray {'started' if self.started_ray else 'joined'} in {time.time() - t0:.1f}s: {self.slots} worker(s) of {kind}")
@@ -187,7 +187,7 @@ class RayExecutor(Executor):
                                                strict=True))
                 except ray.exceptions.GetTimeoutError:
                     raise SettingError(f"Ray workers were not up {LOAD_TIMEOUT:.0f}s after they were asked for: the cluster "
-                                     "cannot place them, or their model loads too slowly") from None
+                                       "cannot place them, or their model loads too slowly") from None
                 except ray.exceptions.RayError as e:
                     raise ModelError(f"a Ray worker could not load its model: {_reason(e)}") from None
                 names = ", ".join(sorted({actors[a].name for a in new}))

@@ -111,7 +111,7 @@ def check_own_folder(root: Path, marker: str = "config.json", flag: str = "--out
         raise RunFolderError(f"{flag} {root} is an existing file: expected a folder to write into")
     if root.is_dir() and not (root / marker).exists() and any(p.name != LOCK_NAME for p in root.iterdir()):
         raise RunFolderError(f"{flag} {root} holds files that probe did not write (it has no {marker}): expected a new or "
-                         "empty folder, or a probe run folder")
+                             "empty folder, or a probe run folder")
     FolderLock.check(root)
 
 
@@ -130,7 +130,7 @@ class FolderLock:
                 os.close(self.fd)
                 self.fd = None
                 raise RunFolderError(f"run folder {root} is being written by another probe run ({holder}): wait for it to "
-                                 "finish, or use another --out") from None
+                                     "finish, or use another --out") from None
             try:
                 if os.stat(self.path).st_ino == os.fstat(self.fd).st_ino:
                     break  # not removed by its last holder between our open and our lock

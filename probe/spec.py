@@ -50,7 +50,7 @@ def check_fallback(fallback: str | None) -> None:
     """--fallback is None or one of FALLBACKS."""
     if fallback is not None and fallback not in FALLBACKS:
         raise SettingError(f"--fallback {fallback!r}: expected {' or '.join(FALLBACKS)} (the relation's manual prompt "
-                         "where the trained one is below it on dev)")
+                           "where the trained one is below it on dev)")
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,7 @@ def resolve_fit(method: str | None, settings: Mapping[str, Any] | None = None, *
     check_fallback(fallback)
     if method_cls.lm_dtype is not None and dtype not in (None, method_cls.lm_dtype):
         raise SettingError(f"method {method!r} trains the LM's weights in {method_cls.lm_dtype}: --dtype {dtype} does "
-                         "not apply")
+                           "not apply")
     try:
         fit_config = method_cls.fit_config(preset, **{k: v for k, v in settings.items() if k in fit_names})
     except TypeError as e:  # a value of the wrong kind for a fit setting
@@ -167,18 +167,18 @@ def resolve_train(opts: Options) -> RunSpec:
                       fallback=opts.fallback, dtype=opts.dtype)
     if opts.save_model and not method_cls.trains_lm:
         raise SettingError(f"--save-model applies to methods that train the LM's weights; {method!r} trains a prompt, "
-                         "which every run saves")
+                           "which every run saves")
     check_pack(opts.pack, method_cls)
     if (opts.jobs or 1) > 1 and not method_cls.beside_others:
         raise SettingError(f"--jobs runs fits beside each other on one LM; method {method!r} changes the LM while it fits, "
-                         "so its relations run one after another (leave --jobs out)")
+                           "so its relations run one after another (leave --jobs out)")
     trackers = check_report_to(opts.report_to)
     check_new_folder(opts.out, opts.resume)
     data = load_data(opts, opts.manual_template, fit.seed)
     split = data.split_name(opts.split)
     if split not in data.test_splits:
         raise DataError(f"--split {split!r}: a trained prompt is tested on {' or '.join(data.test_splits)}, never on "
-                         "train or dev")
+                        "train or dev")
     ids = relation_ids(data, opts.relation, opts.all)
     check_templates(data, ids, "--manual-template")
     return RunSpec(name, opts.device, fit.dtype or opts.dtype, control, data, tuple(ids), split, candidate_choice(opts),
@@ -246,7 +246,7 @@ def resolve_eval(opts: Options, log=print) -> EvalSpec:
     check_positive(batch_size=batch_size)
     if opts.from_sentences and (opts.prompts_file is not None or opts.template is not None):
         raise SettingError("--from-sentences evaluates each fact's cloze sentence: it does not go with --template or "
-                         "--prompts-file")
+                           "--prompts-file")
     names = model_names(opts, several=True)
     several = len(names) > 1
     out = opts.out

@@ -116,7 +116,7 @@ def _causal(backend: Backend, encoded: list[list[Encoded]], batch_size: int) -> 
             n = e.scored[-1] + 1 if e.scored else 1
             if e.scored != tuple(range(1, n)):
                 raise TemplateError("--score statement: a special token inside a statement (only a leading BOS and trailing "
-                                 "special tokens are left unscored)")
+                                    "special tokens are left unscored)")
             seqs.append(e.ids[:n])
         shared = _common_length(seqs)
         groups.setdefault(tuple(q[shared:] for q in seqs), []).append((s, seqs[0][:shared]))

@@ -103,6 +103,6 @@ def relation_templates(spec: str | None) -> tuple[dict[str, str], str | None]:
     for key, t in entries.items():
         if t.n_virtual or any(p.kind == WORDS for p in t.parts):
             raise TemplateError(f"template {t.source!r} ({key}) has virtual tokens: a relation's template is real words, "
-                             "'[X] ... [Y]' (train a shape with `probe train --template`)")
+                                "'[X] ... [Y]' (train a shape with `probe train --template`)")
     default = entries.pop("default", None)
     return {k: t.source for k, t in entries.items()}, default.source if default else None

@@ -158,7 +158,7 @@ def check_report_to(names: Sequence[str] | None) -> list[str]:
             raise SettingError(f"--report-to {name!r}: expected {', '.join(TRACKERS)} or none")
         if importlib.util.find_spec(TRACKERS[name].module) is None:
             raise SettingError(f"--report-to {name} needs the {TRACKERS[name].module} package, which is not installed: "
-                             f"pip install 'probe[{name}]'")
+                               f"pip install 'probe[{name}]'")
     return names
 
 

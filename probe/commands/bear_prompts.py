@@ -60,7 +60,7 @@ def run_prompts_on_bear(opts: Options, log=print) -> list[RunResult]:
     unknown = [r for r in asked if r not in saved or r not in bear.relations]
     if unknown:
         raise DataError(f"relation {unknown[0]!r} is not in both {run_dir} and {bear.name} (shared: "
-                         f"{', '.join(r for r in saved if r in bear.relations) or 'none'})")
+                        f"{', '.join(r for r in saved if r in bear.relations) or 'none'})")
     shared = [r for r in saved if r in bear.relations and (not asked or r in asked)]
     only_run = [r for r in saved if r not in bear.relations]
     only_bear = [r for r in bear.relations if r not in saved]

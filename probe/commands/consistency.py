@@ -139,7 +139,7 @@ def consistency_split(data: FactData, split: str | None) -> tuple[str, Path | No
     if split == PARAREL_SPLIT or (split is None and folder is not None and folder.is_dir()):
         if folder is None or not folder.is_dir():
             raise DataError(f"--split {PARAREL_SPLIT}: ParaRel's facts are read from a LAMA folder's {PARAREL_FACTS}, "
-                             f"not found in {data.name}")
+                            f"not found in {data.name}")
         return PARAREL_SPLIT, folder
     return data.split_name(split), None
 

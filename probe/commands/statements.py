@@ -38,7 +38,7 @@ def score_choice(opts: Options) -> str:
     score = opts.score or ("statement" if bear else "object")
     if score not in SCORES:
         raise SettingError(f"--score {score!r}: expected object (the object's log-likelihood after the prompt) or "
-                         "statement (the whole filled template's, as LM Pub Quiz)")
+                           "statement (the whole filled template's, as LM Pub Quiz)")
     if opts.reduction is not None:
         if score != "statement":
             raise SettingError("--reduction applies to --score statement")

@@ -100,7 +100,7 @@ def lama_vocab(root: Path, name: str) -> list[str]:
     path = root / VOCABS[name]
     if not path.exists():
         raise DataError(f"vocabulary {name!r} is read from a LAMA folder, but {path} is missing: pass --vocab FILE "
-                         "(one word a line), --vocab objects (the objects of the facts), or --data/$PROBE_DATA")
+                        "(one word a line), --vocab objects (the objects of the facts), or --data/$PROBE_DATA")
     if name == "29k":
         try:
             words = json.loads(read_text(path, "vocabulary file", "a JSON object"))["bert-base-cased"]
@@ -166,7 +166,7 @@ class FactData:
             return lama_vocab(self.vocab_root(), name)
         if not Path(name).is_file():
             raise DataError(f"unknown vocab {name!r}: expected one of {', '.join(VOCABS)}, objects, or a file of one "
-                             "candidate word a line")
+                            "candidate word a line")
         return read_word_list(Path(name))
 
     def vocab_root(self) -> Path:

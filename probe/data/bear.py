@@ -107,7 +107,7 @@ class BearData(FactData):
             sub, idx = row.get("sub_label"), row.get("answer_idx")
             if not isinstance(sub, str) or not isinstance(idx, int) or not 0 <= idx < len(answers):
                 raise DataError(f"{path}:{i}: expected 'sub_label' (a string) and 'answer_idx' (an index into the "
-                                 f"relation's {len(answers)} answers)")
+                                f"relation's {len(answers)} answers)")
             facts.append(Fact(sub, answers[idx]))
         return facts
 

@@ -52,7 +52,7 @@ def _grouped(path: Path, default: str, fields: tuple[str, str] | None) -> dict[s
         rid, raw = record_relation(row, default, f"{path}:{i}")
         if source.setdefault(rid, raw) != raw:
             raise DataError(f"{path}:{i}: relations {source[rid]!r} and {raw!r} would both be {rid!r}: expected "
-                             "relations whose names differ in their last segment")
+                            "relations whose names differ in their last segment")
         groups[rid].append(record_fact(row, path, i, fields))
     return {rid: dedup(facts) for rid, facts in groups.items()}
 

@@ -44,7 +44,7 @@ class FineTune(GradientPrompt):
     def check_template(cls, compiled) -> None:
         if compiled.n_virtual:
             raise TemplateError(f"template {compiled.template.source!r}: finetune takes the manual template, without "
-                             "virtual tokens")
+                                "virtual tokens")
 
     @classmethod
     def relation_template(cls, template, manual_template: str, kind: str, config=None):

@@ -87,7 +87,7 @@ def load_grid(path: str | Path) -> SweepGrid:
     keys = [slug(m) for m in axes.get("model", [])]
     if len(set(keys)) < len(keys):
         raise SettingError(f"{path}: axis 'model' has two models named {next(k for k in keys if keys.count(k) > 1)!r}: "
-                         "their cells would share keys; copy or link one under another name")
+                           "their cells would share keys; copy or link one under another name")
     for name in ("length", "seed"):
         bad = [v for v in axes.get(name, []) if not isinstance(v, int) or isinstance(v, bool) or v < (1 if name == "length" else 0)]
         if bad:
@@ -103,7 +103,7 @@ def load_grid(path: str | Path) -> SweepGrid:
     methods = [get_method(m) for m in grid.axes["method"]]
     if grid.dtype != "float32" and any(m.trains_lm for m in methods):
         raise SettingError(f"{path}: {', '.join(m.name for m in methods if m.trains_lm)} trains the LM's weights, in float32: "
-                         f"set dtype = \"float32\" (the grid has {grid.dtype!r})")
+                           f"set dtype = \"float32\" (the grid has {grid.dtype!r})")
     fields = set().union(*(config_fields(m.fit_config_class) for m in methods)) - {"seed"}
     if not isinstance(grid.train, dict) or set(grid.train) - fields:
         bad = sorted(set(grid.train) - fields) if isinstance(grid.train, dict) else grid.train
