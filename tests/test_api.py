@@ -139,3 +139,28 @@ def test_mistakes_raise_their_kind_of_probe_error_with_the_cli_message(kind, cal
     model = [] if "-m" in flags else ["-m", str(tiny_causal_dir)]
     assert _cli_error(*flags, *model, "--data", fake_lama) == f"error: {caught.value}"
     assert sorted(p.name for p in work.rglob("*")) == ["file.txt", "notes.txt", "theirs"]  # nothing made by either
+
+
+def test_the_cli_prints_what_the_apis_command_entry_returns(tiny_causal_dir, fake_lama, tmp_path):
+    """`probe eval` and `probe train` are probe.api's eval_command / train_command on the flags, then a print."""
+    import re
+
+    from probe.api import CommandResult, eval_command, train_command
+    from probe.options import Options
+
+    def same(text: str, out) -> str:
+        return re.sub(r"\(\d+\.\d+s in all\)", "(Ns in all)", text.replace(str(out), "OUT"))
+
+    for name, entry, flags, extra in (("eval", eval_command, ["-r", "P19,P36"], {"relation": ["P19,P36"]}),
+                                      ("train", train_command, ["-r", "P19", "--max-train", "4", "--epochs", "1"],
+                                       {"relation": ["P19"], "max_train": 4, "epochs": 1})):
+        proc = cli_in_process(name, "-m", tiny_causal_dir, "--data", fake_lama, "--threads", "1", *flags,
+                              "--out", tmp_path / f"cli-{name}")
+        assert proc.returncode == 0, proc.stderr
+        result = entry(Options(model=[str(tiny_causal_dir)], data=str(fake_lama), threads=1, out=tmp_path / f"api-{name}",
+                               **extra), log=lambda line: None)
+        assert isinstance(result, CommandResult) and len(result.runs) == 1 and result.exit_code == 0
+        printed = "\n".join(result.lines()) + "\n"
+        # the CLI's stdout: the per-relation lines the cells write as they finish, then what the entry returned
+        assert same(proc.stdout, tmp_path / f"cli-{name}").endswith(same(printed, tmp_path / f"api-{name}"))
+        assert "saved OUT/results.json, relations.csv, summary.md" in same(printed, tmp_path / f"api-{name}")
