@@ -80,7 +80,7 @@ class TrainCell(RelationCell):
 def compiled_templates(model, data, ids: list[str], method: str, options, templates: TemplateFile) -> dict:
     """(template, compiled) per relation for a method, on the model's tokenizer (a ModelInfo or a Backend): every
     template is checked before any folder is made or any training starts."""
-    method_cls = fittable_method(method)
+    method_cls = get_method(method)  # a resolved spec's method, checked fittable there
     out = {}
     for rid in ids:
         relation = data.relation(rid)
