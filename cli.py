@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from probe.errors import CellsFailed, Interrupted, ProbeError
-from probe.flags import packable_methods, presets_help, with_settings
+from probe.errors import CellsFailed, Interrupted, ProbeError, SettingError
+from probe.flags import packable_methods, presets_help, ray_address_default, with_settings
 
 # rich_markup_mode=None: help texts are plain text, so `probe[ray]` and `[X] ... [Y]` print as written
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False, rich_markup_mode=None,
@@ -126,27 +125,21 @@ LengthNormOpt = Annotated[bool | None, typer.Option(
     "--length-norm", show_default=False, metavar="",
     help="With --objects any: divide a candidate's log-likelihood by its token count.")]
 
-def _run(command, options, report=None) -> None:
-    """Run a command (eval, train, consistency); Ctrl-C keeps what finished, says where, and exits 130; failed cells
-    exit 1. `report(run)`: what is printed of each run (default: the results table)."""
-    from probe.commands.common import results_text
-
+def _run(command, options, **given) -> None:
+    """Run a command's entry of the Python API (probe.api.eval_command, train_command) and print what it returns;
+    Ctrl-C keeps what finished, says where, and exits 130; failed cells exit 1."""
     try:
-        runs = command(options, log=_log)
+        result = command(options, log=_log, **given)
     except Interrupted as e:
         typer.echo(f"interrupted: finished relations are saved in {e.folder}; rerun with --resume to continue", err=True)
         raise typer.Exit(130) from None
     except CellsFailed as e:
         typer.echo(f"error: {e}; the others are saved, rerun with --resume to retry these", err=True)
         raise typer.Exit(1) from None
-    for run in runs:
-        if len(runs) > 1:
-            typer.echo(f"\n== {run.results['config']['model']}")
-        if report is not None:
-            report(run)
-            continue
-        typer.echo(results_text(run.results))
-        typer.echo(f"\nsaved {run.folder.root}/results.json, relations.csv, summary.md ({run.seconds:.1f}s in all)")
+    for text in result.lines():
+        typer.echo(text)
+    if result.exit_code:
+        raise typer.Exit(result.exit_code)
 
 
 @app.command("eval")
@@ -213,8 +206,7 @@ def eval_cmd(
              "<prompts-file>_graphs. With --prompts RUN, the run's trained prompt is one more node.")] = None,
 ) -> None:
     """Evaluate fixed prompts on one or all relations with one model load; print and save the table."""
-    from probe.commands.eval import run_eval
-    from probe.commands.rerun import rerun_prompts, rerun_table
+    from probe.api import eval_command
     from probe.options import Options
 
     options = Options(model=model, method=method, relation=relation, all=all_, split=split, vocab=vocab, data=data,
@@ -224,37 +216,7 @@ def eval_cmd(
                       cpus_per_worker=cpus_per_worker, threads=threads, jobs=jobs, objects=objects,
                       candidates=candidates, length_norm=length_norm, max_memory=max_memory,
                       allow_download=allow_download, score=score, reduction=reduction)
-    if consistency:
-        return _run_consistency(options)
-    if prompts is None:
-        return _run(run_eval, options)
-    from probe.data import bear_folder
-    from probe.peft_adapters import describe, eval_peft, is_peft_folder
-
-    if data is not None and bear_folder(Path(data)) is not None:
-        from probe.commands.bear_prompts import run_prompts_on_bear
-
-        return _run(run_prompts_on_bear, options)  # prompts trained on LAMA, on BEAR's facts and answers
-    if is_peft_folder(prompts):  # PEFT prompt adapters (probe/peft_adapters.py)
-        return typer.echo(describe(eval_peft(options, log=_log)))
-    text, all_same = rerun_table(rerun_prompts(options, log=_log))
-    typer.echo(text)
-    if not all_same:
-        raise typer.Exit(1)
-
-
-def _run_consistency(options) -> None:
-    """`probe eval --consistency`: run, then print the per-relation and macro consistency tables."""
-    from probe.commands.consistency import consistency_tables, run_consistency
-
-    def report(run) -> None:
-        per, macro = consistency_tables(run.results)
-        typer.echo(per.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
-        typer.echo("\nmacro (mean over relations where defined), in %:")
-        typer.echo(macro.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
-        typer.echo(f"\nsaved {run.folder.root}/results.json, consistency.md, consistency.png ({run.seconds:.1f}s in all)")
-
-    _run(run_consistency, options, report)
+    _run(eval_command, options, consistency=bool(consistency))
 
 
 @app.command("train")
@@ -316,10 +278,10 @@ def train_cmd(
 ) -> None:
     """Train a prompt per relation against the frozen LM, then test it next to the manual prompt. The method's settings
     (--lr, --epochs, --iterations, --init, ...) are listed last, each with the methods that take it."""
-    from probe.commands.train import run_train
+    from probe.api import train_command
     from probe.options import Options
 
-    _run(run_train, Options(
+    _run(train_command, Options(
         model=model, method=method, relation=relation, all=all_, template=template, option=option, threads=threads,
         jobs=jobs, pack=pack, max_memory=max_memory, preset=preset, fallback=fallback, allow_overlap=allow_overlap,
         split=split, vocab=vocab,
@@ -340,38 +302,9 @@ def compare_cmd(
     force: Annotated[bool, typer.Option("--force", help="Overwrite the comparison in an existing --out.")] = False,
 ) -> None:
     """One table of methods against relations (P@1), macro/micro on the shared relations, gain over manual, plots."""
-    import pandas as pd
+    from probe.commands.compare import compare_command
 
-    from probe.comparison import check_compare_out, compare_runs, load_runs, write_comparison
-    from probe.sweep import draw_sweeps, is_sweep_folder
-
-    if out is not None:
-        check_compare_out(out, force)
-    out = out or Path("runs") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
-    sweeps = [p for p in runs if is_sweep_folder(p)]
-    skipped: list[str] = []
-    loaded = load_runs([p for p in runs if p not in sweeps], skipped) if len(sweeps) < len(runs) else []
-    for folder in skipped:
-        _log(f"skipped {folder}")
-    if sweeps:
-        out.mkdir(parents=True, exist_ok=True)
-        drawn = draw_sweeps(sweeps, loaded, out)
-        typer.echo(f"saved {', '.join(str(p) for p in drawn)}")
-        if not loaded:
-            return
-    cmp = compare_runs(loaded, allow_mixed=allow_mixed)
-    with pd.option_context("display.max_rows", None, "display.width", 200, "display.max_columns", None):
-        typer.echo(cmp.per_relation.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
-        typer.echo("")
-        typer.echo(cmp.summary.drop(columns=["model"]).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-    if cmp.seeds is not None:
-        from probe.comparison import seed_table
-
-        typer.echo("\nruns that differ only by seed (mean ± sample std over seeds):")
-        typer.echo(seed_table(cmp.seeds).to_string(index=False))
-    typer.echo("\n".join(cmp.notes))
-    written = write_comparison(cmp, out)
-    typer.echo(f"saved {', '.join(str(p) for p in written)}")
+    compare_command(runs, out, allow_mixed, force, typer.echo, _log)
 
 
 @app.command("explain")
@@ -402,11 +335,10 @@ def export_cmd(
 ) -> None:
     """Write a run's trained prompts as PEFT adapters: prompt-tuning, P-tuning and AutoPrompt as PROMPT_TUNING,
     prefix-tuning as PREFIX_TUNING, with probe_prompt.json beside each (the input text, [X] the subject)."""
-    from probe.errors import ProbeError
     from probe.peft_adapters import export_peft
 
     if to != "peft":
-        raise ProbeError(f"--to {to!r}: expected peft")
+        raise SettingError(f"--to {to!r}: expected peft")
     ids = [r.strip() for given in relation or [] for r in given.split(",") if r.strip()]
     for folder in export_peft(run_dir, out, ids or None, log=_log):
         typer.echo(f"wrote {folder}")
@@ -417,21 +349,9 @@ def templates_check(
     file: Annotated[Path, typer.Argument(help="A template file (see templates/).")],
 ) -> None:
     """Validate a template file; print its entries."""
-    from probe.template_files import parse_template_file
-    from probe.templates import WORDS, TemplateError
+    from probe.commands.templates import check_template_file
 
-    try:
-        tf = parse_template_file(file)
-    except TemplateError as e:
-        if len(e.problems) > 1:  # every bad line, then the one error line
-            for problem in e.problems:
-                typer.echo(f"  {problem}", err=True)
-            raise ProbeError(f"{file}: {len(e.problems)} lines are not valid templates (listed above)") from None
-        raise
-    for key, t in tf.entries.items():
-        slots = sum(p.kind == WORDS for p in t.parts)
-        typer.echo(f"{key}: {t.source}  ({t.n_virtual} virtual tokens" + (f", {slots} word slots)" if slots else ")"))
-    typer.echo(f"{file}: {len(tf.entries)} templates, all valid")
+    check_template_file(file, typer.echo, _log)
 
 
 @templates_app.command("show")
@@ -442,21 +362,9 @@ def templates_show(
     data: DataOpt = None,
 ) -> None:
     """Print what the model sees for a relation's first test fact; virtual tokens as [V1]..[Vn]."""
-    from probe.backends import load_backend
-    from probe.data import open_data
-    from probe.options import load_template_spec
-    from probe.templates import compile_template
+    from probe.commands.templates import show_template
 
-    tf = load_template_spec(str(file))
-    lama = open_data(data)
-    rel = lama.relation(relation)
-    backend = load_backend(model)
-    template = tf.template_for(rel.id, backend.kind)
-    compiled = compile_template(template, backend.tokenizer, backend.kind, manual=rel.template or None)
-    facts = lama.facts(rel.id)
-    sub = facts[0].sub if facts else "[X]"
-    typer.echo(f"{rel.id} ({rel.label}), {backend.kind} LM: {template.source}")
-    typer.echo(compiled.describe(sub))
+    show_template(str(file), model, relation, data, typer.echo)
 
 
 @app.command("sweep")
@@ -503,17 +411,6 @@ def _version(value: bool) -> None:
 def _main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                                 help="Print the version and exit.")] = False) -> None:
     """Probe what facts a frozen language model knows (LAMA, manual and learned prompts)."""
-
-
-def ray_address_default(argv: list[str]) -> list[str]:
-    """`--ray` with no address means a local Ray: the next argument is its address only if it looks like one."""
-    out = []
-    for i, arg in enumerate(argv):
-        out.append(arg)
-        nxt = argv[i + 1] if i + 1 < len(argv) else None
-        if arg == "--ray" and (nxt is None or not (nxt in ("auto", "local") or ":" in nxt)):
-            out.append("local")
-    return out
 
 
 def main() -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from probe.sweep import AXES, write_summary
+from probe.sweep import grid_axes, write_summary
 
 
 def main(out: str, folders: list[str]) -> None:
@@ -23,7 +23,7 @@ def main(out: str, folders: list[str]) -> None:
             sys.exit(f"error: {folder} has no cells.csv (is it a sweep folder?)")
         tables.append(pd.read_csv(path, keep_default_na=False, na_values=[""]))
     cells = pd.concat(tables, ignore_index=True)
-    key = [c for c in (*AXES, "relation") if c in cells]
+    key = [c for c in (*grid_axes(), "relation") if c in cells]
     twice = cells[cells.duplicated(key)]
     if len(twice):
         sys.exit(f"error: {len(twice)} cell(s) are in more than one folder, e.g. {twice.iloc[0][key].to_dict()}")

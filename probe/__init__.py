@@ -1,14 +1,15 @@
 """probe: what facts does a frozen language model know? Manual, discrete and continuous prompts on LAMA.
 
 The Python API (probe/api.py), loaded on first use so that `import probe` stays light:
-`load_model`, `evaluate`, `train`, `load_prompt`, `compare`, and the errors `ProbeError`.
+`load_model`, `evaluate`, `train`, `load_prompt`, `compare`, and the errors: `ProbeError` and its kinds `DataError`,
+`TemplateError`, `ModelError`, `SettingError`, `RunFolderError`.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from probe.errors import ProbeError
+from probe.errors import DataError, ModelError, ProbeError, RunFolderError, SettingError, TemplateError
 
 __version__ = "0.1.0"
 API = ("Model", "Results", "TrainedPrompt", "compare", "evaluate", "load_model", "load_prompt", "train")
@@ -25,5 +26,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'probe' has no attribute {name!r}")
 
 
-__all__ = ["Model", "ProbeError", "Results", "TrainedPrompt", "__version__", "compare", "evaluate", "load_model",
-           "load_prompt", "train"]
+__all__ = ["DataError", "Model", "ModelError", "ProbeError", "Results", "RunFolderError", "SettingError", "TemplateError",
+           "TrainedPrompt", "__version__", "compare", "evaluate", "load_model", "load_prompt", "train"]

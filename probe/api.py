@@ -12,6 +12,9 @@ The functions run the same cells as the CLI (`probe eval`, `probe train`): the f
 nothing is written; with it, the run folder is the CLI's. Mistakes raise ProbeError with the CLI's one-line messages,
 before any model loads where the CLI checks them; progress goes to tqdm, warnings and per-relation lines to the
 `probe` logger (`logging.getLogger("probe").setLevel(logging.ERROR)` silences them).
+
+`probe eval` and `probe train` are `eval_command` and `train_command` (probe/commands/dispatch.py) on the flags as an
+`Options`; `evaluate` and `train` call them too when they write a run folder (`out=`).
 """
 
 from __future__ import annotations
@@ -28,11 +31,12 @@ import pandas as pd
 from probe.backends import Backend, load_backend
 from probe.backends.loading import resolve_device
 from probe.cells import CellOutput, LoadedModel, ModelSpec, torch_threads
+from probe.commands.dispatch import CommandResult, eval_command, train_command
 from probe.commands.eval import EvalCell
 from probe.commands.train import TrainCell, compiled_templates
 from probe.comparison import Comparison, compare_runs, load_runs
 from probe.data import Fact, FactData
-from probe.errors import ProbeError
+from probe.errors import DataError, ModelError, RunFolderError
 from probe.evaluator import evaluate_facts
 from probe.metrics import aggregate
 from probe.options import Options
@@ -107,14 +111,14 @@ class TrainedPrompt:
         values; one row per fact: subject, object, rank of the object, the top 10 words."""
         pairs = [(str(s), str(o)) for s, o in facts]
         if not pairs:
-            raise ProbeError("no facts given: expected (subject, object) pairs")
+            raise DataError("no facts given: expected (subject, object) pairs")
         words = list(dict.fromkeys(candidates if candidates is not None else [o for _, o in pairs]))
         vocab = build_candidates(model.backend.tokenizer, words)
         kept = [Fact(s, o) for s, o in pairs if o in vocab.index]
         if len(kept) < len(pairs):
             missing = next(o for _, o in pairs if o not in vocab.index)
-            raise ProbeError(f"object {missing!r} is not one token of {model.name} among the candidates: a single-token "
-                             "candidate is needed")
+            raise DataError(f"object {missing!r} is not one token of {model.name} among the candidates: a single-token "
+                            "candidate is needed")
         compiled = compile_template(self.template, model.backend.tokenizer, model.kind, manual=self.manual_template)
         prompt = load_prompt_file_bytes(self.tensors).to(model.backend.device)
         result = evaluate_facts(model.backend, prompt, compiled, kept, vocab, batch_size)
@@ -138,7 +142,7 @@ def load_prompt(folder: str | Path) -> TrainedPrompt:
 
     folder = Path(folder)
     if not (folder / "prompt.safetensors").is_file():
-        raise ProbeError(f"{folder} holds no saved prompt (expected prompt.safetensors, config.json, metrics.json)")
+        raise RunFolderError(f"{folder} holds no saved prompt (expected prompt.safetensors, config.json, metrics.json)")
     config, metrics = read_json(folder / "config.json"), read_json(folder / "metrics.json")
     load_prompt_file(folder / "prompt.safetensors")  # a damaged file fails here
     return TrainedPrompt(config["relation"], metrics, config, (folder / "prompt.safetensors").read_bytes())
@@ -196,7 +200,7 @@ def _results(outputs: dict[str, CellOutput], predictions: bool, trained: bool) -
         if trained and "prompt.safetensors" in files:
             prompts[rid] = TrainedPrompt(rid, rows[-1], json.loads(files["config.json"]), files["prompt.safetensors"])
     if not rows:
-        raise ProbeError("no relation was left to evaluate (the warnings say why)")
+        raise DataError("no relation was left to evaluate (the warnings say why)")
     return Results(pd.DataFrame(rows), summary_table(aggregate(rows)), preds if predictions else None, prompts, None,
                    rows)
 
@@ -231,9 +235,7 @@ def evaluate(model: Model, relations: str | Sequence[str] = "all", *, method: st
                    out=None if out is None else Path(out), batch_size=batch_size, device=model.spec.device,
                    dtype=model.spec.dtype, prompts_file=None if prompts is None else Path(prompts), threads=threads)
     if out is not None:
-        from probe.commands.eval import run_eval
-
-        (run,) = run_eval(opts, log=logger.info, loaded=model.loaded)
+        (run,) = eval_command(opts, log=logger.info, loaded=model.loaded).runs
         return _from_folder(run.folder.root, run.results, predictions)
     spec = resolve_eval(opts, log=logger.warning)  # every check `probe eval` makes, with its messages
     loaded = model.loaded(spec.data, spec.candidates)
@@ -255,14 +257,12 @@ def train(model: Model, relations: str | Sequence[str], *, method: str = "ptunin
                    device=model.spec.device, dtype=None if model.spec.dtype == "bfloat16" else model.spec.dtype,
                    template=template, fallback=fallback, preset=preset, pack=pack, threads=threads, settings=settings)
     if out is not None:
-        from probe.commands.train import run_train
-
-        (run,) = run_train(opts, log=logger.info, loaded=model.loaded)
+        (run,) = train_command(opts, log=logger.info, loaded=model.loaded).runs
         return _from_folder(run.folder.root, run.results, predictions)
     spec = resolve_train(opts)  # every check `probe train` makes, with its messages
     fit = spec.fit
     if spec.dtype not in (None, model.spec.dtype):
-        raise ProbeError(f"method {method!r} trains the LM's weights in {spec.dtype}: load the model with "
+        raise ModelError(f"method {method!r} trains the LM's weights in {spec.dtype}: load the model with "
                          f"dtype={spec.dtype!r}")
     loaded = model.loaded(spec.data, spec.candidates)
     loaded.remote = True  # train logs go to scratch folders, returned with the files, then removed
@@ -284,14 +284,15 @@ def compare(runs: Sequence[str | Path | Results], allow_mixed: bool = False) -> 
     for run in runs:
         if isinstance(run, Results):
             if run.folder is None:
-                raise ProbeError("a run compared must have a folder: pass out= to probe.evaluate or probe.train")
+                raise RunFolderError("a run compared must have a folder: pass out= to probe.evaluate or probe.train")
             folders.append(run.folder)
         else:
             folders.append(Path(run))
     loaded = load_runs(folders)
     if not loaded:
-        raise ProbeError("no finished run folder among the runs given")
+        raise RunFolderError("no finished run folder among the runs given")
     return compare_runs(loaded, allow_mixed=allow_mixed)
 
 
-__all__ = ["Model", "Results", "TrainedPrompt", "compare", "evaluate", "load_model", "load_prompt", "train"]
+__all__ = ["CommandResult", "Model", "Results", "TrainedPrompt", "compare", "eval_command", "evaluate", "load_model",
+           "load_prompt", "train", "train_command"]

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from probe.data import Fact, FactData, Relation
-from probe.errors import ProbeError
+from probe.errors import DataError
 from probe.templates import CompiledTemplate, Encoded
 from probe.vocab import CandidateVocab
 
@@ -102,7 +102,7 @@ def relation_facts(data: FactData, relation: Relation, split: str, candidates, s
     is a ProbeError."""
     facts, dropped = filter_facts(data.facts(relation.id, split), candidates.for_relation(relation.id))
     if not facts and strict:
-        raise ProbeError(
+        raise DataError(
             f"relation {relation.id} has no {split} facts left after dropping "
             f"{candidates.for_relation(relation.id).dropped_reason} ({dropped} dropped)"
         )

@@ -32,7 +32,7 @@ from probe.backends import Backend, load_backend
 from probe.backends.loading import parse_max_memory, resolve_device
 from probe.batching import relation_facts
 from probe.data import Fact, FactData, Relation
-from probe.errors import CellsFailed, ProbeError
+from probe.errors import CellsFailed, ProbeError, SettingError
 from probe.files import atomic_write_bytes, damaged
 from probe.objects import RelationCandidates
 from probe.vocab import CandidateChoice, CandidateVocab
@@ -342,8 +342,8 @@ class InProcess(Executor):
     def check_device(self, device: str) -> None:
         resolved = resolve_device(device)
         if resolved != "cpu" and self.jobs > 1:
-            raise ProbeError(f"--jobs {self.jobs} applies to the CPU; on {resolved} use --pack, which trains many "
-                             "prompts in one pass of the LM")
+            raise SettingError(f"--jobs {self.jobs} applies to the CPU; on {resolved} use --pack, which trains many "
+                               "prompts in one pass of the LM")
 
     def close(self) -> None:
         """Nothing to shut down."""

@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from probe.data import RELATION_TYPES, read_jsonl, relation_key
-from probe.errors import ProbeError
+from probe.errors import RunFolderError
 from probe.files import atomic_write_text, read_json
 from probe.methods import METHODS
 from probe.metrics import aggregate, relation_metrics
@@ -61,12 +61,12 @@ def find_run_folders(paths: list[Path], skipped: list[str] | None = None) -> lis
             found.append(path)
             continue
         if not path.exists():
-            raise ProbeError(f"{path} does not exist: expected a run folder or a folder of run folders")
+            raise RunFolderError(f"{path} does not exist: expected a run folder or a folder of run folders")
         if (path / "config.json").is_file():
-            raise ProbeError(f"{path} has no results.json: the run did not finish (rerun it with --resume)")
+            raise RunFolderError(f"{path} has no results.json: the run did not finish (rerun it with --resume)")
         inner = sorted(p.parent for p in path.glob("*/results.json"))
         if not path.is_dir() or not inner:
-            raise ProbeError(f"{path} is not a run folder (no results.json) nor a folder of run folders")
+            raise RunFolderError(f"{path} is not a run folder (no results.json) nor a folder of run folders")
         found.extend(inner)
         if skipped is not None:
             skipped += [f"{p} (no results.json: an unfinished run)" for p in sorted(path.iterdir())
@@ -99,7 +99,7 @@ def load_runs(paths: list[Path], skipped: list[str] | None = None) -> list[Compa
     for folder in find_run_folders(paths, skipped):
         results = read_json(folder / "results.json")
         if not isinstance(results, dict) or "config" not in results or "relations" not in results:
-            raise ProbeError(f"{folder}/results.json: expected 'config' and 'relations' (a probe run folder)")
+            raise RunFolderError(f"{folder}/results.json: expected 'config' and 'relations' (a probe run folder)")
         rows = {r["relation"]: r for r in results["relations"]}
         runs.append(ComparedRun(folder, run_label(results["config"]), results["config"], rows))
     if len({run.config.get("model") for run in runs}) > 1:  # several models: side by side, named by model
@@ -123,7 +123,7 @@ def check_comparable(runs: list[ComparedRun]) -> None:
         if len(values) > 1:
             differences.append(f"{key} " + "; ".join(f"{v!r} in {', '.join(folders)}" for v, folders in values.items()))
     if differences:
-        raise ProbeError(f"runs differ in {' / '.join(differences)}: pass --allow-mixed to compare them anyway")
+        raise RunFolderError(f"runs differ in {' / '.join(differences)}: pass --allow-mixed to compare them anyway")
 
 
 def is_reference(config: dict) -> bool:
@@ -156,7 +156,7 @@ def _manual_reference(run: ComparedRun, runs: list[ComparedRun], relations: list
 def predictions_of(run: ComparedRun, rid: str) -> list[dict]:
     path = run.folder / rid / "predictions.jsonl"
     if not path.is_file():
-        raise ProbeError(f"{path} not found: runs of several models are compared fact by fact, from their predictions")
+        raise RunFolderError(f"{path} not found: runs of several models are compared fact by fact, from their predictions")
     return [row for _, row in read_jsonl(path)]
 
 
@@ -184,13 +184,13 @@ def on_common_facts(runs: list[ComparedRun], relations: list[str]) -> str | None
 def compare_runs(runs: list[ComparedRun], allow_mixed: bool = False) -> Comparison:
     """Summary figures per run over the relations every run holds, and P@1 per relation."""
     if not runs:
-        raise ProbeError("no run folders to compare")
+        raise RunFolderError("no run folders to compare")
     if not allow_mixed:
         check_comparable(runs)
     relations = [r for r in runs[0].rows if all(r in run.rows for run in runs)]
     relations.sort(key=relation_key)
     if not relations:
-        raise ProbeError("the runs share no relation: nothing to compare")
+        raise RunFolderError("the runs share no relation: nothing to compare")
     notes = [f"macro/micro over the {len(relations)} relations present in all {len(runs)} runs"]
     lacking: dict[str, list[str]] = {}  # runs lacking some relations -> those relations
     for rid in sorted({r for run in runs for r in run.rows} - set(relations), key=relation_key):
@@ -205,7 +205,7 @@ def compare_runs(runs: list[ComparedRun], allow_mixed: bool = False) -> Comparis
             notes.append(f"left out: {', '.join(empty)} (no fact kept by every run)")
             relations = [r for r in relations if r not in empty]
         if not relations:
-            raise ProbeError("the runs share no fact: nothing to compare")
+            raise RunFolderError("the runs share no fact: nothing to compare")
     summary, manual_p1 = [], {}
     for run in runs:
         rows = [run.rows[r] for r in relations]
@@ -364,9 +364,9 @@ def check_compare_out(out: Path, force: bool) -> None:
     """An existing --out is refused unless --force (its files would be overwritten); a file is never a folder."""
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise ProbeError(f"--out {out} is an existing file: expected a folder to write into")
+        raise RunFolderError(f"--out {out} is an existing file: expected a folder to write into")
     if out.exists() and not force:
-        raise ProbeError(f"--out {out} already exists: pass --force to overwrite its comparison, or another --out")
+        raise RunFolderError(f"--out {out} already exists: pass --force to overwrite its comparison, or another --out")
 
 
 def write_comparison(cmp: Comparison, out: Path) -> list[Path]:

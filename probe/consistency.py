@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from probe.data import Fact, read_jsonl
-from probe.errors import ProbeError
+from probe.errors import DataError
 
 EDGE_KINDS = ("syntactic", "lexical", "both", "none")
 PARAREL_FACTS = Path("extras/pararel_trex_lms_vocab")  # ParaRel's facts, inside a LAMA folder
@@ -55,14 +55,14 @@ class Edge:
 def read_graph(path: Path) -> list[Edge]:
     """A graph file: one {"from", "to", "syntactic_change", "lexical_change", "determiner_change"} a line."""
     if not path.is_file():
-        raise ProbeError(f"graph file {path} not found: expected JSONL edges (from, to, syntactic_change, "
-                         "lexical_change, determiner_change)")
+        raise DataError(f"graph file {path} not found: expected JSONL edges (from, to, syntactic_change, "
+                        "lexical_change, determiner_change)")
     edges = []
     for i, row in read_jsonl(path):
         flags = [row.get(k) for k in ("syntactic_change", "lexical_change", "determiner_change")]
         if not all(isinstance(row.get(k), str) for k in ("from", "to")) or not all(isinstance(f, bool) for f in flags):
-            raise ProbeError(f"{path}:{i}: expected 'from' and 'to' patterns and true/false syntactic_change, "
-                             "lexical_change and determiner_change")
+            raise DataError(f"{path}:{i}: expected 'from' and 'to' patterns and true/false syntactic_change, "
+                            "lexical_change and determiner_change")
         edges.append(Edge(row["from"].strip(), row["to"].strip(), *flags))
     return edges
 
@@ -75,7 +75,7 @@ def relation_graph(folder: Path, rid: str, patterns: list[str]) -> list[Edge]:
     for e in edges:
         for end in (e.source, e.target):
             if end not in known:
-                raise ProbeError(f"{path}: pattern {end!r} is not one of the prompts file's patterns of {rid}")
+                raise DataError(f"{path}: pattern {end!r} is not one of the prompts file's patterns of {rid}")
     return edges
 
 
@@ -91,7 +91,7 @@ def read_fact_rows(path: Path) -> list[Fact]:
     for i, row in read_jsonl(path):
         sub, obj = row.get("sub_label"), row.get("obj_label")
         if not isinstance(sub, str) or not isinstance(obj, str) or not sub.strip() or not obj.strip():
-            raise ProbeError(f"{path}:{i}: expected non-empty 'sub_label' and 'obj_label' strings")
+            raise DataError(f"{path}:{i}: expected non-empty 'sub_label' and 'obj_label' strings")
         rows.append(Fact(sub, obj))
     return rows
 

@@ -17,7 +17,7 @@ from typing import ClassVar
 import torch
 
 from probe.data import Fact
-from probe.errors import ProbeError
+from probe.errors import SettingError
 
 
 class Control:
@@ -69,7 +69,7 @@ def get_control(name: str | None) -> Control:
     """The control of a name (None: the real LM); an unknown name is a ProbeError listing the known ones."""
     name = name or "none"
     if name not in CONTROLS:
-        raise ProbeError(f"unknown control {name!r}: expected one of {', '.join(CONTROLS)}")
+        raise SettingError(f"unknown control {name!r}: expected one of {', '.join(CONTROLS)}")
     return CONTROLS[name]
 
 

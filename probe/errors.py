@@ -2,14 +2,41 @@
 
 
 class ProbeError(Exception):
-    """A mistake in the user's input (data folder, template, model, option) with a one-line message."""
+    """A mistake in the user's input (data folder, template, model, option) with a one-line message; the subclasses
+    below say which kind, the CLI prints each the same way (`error: <message>`, exit 2)."""
+
+
+class DataError(ProbeError):
+    """The facts: a data folder, facts file, LAMA or BEAR source, relation, split, vocabulary or candidates file."""
+
+
+class TemplateError(ProbeError):
+    """A template that does not parse or does not fit the model or method, a template file or a prompts file;
+    `problems` lists every bad line of a file."""
+
+    def __init__(self, message: str, problems: list[str] | None = None):
+        super().__init__(message)
+        self.problems = problems or [message]
+
+
+class ModelError(ProbeError):
+    """A model: its name, loading, kind, dtype, device or placement, or one a run or adapter was made for."""
+
+
+class SettingError(ProbeError):
+    """A flag, method option, fit setting, preset, control, executor setting (--jobs, --pack, --ray) or sweep grid."""
+
+
+class RunFolderError(ProbeError):
+    """A folder probe writes or reads back: --out, --resume, a locked or foreign folder, a run or sweep folder, saved
+    prompts and adapters."""
 
 
 def check_positive(**values: int) -> None:
-    """Each named setting must be at least 1; the first that is not is a ProbeError naming its flag."""
+    """Each named setting must be at least 1; the first that is not is a SettingError naming its flag."""
     for name, value in values.items():
         if value < 1:
-            raise ProbeError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+            raise SettingError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
 
 
 class Interrupted(Exception):

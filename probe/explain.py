@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from probe.backends import load_backend
-from probe.errors import ProbeError
+from probe.errors import RunFolderError, SettingError
 from probe.files import atomic_write_json, read_json
 from probe.methods import METHODS
 from probe.options import reopen_data
@@ -108,23 +108,23 @@ def check_explainable(config: dict, run_dir: Path) -> None:
         readable = ", ".join(n for n, c in METHODS.items() if c.continuous)
         what = ("learns the LM's weights, no prompt vectors" if method in METHODS and METHODS[method].trains_lm
                 else "its prompt is real tokens")
-        raise ProbeError(f"{run_dir} is a run of the method {method!r}: {what}, nothing to explain (explain reads runs of "
-                         f"{readable})")
+        raise RunFolderError(f"{run_dir} is a run of the method {method!r}: {what}, nothing to explain (explain reads runs of "
+                             f"{readable})")
 
 
 def explain_run(run_dir: Path, relations: list[str] | None, k: int, data: str | None, log=print) -> Path:
     """Explain every saved prompt of a training run (or only `relations`): print each, save RUN/explain.json."""
     if k < 1:
-        raise ProbeError(f"-k must be at least 1, got {k}")
+        raise SettingError(f"-k must be at least 1, got {k}")
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").is_file():
-        raise ProbeError(f"{run_dir} is not a run folder (expected {run_dir / 'config.json'})")
+        raise RunFolderError(f"{run_dir} is not a run folder (expected {run_dir / 'config.json'})")
     cfg = read_json(run_dir / "config.json")
     check_explainable(cfg, run_dir)
     lama = reopen_data(cfg, data)
     ids = [r for r in saved_relations(run_dir) if not relations or r in relations]
     if not ids:
-        raise ProbeError(f"{run_dir} holds no saved prompts{' for ' + ', '.join(relations) if relations else ''}")
+        raise RunFolderError(f"{run_dir} holds no saved prompts{' for ' + ', '.join(relations) if relations else ''}")
     backend = load_backend(cfg["model"], dtype="float32")
     tables: dict[str, torch.Tensor] = {}
     report = {}

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
-from probe.errors import ProbeError
+from probe.errors import DataError, ProbeError, RunFolderError
 
 MAX_LINE_BYTES = 1_000_000  # a longer line in any file probe reads is refused (a zip bomb's one line, say)
 MAX_JSON_DEPTH = 64  # JSON nested deeper than this is refused (facts, configs and logs are a few levels deep)
@@ -78,7 +78,7 @@ def folder_name(name: str, where: str = "", what: str = "relation") -> str:
         problem = f"is {len(name.encode('utf-8', 'surrogatepass'))} bytes long"
     if problem:
         shown = repr(name) if len(str(name)) <= 60 else repr(name[:60]) + "..."
-        raise ProbeError(f"{where + ': ' if where else ''}{what} name {shown} {problem}: expected {NAME_RULE}")
+        raise DataError(f"{where + ': ' if where else ''}{what} name {shown} {problem}: expected {NAME_RULE}")
     return name
 
 
@@ -88,8 +88,8 @@ def distinct_folders(names: dict[str, str], what: str = "relations") -> None:
     for name, where in names.items():
         other = seen.setdefault(name.casefold(), name)
         if other != name:
-            raise ProbeError(f"{what} {other!r} and {name!r} ({where}) would share one folder: expected names that differ "
-                             "in more than case")
+            raise DataError(f"{what} {other!r} and {name!r} ({where}) would share one folder: expected names that differ "
+                            "in more than case")
 
 
 def bounded_lines(stream: IO[bytes], where: str | Path) -> Iterator[tuple[int, bytes]]:
@@ -102,38 +102,42 @@ def bounded_lines(stream: IO[bytes], where: str | Path) -> Iterator[tuple[int, b
             return
         lineno += 1
         if len(raw) > MAX_LINE_BYTES and not (len(raw) == MAX_LINE_BYTES + 1 and raw.endswith(b"\n")):
-            raise ProbeError(f"{where}:{lineno}: line longer than {MAX_LINE_BYTES:,} bytes (1 MB): expected shorter lines")
+            raise DataError(f"{where}:{lineno}: line longer than {MAX_LINE_BYTES:,} bytes (1 MB): expected shorter lines")
         yield lineno, raw
 
 
-def read_text(path: Path, what: str = "file", expected: str = "UTF-8 text", encoding: str = "utf-8") -> str:
+def read_text(path: Path, what: str = "file", expected: str = "UTF-8 text", encoding: str = "utf-8",
+              error: type[ProbeError] = DataError) -> str:
     """A text file's contents, read in bounded lines; a missing, unreadable or non-UTF-8 (binary) file, or a line over
-    MAX_LINE_BYTES, is a ProbeError naming `what` it was read as and what was `expected`."""
+    MAX_LINE_BYTES, is an `error` naming `what` it was read as and what was `expected`."""
     path = Path(path)
     try:
         with open(path, "rb") as f:
             return b"".join(raw for _, raw in bounded_lines(f, path)).decode(encoding)
+    except ProbeError as e:  # a line too long
+        raise error(str(e)) from None
     except FileNotFoundError:
-        raise ProbeError(f"{what} {path} not found: expected {expected}") from None
+        raise error(f"{what} {path} not found: expected {expected}") from None
     except IsADirectoryError:
-        raise ProbeError(f"{what} {path} is a folder: expected a file of {expected}") from None
+        raise error(f"{what} {path} is a folder: expected a file of {expected}") from None
     except UnicodeDecodeError:
-        raise ProbeError(f"{what} {path} is not UTF-8 text (a binary file?): expected {expected}") from None
+        raise error(f"{what} {path} is not UTF-8 text (a binary file?): expected {expected}") from None
     except OSError as e:
-        raise ProbeError(f"{what} {path} cannot be read ({e.strerror or e}): expected {expected}") from None
+        raise error(f"{what} {path} cannot be read ({e.strerror or e}): expected {expected}") from None
 
 
-def read_json(path: Path) -> dict:
+def read_json(path: Path, error: type[ProbeError] = RunFolderError) -> dict:
+    """A JSON file (most are a run folder's); a missing or malformed one is an `error` naming it."""
     path = Path(path)
     if not path.exists():
-        raise ProbeError(f"{path} not found")
-    text = read_text(path, "JSON file", "a JSON document")
+        raise error(f"{path} not found")
+    text = read_text(path, "JSON file", "a JSON document", error=error)
     try:
         return check_depth(json.loads(text), path)
     except json.JSONDecodeError as e:
-        raise ProbeError(f"{path}: malformed JSON ({e.msg} at line {e.lineno})") from None
+        raise error(f"{path}: malformed JSON ({e.msg} at line {e.lineno})") from None
     except RecursionError:
-        raise ProbeError(f"{path}: JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
+        raise error(f"{path}: JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
 
 
 def damaged(marker: Path) -> str | None:
@@ -186,7 +190,7 @@ def check_depth(value, where: str | Path, limit: int = MAX_JSON_DEPTH):
     while level:
         depth += 1
         if depth > limit:
-            raise ProbeError(f"{where}: JSON nested deeper than {limit} levels")
+            raise DataError(f"{where}: JSON nested deeper than {limit} levels")
         level = [v for x in level for v in (x.values() if isinstance(x, dict) else x if isinstance(x, list) else ())
                  if isinstance(v, dict | list)]
     return value

@@ -1,5 +1,5 @@
 """The method settings as `probe train`'s flags, built from the registered methods (probe.methods.method_settings):
-nothing in cli.py names a method's setting."""
+nothing in cli.py names a method's setting; and `--ray`'s optional address, read from the command line."""
 
 from __future__ import annotations
 
@@ -52,3 +52,14 @@ def with_settings(command):
     wrapper.refresh = refresh
     refresh()
     return wrapper
+
+
+def ray_address_default(argv: list[str]) -> list[str]:
+    """`--ray` with no address means a local Ray: the next argument is its address only if it looks like one."""
+    out = []
+    for i, arg in enumerate(argv):
+        out.append(arg)
+        nxt = argv[i + 1] if i + 1 < len(argv) else None
+        if arg == "--ray" and (nxt is None or not (nxt in ("auto", "local") or ":" in nxt)):
+            out.append("local")
+    return out

@@ -32,7 +32,7 @@ from typing import IO
 from tqdm import tqdm
 
 from probe.data.records import first_text, json_record
-from probe.errors import ProbeError
+from probe.errors import DataError, ProbeError, RunFolderError
 from probe.files import bounded_lines, folder_mode, folder_name
 from probe.template_files import GOOGLE_RE_TEMPLATES, template_sources
 
@@ -89,7 +89,7 @@ class _Source:
         self.path = path
         self.zip: zipfile.ZipFile | None = None
         if not path.exists():
-            raise ProbeError(f"LAMA source {path} not found: expected LAMA's data.zip or the folder it unpacks to")
+            raise DataError(f"LAMA source {path} not found: expected LAMA's data.zip or the folder it unpacks to")
         if path.is_dir():
             found = {p.relative_to(path).as_posix(): p.stat().st_size
                      for pattern in ("*.jsonl", "*/*.jsonl", "*/*/*.jsonl") for p in path.glob(pattern) if p.is_file()}
@@ -97,7 +97,7 @@ class _Source:
             try:
                 self.zip = zipfile.ZipFile(path)
             except (zipfile.BadZipFile, OSError) as e:
-                raise ProbeError(f"LAMA source {path} is not a readable zip ({e}): expected LAMA's data.zip or its folder") from None
+                raise DataError(f"LAMA source {path} is not a readable zip ({e}): expected LAMA's data.zip or its folder") from None
             found = {i.filename: i.file_size for i in self.zip.infolist()
                      if not i.is_dir() and not i.filename.startswith("__MACOSX/") and i.filename.count("/") <= 2}
         try:
@@ -116,9 +116,9 @@ class _Source:
         tops = sorted({name.split("/")[0] + "/" for name in found if "/" in name})
         holding = [top for top in tops if has_corpus(top)]
         if len(holding) > 1:
-            raise ProbeError(f"LAMA source {self.path} holds corpora under several folders ({', '.join(holding)}): expected one")
+            raise DataError(f"LAMA source {self.path} holds corpora under several folders ({', '.join(holding)}): expected one")
         if not holding:
-            raise ProbeError(f"LAMA source {self.path} holds no LAMA corpus: expected {LAYOUT}")
+            raise DataError(f"LAMA source {self.path} holds no LAMA corpus: expected {LAYOUT}")
         return holding[0]
 
     def where(self, rel: str) -> str:
@@ -133,7 +133,7 @@ class _Source:
                 return self.zip.open(self.prefix + rel)
             return open(self.path / self.prefix / rel, "rb")
         except (OSError, zipfile.BadZipFile) as e:
-            raise ProbeError(f"{self.where(rel)}: cannot be read ({e})") from None
+            raise DataError(f"{self.where(rel)}: cannot be read ({e})") from None
 
     def close(self) -> None:
         if self.zip is not None:
@@ -164,18 +164,18 @@ def iter_records(stream: IO[bytes], where: str, progress: tqdm | None = None) ->
             try:
                 line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
             except UnicodeDecodeError:
-                raise ProbeError(f"{where}:{lineno}: expected UTF-8 text") from None
+                raise DataError(f"{where}:{lineno}: expected UTF-8 text") from None
             row = json_record(line, where, lineno)
             if row is not None:
                 yield lineno, row
     except (zipfile.BadZipFile, OSError) as e:  # a damaged zip member shows up while reading
-        raise ProbeError(f"{where}: cannot be read ({e})") from None
+        raise DataError(f"{where}: cannot be read ({e})") from None
 
 
 def check_fact(row: dict, where: str, lineno: int) -> None:
     """A record must name a subject and an object."""
     if first_text(row, "sub_label", "sub") is None or first_text(row, "obj_label", "obj") is None:
-        raise ProbeError(f"{where}:{lineno}: expected a subject (sub_label or sub) and an object (obj_label or obj)")
+        raise DataError(f"{where}:{lineno}: expected a subject (sub_label or sub) and an object (obj_label or obj)")
 
 
 def _record_line(row: dict) -> str:
@@ -240,19 +240,19 @@ class _Writer:
 
 def _import_trex(src: _Source, w: _Writer, bar: tqdm | None) -> None:
     if "relations.jsonl" not in src.files:
-        raise ProbeError(f"{src.where('relations.jsonl')} not found: expected LAMA's T-REx relations.jsonl beside TREx/")
+        raise DataError(f"{src.where('relations.jsonl')} not found: expected LAMA's T-REx relations.jsonl beside TREx/")
     entries = {}
     w.summary.files_read += 1
     with src.open("relations.jsonl") as f:
         for lineno, row in iter_records(f, src.where("relations.jsonl"), bar):
             rid, template = first_text(row, "relation"), first_text(row, "template")
             if rid is None or template is None:
-                raise ProbeError(f"{src.where('relations.jsonl')}:{lineno}: expected non-empty 'relation' and 'template' fields")
+                raise DataError(f"{src.where('relations.jsonl')}:{lineno}: expected non-empty 'relation' and 'template' fields")
             entries[rid] = {"relation": rid, "template": template, "label": row.get("label", ""), "type": row.get("type", "")}
     for rel in sorted(r for r in src.files if corpus_of(r) == "trex"):
         rid = Path(rel).stem
         if rid not in entries:
-            raise ProbeError(f"{src.where(rel)}: relation {rid} is not in relations.jsonl: expected an entry with its template there")
+            raise DataError(f"{src.where(rel)}: relation {rid} is not in relations.jsonl: expected an entry with its template there")
         folder_name(rid, src.where(rel))
         w.summary.files_read += 1
         w.touch("test", rid)
@@ -267,7 +267,7 @@ def _import_train_dev(train_dev: Path, w: _Writer, bar: tqdm | None) -> list[str
     """Add train/ and dev/ files of the T-REx relations imported; returns the relations skipped (no T-REx test file)."""
     files = {(p.parent.name, p.stem): p for split in SPLITS for p in sorted(train_dev.glob(f"*/{split}.jsonl"))}
     if not files:
-        raise ProbeError(f"train/dev folder {train_dev} holds no relation splits: expected P19/train.jsonl and P19/dev.jsonl folders")
+        raise DataError(f"train/dev folder {train_dev} holds no relation splits: expected P19/train.jsonl and P19/dev.jsonl folders")
     skipped = sorted({rid for rid, _ in files if rid not in w.summary.relations})
     for (rid, split), path in sorted(files.items(), key=lambda kv: (kv[0][0], SPLITS.index(kv[0][1]))):
         if rid in skipped:
@@ -289,7 +289,7 @@ def _records_with_pred(src: _Source, rel: str, w: _Writer, bar: tqdm | None, exa
             check_fact(row, src.where(rel), lineno)
             pred = first_text(row, "pred")
             if pred is None:
-                raise ProbeError(f"{src.where(rel)}:{lineno}: expected a relation in 'pred' (like {example})")
+                raise DataError(f"{src.where(rel)}:{lineno}: expected a relation in 'pred' (like {example})")
             yield f"{src.where(rel)}:{lineno}", row, pred
 
 
@@ -299,8 +299,8 @@ def _import_google_re(src: _Source, w: _Writer, bar: tqdm | None) -> None:
         for where, row, pred in _records_with_pred(src, rel, w, bar, "/people/person/place_of_birth"):
             name = pred.rstrip("/").rsplit("/", 1)[-1]
             if name not in templates:
-                raise ProbeError(f"{where}: unknown Google-RE relation {name!r} (pred {pred!r}): expected one "
-                                 f"of {', '.join(templates)}, the relations of {GOOGLE_RE_TEMPLATES}")
+                raise DataError(f"{where}: unknown Google-RE relation {name!r} (pred {pred!r}): expected one "
+                                f"of {', '.join(templates)}, the relations of {GOOGLE_RE_TEMPLATES}")
             w.write("test", name, row)
     w.entries = [{"relation": k, "template": t, "label": k.replace("_", " "), "type": ""} for k, t in templates.items()]
 
@@ -335,20 +335,20 @@ def import_lama(source: str | Path, out: str | Path, train_dev: str | Path | Non
     log = log or (lambda _msg: None)
     train_dev = Path(train_dev) if train_dev is not None else None
     if train_dev is not None and not train_dev.is_dir():
-        raise ProbeError(f"train/dev folder {train_dev} not found: expected AutoPrompt's folder of P19/train.jsonl, P19/dev.jsonl")
+        raise DataError(f"train/dev folder {train_dev} not found: expected AutoPrompt's folder of P19/train.jsonl, P19/dev.jsonl")
     src = _Source(source)
     try:
         present = {corpus_of(rel) for rel in src.files} - {None}
         corpora = [c for c in CORPORA if c in present]
         absent = [c for c in CORPORA if c not in present]
         if train_dev is not None and "trex" not in present:
-            raise ProbeError(f"train/dev folder {train_dev} given, but {source} has no TREx/: expected a source with T-REx")
+            raise DataError(f"train/dev folder {train_dev} given, but {source} has no TREx/: expected a source with T-REx")
         if out.exists() and not out.is_dir():
-            raise ProbeError(f"output {out} is a file: expected a folder (new, or without {', '.join(c + '/' for c in corpora)})")
+            raise RunFolderError(f"output {out} is a file: expected a folder (new, or without {', '.join(c + '/' for c in corpora)})")
         clash = [c for c in corpora if (out / c).exists()]
         if clash:
-            raise ProbeError(f"output folder {out} already holds {', '.join(c + '/' for c in clash)}: expected a new folder "
-                             "or one without the corpora to import")
+            raise RunFolderError(f"output folder {out} already holds {', '.join(c + '/' for c in clash)}: expected a new folder "
+                                 "or one without the corpora to import")
         created = not out.exists()
         out.mkdir(parents=True, exist_ok=True)
         writers: list[_Writer] = []

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from probe.data import FactData, json_record
-from probe.errors import ProbeError
+from probe.errors import DataError
 from probe.files import read_text
 from probe.templates import encode_words, is_space_sensitive
 
@@ -135,11 +135,11 @@ def object_candidates(tokenizer, words: list[str], length_norm: bool = False, wh
     for word in dict.fromkeys(w.strip() for w in words if w.strip()):
         ids = tuple(encode_words(tokenizer, word, True, space))
         if not ids:
-            raise ProbeError(f"{where}: candidate {word!r} tokenises to nothing")
+            raise DataError(f"{where}: candidate {word!r} tokenises to nothing")
         kept.append(word)
         seqs.append(ids)
     if not kept:
-        raise ProbeError(f"{where}: no candidates")
+        raise DataError(f"{where}: no candidates")
     return ObjectCandidates(kept, seqs, {w: i for i, w in enumerate(kept)}, len(words), length_norm)
 
 
@@ -152,8 +152,8 @@ def read_candidates_file(path: str | Path) -> tuple[list[str], dict[str, list[st
     text = read_text(path, "candidates file", "one object a line, or JSONL with 'relation' and 'object'")
     lines = [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
     if not lines:
-        raise ProbeError(f"candidates file {path} is empty: expected one object a line, or JSONL with 'relation' and "
-                         "'object'")
+        raise DataError(f"candidates file {path} is empty: expected one object a line, or JSONL with 'relation' and "
+                        "'object'")
     if not lines[0][1].startswith("{"):
         return [line for _, line in lines], {}
     by_relation: dict[str, list[str]] = {}
@@ -161,7 +161,7 @@ def read_candidates_file(path: str | Path) -> tuple[list[str], dict[str, list[st
         row = json_record(line, path, n)
         rel, obj = (row.get(k) if isinstance(row, dict) else None for k in ("relation", "object"))
         if not isinstance(rel, str) or not isinstance(obj, str) or not rel.strip() or not obj.strip():
-            raise ProbeError(f"{path}:{n}: expected a JSON object with non-empty string fields 'relation' and 'object'")
+            raise DataError(f"{path}:{n}: expected a JSON object with non-empty string fields 'relation' and 'object'")
         by_relation.setdefault(rel.strip(), []).append(obj.strip())
     return [], by_relation
 
@@ -183,7 +183,7 @@ class RelationCandidates:
         if self.spec.candidates_file:
             words = self.by_relation.get(rid, []) + self.shared
             if not words:
-                raise ProbeError(f"candidates file {self.spec.candidates_file} has no candidates for relation {rid}")
+                raise DataError(f"candidates file {self.spec.candidates_file} has no candidates for relation {rid}")
             return words
         if self.data.relation(rid).answers:  # the data's own answer space (BEAR)
             return list(self.data.relation(rid).answers)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from probe.cells import Executor, InProcess
 from probe.data import FactData, open_data
-from probe.errors import ProbeError, check_positive
+from probe.errors import DataError, ModelError, RunFolderError, SettingError, TemplateError, check_positive
 from probe.methods import get_method
 from probe.objects import ObjectsSpec, read_candidates_file
 from probe.ray_cells import RayExecutor
@@ -97,7 +97,7 @@ class Options:
         extra = sorted(self.given() - allowed)
         if extra:
             flags = ", ".join(f"--{name.replace('_', '-')}" for name in extra)
-            raise ProbeError(f"{flags} {'does' if len(extra) == 1 else 'do'} not apply to {where}")
+            raise SettingError(f"{flags} {'does' if len(extra) == 1 else 'do'} not apply to {where}")
 
 
 DATA_FLAGS = {"data", "facts", "fields"}
@@ -111,12 +111,12 @@ def relation_ids(data: FactData, relation: list[str] | None, all_: bool | None) 
     """The relations asked for: --all, or --relation ids (repeatable, or a comma list), each checked; facts files
     default to all of theirs."""
     if all_ and relation:
-        raise ProbeError("give either --relation or --all, not both")
+        raise DataError("give either --relation or --all, not both")
     if all_ or (not relation and data.kind == "files"):  # facts files: every relation in them by default
         return list(data.relations)
     ids = [r.strip() for given in relation or [] for r in given.split(",") if r.strip()]
     if not ids:
-        raise ProbeError("no relation given: pass --relation P19 (repeatable, or P19,P20) or --all")
+        raise DataError("no relation given: pass --relation P19 (repeatable, or P19,P20) or --all")
     return [data.relation(rid).id for rid in dict.fromkeys(ids)]
 
 
@@ -145,8 +145,8 @@ def check_templates(data: FactData, ids: list[str], flag: str) -> None:
     """Every relation asked for has a manual template."""
     missing = [rid for rid in ids if not data.relation(rid).template]
     if missing:
-        raise ProbeError(f"relation {missing[0]!r} has no template: give {flag} '[X] ... [Y] .' (one for every relation) "
-                         f"or a template file with a '{missing[0]}: [X] ... [Y]' line")
+        raise TemplateError(f"relation {missing[0]!r} has no template: give {flag} '[X] ... [Y] .' (one for every relation) "
+                            f"or a template file with a '{missing[0]}: [X] ... [Y]' line")
 
 
 def load_template_spec(spec: str | None, method: str | None = None) -> TemplateFile:
@@ -164,14 +164,14 @@ def check_new_folder(out: Path | None, resume: bool | None) -> None:
     if out is not None:
         check_own_folder(Path(out))
     if out is not None and not resume and (Path(out) / "config.json").exists():
-        raise ProbeError(f"run folder {out} already exists: pass --resume to continue it, or another --out")
+        raise RunFolderError(f"run folder {out} already exists: pass --resume to continue it, or another --out")
 
 
 def model_names(opts: Options, several: bool) -> list[str]:
     """--model, given once or (where `several`) more than once; default smollm2."""
     names = list(dict.fromkeys(opts.model or ["smollm2"]))
     if len(names) > 1 and not several:
-        raise ProbeError("--model is given more than once: several models go in `probe eval` or a sweep grid's model axis")
+        raise ModelError("--model is given more than once: several models go in `probe eval` or a sweep grid's model axis")
     return names
 
 
@@ -180,7 +180,7 @@ def check_model_slugs(names: list[str], where: str) -> None:
     seen: dict[str, str] = {}
     for name in names:
         if slug(name) in seen:
-            raise ProbeError(f"models {seen[slug(name)]!r} and {name!r} {where} would share the folder name "
+            raise ModelError(f"models {seen[slug(name)]!r} and {name!r} {where} would share the folder name "
                              f"{slug(name)!r}: copy or link one under another name")
         seen[slug(name)] = name
 
@@ -190,14 +190,14 @@ def candidate_choice(opts: Options) -> CandidateChoice:
     or those of --candidates), checked before any model loads."""
     objects = opts.objects or "single"
     if objects not in ("single", "any"):
-        raise ProbeError(f"--objects {objects!r}: expected single (LAMA's one-token objects) or any")
+        raise SettingError(f"--objects {objects!r}: expected single (LAMA's one-token objects) or any")
     if objects == "single":
         if opts.candidates is not None or opts.length_norm:
-            raise ProbeError("--candidates and --length-norm apply to --objects any")
+            raise SettingError("--candidates and --length-norm apply to --objects any")
         return CandidateChoice(opts.vocab or "common")
     if opts.vocab is not None:
-        raise ProbeError("--vocab applies to --objects single: with --objects any the candidates are each relation's "
-                         "objects, or --candidates FILE")
+        raise SettingError("--vocab applies to --objects single: with --objects any the candidates are each relation's "
+                           "objects, or --candidates FILE")
     if opts.candidates is not None:
         read_candidates_file(opts.candidates)  # an empty or unreadable file fails here, before any model loads
     spec = ObjectsSpec(str(Path(opts.candidates).resolve()) if opts.candidates is not None else None, bool(opts.length_norm))
@@ -215,8 +215,8 @@ def check_pack(pack: int | None, method_cls=None) -> None:
         return
     check_positive(pack=pack)
     if method_cls is not None and not method_cls.packable and pack > 1:
-        raise ProbeError(f"--pack applies to the methods whose fits share passes of the LM (ptuning, prompt-tuning, "
-                         f"autoprompt, ...); {method_cls.name!r} is fit one relation after another")
+        raise SettingError(f"--pack applies to the methods whose fits share passes of the LM (ptuning, prompt-tuning, "
+                           f"autoprompt, ...); {method_cls.name!r} is fit one relation after another")
 
 
 def make_executor(data: FactData, candidates: CandidateChoice | str, ray: str | None = None,
@@ -229,8 +229,8 @@ def make_executor(data: FactData, candidates: CandidateChoice | str, ray: str | 
         check_positive(jobs=jobs)
     if ray is None:
         if cpus_per_worker is not None:
-            raise ProbeError("--cpus-per-worker applies to --ray only")
+            raise SettingError("--cpus-per-worker applies to --ray only")
         return InProcess(data, candidates, log=log, threads=threads, jobs=jobs or 1)
     if jobs is not None:
-        raise ProbeError("--jobs applies in process; with --ray each worker runs one cell at a time (use more workers)")
+        raise SettingError("--jobs applies in process; with --ray each worker runs one cell at a time (use more workers)")
     return RayExecutor(data, candidates, ray, cpus_per_worker or 1, log=log, threads=threads)

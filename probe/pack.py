@@ -20,7 +20,7 @@ import torch
 
 from probe.backends import Backend
 from probe.cells import Cell, CellOutput, LoadedModel, ModelSpec
-from probe.errors import ProbeError
+from probe.errors import ProbeError, SettingError
 from probe.fit import FitTask, Fitted, fit
 
 CPU_PACK = 1  # prompts trained at once on a CPU when --pack is not given (BENCHMARKS.md, "Packed fitting")
@@ -51,7 +51,7 @@ def fit_pack(backend: Backend, tasks: Sequence[FitTask], slots: int) -> Iterator
     finished; yields (index of the task, its Fitted) as each finishes. Tasks of a method whose fits cannot share a
     pass run one after another."""
     if slots < 1:
-        raise ProbeError(f"--pack must be at least 1, got {slots}")
+        raise SettingError(f"--pack must be at least 1, got {slots}")
     if len({t.method for t in tasks}) > 1:
         raise ProbeError("internal: a pack holds the fits of one method")
     if not tasks or not tasks[0].method.packable or slots == 1:

@@ -24,7 +24,7 @@ from probe.backends import Backend, load_backend
 from probe.backends.loading import is_hub_id, resolve_model
 from probe.batching import relation_facts
 from probe.cells import torch_threads
-from probe.errors import ProbeError, check_positive
+from probe.errors import DataError, ModelError, ProbeError, RunFolderError, TemplateError, check_positive
 from probe.evaluator import evaluate_facts
 from probe.files import atomic_write_bytes, atomic_write_json, read_json
 from probe.methods import FixedPrompt, get_method
@@ -62,8 +62,8 @@ def real_parts(template: Template, where: str) -> tuple[Part, ...]:
     parts = template.parts
     k = next((i for i, p in enumerate(parts) if p.kind not in (VIRTUAL, WORDS)), len(parts))
     if k == 0 or any(p.kind in (VIRTUAL, WORDS) for p in parts[k:]):
-        raise ProbeError(f"{where}: template {template.source!r} has virtual tokens after real ones, and PEFT puts "
-                         "every virtual token before the input; train with the virtual tokens first, e.g. (10, sub, obj)")
+        raise TemplateError(f"{where}: template {template.source!r} has virtual tokens after real ones, and PEFT puts "
+                            "every virtual token before the input; train with the virtual tokens first, e.g. (10, sub, obj)")
     return parts[k:]
 
 
@@ -85,9 +85,9 @@ def input_parts(text: str, where: str) -> tuple[Part, ...]:
     try:
         parts = list(parse_template(source.strip()).parts)
     except ProbeError as e:
-        raise ProbeError(f"{where}: {e}") from None
+        raise TemplateError(f"{where}: {e}") from None
     if any(p.kind not in (SUB, TEXT, OBJ) for p in parts):
-        raise ProbeError(f"{where}: input template {text!r} must be text with [X] (and [Y] where the object goes)")
+        raise TemplateError(f"{where}: input template {text!r} must be text with [X] (and [Y] where the object goes)")
     parts[0] = replace(parts[0], space=source[:1].isspace())
     return tuple(parts)
 
@@ -147,7 +147,7 @@ def projection_kv(backend: Backend, keys: torch.Tensor, values: torch.Tensor,
     ids, virtual = [backend.pad_id] * n, list(range(n))
     got, got_values = cached_kv(backend, ids, virtual, (keys, values))
     if not _close(got_values, values, backend.dtype):
-        raise ProbeError(f"{where}: the model changes the values a prefix sets; probe cannot evaluate this adapter")
+        raise ModelError(f"{where}: the model changes the values a prefix sets; probe cannot evaluate this adapter")
     if _close(got, keys, backend.dtype):
         return keys, values
     heads, head_dim = kv_heads(backend)
@@ -163,7 +163,7 @@ def projection_kv(backend: Backend, keys: torch.Tensor, values: torch.Tensor,
     back = torch.cat([(a * cos + b * sin) / norm, (b * cos - a * sin) / norm], dim=-1).reshape(keys.shape)
     again, _ = cached_kv(backend, ids, virtual, (back, values))
     if not _close(again, keys, backend.dtype):
-        raise ProbeError(f"{where}: probe cannot map this model's cached keys back to its key projections (model type "
+        raise ModelError(f"{where}: probe cannot map this model's cached keys back to its key projections (model type "
                          f"{backend.model.config.model_type!r}: a position encoding other than rotary halves)")
     return back, values
 
@@ -188,24 +188,24 @@ def export_peft(run_dir: Path, out: Path, relations: list[str] | None = None, lo
     the model loads and anything is written. Returns the folders written."""
     run_dir, out = Path(run_dir), Path(out)
     if not (run_dir / "config.json").is_file():
-        raise ProbeError(f"{run_dir} is not a run folder of `probe train` (no config.json)")
+        raise RunFolderError(f"{run_dir} is not a run folder of `probe train` (no config.json)")
     cfg = read_json(run_dir / "config.json")
     if cfg.get("command") != "train":
-        raise ProbeError(f"{run_dir} is not a training run folder (its config.json says command {cfg.get('command')!r})")
+        raise RunFolderError(f"{run_dir} is not a training run folder (its config.json says command {cfg.get('command')!r})")
     method = get_method(cfg.get("method", "ptuning"))
     if cfg.get("model_kind") != "causal":
-        raise ProbeError(f"{run_dir} was trained on a {cfg.get('model_kind')} LM: PEFT has no task type that predicts a "
-                         "masked token, so only causal-LM prompts export")
+        raise RunFolderError(f"{run_dir} was trained on a {cfg.get('model_kind')} LM: PEFT has no task type that predicts a "
+                             "masked token, so only causal-LM prompts export")
     if method.trains_lm:
-        raise ProbeError(f"{run_dir} was trained with method {method.name!r}, which trains the LM itself: there is no "
-                         "prompt to export")
+        raise RunFolderError(f"{run_dir} was trained with method {method.name!r}, which trains the LM itself: there is no "
+                             "prompt to export")
     if cfg.get("control", "none") != "none":
-        raise ProbeError(f"{run_dir} was trained under --control {cfg['control']}: its model is no base model that "
-                         "from_pretrained loads")
+        raise RunFolderError(f"{run_dir} was trained under --control {cfg['control']}: its model is no base model that "
+                             "from_pretrained loads")
     saved = saved_relations(run_dir)
     missing = [r for r in relations or [] if r not in saved]
     if missing:
-        raise ProbeError(f"{run_dir} has no saved prompt for {', '.join(missing)} (it has {', '.join(saved) or 'none'})")
+        raise RunFolderError(f"{run_dir} has no saved prompt for {', '.join(missing)} (it has {', '.join(saved) or 'none'})")
     chosen = []
     for rid in [r for r in saved if not relations or r in relations]:
         rel_cfg = read_json(run_dir / rid / "config.json")
@@ -215,7 +215,7 @@ def export_peft(run_dir: Path, out: Path, relations: list[str] | None = None, lo
         template = expand_manual(parse_template(rel_cfg["template"]), rel_cfg.get("manual_template"))
         chosen.append((rid, rel_cfg, real_parts(template, f"{run_dir / rid}")))
     if not chosen:
-        raise ProbeError(f"{run_dir} holds no trained prompt to export")
+        raise RunFolderError(f"{run_dir} holds no trained prompt to export")
     check_export_folder(out)
     base = base_model_path(cfg["model"])
     backend = load_backend(cfg["model"], device="cpu", dtype="float32")
@@ -234,7 +234,7 @@ def write_adapter(backend: Backend, folder: Path, out: Path, rel_cfg: dict, part
     compiled = compile_template(rel_cfg["template"], tok, "causal", manual=rel_cfg.get("manual_template"))
     prompt = load_prompt(folder / "prompt.safetensors")
     if prompt.n_virtual != compiled.n_virtual:
-        raise ProbeError(f"{folder}: {prompt.n_virtual} saved vectors for {compiled.n_virtual} virtual slots")
+        raise RunFolderError(f"{folder}: {prompt.n_virtual} saved vectors for {compiled.n_virtual} virtual slots")
     lead, n = list(compiled.lead_ids), compiled.n_virtual
     config = backend.model.config
     fields = {"task_type": "CAUSAL_LM", "num_virtual_tokens": len(lead) + n, "num_transformer_submodules": 1,
@@ -243,8 +243,8 @@ def write_adapter(backend: Backend, folder: Path, out: Path, rel_cfg: dict, part
     if prompt.keys is not None:
         heads, head_dim = kv_heads(backend)
         if prompt.keys.shape[-1] != heads * head_dim or prompt.values.shape[-1] != heads * head_dim:
-            raise ProbeError(f"{folder}: keys of width {prompt.keys.shape[-1]} for {heads} key/value heads of "
-                             f"{head_dim}: PEFT's prefix layout does not fit this model")
+            raise RunFolderError(f"{folder}: keys of width {prompt.keys.shape[-1]} for {heads} key/value heads of "
+                                 f"{head_dim}: PEFT's prefix layout does not fit this model")
         keys, values = cached_kv(backend, lead + [compiled.placeholder_id] * n, list(range(len(lead), len(lead) + n)),
                                  (prompt.keys, prompt.values))
         tensor = torch.stack([keys, values], dim=1).permute(2, 0, 1, 3).reshape(keys.shape[1], -1)  # [k0 v0 k1 v1 ...]
@@ -297,18 +297,18 @@ def read_adapter(folder: Path) -> Adapter:
     config = read_json(folder / ADAPTER_CONFIG)
     kind = config.get("peft_type")
     if kind not in READ_TYPES:
-        raise ProbeError(f"{folder}: a {kind} adapter; probe evaluates prompt adapters ({', '.join(READ_TYPES)})")
+        raise RunFolderError(f"{folder}: a {kind} adapter; probe evaluates prompt adapters ({', '.join(READ_TYPES)})")
     if config.get("task_type") != "CAUSAL_LM" or config.get("num_transformer_submodules") not in (None, 1):
-        raise ProbeError(f"{folder}: task type {config.get('task_type')}; probe evaluates CAUSAL_LM adapters")
+        raise RunFolderError(f"{folder}: task type {config.get('task_type')}; probe evaluates CAUSAL_LM adapters")
     try:
         tensor = load_file(str(folder / ADAPTER_WEIGHTS)).get("prompt_embeddings")
     except (SafetensorError, OSError) as e:
-        raise ProbeError(f"{folder}: expected a readable {ADAPTER_WEIGHTS} ({e})") from None
+        raise RunFolderError(f"{folder}: expected a readable {ADAPTER_WEIGHTS} ({e})") from None
     n, dim = config.get("num_virtual_tokens"), config.get("token_dim")
     width = dim * (2 * config.get("num_layers", 0) if kind == "PREFIX_TUNING" else 1) if dim else None
     if tensor is None or tuple(tensor.shape) != (n, width):
         shape = None if tensor is None else tuple(tensor.shape)
-        raise ProbeError(f"{folder}: expected a tensor 'prompt_embeddings' of shape ({n}, {width}), found {shape}")
+        raise RunFolderError(f"{folder}: expected a tensor 'prompt_embeddings' of shape ({n}, {width}), found {shape}")
     meta = read_json(folder / PROBE_PROMPT) if (folder / PROBE_PROMPT).is_file() else {}
     return Adapter(folder, config, tensor.float(), meta, meta.get("relation"))
 
@@ -338,12 +338,12 @@ def fit_adapter(backend: Backend, adapter: Adapter) -> FixedPrompt:
     layers = backend.model.config.num_hidden_layers
     if c["peft_type"] != "PREFIX_TUNING":
         if c["token_dim"] != backend.hidden_size:
-            raise ProbeError(f"{adapter.folder}: made for a model of hidden size {c['token_dim']}; {model!r} has "
+            raise ModelError(f"{adapter.folder}: made for a model of hidden size {c['token_dim']}; {model!r} has "
                              f"{backend.hidden_size}: another base model")
         return FixedPrompt(adapter.tensor)
     heads, head_dim = kv_heads(backend)
     if (c["num_layers"], c["token_dim"], c.get("num_attention_heads")) != (layers, heads * head_dim, heads):
-        raise ProbeError(f"{adapter.folder}: made for {c['num_layers']} layers of {c.get('num_attention_heads')} "
+        raise ModelError(f"{adapter.folder}: made for {c['num_layers']} layers of {c.get('num_attention_heads')} "
                          f"key/value heads ({c['token_dim']} wide); {model!r} has {layers} of {heads} "
                          f"({heads * head_dim}): another base model")
     kv = adapter.tensor.view(c["num_virtual_tokens"], layers, 2, c["token_dim"]).transpose(0, 1)
@@ -363,26 +363,26 @@ def eval_peft(opts: Options, log=print) -> list[dict]:
     asked = relation_ids(data, opts.relation, opts.all) if opts.relation or opts.all else None
     if len(adapters) == 1 and (adapters[0].relation is None or (asked and len(asked) == 1)):  # -r names its relation
         if not asked or len(asked) != 1:
-            raise ProbeError(f"{adapters[0].folder}: no {PROBE_PROMPT} says its relation: give it with --relation")
+            raise DataError(f"{adapters[0].folder}: no {PROBE_PROMPT} says its relation: give it with --relation")
         adapters[0].relation = asked[0]
     for a in adapters:
         if a.relation not in data.relations:
-            raise ProbeError(f"{a.folder} is for relation {a.relation!r}, which {data.name} does not hold "
-                             f"(a folder of adapters names each after its relation, or its {PROBE_PROMPT} does)")
+            raise DataError(f"{a.folder} is for relation {a.relation!r}, which {data.name} does not hold "
+                            f"(a folder of adapters names each after its relation, or its {PROBE_PROMPT} does)")
     adapters = [a for a in adapters if asked is None or a.relation in asked]
     if not adapters:
-        raise ProbeError(f"{opts.prompts} has no adapter for {', '.join(asked or [])}")
+        raise RunFolderError(f"{opts.prompts} has no adapter for {', '.join(asked or [])}")
     model = model_names(opts, several=False)[0] if opts.model else None
     for a in adapters:
         if model is not None and not same_model(model, a):
-            raise ProbeError(f"{a.folder} was made for base model {a.base!r}, not {model!r}")
+            raise ModelError(f"{a.folder} was made for base model {a.base!r}, not {model!r}")
     if model is None:
         bases = sorted({str(a.base) for a in adapters})
         if len(bases) != 1 or bases[0] == "None":
-            raise ProbeError(f"{opts.prompts}: adapters of base models {', '.join(bases)}: give the one to use with --model")
+            raise ModelError(f"{opts.prompts}: adapters of base models {', '.join(bases)}: give the one to use with --model")
         model = bases[0]
         if is_hub_id(model) and not opts.allow_download:  # a folder from elsewhere is data, not orders
-            raise ProbeError(f"{opts.prompts} names the hub model {model!r} as its base, which is not on this machine: "
+            raise ModelError(f"{opts.prompts} names the hub model {model!r} as its base, which is not on this machine: "
                              f"pass --model {model} (or --allow-download) to load it from the hub")
     if opts.template is None:
         check_templates(data, [a.relation for a in adapters if "input_template" not in a.meta], "--template")
@@ -390,7 +390,7 @@ def eval_peft(opts: Options, log=print) -> list[dict]:
     split = data.split_name(opts.split)
     backend = load_backend(model, device=opts.device or "auto", dtype=opts.dtype or "bfloat16")
     if backend.kind != "causal":
-        raise ProbeError(f"model {model!r} is a {backend.kind} LM: PEFT prompt adapters here are for causal LMs")
+        raise ModelError(f"model {model!r} is a {backend.kind} LM: PEFT prompt adapters here are for causal LMs")
     candidates = choice.build(backend.tokenizer, data)
     rows = []
     for a in adapters:

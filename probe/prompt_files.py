@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from probe.data.records import read_jsonl
-from probe.errors import ProbeError
-from probe.templates import TemplateError, parse_template
+from probe.errors import TemplateError
+from probe.templates import parse_template
 
 _RELATION = re.compile(r"^P\d+$")
 _TEXT_LINE = re.compile(r"^(P\d+)\s*(?:\t|:)\s*(.+)$")
@@ -48,34 +48,34 @@ class PromptSet:
         when strict, else left out."""
         missing = [rid for rid in relation_ids if rid not in self.prompts]
         if missing and strict:
-            raise ProbeError(f"prompts file {self.path} has no prompt for {', '.join(missing)}")
+            raise TemplateError(f"prompts file {self.path} has no prompt for {', '.join(missing)}")
         return {rid: self.prompts[rid][: max_prompts or None] for rid in relation_ids if rid in self.prompts}
 
     def check_relations(self, known: dict) -> None:
         """A relation id the data does not hold is a ProbeError naming the file and line."""
         for rid in self.prompts:
             if rid not in known:
-                raise ProbeError(f"{self.first_line(rid)}: relation {rid} is not a T-REx relation of the data folder")
+                raise TemplateError(f"{self.first_line(rid)}: relation {rid} is not a T-REx relation of the data folder")
 
 
 def _prompt(template: object, weight: object, where: str) -> DiscretePrompt:
     if not isinstance(template, str) or not template.strip():
-        raise ProbeError(f"{where}: expected a non-empty template string")
+        raise TemplateError(f"{where}: expected a non-empty template string")
     template = template.strip()
     if template.count("[X]") != 1 or template.count("[Y]") != 1:
-        raise ProbeError(f"{where}: template {template!r} must hold [X] and [Y] once each")
+        raise TemplateError(f"{where}: template {template!r} must hold [X] and [Y] once each")
     try:
         parse_template(template)
     except TemplateError as e:
-        raise ProbeError(f"{where}: {e}") from None
+        raise TemplateError(f"{where}: {e}") from None
     if weight is not None and (isinstance(weight, bool) or not isinstance(weight, int | float) or not weight > 0):
-        raise ProbeError(f"{where}: expected a positive number for 'weight', got {weight!r}")
+        raise TemplateError(f"{where}: expected a positive number for 'weight', got {weight!r}")
     return DiscretePrompt(template, None if weight is None else float(weight), where)
 
 
 def _relation_id(value: object, where: str) -> str:
     if not isinstance(value, str) or not _RELATION.match(value):
-        raise ProbeError(f"{where}: expected a relation id like 'P19', got {value!r}")
+        raise TemplateError(f"{where}: expected a relation id like 'P19', got {value!r}")
     return value
 
 
@@ -95,7 +95,7 @@ def _read_relation_text(path: Path) -> dict[str, list[DiscretePrompt]]:
             continue
         m = _TEXT_LINE.match(line.strip())
         if not m:
-            raise ProbeError(f"{path}:{lineno}: expected 'P19<TAB>template' or 'P19: template', got {line.strip()!r}")
+            raise TemplateError(f"{path}:{lineno}: expected 'P19<TAB>template' or 'P19: template', got {line.strip()!r}")
         out.setdefault(m.group(1), []).append(_prompt(m.group(2), None, f"{path}:{lineno}"))
     return out
 
@@ -103,9 +103,9 @@ def _read_relation_text(path: Path) -> dict[str, list[DiscretePrompt]]:
 def _read_folder(folder: Path) -> tuple[str, dict[str, list[DiscretePrompt]]]:
     files = sorted(p for p in folder.iterdir() if p.suffix in (".jsonl", ".txt") and _RELATION.match(p.stem))
     if not files:
-        raise ProbeError(f"prompt folder {folder} holds no P*.jsonl or P*.txt files")
+        raise TemplateError(f"prompt folder {folder} holds no P*.jsonl or P*.txt files")
     if len({p.suffix for p in files}) > 1:
-        raise ProbeError(f"prompt folder {folder} mixes P*.jsonl and P*.txt files: expected one kind")
+        raise TemplateError(f"prompt folder {folder} mixes P*.jsonl and P*.txt files: expected one kind")
     out: dict[str, list[DiscretePrompt]] = {}
     for path in files:
         if path.suffix == ".txt":
@@ -127,9 +127,9 @@ def read_prompts(path: str | Path) -> PromptSet:
     elif path.is_file():
         fmt, prompts = ("jsonl", _read_relation_jsonl(path)) if path.suffix == ".jsonl" else ("text", _read_relation_text(path))
     else:
-        raise ProbeError(f"prompts file {path} not found: expected a .jsonl file, a text file or a folder of P*.jsonl/P*.txt")
+        raise TemplateError(f"prompts file {path} not found: expected a .jsonl file, a text file or a folder of P*.jsonl/P*.txt")
     if not prompts:
-        raise ProbeError(f"prompts file {path} holds no prompts")
+        raise TemplateError(f"prompts file {path} holds no prompts")
     for plist in prompts.values():
         if all(p.weight is not None for p in plist):
             plist.sort(key=lambda p: -p.weight)  # stable: equal weights keep the file order

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from probe.backends.loading import check_device_name
 from probe.cells import Cell, Executor, LoadedModel, ModelSpec, OnDone, Progress, finish
 from probe.data import FactData
-from probe.errors import ProbeError
+from probe.errors import ModelError, SettingError
 from probe.vocab import CandidateChoice
 
 RETRIES = 3  # restarts of a dead actor, and tries of the cell it was running
@@ -33,7 +33,7 @@ def _ray():
     try:
         import ray
     except ImportError:
-        raise ProbeError("--ray needs Ray, which is not installed: pip install 'probe[ray]'") from None
+        raise SettingError("--ray needs Ray, which is not installed: pip install 'probe[ray]'") from None
     return ray
 
 
@@ -45,11 +45,11 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
     except ValueError:
         host, port = None, None
     if not host or not port:
-        raise ProbeError(f"--ray {address!r}: expected 'auto', HOST:PORT or ray://HOST:PORT (or --ray alone for a local Ray)")
+        raise SettingError(f"--ray {address!r}: expected 'auto', HOST:PORT or ray://HOST:PORT (or --ray alone for a local Ray)")
     try:
         socket.create_connection((host, port), timeout=timeout).close()
     except OSError as e:
-        raise ProbeError(f"Ray cluster at {address} cannot be reached ({e.strerror or e})") from None
+        raise SettingError(f"Ray cluster at {address} cannot be reached ({e.strerror or e})") from None
 
 
 def connect(address: str = "local", num_cpus: int | None = None) -> bool:
@@ -68,7 +68,7 @@ def connect(address: str = "local", num_cpus: int | None = None) -> bool:
                  runtime_env={"env_vars": env})
     except ConnectionError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ProbeError(f"no Ray cluster at {address!r}: {first}") from None
+        raise SettingError(f"no Ray cluster at {address!r}: {first}") from None
     return True
 
 
@@ -111,7 +111,7 @@ class RayExecutor(Executor):
     def __init__(self, data: FactData, candidates: CandidateChoice | str, address: str = "local", cpus_per_worker: int = 1,
                  workers: int | None = None, log=print, threads: int | None = None):
         if cpus_per_worker < 1:
-            raise ProbeError(f"--cpus-per-worker must be at least 1, got {cpus_per_worker}")
+            raise SettingError(f"--cpus-per-worker must be at least 1, got {cpus_per_worker}")
         self.data = data
         self.candidates = candidates
         self.address = address
@@ -125,8 +125,8 @@ class RayExecutor(Executor):
         self.gpus = sum(int(n.get("GPU", 0)) for n in nodes)
         slots = self.gpus or sum(int(n.get("CPU", 0)) // cpus_per_worker for n in nodes)  # a worker fits on one node
         if slots < 1:
-            raise ProbeError(f"no node of the Ray cluster has --cpus-per-worker {cpus_per_worker} CPUs (the largest has "
-                             f"{max((int(n.get('CPU', 0)) for n in nodes), default=0)})")
+            raise SettingError(f"no node of the Ray cluster has --cpus-per-worker {cpus_per_worker} CPUs (the largest has "
+                               f"{max((int(n.get('CPU', 0)) for n in nodes), default=0)})")
         self.slots = min(slots, workers) if workers else slots
         kind = "GPU" if self.gpus else f"{cpus_per_worker} CPU"
         log(f"Ray {'started' if self.started_ray else 'joined'} in {time.time() - t0:.1f}s: {self.slots} worker(s) of {kind}")
@@ -147,7 +147,7 @@ class RayExecutor(Executor):
         """A CUDA device on a cluster without GPUs is a ProbeError (its workers could never be placed)."""
         check_device_name(device)
         if device.startswith("cuda") and not self.gpus:
-            raise ProbeError(f"--device {device}: the Ray cluster has no GPU")
+            raise ModelError(f"--device {device}: the Ray cluster has no GPU")
 
     def run(self, cells: Sequence[Cell], on_done: OnDone | None = None, desc: str = "cells") -> Progress:
         ray = _ray()
@@ -186,10 +186,10 @@ class RayExecutor(Executor):
                     self.actor_pids.update(zip(new, ray.get([a.load.remote(data) for a in new], timeout=LOAD_TIMEOUT),
                                                strict=True))
                 except ray.exceptions.GetTimeoutError:
-                    raise ProbeError(f"Ray workers were not up {LOAD_TIMEOUT:.0f}s after they were asked for: the cluster "
-                                     "cannot place them, or their model loads too slowly") from None
+                    raise SettingError(f"Ray workers were not up {LOAD_TIMEOUT:.0f}s after they were asked for: the cluster "
+                                       "cannot place them, or their model loads too slowly") from None
                 except ray.exceptions.RayError as e:
-                    raise ProbeError(f"a Ray worker could not load its model: {_reason(e)}") from None
+                    raise ModelError(f"a Ray worker could not load its model: {_reason(e)}") from None
                 names = ", ".join(sorted({actors[a].name for a in new}))
                 tqdm.write(f"{len(new)} worker(s) loaded {names} in {time.time() - t0:.1f}s", file=sys.stderr)
 

@@ -22,7 +22,7 @@ import pandas as pd
 
 from probe import __version__
 from probe.data import relation_key
-from probe.errors import ProbeError
+from probe.errors import RunFolderError
 from probe.files import atomic_write_bytes, atomic_write_json, atomic_write_text, damaged, folder_name, read_json
 from probe.metrics import aggregate, pooled_breakdown
 
@@ -108,10 +108,10 @@ def check_own_folder(root: Path, marker: str = "config.json", flag: str = "--out
     writing into now. A folder of someone else's files is refused, never adopted."""
     root = Path(root)
     if root.exists() and not root.is_dir():
-        raise ProbeError(f"{flag} {root} is an existing file: expected a folder to write into")
+        raise RunFolderError(f"{flag} {root} is an existing file: expected a folder to write into")
     if root.is_dir() and not (root / marker).exists() and any(p.name != LOCK_NAME for p in root.iterdir()):
-        raise ProbeError(f"{flag} {root} holds files that probe did not write (it has no {marker}): expected a new or "
-                         "empty folder, or a probe run folder")
+        raise RunFolderError(f"{flag} {root} holds files that probe did not write (it has no {marker}): expected a new or "
+                             "empty folder, or a probe run folder")
     FolderLock.check(root)
 
 
@@ -129,8 +129,8 @@ class FolderLock:
                 holder = os.pread(self.fd, 200, 0).decode("utf-8", "replace").strip() or "pid unknown"
                 os.close(self.fd)
                 self.fd = None
-                raise ProbeError(f"run folder {root} is being written by another probe run ({holder}): wait for it to "
-                                 "finish, or use another --out") from None
+                raise RunFolderError(f"run folder {root} is being written by another probe run ({holder}): wait for it to "
+                                     "finish, or use another --out") from None
             try:
                 if os.stat(self.path).st_ino == os.fstat(self.fd).st_ino:
                     break  # not removed by its last holder between our open and our lock
@@ -179,12 +179,12 @@ class RunFolder:
         if config_path.exists():
             old = read_json(config_path)
             if not resume:
-                raise ProbeError(f"run folder {self.root} already exists: pass --resume to continue it, or another --out")
+                raise RunFolderError(f"run folder {self.root} already exists: pass --resume to continue it, or another --out")
             diff = config_differences(old, config)
             if diff:
                 hint = (f"; pass --threads {old['torch_threads']} to continue with its thread count"
                         if any(d.startswith("torch_threads") for d in diff) else "")
-                raise ProbeError(f"run folder {self.root} was made with other settings ({', '.join(diff)}){hint}")
+                raise RunFolderError(f"run folder {self.root} was made with other settings ({', '.join(diff)}){hint}")
 
     def create(self) -> RunFolder:
         """Make the folder (and the parents missing), lock it, then write its config.json."""

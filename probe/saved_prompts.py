@@ -10,7 +10,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from probe.data import relation_key
-from probe.errors import ProbeError
+from probe.errors import RunFolderError
 from probe.methods import FixedPrompt, PromptMethod
 
 
@@ -44,14 +44,14 @@ def load_prompt(path) -> FixedPrompt:
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError) as e:
-        raise ProbeError(f"{path}: not a readable prompt file ({e})") from None
+        raise RunFolderError(f"{path}: not a readable prompt file ({e})") from None
     embeddings, keys, values = (tensors.get(k) for k in ("virtual_embeddings", "prefix_keys", "prefix_values"))
     if embeddings is None and keys is None:
-        raise ProbeError(f"{path}: not a prompt file (expected 'virtual_embeddings' or 'prefix_keys')")
+        raise RunFolderError(f"{path}: not a prompt file (expected 'virtual_embeddings' or 'prefix_keys')")
     if embeddings is not None and (embeddings.ndim != 2 or not embeddings.is_floating_point()):
-        raise ProbeError(f"{path}: expected a 2-D float tensor 'virtual_embeddings', got shape {tuple(embeddings.shape)}")
+        raise RunFolderError(f"{path}: expected a 2-D float tensor 'virtual_embeddings', got shape {tuple(embeddings.shape)}")
     if keys is not None and (values is None or keys.ndim != 3 or values.ndim != 3 or keys.shape[:2] != values.shape[:2]):
-        raise ProbeError(f"{path}: expected 'prefix_keys' and 'prefix_values' of shape (layers, n_virtual, dim)")
+        raise RunFolderError(f"{path}: expected 'prefix_keys' and 'prefix_values' of shape (layers, n_virtual, dim)")
     return FixedPrompt(embeddings, keys, values)
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from probe.controls import CONTROLS, Control, get_control
 from probe.data import FactData
-from probe.errors import ProbeError, check_positive
+from probe.errors import DataError, ProbeError, SettingError, TemplateError, check_positive
 from probe.fit import config_fields
 from probe.methods import MethodConfig, PromptMethod, get_method, method_config, parse_options
 from probe.options import (
@@ -49,8 +49,8 @@ FALLBACKS = ("manual",)  # what a prompt below the manual prompt on dev gives wa
 def check_fallback(fallback: str | None) -> None:
     """--fallback is None or one of FALLBACKS."""
     if fallback is not None and fallback not in FALLBACKS:
-        raise ProbeError(f"--fallback {fallback!r}: expected {' or '.join(FALLBACKS)} (the relation's manual prompt "
-                         "where the trained one is below it on dev)")
+        raise SettingError(f"--fallback {fallback!r}: expected {' or '.join(FALLBACKS)} (the relation's manual prompt "
+                           "where the trained one is below it on dev)")
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ def fittable_method(name: str) -> type[PromptMethod]:
     """The class of a method that can be trained; one that cannot is a ProbeError."""
     method_cls = get_method(name)
     if not method_cls.can_fit():
-        raise ProbeError(f"method {name!r} has nothing to train: use `probe eval --method {name}`")
+        raise SettingError(f"method {name!r} has nothing to train: use `probe eval --method {name}`")
     return method_cls
 
 
@@ -97,17 +97,17 @@ def resolve_fit(method: str | None, settings: Mapping[str, Any] | None = None, *
     extra = sorted(set(settings) - option_names - fit_names)
     if extra:
         flags = ", ".join(f"--{name.replace('_', '-')}" for name in extra)
-        raise ProbeError(f"{flags} {'does' if len(extra) == 1 else 'do'} not apply to method {method!r}")
+        raise SettingError(f"{flags} {'does' if len(extra) == 1 else 'do'} not apply to method {method!r}")
     config = method_config(method, **{k: v for k, v in settings.items() if k in option_names})
     method_cls.check_settings(config, template is not None if template_given is None else template_given)
     check_fallback(fallback)
     if method_cls.lm_dtype is not None and dtype not in (None, method_cls.lm_dtype):
-        raise ProbeError(f"method {method!r} trains the LM's weights in {method_cls.lm_dtype}: --dtype {dtype} does "
-                         "not apply")
+        raise SettingError(f"method {method!r} trains the LM's weights in {method_cls.lm_dtype}: --dtype {dtype} does "
+                           "not apply")
     try:
         fit_config = method_cls.fit_config(preset, **{k: v for k, v in settings.items() if k in fit_names})
     except TypeError as e:  # a value of the wrong kind for a fit setting
-        raise ProbeError(f"method {method!r}: {e}") from None
+        raise SettingError(f"method {method!r}: {e}") from None
     return FitSpec(method, config, fit_config, load_template_spec(template, method), fallback, method_cls.lm_dtype)
 
 
@@ -149,7 +149,7 @@ def given_settings(opts: Options, method: str) -> dict:
     settings = opts.method_settings()
     for name in pairs:
         if name in settings:
-            raise ProbeError(f"--{name.replace('_', '-')} is given twice (also as --option {name}=...)")
+            raise SettingError(f"--{name.replace('_', '-')} is given twice (also as --option {name}=...)")
     return {**settings, **pairs}
 
 
@@ -161,24 +161,24 @@ def resolve_train(opts: Options) -> RunSpec:
     control = get_control(opts.control)
     if not control.trainable:
         trainable = ", ".join(n for n, c in CONTROLS.items() if c.trainable)
-        raise ProbeError(f"--control {control.name!r} does not apply to `probe train`: expected one of {trainable}")
+        raise SettingError(f"--control {control.name!r} does not apply to `probe train`: expected one of {trainable}")
     (name,) = model_names(opts, several=False)
     fit = resolve_fit(method, given_settings(opts, method), preset=opts.preset, template=opts.template,
                       fallback=opts.fallback, dtype=opts.dtype)
     if opts.save_model and not method_cls.trains_lm:
-        raise ProbeError(f"--save-model applies to methods that train the LM's weights; {method!r} trains a prompt, "
-                         "which every run saves")
+        raise SettingError(f"--save-model applies to methods that train the LM's weights; {method!r} trains a prompt, "
+                           "which every run saves")
     check_pack(opts.pack, method_cls)
     if (opts.jobs or 1) > 1 and not method_cls.beside_others:
-        raise ProbeError(f"--jobs runs fits beside each other on one LM; method {method!r} changes the LM while it fits, "
-                         "so its relations run one after another (leave --jobs out)")
+        raise SettingError(f"--jobs runs fits beside each other on one LM; method {method!r} changes the LM while it fits, "
+                           "so its relations run one after another (leave --jobs out)")
     trackers = check_report_to(opts.report_to)
     check_new_folder(opts.out, opts.resume)
     data = load_data(opts, opts.manual_template, fit.seed)
     split = data.split_name(opts.split)
     if split not in data.test_splits:
-        raise ProbeError(f"--split {split!r}: a trained prompt is tested on {' or '.join(data.test_splits)}, never on "
-                         "train or dev")
+        raise DataError(f"--split {split!r}: a trained prompt is tested on {' or '.join(data.test_splits)}, never on "
+                        "train or dev")
     ids = relation_ids(data, opts.relation, opts.all)
     check_templates(data, ids, "--manual-template")
     return RunSpec(name, opts.device, fit.dtype or opts.dtype, control, data, tuple(ids), split, candidate_choice(opts),
@@ -227,26 +227,26 @@ def resolve_eval(opts: Options, log=print) -> EvalSpec:
     control = get_control(opts.control)
     method = opts.method or "manual"
     if method in CONTROLS:
-        raise ProbeError(f"{method} is a control, not a method: use --control {method}")
+        raise SettingError(f"{method} is a control, not a method: use --control {method}")
     method_cls = get_method(method)
     if method_cls.can_fit():
-        raise ProbeError(f"method {method!r} is trained: use `probe train --method {method}`, then `probe eval --prompts RUN`")
+        raise SettingError(f"method {method!r} is trained: use `probe train --method {method}`, then `probe eval --prompts RUN`")
     if not control.uses_lm:
         opts.refuse(EVAL_FLAGS - PROMPT_FLAGS - {"seed"}, f"--control {control.name} ({control.summary}, with no prompt)")
     if opts.seed is not None and not control.seeded:
         seeded = " or ".join(n for n, c in CONTROLS.items() if c.seeded)
-        raise ProbeError(f"--seed applies to --control {seeded} only (a fixed prompt has nothing random)")
+        raise SettingError(f"--seed applies to --control {seeded} only (a fixed prompt has nothing random)")
     seed = (13 if opts.seed is None else opts.seed) if control.seeded else None
     if opts.prompts_file is None and (opts.ensemble or opts.max_prompts is not None):
-        raise ProbeError("--ensemble and --max-prompts need --prompts-file")
+        raise SettingError("--ensemble and --max-prompts need --prompts-file")
     max_prompts = opts.max_prompts if opts.max_prompts is not None else (0 if opts.ensemble else 1)
     if max_prompts < 0 or (max_prompts != 1 and not opts.ensemble):
-        raise ProbeError(f"--max-prompts {max_prompts}: several prompts per relation need --ensemble (0 means all)")
+        raise SettingError(f"--max-prompts {max_prompts}: several prompts per relation need --ensemble (0 means all)")
     batch_size = 128 if opts.batch_size is None else opts.batch_size
     check_positive(batch_size=batch_size)
     if opts.from_sentences and (opts.prompts_file is not None or opts.template is not None):
-        raise ProbeError("--from-sentences evaluates each fact's cloze sentence: it does not go with --template or "
-                         "--prompts-file")
+        raise SettingError("--from-sentences evaluates each fact's cloze sentence: it does not go with --template or "
+                           "--prompts-file")
     names = model_names(opts, several=True)
     several = len(names) > 1
     out = opts.out
@@ -272,7 +272,7 @@ def resolve_eval(opts: Options, log=print) -> EvalSpec:
         prompt_set.check_relations(data.relations)
         chosen = prompt_set.chosen(ids, max_prompts, strict=bool(opts.relation))
         if not chosen:
-            raise ProbeError(f"prompts file {opts.prompts_file} has no prompt for the relations asked for")
+            raise TemplateError(f"prompts file {opts.prompts_file} has no prompt for the relations asked for")
         if len(chosen) < len(ids):
             log(f"warning: no prompt in {opts.prompts_file} for {', '.join(r for r in ids if r not in chosen)}; skipped")
         ids = list(chosen)

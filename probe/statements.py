@@ -24,7 +24,7 @@ import torch
 from probe.backends import Backend, PromptInputs
 from probe.batching import Batch
 from probe.data import Fact
-from probe.errors import ProbeError
+from probe.errors import ModelError, TemplateError
 from probe.objects import ObjectCandidates
 
 REDUCTIONS = ("sum", "mean")
@@ -57,7 +57,7 @@ def encode(tokenizer, kind: str, texts: list[str]) -> list[Encoded]:
     special_first = False
     if kind == "causal":
         if tokenizer.bos_token is None:
-            raise ProbeError("--score statement: the tokenizer of this causal LM has no BOS token to start statements")
+            raise ModelError("--score statement: the tokenizer of this causal LM has no BOS token to start statements")
         had = hasattr(tokenizer, "add_bos_token")
         saved = getattr(tokenizer, "add_bos_token", None)
         try:
@@ -115,8 +115,8 @@ def _causal(backend: Backend, encoded: list[list[Encoded]], batch_size: int) -> 
         for e in row:
             n = e.scored[-1] + 1 if e.scored else 1
             if e.scored != tuple(range(1, n)):
-                raise ProbeError("--score statement: a special token inside a statement (only a leading BOS and trailing "
-                                 "special tokens are left unscored)")
+                raise TemplateError("--score statement: a special token inside a statement (only a leading BOS and trailing "
+                                    "special tokens are left unscored)")
             seqs.append(e.ids[:n])
         shared = _common_length(seqs)
         groups.setdefault(tuple(q[shared:] for q in seqs), []).append((s, seqs[0][:shared]))

@@ -12,9 +12,9 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from probe.errors import ProbeError
+from probe.errors import TemplateError
 from probe.files import read_text
-from probe.templates import DEFAULT_SHAPES, WORDS, Template, TemplateError, parse_template
+from probe.templates import DEFAULT_SHAPES, WORDS, Template, parse_template
 
 GOOGLE_RE_TEMPLATES = Path(__file__).resolve().parents[1] / "templates" / "google_re.txt"  # LAMA's, shipped
 _KEY = re.compile(r"^(default|[A-Za-z0-9_][\w\-]*)(\.(masked|causal))?$")  # default, or any relation name
@@ -43,7 +43,7 @@ def parse_template_file(path: str | Path) -> TemplateFile:
         raise TemplateError(f"template file {path} not found")
     entries: dict[str, Template] = {}
     problems = []
-    for lineno, raw in enumerate(read_text(path, "template file", "'KEY: TEMPLATE' lines").splitlines(), 1):
+    for lineno, raw in enumerate(read_text(path, "template file", "'KEY: TEMPLATE' lines", error=TemplateError).splitlines(), 1):
         line = _strip_comment(raw).strip()
         if not line:
             continue
@@ -102,7 +102,7 @@ def relation_templates(spec: str | None) -> tuple[dict[str, str], str | None]:
     entries = dict(read_template_spec(spec).entries)
     for key, t in entries.items():
         if t.n_virtual or any(p.kind == WORDS for p in t.parts):
-            raise ProbeError(f"template {t.source!r} ({key}) has virtual tokens: a relation's template is real words, "
-                             "'[X] ... [Y]' (train a shape with `probe train --template`)")
+            raise TemplateError(f"template {t.source!r} ({key}) has virtual tokens: a relation's template is real words, "
+                                "'[X] ... [Y]' (train a shape with `probe train --template`)")
     default = entries.pop("default", None)
     return {k: t.source for k, t in entries.items()}, default.source if default else None

@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from probe.errors import ProbeError
+from probe.errors import TemplateError
 
 VIRTUAL, SUB, OBJ, TEXT, MANUAL, WORDS = "virtual", "sub", "obj", "text", "manual", "words"
 DEFAULT_SHAPES = {"masked": "(3, sub, 3, obj, 3)", "causal": "(3, sub, 3, obj)"}
@@ -48,14 +48,6 @@ class Template:
     def n_virtual(self) -> int:
         """Virtual tokens from counts; word slots add theirs when compiled (see CompiledTemplate.n_virtual)."""
         return sum(p.n for p in self.parts if p.kind == VIRTUAL)
-
-
-class TemplateError(ProbeError):
-    """A template that does not parse or does not fit the model; `problems` lists every bad line of a file."""
-
-    def __init__(self, message: str, problems: list[str] | None = None):
-        super().__init__(message)
-        self.problems = problems or [message]
 
 
 _ITEM = re.compile(

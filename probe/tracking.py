@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from probe.cells import Cell, CellOutput, Executor, OnDone, Progress
-from probe.errors import ProbeError
+from probe.errors import SettingError
 
 FINAL = ("p1", "p10", "mrr")  # a finished cell's test figures, reported as test_p1, ...
 ParamValue = str | int | float | bool
@@ -151,14 +151,14 @@ def check_report_to(names: Sequence[str] | None) -> list[str]:
     names = list(dict.fromkeys(n.strip().lower() for given in names or () for n in given.split(",") if n.strip()))
     if "none" in names:
         if len(names) > 1:
-            raise ProbeError("--report-to none cannot go with a tracker: give none, or the trackers")
+            raise SettingError("--report-to none cannot go with a tracker: give none, or the trackers")
         return []
     for name in names:
         if name not in TRACKERS:
-            raise ProbeError(f"--report-to {name!r}: expected {', '.join(TRACKERS)} or none")
+            raise SettingError(f"--report-to {name!r}: expected {', '.join(TRACKERS)} or none")
         if importlib.util.find_spec(TRACKERS[name].module) is None:
-            raise ProbeError(f"--report-to {name} needs the {TRACKERS[name].module} package, which is not installed: "
-                             f"pip install 'probe[{name}]'")
+            raise SettingError(f"--report-to {name} needs the {TRACKERS[name].module} package, which is not installed: "
+                               f"pip install 'probe[{name}]'")
     return names
 
 

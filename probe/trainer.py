@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from probe.backends import Backend
 from probe.batching import make_batches
-from probe.errors import ProbeError, check_positive
+from probe.errors import SettingError, check_positive
 from probe.evaluator import evaluate_facts, evaluate_pack
 from probe.fit import FitLoop, FitResult, FitTask, Fitted, create_prompt, setting
 
@@ -44,17 +44,17 @@ class TrainConfig:
 
     def check(self) -> None:
         if not 0 < self.lr < MAX_LR:
-            raise ProbeError(f"--lr must be a positive number{' below ' + format(MAX_LR, 'g') if self.lr > 0 else ''}, "
-                             f"got {self.lr}")
+            raise SettingError(f"--lr must be a positive number{' below ' + format(MAX_LR, 'g') if self.lr > 0 else ''}, "
+                               f"got {self.lr}")
         if self.weight_decay < 0:
-            raise ProbeError(f"weight_decay must be at least 0, got {self.weight_decay}")
+            raise SettingError(f"weight_decay must be at least 0, got {self.weight_decay}")
         if not 0 <= self.warmup < 1:
-            raise ProbeError(f"warmup must be a share of the steps in [0, 1), got {self.warmup}")
+            raise SettingError(f"warmup must be a share of the steps in [0, 1), got {self.warmup}")
         if self.retries < 0 or not 0 < self.retry_lr_factor < 1:
-            raise ProbeError(f"retries must be at least 0 and retry_lr_factor in (0, 1), got {self.retries} and "
-                             f"{self.retry_lr_factor}")
+            raise SettingError(f"retries must be at least 0 and retry_lr_factor in (0, 1), got {self.retries} and "
+                               f"{self.retry_lr_factor}")
         if self.min_steps < 0 or self.max_train < 0:
-            raise ProbeError(f"--min-steps and --max-train must be at least 0, got {self.min_steps} and {self.max_train}")
+            raise SettingError(f"--min-steps and --max-train must be at least 0, got {self.min_steps} and {self.max_train}")
         check_positive(batch_size=self.batch_size, epochs=self.epochs, eval_every=self.eval_every, patience=self.patience)
 
 

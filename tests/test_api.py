@@ -100,3 +100,67 @@ def test_import_probe_stays_light():
 
     code = "import sys, probe; assert 'probe.api' not in sys.modules and 'torch' not in sys.modules; probe.load_model"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
+
+
+def _cli_error(*args) -> str:
+    """The one `error:` line `probe ARGS` prints (exit 2, no traceback)."""
+    from conftest import assert_user_error
+
+    return assert_user_error(cli_in_process(*args))
+
+
+@pytest.mark.parametrize(("kind", "call", "flags"), [
+    (probe.DataError, lambda m, d, t: probe.evaluate(m, relations="P999", data=d), ["eval", "-r", "P999"]),
+    (probe.TemplateError, lambda m, d, t: probe.train(m, relations="P19", data=d, template="(3, sub, 3, obj"),
+     ["train", "-r", "P19", "--template", "(3, sub, 3, obj"]),
+    (probe.TemplateError, lambda m, d, t: probe.train(m, relations="P19", data=d, template="[X] is in [Y] ."),
+     ["train", "-r", "P19", "--template", "[X] is in [Y] ."]),
+    (probe.RunFolderError, lambda m, d, t: probe.train(m, relations="P19", data=d, out=t / "file.txt"),
+     ["train", "-r", "P19", "--out", "{t}/file.txt"]),
+    (probe.RunFolderError, lambda m, d, t: probe.evaluate(m, relations="P19", data=d, out=t / "theirs"),
+     ["eval", "-r", "P19", "--out", "{t}/theirs"]),
+    (probe.SettingError, lambda m, d, t: probe.train(m, relations="P19", data=d, lr=-1.0),
+     ["train", "-r", "P19", "--lr", "-1"]),
+    (probe.SettingError, lambda m, d, t: probe.train(m, relations="P19", data=d, method="autoprompt", init="nothing"),
+     ["train", "-r", "P19", "--method", "autoprompt", "--init", "nothing"]),
+    (probe.ModelError, lambda m, d, t: probe.load_model(str(t / "no-model"), device="cpu"),
+     ["eval", "-r", "P19", "-m", "{t}/no-model"]),
+])
+def test_mistakes_raise_their_kind_of_probe_error_with_the_cli_message(kind, call, flags, tiny_model, tiny_causal_dir,
+                                                                       fake_lama, tmp_path):
+    work = tmp_path / "work"
+    (work / "theirs").mkdir(parents=True)
+    (work / "file.txt").write_text("mine\n")
+    (work / "theirs" / "notes.txt").write_text("not probe's\n")
+    with pytest.raises(kind) as caught:
+        call(tiny_model, fake_lama, work)
+    assert type(caught.value) is kind and isinstance(caught.value, ProbeError)
+    flags = [f.format(t=work) for f in flags]
+    model = [] if "-m" in flags else ["-m", str(tiny_causal_dir)]
+    assert _cli_error(*flags, *model, "--data", fake_lama) == f"error: {caught.value}"
+    assert sorted(p.name for p in work.rglob("*")) == ["file.txt", "notes.txt", "theirs"]  # nothing made by either
+
+
+def test_the_cli_prints_what_the_apis_command_entry_returns(tiny_causal_dir, fake_lama, tmp_path):
+    """`probe eval` and `probe train` are probe.api's eval_command / train_command on the flags, then a print."""
+    import re
+
+    from probe.api import CommandResult, eval_command, train_command
+    from probe.options import Options
+
+    def same(text: str, out) -> str:
+        return re.sub(r"\(\d+\.\d+s in all\)", "(Ns in all)", text.replace(str(out), "OUT"))
+
+    for name, entry, flags, extra in (("eval", eval_command, ["-r", "P19,P36"], {"relation": ["P19,P36"]}),
+                                      ("train", train_command, ["-r", "P19", "--max-train", "4", "--epochs", "1"],
+                                       {"relation": ["P19"], "max_train": 4, "epochs": 1})):
+        proc = cli_in_process(name, "-m", tiny_causal_dir, "--data", fake_lama, "--threads", "1", *flags,
+                              "--out", tmp_path / f"cli-{name}")
+        assert proc.returncode == 0, proc.stderr
+        result = entry(Options(model=[str(tiny_causal_dir)], data=str(fake_lama), threads=1, out=tmp_path / f"api-{name}",
+                               **extra), log=lambda line: None)
+        assert isinstance(result, CommandResult) and len(result.runs) == 1 and result.exit_code == 0
+        printed = "\n".join(result.lines()) + "\n"
+        # the CLI's stdout: the per-relation lines the cells write as they finish, then what the entry returned
+        assert same(proc.stdout, tmp_path / f"cli-{name}").endswith(same(printed, tmp_path / f"api-{name}"))
+        assert "saved OUT/results.json, relations.csv, summary.md" in same(printed, tmp_path / f"api-{name}")

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from probe.batching import Batch
-from probe.errors import ProbeError
+from probe.errors import ModelError
 from probe.objects import Contexts, ObjectCandidates
 from probe.vocab import CandidateVocab
 
@@ -361,7 +361,7 @@ class Backend:
         if self._kv_cache is None:
             self._kv_cache = _find_kv_projections(self.body)
             if not self._kv_cache:
-                raise ProbeError(
+                raise ModelError(
                     f"model {self.name!r}: prefix-tuning cannot find its key/value projections "
                     "(expected attention modules with k_proj/v_proj, key/value or GPT-2's c_attn)"
                 )
@@ -435,5 +435,5 @@ def backend_class(config, kind: str) -> type[Backend]:
     fits = [c for c in BACKENDS if c.kind == kind and c.supports(config)]
     specific = [c for c in fits if not any(o is not c and issubclass(o, c) for o in fits)]
     if not specific:
-        raise ProbeError(f"no backend for a {kind} LM of model type {getattr(config, 'model_type', '?')!r}")
+        raise ModelError(f"no backend for a {kind} LM of model type {getattr(config, 'model_type', '?')!r}")
     return specific[0]

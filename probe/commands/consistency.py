@@ -28,7 +28,7 @@ from probe.consistency import (
 )
 from probe.controls import get_control
 from probe.data import Fact, FactData
-from probe.errors import ProbeError, check_positive
+from probe.errors import DataError, ModelError, RunFolderError, SettingError, TemplateError, check_positive
 from probe.evaluator import evaluate_facts
 from probe.files import atomic_write_json, atomic_write_text, read_json
 from probe.objects import ObjectsSpec, object_candidates
@@ -36,7 +36,7 @@ from probe.options import Options, check_new_folder, load_data, make_executor, m
 from probe.prompt_files import read_prompts
 from probe.runs import RunConfig, markdown_table
 from probe.saved_prompts import load_prompt, saved_relations
-from probe.templates import TemplateError, compile_template
+from probe.templates import compile_template
 from probe.vocab import CandidateChoice, build_candidates
 
 CONSISTENCY_FLAGS = {"model", "relation", "all", "split", "data", "facts", "fields", "out", "resume", "batch_size",
@@ -138,8 +138,8 @@ def consistency_split(data: FactData, split: str | None) -> tuple[str, Path | No
     folder = data.vocab_root() / PARAREL_FACTS if data.kind == "lama" else None
     if split == PARAREL_SPLIT or (split is None and folder is not None and folder.is_dir()):
         if folder is None or not folder.is_dir():
-            raise ProbeError(f"--split {PARAREL_SPLIT}: ParaRel's facts are read from a LAMA folder's {PARAREL_FACTS}, "
-                             f"not found in {data.name}")
+            raise DataError(f"--split {PARAREL_SPLIT}: ParaRel's facts are read from a LAMA folder's {PARAREL_FACTS}, "
+                            f"not found in {data.name}")
         return PARAREL_SPLIT, folder
     return data.split_name(split), None
 
@@ -147,12 +147,12 @@ def consistency_split(data: FactData, split: str | None) -> tuple[str, Path | No
 def _saved_prompts(run_dir: Path, model: list[str] | None, allow_download: bool = False) -> tuple[dict, dict[str, SavedPrompt]]:
     """A training run's config and its saved prompts by relation."""
     if not run_dir.is_dir():
-        raise ProbeError(f"run folder {run_dir} does not exist")
+        raise RunFolderError(f"run folder {run_dir} does not exist")
     cfg = read_json(run_dir / "config.json")
     if cfg.get("command") != "train":
-        raise ProbeError(f"{run_dir} is not a training run folder (its config.json says command {cfg.get('command')!r})")
+        raise RunFolderError(f"{run_dir} is not a training run folder (its config.json says command {cfg.get('command')!r})")
     if model and list(dict.fromkeys(model)) != [cfg["model"]]:
-        raise ProbeError(f"run folder {run_dir} was trained on model {cfg['model']!r}, not {model[0]!r}")
+        raise ModelError(f"run folder {run_dir} was trained on model {cfg['model']!r}, not {model[0]!r}")
     check_recorded_model(run_dir, cfg, bool(model), allow_download)
     saved = {}
     for rid in saved_relations(run_dir):
@@ -160,7 +160,7 @@ def _saved_prompts(run_dir: Path, model: list[str] | None, allow_download: bool 
         saved[rid] = SavedPrompt(str((run_dir / rid).resolve()), rel["template"], rel.get("manual_template"),
                                  rel.get("torch_threads"))
     if not saved:
-        raise ProbeError(f"{run_dir} holds no saved prompts (expected RELATION/prompt.safetensors)")
+        raise RunFolderError(f"{run_dir} holds no saved prompts (expected RELATION/prompt.safetensors)")
     return cfg, saved
 
 
@@ -174,34 +174,34 @@ def run_consistency(opts: Options, log=print) -> list[RunResult]:
     check_positive(batch_size=batch_size)
     objects = opts.objects or "single"
     if objects not in ("single", "any"):
-        raise ProbeError(f"--objects {objects!r}: expected single (one-token objects) or any")
+        raise SettingError(f"--objects {objects!r}: expected single (one-token objects) or any")
     if opts.length_norm and objects != "any":
-        raise ProbeError("--length-norm applies to --objects any")
+        raise SettingError("--length-norm applies to --objects any")
     cfg, saved = (None, {})
     if opts.prompts is not None:
         cfg, saved = _saved_prompts(Path(opts.prompts), opts.model, bool(opts.allow_download))
         if opts.dtype is not None:
-            raise ProbeError("--dtype does not apply to --prompts (the run's own dtype is used)")
+            raise SettingError("--dtype does not apply to --prompts (the run's own dtype is used)")
     data = reopen_data(cfg, opts.data) if cfg else load_data(opts)
     if opts.prompts_file is None:
         default = data.vocab_root() / "prompts" / "pararel"
         if data.kind != "lama" or not default.is_dir():
-            raise ProbeError("--consistency needs --prompts-file: a folder of each relation's patterns (ParaRel's)")
+            raise SettingError("--consistency needs --prompts-file: a folder of each relation's patterns (ParaRel's)")
         opts.prompts_file = default
     prompt_set = read_prompts(opts.prompts_file)
     prompt_set.check_relations(data.relations)
     graphs = default_graphs(Path(opts.prompts_file))
     if not graphs.is_dir():
-        raise ProbeError(f"--consistency reads each relation's graph from {graphs} (JSONL edges), which is not a folder")
+        raise DataError(f"--consistency reads each relation's graph from {graphs} (JSONL edges), which is not a folder")
     ids = relation_ids(data, opts.relation, opts.all) if (opts.relation or opts.all or not saved) else list(saved)
     chosen = prompt_set.chosen(ids, 0, strict=bool(opts.relation))
     if saved:
         missing = [r for r in chosen if r not in saved]
         if missing and opts.relation:
-            raise ProbeError(f"{opts.prompts} has no saved prompt for {', '.join(missing)}")
+            raise RunFolderError(f"{opts.prompts} has no saved prompt for {', '.join(missing)}")
         chosen = {r: p for r, p in chosen.items() if r in saved}
     if not chosen:
-        raise ProbeError(f"prompts file {opts.prompts_file} has no patterns for the relations asked for")
+        raise TemplateError(f"prompts file {opts.prompts_file} has no patterns for the relations asked for")
     if len(chosen) < len(ids):
         log(f"warning: no patterns{' or saved prompt' if saved else ''} for "
             f"{', '.join(r for r in ids if r not in chosen)}; skipped")

@@ -24,7 +24,7 @@ from probe.cells import CellOutput, LoadedModel
 from probe.commands.common import TOO_LONG, candidate_counts, dropped_line, facts_in_context, relation_row
 from probe.commands.eval import single_candidate_warning
 from probe.data import Fact
-from probe.errors import ProbeError
+from probe.errors import DataError
 from probe.evaluator import RelationEval, evaluate_facts
 from probe.fit import FitTask, Fitted
 from probe.methods import FixedPrompt, get_method
@@ -90,7 +90,7 @@ def prepare_fit(loaded: LoadedModel, relation_id: str, template: Template, metho
         why = dropped_line({candidates.dropped_reason: not_candidates, TOO_LONG: long})
         msg = f"relation {relation.id} has no train facts left after filtering ({why})"
         if strict:
-            raise ProbeError(msg)
+            raise DataError(msg)
         return CellOutput(warnings=[*warnings, f"{msg}; skipped"])
     dev, _ = loaded.facts(relation, "dev")
     dev, _ = facts_in_context(loaded, relation, compiled, dev or train, candidates, warnings)

@@ -12,7 +12,7 @@ from probe.backends.loading import is_hub_id
 from probe.batching import relation_facts
 from probe.cells import torch_threads
 from probe.data import FactData
-from probe.errors import ProbeError, check_positive
+from probe.errors import ModelError, RunFolderError, check_positive
 from probe.evaluator import evaluate_facts
 from probe.files import read_json
 from probe.objects import ObjectsSpec
@@ -34,12 +34,12 @@ def rerun_prompts(opts: Options, log=print) -> list[dict]:
     check_threads(opts.threads)
     run_dir = Path(opts.prompts)
     if not run_dir.exists():
-        raise ProbeError(f"run folder {run_dir} does not exist")
+        raise RunFolderError(f"run folder {run_dir} does not exist")
     cfg = read_json(run_dir / "config.json")
     if cfg.get("command") != "train":
-        raise ProbeError(f"{run_dir} is not a training run folder (its config.json says command {cfg.get('command')!r})")
+        raise RunFolderError(f"{run_dir} is not a training run folder (its config.json says command {cfg.get('command')!r})")
     if opts.model and model_names(opts, several=False) != [cfg["model"]]:
-        raise ProbeError(f"run folder {run_dir} was trained on model {cfg['model']!r}, not {opts.model[0]!r}")
+        raise ModelError(f"run folder {run_dir} was trained on model {cfg['model']!r}, not {opts.model[0]!r}")
     check_recorded_model(run_dir, cfg, bool(opts.model), bool(opts.allow_download))
     spec = cfg.get("data_spec") or {"data": cfg.get("data")}
     log(f"{run_dir} records model {cfg['model']!r}, data {opts.data or spec.get('facts') or spec.get('data')}, "
@@ -47,20 +47,20 @@ def rerun_prompts(opts: Options, log=print) -> list[dict]:
     data = reopen_data(cfg, opts.data)
     saved = saved_relations(run_dir)
     if not saved:
-        raise ProbeError(f"{run_dir} holds no saved prompts (expected RELATION/prompt.safetensors)")
+        raise RunFolderError(f"{run_dir} holds no saved prompts (expected RELATION/prompt.safetensors)")
     ids = saved
     if opts.relation or opts.all:
         asked = relation_ids(data, opts.relation, opts.all)
         missing = [r for r in asked if r not in saved] if opts.relation else []
         if missing:
-            raise ProbeError(f"{run_dir} has no saved prompt for {', '.join(missing)} (it has {', '.join(saved)})")
+            raise RunFolderError(f"{run_dir} has no saved prompt for {', '.join(missing)} (it has {', '.join(saved)})")
         ids = [r for r in saved if r in asked]
     recorded = str(cfg.get("device", "cpu"))  # a GPU run on a GPU here, a CPU run on the CPU, unless --device says
     backend = load_backend(cfg["model"], device=opts.device or ("auto" if recorded.startswith("cuda") else "cpu"),
                            dtype=cfg.get("dtype", "float32"),
                            control=cfg.get("control", "none"), seed=cfg.get("seed") or 0)
     if backend.kind != cfg["model_kind"]:
-        raise ProbeError(f"run folder {run_dir} was trained on a {cfg['model_kind']} LM, {cfg['model']!r} is {backend.kind}")
+        raise ModelError(f"run folder {run_dir} was trained on a {cfg['model_kind']} LM, {cfg['model']!r} is {backend.kind}")
     candidates = run_candidates(cfg).build(backend.tokenizer, data)
     return reevaluate_run(backend, data, run_dir, candidates, batch_size, ids, opts.threads, log)
 
@@ -70,9 +70,9 @@ def check_recorded_model(run_dir: Path, cfg: dict, named: bool, allow_download: 
     or allowed downloads."""
     model = cfg.get("model")
     if not isinstance(model, str) or not model:
-        raise ProbeError(f"{run_dir}/config.json names no model: expected the run folder of `probe train`")
+        raise RunFolderError(f"{run_dir}/config.json names no model: expected the run folder of `probe train`")
     if is_hub_id(model) and not (named or allow_download):
-        raise ProbeError(f"run folder {run_dir} names the hub model {model!r}, which is not on this machine: pass "
+        raise ModelError(f"run folder {run_dir} names the hub model {model!r}, which is not on this machine: pass "
                          f"--model {model} (or --allow-download) to load it from the hub")
 
 
@@ -101,7 +101,7 @@ def reevaluate_run(backend: Backend, data: FactData, run_dir: Path, candidates, 
         compiled = compile_template(rel_cfg["template"], backend.tokenizer, backend.kind, manual=manual)
         prompt = load_prompt(folder / "prompt.safetensors").to(backend.device)
         if prompt.n_virtual != compiled.n_virtual:
-            raise ProbeError(f"{folder}: {prompt.n_virtual} saved vectors for {compiled.n_virtual} virtual slots")
+            raise RunFolderError(f"{folder}: {prompt.n_virtual} saved vectors for {compiled.n_virtual} virtual slots")
         facts, _ = relation_facts(data, relation, rel_cfg["split"], candidates, True)
         recorded = rel_cfg.get("torch_threads")
         if threads and recorded and threads != recorded:
@@ -111,7 +111,7 @@ def reevaluate_run(backend: Backend, data: FactData, run_dir: Path, candidates, 
         rows.append({**metrics, **{f"saved_{k}": metrics[k] for k in ("p1", "p10", "mrr")}, **result.metrics,
                      "n_facts": len(facts)})
     if not rows:
-        raise ProbeError(f"{run_dir} holds no saved prompts (expected RELATION/prompt.safetensors)")
+        raise RunFolderError(f"{run_dir} holds no saved prompts (expected RELATION/prompt.safetensors)")
     if other:
         log(f"warning: --threads {threads}: {', '.join(other)} were fit with other torch thread counts (in brackets); "
             "on CPU their figures may not reproduce")

@@ -15,7 +15,7 @@ from probe.commands.common import RunResult, execute, open_model, relation_outpu
 from probe.commands.eval import RelationCell
 from probe.controls import get_control
 from probe.data import FactData, bear_folder, resolve_data_dir
-from probe.errors import ProbeError, check_positive
+from probe.errors import SettingError, check_positive
 from probe.files import atomic_write_json, atomic_write_text
 from probe.metrics import relation_metrics
 from probe.objects import ObjectsSpec
@@ -37,13 +37,13 @@ def score_choice(opts: Options) -> str:
     bear = not facts_given and bear_folder(resolve_data_dir(opts.data)) is not None
     score = opts.score or ("statement" if bear else "object")
     if score not in SCORES:
-        raise ProbeError(f"--score {score!r}: expected object (the object's log-likelihood after the prompt) or "
-                         "statement (the whole filled template's, as LM Pub Quiz)")
+        raise SettingError(f"--score {score!r}: expected object (the object's log-likelihood after the prompt) or "
+                           "statement (the whole filled template's, as LM Pub Quiz)")
     if opts.reduction is not None:
         if score != "statement":
-            raise ProbeError("--reduction applies to --score statement")
+            raise SettingError("--reduction applies to --score statement")
         if opts.reduction not in REDUCTIONS:
-            raise ProbeError(f"--reduction {opts.reduction!r}: expected sum (LM Pub Quiz's default) or mean")
+            raise SettingError(f"--reduction {opts.reduction!r}: expected sum (LM Pub Quiz's default) or mean")
     return score
 
 
@@ -100,7 +100,7 @@ def run_statement_eval(opts: Options, log=print) -> list[RunResult]:
     t0 = time.time()
     opts.refuse(STATEMENT_FLAGS, "`probe eval --score statement` (each relation's own templates and answers)")
     if (opts.method or "manual") != "manual":
-        raise ProbeError(f"--score statement scores the relations' own templates: --method {opts.method} does not apply")
+        raise SettingError(f"--score statement scores the relations' own templates: --method {opts.method} does not apply")
     batch_size = 64 if opts.batch_size is None else opts.batch_size
     check_positive(batch_size=batch_size)
     (name,) = model_names(opts, several=False)

@@ -21,7 +21,7 @@ from probe.commands.common import (
 )
 from probe.commands.eval import RelationCell
 from probe.commands.fit_cell import Prepared, finish_fit, prepare_fit
-from probe.errors import ProbeError
+from probe.errors import DataError
 from probe.fit import Fitted, fit
 from probe.methods import get_method
 from probe.options import Options, make_executor
@@ -80,7 +80,7 @@ class TrainCell(RelationCell):
 def compiled_templates(model, data, ids: list[str], method: str, options, templates: TemplateFile) -> dict:
     """(template, compiled) per relation for a method, on the model's tokenizer (a ModelInfo or a Backend): every
     template is checked before any folder is made or any training starts."""
-    method_cls = fittable_method(method)
+    method_cls = get_method(method)  # a resolved spec's method, checked fittable there
     out = {}
     for rid in ids:
         relation = data.relation(rid)
@@ -103,7 +103,8 @@ def train_run(run_spec: RunSpec, log=print, loaded=None) -> list[RunResult]:
     t0 = time.time()
     fit_spec, data, ids, split, choice = run_spec.fit, run_spec.data, list(run_spec.relations), run_spec.split, \
         run_spec.candidates
-    method, method_cls, seed = fit_spec.method, fit_spec.method_class, fit_spec.seed
+    method, seed = fit_spec.method, fit_spec.fit_config.seed
+    method_cls = get_method(method)
     overlap = data.overlap(ids, split)
     executor = make_executor(data, choice, run_spec.ray, run_spec.cpus_per_worker, run_spec.threads, log, run_spec.jobs)
     if loaded is not None:
@@ -116,7 +117,7 @@ def train_run(run_spec: RunSpec, log=print, loaded=None) -> list[RunResult]:
         if len(ids) == 1:
             rel = data.relation(ids[0])
             if not relation_facts(data, rel, "train", candidates, strict=False)[0]:
-                raise ProbeError(f"relation {rel.id} has no train facts left after filtering by the candidate vocabulary")
+                raise DataError(f"relation {rel.id} has no train facts left after filtering by the candidate vocabulary")
             relation_facts(data, rel, split, candidates, strict=True)
         config = RunConfig.of(
             "train", info, data, n_candidates=n_candidates, n_vocab_words=n_source, objects=objects or None,

@@ -34,7 +34,7 @@ from probe.data.bear import BearData, BearRelation, bear_folder
 from probe.data.facts import FactFiles, FactsFolder
 from probe.data.lama import LamaData
 from probe.data.records import json_record, read_jsonl, read_records, record_fact, record_relation
-from probe.errors import ProbeError
+from probe.errors import DataError
 
 
 def open_data(data: str | Path | None = None, facts: str | Path | dict | None = None, train_facts: str | Path | None = None,
@@ -45,25 +45,25 @@ def open_data(data: str | Path | None = None, facts: str | Path | dict | None = 
     if isinstance(fields, str):
         names = tuple(f.strip() for f in fields.split(","))
         if len(names) != 2 or not all(names):
-            raise ProbeError(f"--fields {fields!r}: expected SUBJECT,OBJECT, the two field names, e.g. sub_label,obj_label")
+            raise DataError(f"--fields {fields!r}: expected SUBJECT,OBJECT, the two field names, e.g. sub_label,obj_label")
         fields = names
     fields = tuple(fields) if fields else None
     if isinstance(facts, dict):  # a saved spec
         return FactFiles(facts.get("test"), facts.get("train"), facts.get("dev"), fields, dev_split, seed)
     if facts is not None or train_facts is not None or dev_facts is not None:
         if data is not None:
-            raise ProbeError("give either --data (a folder) or facts files (--facts, --train-facts, --dev-facts), not both")
+            raise DataError("give either --data (a folder) or facts files (--facts, --train-facts, --dev-facts), not both")
         return FactFiles(facts, train_facts, dev_facts, fields, dev_split, seed)
     if dev_split:
-        raise ProbeError("--dev-split applies to --train-facts (facts files) only")
+        raise DataError("--dev-split applies to --train-facts (facts files) only")
     root = resolve_data_dir(data)
     if bear_folder(root) is not None:
         if fields:
-            raise ProbeError("--fields does not apply to a BEAR folder (its records are LM Pub Quiz's)")
+            raise DataError("--fields does not apply to a BEAR folder (its records are LM Pub Quiz's)")
         return BearData(root)
     if (root / "relations" / "relations.jsonl").exists() or (root / "trex").is_dir():
         if fields:
-            raise ProbeError("--fields does not apply to a LAMA folder (its records are LAMA's)")
+            raise DataError("--fields does not apply to a LAMA folder (its records are LAMA's)")
         return LamaData(root)
     if root.is_dir() and any((root / s).is_dir() for s in FactData.splits):
         return FactsFolder(root, fields)

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 
-from probe.errors import ProbeError
+from probe.errors import DataError
 from probe.files import read_text
 
 DEFAULT_DATA_DIR = Path("data/lama")
@@ -88,10 +88,10 @@ def dedup(facts: list[Fact]) -> list[Fact]:
 def read_word_list(path: Path) -> list[str]:
     """One word a line (a vocabulary file of one's own)."""
     if not path.is_file():
-        raise ProbeError(f"vocabulary file {path} not found: expected one candidate word a line")
+        raise DataError(f"vocabulary file {path} not found: expected one candidate word a line")
     words = [w.strip() for w in read_text(path, "vocabulary file", "one candidate word a line").splitlines() if w.strip()]
     if not words:
-        raise ProbeError(f"vocabulary file {path} is empty: expected one candidate word a line")
+        raise DataError(f"vocabulary file {path} is empty: expected one candidate word a line")
     return list(dict.fromkeys(words))
 
 
@@ -99,13 +99,13 @@ def lama_vocab(root: Path, name: str) -> list[str]:
     """LAMA's `common` vocabulary or P-tuning's `29k` list, from a LAMA folder."""
     path = root / VOCABS[name]
     if not path.exists():
-        raise ProbeError(f"vocabulary {name!r} is read from a LAMA folder, but {path} is missing: pass --vocab FILE "
-                         "(one word a line), --vocab objects (the objects of the facts), or --data/$PROBE_DATA")
+        raise DataError(f"vocabulary {name!r} is read from a LAMA folder, but {path} is missing: pass --vocab FILE "
+                        "(one word a line), --vocab objects (the objects of the facts), or --data/$PROBE_DATA")
     if name == "29k":
         try:
             words = json.loads(read_text(path, "vocabulary file", "a JSON object"))["bert-base-cased"]
         except (json.JSONDecodeError, KeyError):
-            raise ProbeError(f"{path}: expected a JSON object with a 'bert-base-cased' word list") from None
+            raise DataError(f"{path}: expected a JSON object with a 'bert-base-cased' word list") from None
     else:
         words = [w for w in read_text(path, "vocabulary file", "one word a line").split("\n") if w.strip()]
     return list(dict.fromkeys(w.strip() for w in words))
@@ -137,7 +137,7 @@ class FactData:
         """One relation by id; an unknown id is a ProbeError listing what exists."""
         if rid not in self.relations:
             known = ", ".join(self.relations) or f"none: {self.name} holds no facts"
-            raise ProbeError(f"unknown relation {rid!r}: expected one of the {self.relations_noun} ({known})")
+            raise DataError(f"unknown relation {rid!r}: expected one of the {self.relations_noun} ({known})")
         return self.relations[rid]
 
     def split_name(self, split: str | None) -> str:
@@ -145,7 +145,7 @@ class FactData:
         split = split or self.test_split
         split = self.aliases.get(split, split)
         if split not in self.splits:
-            raise ProbeError(f"unknown split {split!r}: expected one of {', '.join([*self.splits, *self.aliases])}")
+            raise DataError(f"unknown split {split!r}: expected one of {', '.join([*self.splits, *self.aliases])}")
         return split
 
     def facts(self, rid: str, split: str | None = None) -> list[Fact]:
@@ -165,8 +165,8 @@ class FactData:
         if name in VOCABS:
             return lama_vocab(self.vocab_root(), name)
         if not Path(name).is_file():
-            raise ProbeError(f"unknown vocab {name!r}: expected one of {', '.join(VOCABS)}, objects, or a file of one "
-                             "candidate word a line")
+            raise DataError(f"unknown vocab {name!r}: expected one of {', '.join(VOCABS)}, objects, or a file of one "
+                            "candidate word a line")
         return read_word_list(Path(name))
 
     def vocab_root(self) -> Path:

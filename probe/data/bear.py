@@ -10,7 +10,7 @@ from pathlib import Path
 
 from probe.data.base import Fact, FactData, Relation, relation_key
 from probe.data.records import read_jsonl
-from probe.errors import ProbeError
+from probe.errors import DataError
 from probe.files import read_text
 
 METADATA = "metadata_relations.json"
@@ -45,7 +45,7 @@ class BearData(FactData):
         given = Path(root)
         folder = bear_folder(given)
         if folder is None:
-            raise ProbeError(f"{given}: expected LM Pub Quiz's layout ({METADATA} and P*.jsonl, here or in BEAR/)")
+            raise DataError(f"{given}: expected LM Pub Quiz's layout ({METADATA} and P*.jsonl, here or in BEAR/)")
         self.root, self.given = folder, given
 
     @property
@@ -61,9 +61,9 @@ class BearData(FactData):
         try:
             meta = json.loads(read_text(path, "BEAR metadata", "a JSON object of relations"))
         except json.JSONDecodeError as e:
-            raise ProbeError(f"{path}: malformed JSON ({e.msg})") from None
+            raise DataError(f"{path}: malformed JSON ({e.msg})") from None
         if not isinstance(meta, dict):
-            raise ProbeError(f"{path}: expected a JSON object of relations")
+            raise DataError(f"{path}: expected a JSON object of relations")
         return meta
 
     @cached_property
@@ -74,7 +74,7 @@ class BearData(FactData):
                 try:
                     info = json.loads(read_text(path, "relation info", "a JSON object of relations"))
                 except json.JSONDecodeError as e:
-                    raise ProbeError(f"{path}: malformed JSON ({e.msg})") from None
+                    raise DataError(f"{path}: malformed JSON ({e.msg})") from None
                 return {rid: list(v.get("domains", [])) for rid, v in info.items() if isinstance(v, dict)}
         return {}
 
@@ -90,9 +90,9 @@ class BearData(FactData):
             templates, labels = meta.get("templates"), meta.get("answer_space_labels")
             if (not isinstance(templates, list) or not templates
                     or not all(isinstance(t, str) and t.count("[X]") == 1 and t.count("[Y]") == 1 for t in templates)):
-                raise ProbeError(f"{path}: relation {rid} needs 'templates', a list of strings with one [X] and one [Y]")
+                raise DataError(f"{path}: relation {rid} needs 'templates', a list of strings with one [X] and one [Y]")
             if not isinstance(labels, list) or not labels or not all(isinstance(a, str) for a in labels):
-                raise ProbeError(f"{path}: relation {rid} needs 'answer_space_labels', a list of strings")
+                raise DataError(f"{path}: relation {rid} needs 'answer_space_labels', a list of strings")
             out[rid] = BearRelation(id=rid, label=meta.get("label", ""), type=meta.get("type", ""), template=templates[0],
                                     templates=tuple(templates), answers=tuple(labels),
                                     domains=tuple(self.domains.get(rid, ())))
@@ -106,8 +106,8 @@ class BearData(FactData):
         for i, row in read_jsonl(path):
             sub, idx = row.get("sub_label"), row.get("answer_idx")
             if not isinstance(sub, str) or not isinstance(idx, int) or not 0 <= idx < len(answers):
-                raise ProbeError(f"{path}:{i}: expected 'sub_label' (a string) and 'answer_idx' (an index into the "
-                                 f"relation's {len(answers)} answers)")
+                raise DataError(f"{path}:{i}: expected 'sub_label' (a string) and 'answer_idx' (an index into the "
+                                f"relation's {len(answers)} answers)")
             facts.append(Fact(sub, answers[idx]))
         return facts
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from probe.data.base import RELATION_TYPES, Fact, FactData, Relation, dedup, infer_type, read_word_list, relation_key
 from probe.data.records import field_of, read_jsonl, read_records, record_fact, record_relation
-from probe.errors import ProbeError
+from probe.errors import DataError
 from probe.files import distinct_folders, folder_name
 
 
@@ -51,8 +51,8 @@ def _grouped(path: Path, default: str, fields: tuple[str, str] | None) -> dict[s
     for i, row in read_records(path):
         rid, raw = record_relation(row, default, f"{path}:{i}")
         if source.setdefault(rid, raw) != raw:
-            raise ProbeError(f"{path}:{i}: relations {source[rid]!r} and {raw!r} would both be {rid!r}: expected "
-                             "relations whose names differ in their last segment")
+            raise DataError(f"{path}:{i}: relations {source[rid]!r} and {raw!r} would both be {rid!r}: expected "
+                            "relations whose names differ in their last segment")
         groups[rid].append(record_fact(row, path, i, fields))
     return {rid: dedup(facts) for rid, facts in groups.items()}
 
@@ -66,7 +66,7 @@ class FactsFolder(_RecordData):
         self.root = Path(root)
         self.fields = fields
         if not any((self.root / s).is_dir() for s in self.splits):
-            raise ProbeError(f"facts folder {self.root} has no train/, dev/ or test/ folder of <relation>.jsonl files")
+            raise DataError(f"facts folder {self.root} has no train/, dev/ or test/ folder of <relation>.jsonl files")
 
     @property
     def name(self) -> str:
@@ -112,11 +112,11 @@ class FactFiles(_RecordData):
         self.dev_split = dev_split
         self.seed = seed
         if dev is not None and dev_split:
-            raise ProbeError("give either --dev-facts or --dev-split, not both")
+            raise DataError("give either --dev-facts or --dev-split, not both")
         if dev_split is not None and not 0 < dev_split < 1:
-            raise ProbeError(f"--dev-split must be a share between 0 and 1, got {dev_split}")
+            raise DataError(f"--dev-split must be a share between 0 and 1, got {dev_split}")
         if dev_split and train is None:
-            raise ProbeError("--dev-split holds out a share of --train-facts: give --train-facts too")
+            raise DataError("--dev-split holds out a share of --train-facts: give --train-facts too")
         _ = self.records  # read now: a bad file fails before any model loads
 
     @property

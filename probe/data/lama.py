@@ -18,7 +18,7 @@ from probe.data.base import (
     resolve_data_dir,
 )
 from probe.data.records import field_of, read_jsonl
-from probe.errors import ProbeError
+from probe.errors import DataError
 from probe.files import distinct_folders, folder_name
 
 
@@ -34,13 +34,13 @@ class LamaData(FactData):
     def __init__(self, root: str | Path | None = None):
         self.root = resolve_data_dir(root)
         if not self.root.is_dir():
-            raise ProbeError(
+            raise DataError(
                 f"data folder {self.root} not found: pass --data DIR or set {ENV_VAR} to a LAMA folder "
                 f"(relations/relations.jsonl and trex/) or a facts folder (test/<relation>.jsonl); {SOURCES_HINT}"
             )
         for rel in ("relations/relations.jsonl", "trex/test_34k"):
             if not (self.root / rel).exists():
-                raise ProbeError(f"LAMA data folder {self.root} is incomplete: {rel} is missing")
+                raise DataError(f"LAMA data folder {self.root} is incomplete: {rel} is missing")
 
     @property
     def name(self) -> str:

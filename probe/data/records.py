@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from probe.data.base import OBJECT_FIELDS, SUBJECT_FIELDS, Fact
-from probe.errors import ProbeError
+from probe.errors import DataError
 from probe.files import MAX_JSON_DEPTH, check_depth, folder_name, read_text
 
 
@@ -26,11 +26,11 @@ def json_record(line: str, where: str | Path, lineno: int) -> dict | None:
     try:
         row = check_depth(json.loads(line), f"{where}:{lineno}")
     except json.JSONDecodeError as e:
-        raise ProbeError(f"{where}:{lineno}: malformed JSON line ({e.msg})") from None
+        raise DataError(f"{where}:{lineno}: malformed JSON line ({e.msg})") from None
     except RecursionError:
-        raise ProbeError(f"{where}:{lineno}: JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
+        raise DataError(f"{where}:{lineno}: JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
     if not isinstance(row, dict):
-        raise ProbeError(f"{where}:{lineno}: expected a JSON object, got {type(row).__name__}")
+        raise DataError(f"{where}:{lineno}: expected a JSON object, got {type(row).__name__}")
     return row
 
 
@@ -38,17 +38,17 @@ def read_records(path: Path) -> list[tuple[int, dict]]:
     """(line number, record) of a JSONL or CSV file (CSV: a header row names the fields)."""
     path = Path(path)
     if not path.is_file():
-        raise ProbeError(f"facts file {path} not found: expected a JSONL or CSV file")
+        raise DataError(f"facts file {path} not found: expected a JSONL or CSV file")
     expected = f"facts file {path}: expected JSONL (one JSON object a line) or CSV with a header row"
     text = read_text(path, "facts file", "JSONL (one JSON object a line) or CSV with a header row, as UTF-8 text", "utf-8-sig")
     if not text.strip():
-        raise ProbeError(f"facts file {path} is empty: expected a subject and an object per row")
+        raise DataError(f"facts file {path} is empty: expected a subject and an object per row")
     suffix = path.suffix.lower()
     if suffix != ".csv" and (suffix == ".jsonl" or text.lstrip().startswith("{")):
         rows = ((lineno, json_record(line, path, lineno)) for lineno, line in enumerate(text.split("\n"), 1))
         return [(lineno, row) for lineno, row in rows if row is not None]
     if suffix not in (".csv", ".tsv", ".txt"):
-        raise ProbeError(expected)
+        raise DataError(expected)
     reader = csv.DictReader(text.splitlines(), dialect="excel-tab" if suffix == ".tsv" else "excel")
     return [(i, {k.strip(): (v or "").strip() for k, v in row.items() if k}) for i, row in enumerate(reader, 2)]
 
@@ -56,7 +56,7 @@ def read_records(path: Path) -> list[tuple[int, dict]]:
 def field_of(row: dict, key: str, path: Path, lineno: int) -> str:
     value = row.get(key)
     if not isinstance(value, str) or not value:
-        raise ProbeError(f"{path}:{lineno}: expected a non-empty string field {key!r}")
+        raise DataError(f"{path}:{lineno}: expected a non-empty string field {key!r}")
     return value
 
 
@@ -75,7 +75,7 @@ def record_fact(row: dict, path: Path, lineno: int, fields: tuple[str, str] | No
     obj = first_text(row, *(fields[1:] if fields else OBJECT_FIELDS))
     if sub is None or obj is None:
         names = f"{fields[0]} and {fields[1]}" if fields else "sub_label/subject and obj_label/object, or --fields"
-        raise ProbeError(f"{path}:{lineno}: expected a subject and an object ({names})")
+        raise DataError(f"{path}:{lineno}: expected a subject and an object ({names})")
     sentences = row.get("masked_sentences")
     sentence = sentences[0] if isinstance(sentences, list) and sentences and isinstance(sentences[0], str) else None
     return Fact(sub, obj, sentence)

@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from probe.errors import ProbeError
+from probe.errors import SettingError
 from probe.fit import settings_of
 from probe.methods.autoprompt import AutoPrompt
 from probe.methods.base import FixedPrompt, MethodConfig, PromptMethod, option
@@ -31,7 +31,7 @@ METHODS: dict[str, type[PromptMethod]] = {
 def get_method(name: str) -> type[PromptMethod]:
     """The method class for a name; an unknown name is a ProbeError listing the known ones."""
     if name not in METHODS:
-        raise ProbeError(f"unknown method {name!r}: expected one of {', '.join(METHODS)}")
+        raise SettingError(f"unknown method {name!r}: expected one of {', '.join(METHODS)}")
     return METHODS[name]
 
 
@@ -47,7 +47,7 @@ def method_config(name: str, **options) -> MethodConfig:
     for key in given:
         if key not in takes:
             named = ", ".join(f"--{f}" for f in takes) or "no options"
-            raise ProbeError(f"--{key} does not apply to method {name!r} (it takes {named})")
+            raise SettingError(f"--{key} does not apply to method {name!r} (it takes {named})")
     config = get_method(name).config_class(**{k: _typed(takes[k], v) for k, v in given.items()})
     config.check()
     return config
@@ -59,7 +59,7 @@ def parse_options(pairs: list[str] | None) -> dict[str, str]:
     for pair in pairs or []:
         name, sep, value = pair.partition("=")
         if not sep or not name.strip() or not value.strip():
-            raise ProbeError(f"--option {pair!r}: expected NAME=VALUE, e.g. --option init=template")
+            raise SettingError(f"--option {pair!r}: expected NAME=VALUE, e.g. --option init=template")
         out[name.strip().replace("-", "_")] = value.strip()
     return out
 
@@ -76,7 +76,7 @@ def _typed(field: dataclasses.Field, value):
             return value.lower() in ("true", "1", "yes")
         return kind(value)
     except ValueError:
-        raise ProbeError(f"option {field.name} {value!r}: expected a {kind.__name__}") from None
+        raise SettingError(f"option {field.name} {value!r}: expected a {kind.__name__}") from None
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ import torch
 from probe.backends import Backend, PromptInputs
 from probe.batching import Batch, make_batches
 from probe.data import Fact
-from probe.errors import ProbeError, check_positive
+from probe.errors import SettingError, check_positive
 from probe.evaluator import evaluate_facts
 from probe.fit import FitLoop, FitResult, FitTask, Fitted, create_prompt, setting
 from probe.methods.base import MethodConfig, PromptMethod, option
@@ -46,7 +46,7 @@ class AutoPromptConfig(MethodConfig):
 
     def check(self) -> None:
         if self.init not in INITS:
-            raise ProbeError(f"unknown autoprompt init {self.init!r}: expected one of {', '.join(INITS)}")
+            raise SettingError(f"unknown autoprompt init {self.init!r}: expected one of {', '.join(INITS)}")
 
 
 @dataclass
@@ -70,7 +70,7 @@ class TriggerSearchConfig:
     def check(self) -> None:
         check_positive(iterations=self.iterations, top_k=self.top_k, batch_size=self.batch_size)
         if self.patience < 0 or self.dev_size < 0:
-            raise ProbeError(f"--patience and --dev-size must be at least 0, got {self.patience} and {self.dev_size}")
+            raise SettingError(f"--patience and --dev-size must be at least 0, got {self.patience} and {self.dev_size}")
 
 
 class AutoPrompt(PromptMethod):
@@ -93,7 +93,7 @@ class AutoPrompt(PromptMethod):
     @classmethod
     def check_settings(cls, config: AutoPromptConfig, template_given: bool) -> None:
         if config.init == "manual" and template_given:
-            raise ProbeError("--init manual builds each relation's template from its manual prompt: drop --template")
+            raise SettingError("--init manual builds each relation's template from its manual prompt: drop --template")
 
     @classmethod
     def relation_template(cls, template: Template, manual_template: str, kind: str,

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from probe.backends import PromptInputs
-from probe.errors import ProbeError
+from probe.errors import SettingError, TemplateError
 from probe.fit import FitResult, FitTask, Fitted, config_fields
 
 
@@ -40,7 +40,7 @@ class MethodConfig:
             choices = f.metadata.get("choices")
             value = getattr(self, f.name)
             if choices and value not in choices:
-                raise ProbeError(f"unknown {f.name} {value!r}: expected one of {', '.join(map(str, choices))}")
+                raise SettingError(f"unknown {f.name} {value!r}: expected one of {', '.join(map(str, choices))}")
 
     def values(self) -> dict[str, Any]:
         """The options' values, by name."""
@@ -89,7 +89,7 @@ class PromptMethod(nn.Module):
         if preset is not None:
             if preset not in presets:
                 known = f"one of {', '.join(presets)}" if presets else "none: it has no presets"
-                raise ProbeError(f"--preset {preset!r} does not exist for method {cls.name!r} (expected {known})")
+                raise SettingError(f"--preset {preset!r} does not exist for method {cls.name!r} (expected {known})")
             defaults.update(presets[preset])
         config = cls.fit_config_class(**{**defaults, **{k: v for k, v in options.items() if v is not None}})
         config.check()
@@ -103,7 +103,7 @@ class PromptMethod(nn.Module):
     def check_template(cls, compiled) -> None:
         """Raise a ProbeError if the method cannot work with this compiled template (checked before any training)."""
         if cls.can_fit() and compiled.n_virtual == 0:
-            raise ProbeError(f"template {compiled.template.source!r} has no virtual tokens: method {cls.name!r} needs some")
+            raise TemplateError(f"template {compiled.template.source!r} has no virtual tokens: method {cls.name!r} needs some")
 
     @classmethod
     def relation_template(cls, template, manual_template: str, kind: str, config: MethodConfig | None = None):
@@ -129,7 +129,7 @@ class PromptMethod(nn.Module):
 
     def fit(self, backend, task: FitTask) -> FitResult:
         """Fit the prompt on the task's train facts, selecting on its dev facts; leaves the best-on-dev prompt."""
-        raise ProbeError(f"method {self.name!r} has nothing to train: use `probe eval --method {self.name}`")
+        raise SettingError(f"method {self.name!r} has nothing to train: use `probe eval --method {self.name}`")
 
     @classmethod
     def fit_together(cls, backend, tasks: list[FitTask], slots: int) -> Iterator[tuple[int, Fitted]]:

@@ -11,7 +11,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from probe.errors import ProbeError
+from probe.errors import ModelError, SettingError, TemplateError
 from probe.methods.gradient import GradientPrompt
 from probe.templates import parse_template
 
@@ -38,13 +38,13 @@ class FineTune(GradientPrompt):
     @classmethod
     def check_settings(cls, config, template_given: bool) -> None:
         if template_given:
-            raise ProbeError("finetune trains the LM on each relation's manual template: drop --template")
+            raise SettingError("finetune trains the LM on each relation's manual template: drop --template")
 
     @classmethod
     def check_template(cls, compiled) -> None:
         if compiled.n_virtual:
-            raise ProbeError(f"template {compiled.template.source!r}: finetune takes the manual template, without "
-                             "virtual tokens")
+            raise TemplateError(f"template {compiled.template.source!r}: finetune takes the manual template, without "
+                                "virtual tokens")
 
     @classmethod
     def relation_template(cls, template, manual_template: str, kind: str, config=None):
@@ -53,7 +53,7 @@ class FineTune(GradientPrompt):
     @classmethod
     def create(cls, backend, compiled, manual_template: str, config=None) -> FineTune:
         if backend.dtype != torch.float32:
-            raise ProbeError(f"finetune trains the LM's weights, which need float32 (the LM is {backend.dtype}): "
+            raise ModelError(f"finetune trains the LM's weights, which need float32 (the LM is {backend.dtype}): "
                              "load it with --dtype float32")
         return cls(backend.model, backend.hidden_size, config)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from probe.errors import ProbeError
+from probe.errors import TemplateError
 from probe.methods.base import PromptMethod
 
 
@@ -16,5 +16,5 @@ class ManualPrompt(PromptMethod):
 
     def __init__(self, n_virtual: int, hidden_size: int, config=None):
         if n_virtual:
-            raise ProbeError("method 'manual' takes a template without virtual tokens")
+            raise TemplateError("method 'manual' takes a template without virtual tokens")
         super().__init__(n_virtual, hidden_size, config)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from probe.errors import ProbeError
+from probe.errors import TemplateError
 from probe.methods.base import MethodConfig, option
 from probe.methods.gradient import GradientPrompt
 from probe.methods.prompt_tuning import INIT_HELP, INITS, init_token_ids
@@ -69,7 +69,7 @@ class PrefixTuning(GradientPrompt):
         super().check_template(compiled)
         probe_input = compiled.encode("x")
         if probe_input.target in probe_input.virtual_positions:
-            raise ProbeError(
+            raise TemplateError(
                 f"template {compiled.template.source!r}: prefix-tuning needs a real token at the target position, "
                 "but it is a virtual token (a prefix sets keys and values, not the prediction); "
                 "end the virtual tokens before the subject or the text before obj, e.g. (6, sub, obj)"

@@ -37,8 +37,11 @@ from probe.sweep.grid import (
     SHARED_KEYS,
     SweepGrid,
     expand_settings,
+    grid_axes,
     grid_models,
+    grid_options,
     load_grid,
+    setting_columns,
 )
 from probe.sweep.tables import (
     draw_lengths,
@@ -51,6 +54,6 @@ from probe.sweep.tables import (
 )
 
 __all__ = ["AXES", "NOT_APPLICABLE", "OPTIONS", "SETTING", "SHARED_KEYS", "SweepCell", "SweepGrid", "cells_of",
-           "draw_lengths", "draw_sweeps", "executor_specs", "expand_settings", "finish_cell", "grid_models",
-           "is_sweep_folder", "load_grid", "prepare_cell", "prepare_folder", "reference_runs", "run_cell", "run_sweep",
-           "summarise", "sweep_command", "write_summary", "write_tables"]
+           "draw_lengths", "draw_sweeps", "executor_specs", "expand_settings", "finish_cell", "grid_axes", "grid_models",
+           "grid_options", "is_sweep_folder", "load_grid", "prepare_cell", "prepare_folder", "reference_runs", "run_cell",
+           "run_sweep", "setting_columns", "summarise", "sweep_command", "write_summary", "write_tables"]

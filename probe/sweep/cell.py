@@ -14,7 +14,7 @@ from probe.fit import Fitted, config_fields, fit
 from probe.methods import get_method
 from probe.runs import slug
 from probe.spec import FitSpec, resolve_fit
-from probe.sweep.grid import NOT_APPLICABLE, OPTIONS, SweepGrid, expand_settings, grid_models
+from probe.sweep.grid import NOT_APPLICABLE, SweepGrid, expand_settings, grid_models
 from probe.templates import spread_virtual
 
 
@@ -24,7 +24,7 @@ class SweepCell(Cell):
 
     method: str
     length: int
-    options: dict[str, str]  # every option of OPTIONS: the method's value, or "-" where it takes none
+    options: dict[str, str]  # every option a grid may vary, in order: the method's value, or "-" where it takes none
     seed: int
     relation: str
     model: ModelSpec
@@ -35,7 +35,7 @@ class SweepCell(Cell):
     @property
     def key(self) -> str:
         head = f"{slug(self.model.name)}_" if self.with_model else ""
-        values = "_".join(str(self.options[o]) for o in OPTIONS)
+        values = "_".join(str(v) for v in self.options.values())
         return f"{head}{self.method}_L{self.length}_{values}_s{self.seed}_{self.relation}"
 
     @property

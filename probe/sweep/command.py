@@ -13,7 +13,7 @@ from tqdm import tqdm
 from probe.backends import model_info
 from probe.cells import Executor, ModelSpec
 from probe.data import open_data
-from probe.errors import Interrupted, ProbeError
+from probe.errors import Interrupted, RunFolderError
 from probe.files import atomic_write_json, read_json
 from probe.options import check_pack, load_template_spec, make_executor
 from probe.pack import default_pack, packed
@@ -35,7 +35,7 @@ def prepare_folder(out: Path, grid: SweepGrid, extra: dict) -> FolderLock:
         diff = [k for k in (*SHARED_KEYS, *extra) if old.get(k) != record.get(k) and (k in old or k not in RECORDED_LATER)]
         if diff:
             shown = ", ".join(f"{k}: {old.get(k)!r} there, {record.get(k)!r} now" for k in diff)
-            raise ProbeError(f"sweep folder {out} was made with other settings ({shown}): use another --out")
+            raise RunFolderError(f"sweep folder {out} was made with other settings ({shown}): use another --out")
     out.mkdir(parents=True, exist_ok=True)
     lock = FolderLock(out)
     (out / "cells").mkdir(exist_ok=True)

@@ -10,11 +10,11 @@ import pandas as pd
 
 from probe.cells import Cell
 from probe.comparison import mean_std, run_label
-from probe.errors import ProbeError
+from probe.errors import RunFolderError
 from probe.files import atomic_write_text, read_json
 from probe.plots import length_points, plot_lengths
 from probe.runs import markdown_table, slug
-from probe.sweep.grid import SETTING
+from probe.sweep.grid import setting_columns
 
 
 def write_tables(out: Path, cells: list[Cell]) -> pd.DataFrame:
@@ -34,7 +34,7 @@ def write_summary(out: Path, df: pd.DataFrame) -> None:
     shown = summary.copy()
     for m in ("p1", "dev_p1"):
         shown[m] = [mean_std(a, b) for a, b in zip(summary[f"{m}_mean"], summary[f"{m}_std"], strict=True)]
-    shown = shown[[*(c for c in SETTING if c in shown), "seeds", "relations", "p1", "dev_p1"]].rename(
+    shown = shown[[*(c for c in setting_columns() if c in shown), "seeds", "relations", "p1", "dev_p1"]].rename(
         columns={"p1": "macro P@1 (mean ± std over seeds)", "dev_p1": "dev macro P@1"})
     atomic_write_text(out / "summary.md", markdown_table(shown) + "\n")
     draw_lengths(df, summary, out, reference_runs(out))
@@ -54,7 +54,7 @@ def draw_lengths(cells: pd.DataFrame, summary: pd.DataFrame, out: Path, runs: di
                  name: str = "length") -> None:
     """OUT/<name>.png, macro P@1 against prompt length, and OUT/<name>.csv, its points and reference lines: the manual
     prompt's macro P@1 over the cells' relations, and each run of `runs` over those relations."""
-    points = length_points(summary, list(SETTING))
+    points = length_points(summary, list(setting_columns()))
     relations = sorted(set(cells["relation"]))
     references: dict[str, float] = {}
     if "manual_p1" in cells:
@@ -83,7 +83,7 @@ def draw_sweeps(sweeps: list[Path], runs: list, out: Path) -> list[Path]:
     for sweep in sweeps:
         rows = [read_json(p) for p in sorted(Path(sweep, "cells").glob("*.json"))]
         if not rows:
-            raise ProbeError(f"sweep folder {sweep} holds no finished cell (cells/*.json)")
+            raise RunFolderError(f"sweep folder {sweep} holds no finished cell (cells/*.json)")
         cells = pd.DataFrame(rows)
         name = f"{slug(Path(sweep).name)}-length"
         draw_lengths(cells, summarise(cells), Path(out), {**reference_runs(sweep), **references}, name)
@@ -93,7 +93,7 @@ def draw_sweeps(sweeps: list[Path], runs: list, out: Path) -> list[Path]:
 
 def summarise(df: pd.DataFrame) -> pd.DataFrame:
     """Per setting: macro P@1 (and dev P@1) over relations for each seed, then mean and std over seeds."""
-    setting = [c for c in SETTING if c in df]  # cells of older sweeps have no model column
+    setting = [c for c in setting_columns() if c in df]  # cells of older sweeps have no model column
     per_seed = df.groupby([*setting, "seed"], as_index=False).agg(p1=("p1", "mean"), dev_p1=("dev_p1", "mean"),
                                                                    relations=("relation", "nunique"))
     rows = []
