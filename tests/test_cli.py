@@ -270,6 +270,7 @@ def error_of(*args) -> str:
     (["train", "--epochs", "0", "-r", "P19"], "--epochs must be at least 1, got 0"),
     (["train", "--method", "autoprompt", "--top-k", "0", "-r", "P19"], "--top-k must be at least 1, got 0"),
     (["train", "--control", "majority", "-r", "P19"], "--control 'majority' does not apply to `probe train`"),
+    (["train", "--method", "manual", "-r", "P19"], "method 'manual' has nothing to train: use `probe eval --method manual`"),
     (["train", "--method", "autoprompt", "--init", "manual", "--template", "(3, sub, obj)", "-r", "P19"],
      "--init manual builds each relation's template from its manual prompt: drop --template"),
 ])

@@ -820,9 +820,12 @@ def test_template_without_virtual_tokens_is_refused(masked_backend, tmp_path):
 
 
 def test_manual_method_cannot_be_trained(masked_backend, tmp_path):
+    """Refused where every fit is resolved (`probe train`, a sweep cell, `probe.train`), before any folder is made."""
+    from probe.spec import resolve_fit
+
     lama = make_lama(tmp_path / "lama", default_splits())
-    with pytest.raises(ProbeError, match="nothing to train"):
-        train_run(masked_backend, lama, tmp_path / "run", method="manual")
+    with pytest.raises(ProbeError, match="method 'manual' has nothing to train: use `probe eval --method manual`"):
+        resolve_fit("manual")
     with pytest.raises(ProbeError, match="unknown method"):
         train_run(masked_backend, lama, tmp_path / "run2", method="bogus")
 
