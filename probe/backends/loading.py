@@ -265,14 +265,10 @@ def load_backend(name: str, device: str = "cpu", dtype: str = "float32", control
             placed = {"device_map": where, "max_memory": max_memory, "offload_folder": offload}
         model = auto.from_pretrained(path, dtype=DTYPES[dtype], **placed)
         tokenizer = AutoTokenizer.from_pretrained(path)
-    except ProbeError:
+    except BaseException as e:  # the offload folder goes, however loading failed
         _remove_offload(offload)
-        raise
-    except (OSError, ValueError, KeyError, SafetensorError) as e:
-        _remove_offload(offload)
-        raise _loading_error(name, e) from None
-    except BaseException:
-        _remove_offload(offload)
+        if isinstance(e, (OSError, ValueError, KeyError, SafetensorError)) and not isinstance(e, ProbeError):
+            raise _loading_error(name, e) from None
         raise
     get_control(control).apply(model, seed)
     if where is not None and not placed:  # a changed model: placed once its weights are drawn
