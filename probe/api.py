@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import torch
 
 from probe.backends import Backend, load_backend
 from probe.backends.loading import resolve_device
@@ -36,9 +37,10 @@ from probe.commands.eval import EvalCell
 from probe.commands.train import TrainCell, compiled_templates
 from probe.comparison import Comparison, compare_runs, load_runs
 from probe.data import Fact, FactData
-from probe.errors import DataError, ModelError, RunFolderError
+from probe.errors import DataError, ModelError, RunFolderError, SettingError
 from probe.evaluator import evaluate_facts
 from probe.metrics import aggregate
+from probe.objects import ObjectsSpec
 from probe.options import Options
 from probe.pack import default_pack, packed
 from probe.runs import summary_table
@@ -152,7 +154,7 @@ def load_prompt(folder: str | Path) -> TrainedPrompt:
 class Results:
     """A run's figures: `relations` (a row per relation), `summary` (macro and micro per relation type),
     `predictions` (per relation, a row per fact, when asked for), `prompts` (train: the trained prompts), and the run
-    folder when `out=` was given."""
+    folder when `out=` was given, and `statements` (statement scoring: LM Pub Quiz's report, by template and domain)."""
 
     relations: pd.DataFrame
     summary: pd.DataFrame
@@ -160,6 +162,7 @@ class Results:
     prompts: dict[str, TrainedPrompt] = field(default_factory=dict)
     folder: Path | None = None
     rows: list[dict] = field(default_factory=list, repr=False)
+    statements: dict | None = None
 
     @property
     def macro_p1(self) -> float:
@@ -213,7 +216,8 @@ def _from_folder(folder: Path, results: dict, predictions: bool) -> Results:
         preds = {r["relation"]: pd.read_json(folder / r["relation"] / "predictions.jsonl", lines=True) for r in rows}
     prompts = {r["relation"]: load_prompt(folder / r["relation"]) for r in rows
                if (folder / r["relation"] / "prompt.safetensors").is_file()}
-    return Results(pd.DataFrame(rows), summary_table(results["summary"]), preds, prompts, folder, rows)
+    return Results(pd.DataFrame(rows), summary_table(results["summary"]), preds, prompts, folder, rows,
+                   results.get("bear"))
 
 
 def _relations(relations: str | Sequence[str] | None) -> tuple[list[str] | None, bool]:
@@ -225,23 +229,52 @@ def _relations(relations: str | Sequence[str] | None) -> tuple[list[str] | None,
 
 def evaluate(model: Model, relations: str | Sequence[str] = "all", *, method: str = "manual",
              prompts: str | Path | None = None, data: str | Path | None = None, split: str | None = None,
-             vocab: str = "common", batch_size: int = 128, threads: int | None = None, predictions: bool = False,
-             out: str | Path | None = None) -> Results:
+             vocab: str | None = None, objects: str | None = None, candidates: str | Path | None = None,
+             score: str | None = None, reduction: str | None = None, batch_size: int | None = None,
+             threads: int | None = None, predictions: bool = False, out: str | Path | None = None) -> Results:
     """Evaluate fixed prompts (the relations' manual templates, or a prompts file: .jsonl, TSV or a folder of them) on
-    `relations` ("all" or ids), as `probe eval` does; `out`: also write the CLI's run folder there."""
+    `relations` ("all" or ids), as `probe eval` does. `objects="any"`: objects of any length (`candidates`: a
+    candidates file); `score="statement"` (the default for a BEAR folder): each answer ranked by its whole statement's
+    log-likelihood, `reduction` sum or mean, and `Results.statements` holds LM Pub Quiz's report; `out`: also write
+    the CLI's run folder there."""
+    from probe.commands.statements import resolve_statements, score_choice, statement_report
+
     ids, all_ = _relations(relations)
     opts = Options(model=[model.name], method=method if prompts is None else None, relation=ids, all=all_ or None,
                    split=split, vocab=vocab, data=None if data is None else str(data),
                    out=None if out is None else Path(out), batch_size=batch_size, device=model.spec.device,
-                   dtype=model.spec.dtype, prompts_file=None if prompts is None else Path(prompts), threads=threads)
+                   dtype=model.spec.dtype, prompts_file=None if prompts is None else Path(prompts), threads=threads,
+                   objects=objects, candidates=None if candidates is None else Path(candidates), score=score,
+                   reduction=reduction)
+    statements = prompts is None and score_choice(opts) == "statement"
     if out is not None:
         (run,) = eval_command(opts, log=logger.info, loaded=model.loaded).runs
         return _from_folder(run.folder.root, run.results, predictions)
+    if statements:
+        ss = resolve_statements(opts)
+        loaded = model.loaded(ss.data, CandidateChoice("objects", ObjectsSpec()))
+        result = _results(_collect(loaded, ss.cells(model.spec, Path(".")), threads), predictions, trained=False)
+        result.statements = statement_report(result.rows)
+        return result
     spec = resolve_eval(opts, log=logger.warning)  # every check `probe eval` makes, with its messages
     loaded = model.loaded(spec.data, spec.candidates)
     cells = [EvalCell(rid, model.spec, Path("."), spec.split, spec.batch_size, len(spec.relations) == 1,
                       spec.chosen[rid] if spec.chosen else None) for rid in spec.relations]
     return _results(_collect(loaded, cells, threads), predictions, trained=False)
+
+
+def score_statements(model: Model, template: str, subjects: Sequence[str], answers: Sequence[str],
+                     reduction: str = "sum", batch_size: int = 64) -> torch.Tensor:
+    """The log-likelihood of every statement `template` makes ([X] a subject, [Y] an answer), as LM Pub Quiz scores
+    it: a (subjects × answers) float64 tensor; `reduction` sum (LM Pub Quiz's default) or mean over the tokens."""
+    from probe.statements import REDUCTIONS, statement_scores
+
+    if reduction not in REDUCTIONS:
+        raise SettingError(f"reduction {reduction!r}: expected sum (LM Pub Quiz's default) or mean")
+    if not subjects or not answers:
+        raise DataError("score_statements needs at least one subject and one answer")
+    return statement_scores(model.backend, template, [str(s) for s in subjects], [str(a) for a in answers],
+                            reduction, batch_size)
 
 
 def train(model: Model, relations: str | Sequence[str], *, method: str = "ptuning", data: str | Path | None = None,
@@ -295,4 +328,4 @@ def compare(runs: Sequence[str | Path | Results], allow_mixed: bool = False) -> 
 
 
 __all__ = ["CommandResult", "Model", "Results", "TrainedPrompt", "compare", "eval_command", "evaluate", "load_model",
-           "load_prompt", "train", "train_command"]
+           "load_prompt", "score_statements", "train", "train_command"]

@@ -8,6 +8,7 @@ import logging
 
 import pandas as pd
 import pytest
+import torch
 from conftest import cli_in_process
 
 import probe
@@ -164,3 +165,40 @@ def test_the_cli_prints_what_the_apis_command_entry_returns(tiny_causal_dir, fak
         # the CLI's stdout: the per-relation lines the cells write as they finish, then what the entry returned
         assert same(proc.stdout, tmp_path / f"cli-{name}").endswith(same(printed, tmp_path / f"api-{name}"))
         assert "saved OUT/results.json, relations.csv, summary.md" in same(printed, tmp_path / f"api-{name}")
+
+
+def test_evaluate_on_a_bear_folder_scores_statements_as_probe_eval(tiny_model, tiny_causal_dir, tmp_path, monkeypatch):
+    from test_bear import BEAR_FIXTURE, lm_pub_quiz_evaluator, reference_scores
+
+    from probe.data import open_data
+
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    res = probe.evaluate(tiny_model, data=BEAR_FIXTURE, threads=1, predictions=True)
+    assert list(work.iterdir()) == []
+    proc = cli_in_process("eval", "-m", tiny_causal_dir, "--data", BEAR_FIXTURE, "--all", "--threads", "1",
+                          "--out", tmp_path / "cli")
+    assert proc.returncode == 0, proc.stderr
+    cli = json.loads((tmp_path / "cli" / "results.json").read_text())
+    ours = res.relations.set_index("relation")
+    for row in cli["relations"]:
+        assert ours.loc[row["relation"], "p1_by_template"] == row["p1_by_template"]
+        assert ours.loc[row["relation"], "score"] == "statement"
+    assert res.statements == json.loads((tmp_path / "cli" / "bear.json").read_text())
+    assert res.predictions["P36"]["pred"].tolist() == [
+        json.loads(x)["pred"] for x in (tmp_path / "cli" / "P36" / "predictions.jsonl").read_text().splitlines()]
+    # one template's scores in float32, as lm-pub-quiz's Evaluator gives them
+    model = probe.load_model(str(tiny_causal_dir), device="cpu", dtype="float32")
+    rel = open_data(BEAR_FIXTURE).relation("P36")
+    subjects = [f.sub for f in open_data(BEAR_FIXTURE).facts("P36")]
+    scores = probe.score_statements(model, rel.templates[1], subjects, list(rel.answers))
+    ref = reference_scores(lm_pub_quiz_evaluator(model.backend), rel.templates[1], subjects, list(rel.answers))
+    assert scores.shape == (len(subjects), len(rel.answers))
+    assert (scores - ref).abs().max().item() < 1e-4
+    mean = probe.score_statements(model, rel.templates[1], subjects, list(rel.answers), reduction="mean")
+    assert not torch.equal(mean, scores)
+    with pytest.raises(probe.SettingError, match="reduction 'max': expected sum"):
+        probe.score_statements(model, rel.templates[1], subjects, list(rel.answers), reduction="max")
+    with pytest.raises(probe.SettingError, match="--reduction applies to --score statement"):
+        probe.evaluate(tiny_model, data=BEAR_FIXTURE, score="object", reduction="mean")

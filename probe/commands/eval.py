@@ -116,7 +116,7 @@ def run_eval(opts: Options, log=print, loaded=None) -> list[RunResult]:
     from probe.commands.statements import run_statement_eval, score_choice
 
     if opts.prompts is None and score_choice(opts) == "statement":
-        return run_statement_eval(opts, log)
+        return run_statement_eval(opts, log, loaded)
     return eval_run(resolve_eval(opts, log), log, loaded)
 
 

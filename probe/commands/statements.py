@@ -95,9 +95,23 @@ class StatementCell(RelationCell):
         return relation_output(relation.id, metrics, predictions)
 
 
-def run_statement_eval(opts: Options, log=print) -> list[RunResult]:
-    """`probe eval --score statement` for one model: every check before the run folder is made."""
-    t0 = time.time()
+@dataclass(frozen=True)
+class StatementSpec:
+    """A resolved `probe eval --score statement`: the model, data, relations, split, reduction and batch size."""
+
+    model: str
+    data: FactData
+    relations: tuple[str, ...]
+    split: str
+    reduction: str
+    batch_size: int
+
+    def cells(self, spec, root) -> list[StatementCell]:
+        return [StatementCell(rid, spec, root, self.split, self.reduction, self.batch_size) for rid in self.relations]
+
+
+def resolve_statements(opts: Options) -> StatementSpec:
+    """Every check of `probe eval --score statement`, before a folder is made or a model loads."""
     opts.refuse(STATEMENT_FLAGS, "`probe eval --score statement` (each relation's own templates and answers)")
     if (opts.method or "manual") != "manual":
         raise SettingError(f"--score statement scores the relations' own templates: --method {opts.method} does not apply")
@@ -106,19 +120,27 @@ def run_statement_eval(opts: Options, log=print) -> list[RunResult]:
     (name,) = model_names(opts, several=False)
     check_new_folder(opts.out, opts.resume)
     data = load_data(opts)
-    reduction = opts.reduction or "sum"
     ids = relation_ids(data, opts.relation, opts.all)
-    split = data.split_name(opts.split)
+    return StatementSpec(name, data, tuple(ids), data.split_name(opts.split), opts.reduction or "sum", batch_size)
+
+
+def run_statement_eval(opts: Options, log=print, loaded=None) -> list[RunResult]:
+    """`probe eval --score statement` for one model (`loaded(data, candidates)`: the Python API's model)."""
+    t0 = time.time()
+    ss = resolve_statements(opts)
     choice = CandidateChoice("objects", ObjectsSpec())  # nothing is built from it: statements bring their answers
-    executor = make_executor(data, choice, None, None, opts.threads, log)
+    executor = make_executor(ss.data, choice, None, None, opts.threads, log)
+    if loaded is not None:
+        executor.loaded = loaded(ss.data, choice)
     try:
-        spec, info = open_model(name, opts.device, opts.dtype, executor, get_control(None))
-        log(f"{info.name} ({info.kind} LM, {spec.dtype}): statements of {len(ids)} relation(s), reduction {reduction}")
-        config = RunConfig.of("eval", info, data, n_candidates=0, n_vocab_words=0, method="manual", split=split,
-                              vocab="answers", batch_size=batch_size, device=spec.device,
-                              torch_threads=executor.threads, score="statement", reduction=reduction)
+        spec, info = open_model(ss.model, opts.device, opts.dtype, executor, get_control(None))
+        log(f"{info.name} ({info.kind} LM, {spec.dtype}): statements of {len(ss.relations)} relation(s), "
+            f"reduction {ss.reduction}")
+        config = RunConfig.of("eval", info, ss.data, n_candidates=0, n_vocab_words=0, method="manual", split=ss.split,
+                              vocab="answers", batch_size=ss.batch_size, device=spec.device,
+                              torch_threads=executor.threads, score="statement", reduction=ss.reduction)
         run = run_folder_for(opts.out, "statements", info.name, False, config.to_dict(), bool(opts.resume))
-        cells = [StatementCell(rid, spec, run.root, split, reduction, batch_size) for rid in ids]
+        cells = ss.cells(spec, run.root)
     except BaseException:
         executor.close()
         raise
