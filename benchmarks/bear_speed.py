@@ -1,4 +1,4 @@
-"""BEAR statement scoring: probe's (`probe/statements.py`) against lm-pub-quiz's own `Evaluator`, back to back on
+"""BEAR statement scoring: probe's (`probe.score_statements`) against lm-pub-quiz's own `Evaluator`, back to back on
 the same model, instances and templates; also checks that every answer's log-likelihood agrees.
 
     python benchmarks/bear_speed.py --relations P1376 --instances 4 [--templates 0,1] [--model smollm2] [--dtype float32]
@@ -16,9 +16,7 @@ import time
 
 import torch
 
-from probe.backends import load_backend
-from probe.data import open_data
-from probe.statements import statement_scores
+import probe
 
 
 def main() -> None:
@@ -33,21 +31,21 @@ def main() -> None:
     args = parser.parse_args()
     from lm_pub_quiz import Evaluator
 
-    backend = load_backend(args.model, dtype=args.dtype)
-    evaluator = Evaluator.from_model(model=backend.model, tokenizer=backend.tokenizer,
-                                     model_type="CLM" if backend.kind == "causal" else "MLM", device="cpu")
-    data = open_data(args.data)
+    model = probe.load_model(args.model, device="cpu", dtype=args.dtype)
+    evaluator = Evaluator.from_model(model=model.hf_model, tokenizer=model.tokenizer,
+                                     model_type="CLM" if model.kind == "causal" else "MLM", device="cpu")
+    data = probe.load_data(args.data)
     warm = data.relation(args.relations.split(",")[0])  # once each before timing: probe packs its weights on first use
-    statement_scores(backend, warm.templates[0], ["x"], list(warm.answers[:2]))
+    probe.score_statements(model, warm.templates[0], ["x"], list(warm.answers[:2]))
     evaluator.evaluate_instance(template=warm.templates[0], answers=list(warm.answers[:2]), subject="x", reduction="sum")
     totals = [0.0, 0.0, 0]
     for rid in args.relations.split(","):
         rel = data.relation(rid)
-        subjects = [f.sub for f in data.facts(rid)][: args.instances]
+        subjects = [s for s, _ in data.facts(rid)][: args.instances]
         answers = list(rel.answers)
         templates = [rel.templates[int(i)] for i in args.templates.split(",")] if args.templates else rel.templates
         t0 = time.perf_counter()
-        ours = [statement_scores(backend, t, subjects, answers) for t in templates]
+        ours = [probe.score_statements(model, t, subjects, answers) for t in templates]
         t1 = time.perf_counter()
         ref = [torch.tensor([evaluator.evaluate_instance(template=t, answers=answers, subject=s, reduction="sum",
                                                          batch_size=args.lpq_batch_size) for s in subjects],

@@ -10,7 +10,17 @@ import json
 import sys
 from pathlib import Path
 
-from probe.metrics import pooled_breakdown
+
+def pooled_breakdown(rows: list[dict], key: str = "by_length") -> dict[str, dict]:
+    """The relations' `key` breakdowns (metrics.json: facts and P@1 per token count) pooled: micro P@1 per bucket."""
+    pooled: dict[str, dict] = {}
+    for row in rows:
+        for bucket, b in (row.get(key) or {}).items():
+            acc = pooled.setdefault(bucket, {"facts": 0, "hits": 0.0})
+            acc["facts"] += b["facts"]
+            acc["hits"] += b["p1"] * b["facts"] / 100
+    return {b: {"facts": a["facts"], "p1": 100 * a["hits"] / a["facts"] if a["facts"] else 0.0}
+            for b, a in sorted(pooled.items())}
 
 
 def main(run: str) -> None:

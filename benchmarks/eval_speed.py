@@ -1,9 +1,10 @@
-"""Facts per second of manual-prompt evaluation: a straightforward loop against probe's evaluator.
+"""Facts per second of manual-prompt evaluation: a straightforward loop against `probe.evaluate`.
 
-The straightforward loop: batch 64, float32, full forward with logits at every position over the
-whole vocabulary, then the rank of the gold object among the candidates. probe's evaluator: the
-dtype asked for, batches sorted by length, logits only at the target and only for candidate rows.
-The two take turns relation by relation, so that drift in the machine's speed hits both alike.
+The straightforward loop (plain transformers): batch 64, float32, the template's text filled with each subject, a
+full forward with logits at every position over the whole vocabulary, then the rank of the gold object among the
+candidates. probe: `probe.evaluate` on the relation (the dtype asked for, batches sorted by length, logits only at the
+target and only for candidate rows), its per-call setup (the candidates for the tokenizer) included. The two take
+turns relation by relation, so that drift in the machine's speed hits both alike.
 
     python benchmarks/eval_speed.py --relations P19 P20 P27 --dtype bfloat16
 """
@@ -16,27 +17,30 @@ import time
 import torch
 from tqdm import tqdm
 
-from probe.backends import load_backend
-from probe.batching import filter_facts, make_batches
-from probe.data import LamaData
-from probe.evaluator import evaluate_facts
-from probe.methods import get_method
-from probe.metrics import ranks_of
-from probe.templates import compile_template
-from probe.vocab import build_candidates
+import probe
 
 
 @torch.no_grad()
-def straightforward_ranks(backend, compiled, facts, candidates, batch_size=64) -> list[int]:
-    """Unsorted batches, full-vocabulary logits at every position, then pick the target and the candidates."""
+def straightforward_ranks(model: probe.Model, template: str, facts: list[tuple[str, str]], words: dict[str, int],
+                          batch_size: int = 64) -> list[int]:
+    """Unsorted right-padded batches, full-vocabulary logits at every position, then the target and the candidates."""
+    tok = model.tokenizer
+    causal = model.kind == "causal"
+    text = template.split("[Y]")[0].rstrip() if causal else template.replace("[Y]", tok.mask_token)
+    pad = next((t for t in (tok.pad_token_id, tok.eos_token_id, tok.unk_token_id) if t is not None), 0)
+    columns, index = torch.tensor(list(words.values())), {w: i for i, w in enumerate(words)}
     ranks = []
-    order = list(range(len(facts)))
-    for i in range(0, len(order), batch_size):
-        chunk = [facts[j] for j in order[i : i + batch_size]]
-        batch = make_batches(compiled, chunk, candidates, len(chunk), backend.pad_id, torch.Generator())[0]
-        logits = backend.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        target = logits[torch.arange(len(chunk)), batch.target][:, candidates.token_ids].float()
-        ranks.extend(ranks_of(target, batch.gold).tolist())
+    for i in range(0, len(facts), batch_size):
+        chunk = facts[i : i + batch_size]
+        encoded = [tok(text.replace("[X]", sub)).input_ids for sub, _ in chunk]
+        width = max(map(len, encoded))
+        ids = torch.tensor([e + [pad] * (width - len(e)) for e in encoded])
+        mask = torch.tensor([[1] * len(e) + [0] * (width - len(e)) for e in encoded])
+        target = torch.tensor([len(e) - 1 if causal else e.index(tok.mask_token_id) for e in encoded])
+        logits = model.hf_model(input_ids=ids, attention_mask=mask).logits
+        scores = logits[torch.arange(len(chunk)), target][:, columns].float()
+        gold = scores[torch.arange(len(chunk)), torch.tensor([index[obj] for _, obj in chunk])]
+        ranks.extend(((scores > gold[:, None]).sum(dim=1) + 1).tolist())  # ties count in the gold's favour
     return ranks
 
 
@@ -50,31 +54,29 @@ def main() -> None:
     ap.add_argument("--skip-baseline", action="store_true")
     args = ap.parse_args()
 
-    data = LamaData(args.data)
-    ids = args.relations or list(data.relations)
-    work = []
-    base = load_backend(args.model, dtype="float32") if not args.skip_baseline else None
-    fast = load_backend(args.model, dtype=args.dtype)
-    candidates = build_candidates(fast.tokenizer, data.vocab_words("common"))
-    for rid in ids:
-        rel = data.relation(rid)
-        facts, _ = filter_facts(data.facts(rid, "test_34k"), candidates)
-        work.append((rel, facts))
-    n = sum(len(f) for _, f in work)
-    manual = get_method("manual")(0, fast.hidden_size)
+    data = probe.load_data(args.data)
+    ids = args.relations or data.relations
+    base = probe.load_model(args.model, device="cpu", dtype="float32") if not args.skip_baseline else None
+    fast = probe.load_model(args.model, device="cpu", dtype=args.dtype)
+    words = probe.single_tokens(fast, data.vocab("common"))
+    work = [(rid, data.relation(rid).template, [f for f in data.facts(rid, "test_34k") if f[1] in words])
+            for rid in ids]
+    n = sum(len(f) for *_, f in work)
 
-    # Relation by relation, probe's evaluator and then the straightforward loop, so that both see the same
-    # machine: this VM's speed drifts by 10-20 % within minutes.
+    # Relation by relation, probe and then the straightforward loop, so that both see the same machine: this VM's
+    # speed drifts by 10-20 % within minutes.
     fast_s = base_s = 0.0
     fast_hits = base_hits = 0
-    for rel, facts in tqdm(work, desc="relations"):
-        compiled = compile_template(rel.template, fast.tokenizer, fast.kind)
+    for rid, template, facts in tqdm(work, desc="relations"):
         t = time.perf_counter()
-        fast_hits += sum(r == 1 for r in evaluate_facts(fast, manual, compiled, facts, candidates, args.batch_size).ranks)
+        res = probe.evaluate(fast, [rid], data=args.data, split="test_34k", vocab="common", batch_size=args.batch_size,
+                             predictions=True)
         fast_s += time.perf_counter() - t
+        assert res.n_facts == len(facts), (rid, res.n_facts, len(facts))
+        fast_hits += int((res.predictions[rid]["rank"] == 1).sum())
         if base is not None:
             t = time.perf_counter()
-            base_hits += sum(r == 1 for r in straightforward_ranks(base, compiled, facts, candidates))
+            base_hits += sum(r == 1 for r in straightforward_ranks(base, template, facts, words))
             base_s += time.perf_counter() - t
     print(f"probe evaluator ({args.dtype}, batch {args.batch_size}): {n} facts in {fast_s:.1f}s = "
           f"{n / fast_s:.1f} facts/s, micro P@1 {100 * fast_hits / n:.2f}")

@@ -3,21 +3,18 @@ restricted to the single-token candidate set, the two must give the same ranks.
 
     python benchmarks/objects_exactness.py --relations P19,P36,P103 [--model smollm2] [--dtype bfloat16]
 
-Prints, per relation, the facts compared, how many ranks and top-10 lists are identical, and P@1 of each path.
+Prints, per relation, the facts compared, how many ranks and top-10 lists are identical, and P@1 of each path. Both
+run through `probe.evaluate` on the test split: the single-token path on the `common` vocabulary, the other with
+`objects="any"` and a candidates file of the same single-token words.
 """
 
 from __future__ import annotations
 
 import argparse
+import tempfile
+from pathlib import Path
 
-from probe.backends import load_backend
-from probe.batching import relation_facts
-from probe.data import open_data
-from probe.evaluator import evaluate_facts
-from probe.methods.manual import ManualPrompt
-from probe.objects import object_candidates
-from probe.templates import compile_template
-from probe.vocab import build_candidates
+import probe
 
 
 def main() -> None:
@@ -27,23 +24,27 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--data", default=None)
     args = parser.parse_args()
-    backend = load_backend(args.model, dtype=args.dtype)
-    data = open_data(args.data)
-    single = build_candidates(backend.tokenizer, data.vocab_words("common"))
-    anylen = object_candidates(backend.tokenizer, single.words)  # the same candidates, each a sequence of one token
-    manual = ManualPrompt(0, backend.hidden_size)
+    ids = args.relations.split(",")
+    model = probe.load_model(args.model, device="cpu", dtype=args.dtype)
+    single = probe.single_tokens(model, probe.load_data(args.data).vocab("common"))
+    with tempfile.TemporaryDirectory(prefix="objects-exactness-") as tmp:
+        words = Path(tmp) / "candidates.txt"  # each a sequence of one token
+        words.write_text("".join(f"{w}\n" for w in single), encoding="utf-8")
+        one = probe.evaluate(model, ids, data=args.data, split="test", vocab="common", predictions=True)
+        other = probe.evaluate(model, ids, data=args.data, split="test", objects="any", candidates=words,
+                               predictions=True)
+    p1 = {name: res.relations.set_index("relation")["p1"] for name, res in (("single", one), ("any", other))}
     same_all = total = 0
-    for rid in args.relations.split(","):
-        relation = data.relation(rid)
-        facts, _ = relation_facts(data, relation, "test", single, strict=True)
-        compiled = compile_template(relation.template, backend.tokenizer, backend.kind)
-        one = evaluate_facts(backend, manual, compiled, facts, single)
-        other = evaluate_facts(backend, manual, compiled, facts, anylen)
-        same = sum(a == b for a, b in zip(one.ranks, other.ranks, strict=True))
-        same_top = sum(a == b for a, b in zip(one.top10, other.top10, strict=True))
-        same_all, total = same_all + same, total + len(facts)
-        print(f"{rid}: {len(facts)} facts, {len(single)} candidates; identical ranks {same}/{len(facts)}, identical top-10 "
-              f"{same_top}/{len(facts)}; P@1 single {one.metrics['p1']:.2f}, any {other.metrics['p1']:.2f}")
+    for rid in ids:
+        a = {(r["sub"], r["obj"]): r for r in one.predictions[rid].to_dict("records")}
+        b = {(r["sub"], r["obj"]): r for r in other.predictions[rid].to_dict("records")}
+        if set(a) != set(b):
+            raise SystemExit(f"error: {rid}: the two paths kept different facts ({len(a)} and {len(b)})")
+        same = sum(a[k]["rank"] == b[k]["rank"] for k in a)
+        same_top = sum(list(a[k]["top10"]) == list(b[k]["top10"]) for k in a)
+        same_all, total = same_all + same, total + len(a)
+        print(f"{rid}: {len(a)} facts, {len(single)} candidates; identical ranks {same}/{len(a)}, identical top-10 "
+              f"{same_top}/{len(a)}; P@1 single {p1['single'][rid]:.2f}, any {p1['any'][rid]:.2f}")
     print(f"all: identical ranks {same_all}/{total}")
 
 

@@ -17,9 +17,7 @@ import torch
 from peft import PromptTuningConfig, TaskType, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from probe.backends.loading import resolve_model
-from probe.data import open_data
-from probe.vocab import CandidateChoice
+import probe
 
 
 def logits_after(model, tok, texts: list[str], token_ids: torch.Tensor, batch: int) -> torch.Tensor:
@@ -44,16 +42,17 @@ def main() -> None:
     parser.add_argument("--facts", type=int, default=64)
     parser.add_argument("--data", default=None)
     args = parser.parse_args()
-    folder = resolve_model(args.model)
+    folder = probe.model_folder(args.model)
     tok = AutoTokenizer.from_pretrained(folder)
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     model = get_peft_model(base, PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=10)).eval()
-    data = open_data(args.data)
-    candidates = CandidateChoice("common").build(tok, data)
-    texts = [f.sub for f in data.facts(args.relation, "test_34k") if f.obj in candidates.index][:args.facts]
+    data = probe.load_data(args.data)
+    candidates = probe.single_tokens(tok, data.vocab("common"))  # word -> token id
+    texts = [s for s, o in data.facts(args.relation, "test_34k") if o in candidates][:args.facts]
+    token_ids = torch.tensor(list(candidates.values()))
     t0 = time.time()
-    by = {b: logits_after(model, tok, texts, candidates.token_ids, b) for b in (64, 7, 1)}
+    by = {b: logits_after(model, tok, texts, token_ids, b) for b in (64, 7, 1)}
     print(f"{len(texts)} facts of {args.relation}, {len(candidates)} candidates, largest |logit| "
           f"{by[64].abs().max().item():.2f}, torch threads {torch.get_num_threads()}")
     for b in (7, 1):

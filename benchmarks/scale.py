@@ -30,9 +30,6 @@ from pathlib import Path
 import torch
 
 import probe
-from probe.backends import backend_class
-from probe.cells import ModelSpec
-from probe.data import open_data
 
 SHAPES = {  # config overrides of SmolLM2-135M's
     "135m": {},
@@ -48,11 +45,7 @@ def random_model(shape: str, device: str, dtype: torch.dtype, tokenizer_dir: Pat
     (from `tokenizer_dir`, else the converted SmolLM2 folder)."""
     from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
 
-    if tokenizer_dir is None:
-        from probe.backends import gguf_cache_folder, smollm2_gguf
-
-        tokenizer_dir = gguf_cache_folder(smollm2_gguf())
-    folder = tokenizer_dir
+    folder = probe.model_folder("smollm2") if tokenizer_dir is None else tokenizer_dir
     config = AutoConfig.from_pretrained(folder)
     for key, value in SHAPES[shape].items():
         setattr(config, key, value)
@@ -60,8 +53,7 @@ def random_model(shape: str, device: str, dtype: torch.dtype, tokenizer_dir: Pat
     with torch.device(device):
         model = LlamaForCausalLM._from_config(config, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    backend = backend_class(config, "causal")(model, tokenizer, f"random-{shape}", device)
-    return probe.Model(backend, ModelSpec.of(backend))
+    return probe.Model.from_hf(model, tokenizer, f"random-{shape}", device)
 
 
 class BusySampler:
@@ -109,7 +101,7 @@ def bench(shape: str, args, out: Path | None) -> dict:
     model = random_model(shape, device, torch.bfloat16, args.tokenizer)
     load_s = time.time() - t0
     ids = args.relations.split(",") if args.relations else "all"
-    row = {"shape": shape, "device": device, "params_b": sum(p.numel() for p in model.backend.model.parameters()) / 1e9,
+    row = {"shape": shape, "device": device, "params_b": sum(p.numel() for p in model.hf_model.parameters()) / 1e9,
            "load_s": round(load_s, 1)}
     if not args.no_manual:
         row.update(manual(model, ids, args, out / f"{shape}-manual" if out else None))
@@ -159,7 +151,7 @@ def main() -> None:
                         help="a folder with only a tokenizer and a config.json (default: the converted SmolLM2 folder)")
     args = parser.parse_args()
     shapes = (args.shapes or ("135m,1.7b,8b" if args.device.startswith("cuda") else "135m")).split(",")
-    open_data(None)  # the data is there before any model is drawn
+    probe.load_data()  # the data is there before any model is drawn
     if args.device.startswith("cuda"):
         print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
     for shape in shapes:

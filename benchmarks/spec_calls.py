@@ -10,6 +10,9 @@ Each is counted per call and per call site (caller function -> callee); a one-re
 
     python benchmarks/spec_calls.py                       # smollm2, the run's folder in a temporary folder
     python benchmarks/spec_calls.py --model DIR -v        # another model; list every call that carries the flags
+
+It reaches probe through probe.api only; at commits before the API's command entries (4de0bf4) or the spec (c1a41fc),
+run this script as it was at 05cd761, which fell back to the command and the flags alone.
 """
 
 from __future__ import annotations
@@ -128,21 +131,10 @@ def main() -> None:
     parser.add_argument("-v", "--verbose", action="store_true", help="List every call that carries the flags.")
     args = parser.parse_args()
 
-    from probe.options import Options
+    from probe.api import Options, train_command  # the CLI's entry and the flags it takes
 
-    try:
-        from probe.api import train_command
-    except ImportError:  # before the API's command entries (commit 4de0bf4 and earlier): the command itself
-        from probe.commands.train import run_train
-
-        def train_command(opts, log):
-            return argparse.Namespace(runs=run_train(opts, log=log))
-    try:
-        from probe.spec import EvalSpec, FitSpec, RunSpec
-
-        carriers = (Options, RunSpec, FitSpec, EvalSpec)
-    except ImportError:  # before the spec (commit c1a41fc~1): the flags alone
-        carriers = (Options,)
+    spec = sys.modules["probe.spec"]  # what the flags become, looked up by module name (the API loads it)
+    carriers = (Options, spec.RunSpec, spec.FitSpec, spec.EvalSpec)
 
     with tempfile.TemporaryDirectory(prefix="spec-calls-") as tmp:
         facts = write_facts(Path(tmp))

@@ -13,11 +13,11 @@ import sys
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from probe.backends import resolve_model
+import probe
 
 
 def main(model: str, layers: int, out: str) -> None:
-    path = resolve_model(model)
+    path = probe.model_folder(model)
     lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     total = lm.config.num_hidden_layers
     if not 1 <= layers <= total:

@@ -67,6 +67,25 @@ class Model:
     def kind(self) -> str:
         return self.backend.kind
 
+    @property
+    def hf_model(self):
+        """The transformers model (frozen, in eval mode)."""
+        return self.backend.model
+
+    @property
+    def tokenizer(self):
+        """The transformers tokenizer."""
+        return self.backend.tokenizer
+
+    @classmethod
+    def from_hf(cls, hf_model, tokenizer, name: str, device: str = "cpu") -> Model:
+        """A Model around a transformers model and tokenizer already in memory (random weights of a config, say),
+        behind the backend its config asks for, as `load_model` picks it."""
+        from probe.backends import backend_class, model_kind
+
+        backend = backend_class(hf_model.config, model_kind(hf_model.config))(hf_model, tokenizer, name, device)
+        return cls(backend, ModelSpec.of(backend))
+
     def loaded(self, data: FactData, candidates: CandidateChoice) -> LoadedModel:
         """What cells run against: this model, the data and its candidates."""
         return LoadedModel(self.backend, data, candidates.build(self.backend.tokenizer, data), self.spec)
@@ -78,6 +97,64 @@ def load_model(name: str = "smollm2", device: str = "auto", dtype: str = "bfloat
     device = resolve_device(device)
     backend = load_backend(name, device=device, dtype=dtype)
     return Model(backend, ModelSpec(name, device, dtype))
+
+
+def model_folder(name: str = "smollm2") -> str:
+    """Where `load_model(name)` loads from: a local folder (smollm2 and .gguf files: their converted copy) or a hub id."""
+    from probe.backends import resolve_model
+
+    return resolve_model(name)
+
+
+def single_tokens(tokenizer, words: Iterable[str]) -> dict[str, int]:
+    """The words that are one token for `tokenizer` (a Model's, or a transformers tokenizer), as probe's single-token
+    candidates are built: word -> token id, in order (a word whose token an earlier word took is left out)."""
+    vocab = build_candidates(tokenizer.tokenizer if isinstance(tokenizer, Model) else tokenizer, list(words))
+    return dict(zip(vocab.words, vocab.token_ids.tolist(), strict=True))
+
+
+@dataclass(frozen=True)
+class Relation:
+    """A relation: its id, label, type (1-1, N-1, N-M), manual template, every template (BEAR has several) and its
+    answer space (BEAR's answers; empty where the data names none)."""
+
+    id: str
+    label: str
+    type: str
+    template: str
+    templates: tuple[str, ...]
+    answers: tuple[str, ...]
+
+
+@dataclass
+class Data:
+    """Facts as `probe eval --data` reads them: `relations` (the ids), `relation(id)`, `facts(id, split)` as
+    (subject, object) pairs, `vocab(name)`: a candidate vocabulary's words (common, 29k, objects or a file)."""
+
+    source: FactData = field(repr=False)
+
+    @property
+    def relations(self) -> list[str]:
+        return list(self.source.relations)
+
+    def relation(self, rid: str) -> Relation:
+        r = self.source.relation(rid)
+        return Relation(r.id, r.label, r.type, r.template, tuple(getattr(r, "templates", ()) or (r.template,)),
+                        tuple(r.answers))
+
+    def facts(self, rid: str, split: str | None = None) -> list[tuple[str, str]]:
+        """A relation's deduplicated facts of `split` (default: the test split), in file order."""
+        return [(f.sub, f.obj) for f in self.source.facts(rid, split)]
+
+    def vocab(self, name: str = "common") -> list[str]:
+        return self.source.vocab_words(name)
+
+
+def load_data(data: str | Path | None = None) -> Data:
+    """A LAMA, facts or BEAR folder (default: $PROBE_DATA, else data/lama), as `probe eval --data` opens it."""
+    from probe.data import open_data
+
+    return Data(open_data(data))
 
 
 @dataclass
@@ -111,6 +188,26 @@ class TrainedPrompt:
               batch_size: int = 128) -> pd.DataFrame:
         """Rank `candidates` (default: the facts' objects) for each (subject, object) pair given as plain Python
         values; one row per fact: subject, object, rank of the object, the top 10 words."""
+        kept, vocab, compiled, prompt = self._inputs(model, facts, candidates)
+        result = evaluate_facts(model.backend, prompt, compiled, kept, vocab, batch_size)
+        return pd.DataFrame([{"subject": p["sub"], "object": p["obj"], "rank": p["rank"], "top10": p["top10"]}
+                             for p in result.predictions()])
+
+    @torch.no_grad()
+    def logits(self, model: Model, facts: Iterable[tuple[str, str]], candidates: Sequence[str] | None = None,
+               batch_size: int = 128) -> torch.Tensor:
+        """The scores `score` ranks by: a (facts × candidates) float32 tensor of the candidates' logits after each
+        fact's prompt, the candidates in the order given (those that are one token)."""
+        from probe.evaluator import scored_batches
+
+        kept, vocab, compiled, prompt = self._inputs(model, facts, candidates)
+        rows = {f.sub: row for batch, scores in scored_batches(model.backend, prompt.prompt_inputs(), compiled, kept,
+                                                              vocab, batch_size)
+                for f, row in zip(batch.facts, scores, strict=True)}  # a subject has one input
+        return torch.stack([rows[f.sub] for f in kept]).float()
+
+    def _inputs(self, model: Model, facts: Iterable[tuple[str, str]], candidates: Sequence[str] | None):
+        """The facts, candidates, compiled template and prompt that `score` and `logits` run."""
         pairs = [(str(s), str(o)) for s, o in facts]
         if not pairs:
             raise DataError("no facts given: expected (subject, object) pairs")
@@ -122,10 +219,7 @@ class TrainedPrompt:
             raise DataError(f"object {missing!r} is not one token of {model.name} among the candidates: a single-token "
                             "candidate is needed")
         compiled = compile_template(self.template, model.backend.tokenizer, model.kind, manual=self.manual_template)
-        prompt = load_prompt_file_bytes(self.tensors).to(model.backend.device)
-        result = evaluate_facts(model.backend, prompt, compiled, kept, vocab, batch_size)
-        return pd.DataFrame([{"subject": p["sub"], "object": p["obj"], "rank": p["rank"], "top10": p["top10"]}
-                             for p in result.predictions()])
+        return kept, vocab, compiled, load_prompt_file_bytes(self.tensors).to(model.backend.device)
 
 
 def load_prompt_file_bytes(blob: bytes):
@@ -327,5 +421,6 @@ def compare(runs: Sequence[str | Path | Results], allow_mixed: bool = False) -> 
     return compare_runs(loaded, allow_mixed=allow_mixed)
 
 
-__all__ = ["CommandResult", "Model", "Results", "TrainedPrompt", "compare", "eval_command", "evaluate", "load_model",
-           "load_prompt", "score_statements", "train", "train_command"]
+__all__ = ["CommandResult", "Data", "Model", "Relation", "Results", "TrainedPrompt", "compare", "eval_command", "evaluate",
+           "load_data", "load_model", "load_prompt", "model_folder", "score_statements", "single_tokens", "train",
+           "train_command"]

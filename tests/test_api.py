@@ -77,6 +77,10 @@ def test_train_gives_the_figures_of_probe_train_and_a_prompt_object(tiny_model, 
     assert list(scored.columns) == ["subject", "object", "rank", "top10"]
     assert set(scored["rank"]) <= {1, 2, 3} and all(len(t) == 3 for t in scored["top10"])
     assert all(t[r - 1] == o for t, r, o in zip(scored["top10"], scored["rank"], scored["object"], strict=True))
+    logits = back.logits(tiny_model, [("Dante", "Florence"), ("Victor", "Paris")], candidates=["Florence", "Paris", "Rome"])
+    assert logits.shape == (2, 3) and logits.dtype == torch.float32
+    gold = torch.tensor([0, 1])
+    assert ((logits > logits.gather(1, gold[:, None])).sum(1) + 1).tolist() == scored["rank"].tolist()
     # compare takes run folders and Results written with out=
     cmp = probe.compare([tmp_path / "cli"])
     assert isinstance(cmp.per_relation, pd.DataFrame) and "P19" in set(cmp.per_relation["relation"])
@@ -202,3 +206,28 @@ def test_evaluate_on_a_bear_folder_scores_statements_as_probe_eval(tiny_model, t
         probe.score_statements(model, rel.templates[1], subjects, list(rel.answers), reduction="max")
     with pytest.raises(probe.SettingError, match="--reduction applies to --score statement"):
         probe.evaluate(tiny_model, data=BEAR_FIXTURE, score="object", reduction="mean")
+
+
+def test_model_data_and_single_tokens_give_what_scripts_need(tiny_model, tiny_causal_dir, fake_lama):
+    """The transformers model and tokenizer, a Model around them, the data's relations and facts, single tokens."""
+    from conftest import FAKE_FACTS, FAKE_VOCAB
+
+    assert probe.model_folder(str(tiny_causal_dir)) == str(tiny_causal_dir)
+    ids = tiny_model.tokenizer("Dante was born in", return_tensors="pt").input_ids
+    assert tiny_model.hf_model(input_ids=ids).logits.shape[-1] == tiny_model.hf_model.config.vocab_size
+    data = probe.load_data(fake_lama)
+    assert set(data.relations) >= {"P19", "P36", "P37"}
+    rel = data.relation("P36")
+    assert (rel.id, rel.type, rel.template, rel.templates) == ("P36", "1-1", "The capital of [X] is [Y] .",
+                                                               ("The capital of [X] is [Y] .",))
+    assert data.facts("P19") == list(dict.fromkeys(FAKE_FACTS["P19"]))  # deduplicated, in file order
+    assert data.vocab("common") == list(dict.fromkeys(FAKE_VOCAB))
+    tokens = probe.single_tokens(tiny_model, data.vocab())
+    assert list(tokens) == list(dict.fromkeys(FAKE_VOCAB)) and tokens == probe.single_tokens(tiny_model.tokenizer,
+                                                                                              FAKE_VOCAB)
+    assert all(tiny_model.tokenizer.decode([i]) == f" {w}" for w, i in tokens.items())
+    again = probe.Model.from_hf(tiny_model.hf_model, tiny_model.tokenizer, "again")
+    assert again.kind == "causal" and type(again.backend) is type(tiny_model.backend)
+    ours = probe.evaluate(again, relations=["P19", "P36"], data=fake_lama, threads=1)
+    assert ours.relations["p1"].tolist() == probe.evaluate(tiny_model, relations=["P19", "P36"], data=fake_lama,
+                                                           threads=1).relations["p1"].tolist()

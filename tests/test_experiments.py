@@ -207,11 +207,11 @@ batch_size = 4
     (manual,) = points[points["series"] == "manual prompt"].to_dict("records")
     assert manual["macro_p1_mean"] == pytest.approx(cells.groupby("relation")["manual_p1"].first().mean())
     assert math.isnan(manual["length"])
-    # the seeds run in two folders and merged (benchmarks/merge_sweeps.py) draw the same figure
+    # the seeds run in two folders and merged (benchmarks/internal/merge_sweeps.py) draw the same figure
     for seed in (1, 2):
         (tmp_path / f"s{seed}").mkdir()
         cells[cells["seed"] == seed].to_csv(tmp_path / f"s{seed}" / "cells.csv", index=False)
-    merge = runpy.run_path(str(Path(__file__).parents[1] / "benchmarks" / "merge_sweeps.py"))["main"]
+    merge = runpy.run_path(str(Path(__file__).parents[1] / "benchmarks" / "internal" / "merge_sweeps.py"))["main"]
     merge(str(tmp_path / "merged"), [str(tmp_path / "s1"), str(tmp_path / "s2")])
     assert pd.read_csv(tmp_path / "merged" / "length.csv").equals(points)
     with pytest.raises(SystemExit, match=r"8 cell\(s\) are in more than one folder"):

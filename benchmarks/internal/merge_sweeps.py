@@ -2,7 +2,7 @@
 folder, seeds 14-15 in another, say): reads each folder's cells.csv, checks that no cell is in two of them, and
 writes OUT/cells.csv, summary.csv|.md and length.png|.csv as `probe sweep` would have for one folder holding them all.
 
-    python benchmarks/merge_sweeps.py OUT FOLDER FOLDER...
+    python benchmarks/internal/merge_sweeps.py OUT FOLDER FOLDER...
 """
 
 from __future__ import annotations
@@ -36,5 +36,5 @@ def main(out: str, folders: list[str]) -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) < 3:
-        sys.exit("usage: python benchmarks/merge_sweeps.py OUT FOLDER FOLDER...")
+        sys.exit("usage: python benchmarks/internal/merge_sweeps.py OUT FOLDER FOLDER...")
     main(sys.argv[1], sys.argv[2:])

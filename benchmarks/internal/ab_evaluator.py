@@ -5,7 +5,7 @@ The other version is a copy of an older probe package renamed `probe_old` on PYT
     git worktree add /tmp/before c00c0e1 && mkdir /tmp/oldpkg && cp -r /tmp/before/probe /tmp/oldpkg/probe_old
     sed -i 's/\\bfrom probe\\./from probe_old./g; s/\\bfrom probe import/from probe_old import/g' \\
         /tmp/oldpkg/probe_old/*.py /tmp/oldpkg/probe_old/*/*.py
-    PYTHONPATH=/tmp/oldpkg python benchmarks/ab_evaluator.py
+    PYTHONPATH=/tmp/oldpkg python benchmarks/internal/ab_evaluator.py
 
 Both load the same model; the turns alternate which goes first, so drift in this VM's speed reaches both alike.
 """

@@ -1,6 +1,6 @@
 """Share of padding in the evaluator's batches of manual prompts: real tokens against padded batch cells.
 
-    PROBE_DATA=../shared/lama python benchmarks/padding.py --model smollm2
+    PROBE_DATA=../shared/lama python benchmarks/internal/padding.py --model smollm2
 """
 
 from __future__ import annotations

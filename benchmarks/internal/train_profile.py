@@ -1,6 +1,6 @@
 """Where a relation's fit spends its time: training steps (forward, backward, optimizer) against dev evaluations.
 
-    python benchmarks/train_profile.py --relation P19 --steps 20 [--method ptuning] [--model smollm2] [--ops] [--fit]
+    python benchmarks/internal/train_profile.py --relation P19 --steps 20 [--method ptuning] [--model smollm2] [--ops] [--fit]
 
 Prints the mean seconds of each part of a step, of one dev evaluation, and with --ops the top torch operators;
 with --fit, the seconds of a whole relation as `probe train` runs it: the fit (steps and dev evaluations), the

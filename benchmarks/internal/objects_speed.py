@@ -1,7 +1,7 @@
 """The speed of --objects any evaluation against a straightforward loop: one plain forward pass of the model per
 fact and candidate (prompt + candidate tokens), on the same facts, in the same process, one after the other.
 
-    python benchmarks/objects_speed.py --relation P19 --facts 16 [--model smollm2] [--dtype bfloat16]
+    python benchmarks/internal/objects_speed.py --relation P19 --facts 16 [--model smollm2] [--dtype bfloat16]
 
 Prints facts/s of each, the ratio, and the largest difference between the two sets of scores.
 """
