@@ -37,10 +37,9 @@ from probe.commands.eval import EvalCell
 from probe.commands.train import TrainCell, compiled_templates
 from probe.comparison import Comparison, compare_runs, load_runs
 from probe.data import Fact, FactData
-from probe.errors import DataError, ModelError, RunFolderError, SettingError
+from probe.errors import DataError, ModelError, RunFolderError
 from probe.evaluator import evaluate_facts
 from probe.metrics import aggregate
-from probe.objects import ObjectsSpec
 from probe.options import Options
 from probe.pack import default_pack, packed
 from probe.runs import summary_table
@@ -139,8 +138,7 @@ class Data:
 
     def relation(self, rid: str) -> Relation:
         r = self.source.relation(rid)
-        return Relation(r.id, r.label, r.type, r.template, tuple(getattr(r, "templates", ()) or (r.template,)),
-                        tuple(r.answers))
+        return Relation(r.id, r.label, r.type, r.template, r.all_templates(), tuple(r.answers))
 
     def facts(self, rid: str, split: str | None = None) -> list[tuple[str, str]]:
         """A relation's deduplicated facts of `split` (default: the test split), in file order."""
@@ -346,7 +344,7 @@ def evaluate(model: Model, relations: str | Sequence[str] = "all", *, method: st
         return _from_folder(run.folder.root, run.results, predictions)
     if statements:
         ss = resolve_statements(opts)
-        loaded = model.loaded(ss.data, CandidateChoice("objects", ObjectsSpec()))
+        loaded = model.loaded(ss.data, ss.candidates)
         result = _results(_collect(loaded, ss.cells(model.spec, Path(".")), threads), predictions, trained=False)
         result.statements = statement_report(result.rows)
         return result
@@ -361,10 +359,9 @@ def score_statements(model: Model, template: str, subjects: Sequence[str], answe
                      reduction: str = "sum", batch_size: int = 64) -> torch.Tensor:
     """The log-likelihood of every statement `template` makes ([X] a subject, [Y] an answer), as LM Pub Quiz scores
     it: a (subjects × answers) float64 tensor; `reduction` sum (LM Pub Quiz's default) or mean over the tokens."""
-    from probe.statements import REDUCTIONS, statement_scores
+    from probe.statements import check_reduction, statement_scores
 
-    if reduction not in REDUCTIONS:
-        raise SettingError(f"reduction {reduction!r}: expected sum (LM Pub Quiz's default) or mean")
+    check_reduction(reduction)
     if not subjects or not answers:
         raise DataError("score_statements needs at least one subject and one answer")
     return statement_scores(model.backend, template, [str(s) for s in subjects], [str(a) for a in answers],

@@ -24,10 +24,16 @@ import torch
 from probe.backends import Backend, PromptInputs
 from probe.batching import Batch
 from probe.data import Fact
-from probe.errors import ModelError, TemplateError
+from probe.errors import ModelError, SettingError, TemplateError
 from probe.objects import ObjectCandidates
 
 REDUCTIONS = ("sum", "mean")
+
+
+def check_reduction(reduction: str, name: str = "reduction") -> None:
+    """A reduction LM Pub Quiz knows (`name`: how the user gave it, a keyword or --reduction)."""
+    if reduction not in REDUCTIONS:
+        raise SettingError(f"{name} {reduction!r}: expected sum (LM Pub Quiz's default) or mean")
 MASKED_STATEMENT_ROWS = 512  # masked copies of statements run at once
 
 

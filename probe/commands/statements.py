@@ -22,7 +22,7 @@ from probe.objects import ObjectsSpec
 from probe.options import Options, check_new_folder, load_data, make_executor, model_names, relation_ids
 from probe.plots import plot_manual_scatter
 from probe.runs import RunConfig, markdown_table
-from probe.statements import REDUCTIONS, gold_ranks, statement_scores
+from probe.statements import check_reduction, gold_ranks, statement_scores
 from probe.vocab import CandidateChoice
 
 SCORES = ("object", "statement")
@@ -42,14 +42,8 @@ def score_choice(opts: Options) -> str:
     if opts.reduction is not None:
         if score != "statement":
             raise SettingError("--reduction applies to --score statement")
-        if opts.reduction not in REDUCTIONS:
-            raise SettingError(f"--reduction {opts.reduction!r}: expected sum (LM Pub Quiz's default) or mean")
+        check_reduction(opts.reduction, "--reduction")
     return score
-
-
-def relation_templates(relation) -> list[str]:
-    """A BEAR relation's templates, else its one manual template."""
-    return list(getattr(relation, "templates", ()) or [relation.template])
 
 
 def relation_answers(data: FactData, rid: str) -> list[str]:
@@ -76,7 +70,7 @@ class StatementCell(RelationCell):
         if not facts:
             return CellOutput(warnings=[f"{relation.id} has no {self.split} facts; skipped"])
         gold = torch.tensor([index[f.obj] for f in facts])
-        templates = relation_templates(relation)
+        templates = list(relation.all_templates())
         ranks, predictions, by_template = [], [], []
         for t, template in enumerate(tqdm(templates, desc=relation.id, unit="template", leave=False)):
             scores = statement_scores(backend, template, [f.sub for f in facts], answers, self.reduction,
@@ -106,6 +100,11 @@ class StatementSpec:
     reduction: str
     batch_size: int
 
+    @property
+    def candidates(self) -> CandidateChoice:
+        """Nothing is built from it: statements bring their answers."""
+        return CandidateChoice("objects", ObjectsSpec())
+
     def cells(self, spec, root) -> list[StatementCell]:
         return [StatementCell(rid, spec, root, self.split, self.reduction, self.batch_size) for rid in self.relations]
 
@@ -128,10 +127,9 @@ def run_statement_eval(opts: Options, log=print, loaded=None) -> list[RunResult]
     """`probe eval --score statement` for one model (`loaded(data, candidates)`: the Python API's model)."""
     t0 = time.time()
     ss = resolve_statements(opts)
-    choice = CandidateChoice("objects", ObjectsSpec())  # nothing is built from it: statements bring their answers
-    executor = make_executor(ss.data, choice, None, None, opts.threads, log)
+    executor = make_executor(ss.data, ss.candidates, None, None, opts.threads, log)
     if loaded is not None:
-        executor.loaded = loaded(ss.data, choice)
+        executor.loaded = loaded(ss.data, ss.candidates)
     try:
         spec, info = open_model(ss.model, opts.device, opts.dtype, executor, get_control(None))
         log(f"{info.name} ({info.kind} LM, {spec.dtype}): statements of {len(ss.relations)} relation(s), "

@@ -42,6 +42,10 @@ class Relation:
     type_inferred: bool = False  # the type was read off the facts, not given
     answers: tuple[str, ...] = ()  # the relation's answer space, where the data names one (BEAR); else its objects
 
+    def all_templates(self) -> tuple[str, ...]:
+        """Every template the data gives the relation (BEAR has several); here its one manual template."""
+        return (self.template,)
+
 
 @dataclass(frozen=True)
 class Fact:

@@ -24,6 +24,9 @@ class BearRelation(Relation):
     templates: tuple[str, ...] = ()
     domains: tuple[str, ...] = ()
 
+    def all_templates(self) -> tuple[str, ...]:
+        return self.templates or (self.template,)
+
 
 def bear_folder(root: Path) -> Path | None:
     """The folder holding metadata_relations.json: `root` itself or its BEAR/ subfolder; None: not this layout."""
